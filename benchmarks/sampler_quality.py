@@ -1,0 +1,123 @@
+"""Sampler quality vs steps: for each strategy and step count, what it costs and what it produces.
+
+    python benchmarks/sampler_quality.py runs/ts-tiny --data runs/ts-data --steps 8,16,32,64,128
+
+For every strategy x steps: network evaluations actually run, wall time per generation, the sampler's
+own share of the time, and quality figures that can fail:
+  - NLL: the model's own NLL bound (ELBO, nats/token) of the generated text under the forward process
+    (lower = text the model finds likely; degenerate repetition can also score low, hence the next two),
+  - repetition: share of word 4-grams in a sample that already occurred earlier in the same sample,
+  - distinct-1 / distinct-2: unique words / word bigrams over all samples (diversity).
+The reference row scores real validation stories the same way. Prints a Markdown table; --json for raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from jetson_dllm.backends import open_backend
+from jetson_dllm.generate import generate
+from jetson_dllm.sampler import STRATEGIES, SamplerConfig
+from train_host.diffusion import nll_bound
+
+PROMPTS = ["Once upon a time", "One day,", "Lily and Tom", "The little dog"]
+
+
+def ngrams(words: list[str], n: int) -> list[tuple]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repetition(text: str, n: int = 4) -> float:
+    grams = ngrams(text.split(), n)
+    seen, repeats = set(), 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams) if grams else 0.0
+
+
+def distinct(texts: list[str], n: int) -> float:
+    grams = [g for t in texts for g in ngrams(t.split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def score(model, canvases: np.ndarray, tokenizer, n_t: int = 8) -> float:
+    """NLL bound per text token of canvases under the model (forward-process ELBO)."""
+    g = torch.Generator().manual_seed(0)
+    out = nll_bound(model, torch.from_numpy(canvases.astype(np.int64)), tokenizer.pad_id, tokenizer.mask_id, n_t=n_t, generator=g)
+    return out["nll"] / max(out["tokens"], 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="the model's data folder: scores real validation stories as a reference row")
+    p.add_argument("--steps", default="8,16,32,64,128")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--samples", type=int, default=4, help="samples per prompt (4 prompts)")
+    p.add_argument("--length", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--block", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+
+    backend = open_backend("torch", args.checkpoint)
+    tok, model = backend.tokenizer, backend.model
+    rows = []
+    if args.data:
+        from train_host.data import CanvasDataset
+
+        ds = CanvasDataset(args.data, "val", model.cfg.canvas_len, tok.pad_id)
+        real = ds.batch(np.arange(min(len(ds), 4 * args.samples)))
+        texts = [tok.decode(r) for r in real]
+        with torch.inference_mode():
+            nll = score(model, real, tok)
+        rows.append({"strategy": "real stories", "steps": None, "evaluations": None, "ms": None, "sampler_share": None,
+                     "nll": nll, "repetition": float(np.mean([repetition(t) for t in texts])),
+                     "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
+    for strategy in args.strategies.split(","):
+        for steps in [int(s) for s in args.steps.split(",")]:
+            cfg = SamplerConfig(steps=steps, strategy=strategy, temperature=args.temperature, top_p=args.top_p,
+                                block=args.block, threshold=args.threshold, seed=0)
+            canvases, texts, evals, times, shares = [], [], [], [], []
+            for i, prompt in enumerate(PROMPTS):
+                cfg.seed = i
+                t0 = time.perf_counter()
+                gen = generate(backend, tok, prompt, length=args.length, num_samples=args.samples, sampler=cfg)
+                times.append(time.perf_counter() - t0)
+                canvases.append(gen.result.tokens)
+                texts += gen.texts
+                evals.append(gen.result.evaluations)
+                shares.append(gen.result.sampler_s / gen.result.total_s)
+            with torch.inference_mode():
+                nll = score(model, np.concatenate(canvases), tok)
+            rows.append({"strategy": strategy, "steps": steps, "evaluations": float(np.mean(evals)),
+                         "ms": 1e3 * float(np.mean(times)), "sampler_share": float(np.mean(shares)), "nll": nll,
+                         "repetition": float(np.mean([repetition(t) for t in texts])),
+                         "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
+            if not args.json:
+                print(f"{strategy:>10} {steps:>4} steps: {rows[-1]['evaluations']:.1f} evals, NLL {nll:.3f}, rep {rows[-1]['repetition']:.3f}", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
+          f"block {args.block or 'none'}, torch on CPU\n")
+    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | repetition | distinct-1 | distinct-2 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["repetition"], r["distinct1"], r["distinct2"]]
+        print("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
+    print("\nexamples:")
+    for r in rows:
+        print(f"- {r['strategy']} {r['steps'] or ''}: {r['example']!r}")
+
+
+if __name__ == "__main__":
+    main()

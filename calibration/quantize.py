@@ -1,0 +1,307 @@
+"""INT8 post-training quantization: explicit Q/DQ for TensorRT, an accuracy budget, a CPU variant.
+
+The quantizer is onnxruntime's `quantize_static` (QDQ format), not NVIDIA ModelOpt: ModelOpt's ONNX PTQ is
+built on this same quantizer, but pins its own onnx/onnxruntime versions and its current defaults (FP16
+high precision, DQ-only weight folding) target TensorRT releases newer than JetPack 6's 10.3. We set the
+options TensorRT's explicit quantization needs ourselves:
+
+    symmetric INT8 activations and weights (zero points 0), per-channel weights along the output-feature
+    axis (axis 1 of a MatMul's [K, N] weight), per-tensor activations, only MatMuls whose second input is
+    a weight (the attention BMMs, norms, softmax, residual adds and the embedding Gather stay FP), default
+    domain Q/DQ only.
+
+Calibration runs once; its ranges are cached (onnxruntime's calibration_cache_path), so finding which
+layers must stay in higher precision re-quantizes without recalibrating. For the CPU backend a second
+variant is written: dynamic INT8 MatMuls (activations quantized per call), which onnxruntime runs faster
+on CPUs than static Q/DQ. It is stored in onnxruntime's own format (.ort), since it is not for TensorRT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import CalibrationReader, load_recorded, stratified_masking, validation_canvases
+from calibration.report import BUCKETS, accuracy_report, mean_accuracy_drop
+from jetson_dllm.errors import DllmError
+
+METHODS = ("minmax", "entropy", "percentile")
+EXTRA_OPTIONS = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "MatMulConstBOnly": True,
+    "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+    "CalibPercentile": 99.999,
+    "UseQDQContribOps": False,
+}
+MAX_EXCLUDED_SHARE = 0.5  # past this, the "INT8" model is mostly not INT8: report over budget instead
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    if method not in METHODS:
+        raise DllmError(f"unknown --calib-method {method!r}; choose one of: {', '.join(METHODS)}")
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+
+
+def check_options(method: str = "minmax", budget: float = 1.0, n_canvases: int = 64, **_) -> None:
+    """Refuse bad INT8 settings before any work is done."""
+    _ort_method(method)
+    if budget < 0:
+        raise DllmError(f"--int8-budget must not be negative, got {budget}")
+    if n_canvases < 1:
+        raise DllmError(f"--calib-canvases must be positive, got {n_canvases}")
+
+
+def quantizable_nodes(model) -> list[str]:
+    """MatMul/Gemm nodes whose second input is a weight (initializer): what gets INT8."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+
+
+def _quiet():
+    """onnxruntime's quantizer logs and prints per call; keep the export's output readable."""
+    logging.getLogger().setLevel(logging.ERROR)
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def quantize(pre_path: Path, out_path: Path, reader: CalibrationReader | None, method: str, exclude: list[str], cache: Path) -> None:
+    """Static symmetric Q/DQ of the weight MatMuls, all but `exclude`; ranges from `cache` once computed.
+
+    Only the inputs of the weight MatMuls are quantized; no op's output is (TensorRT fuses a following Q
+    itself where it pays, and an INT8 tensor in front of a softmax or a residual add costs accuracy)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    if reader is not None:
+        reader.rewind()
+    model = onnx.load(str(pre_path))
+    extra = dict(EXTRA_OPTIONS)
+    extra["OpTypesToExcludeOutputQuantization"] = sorted({n.op_type for n in model.graph.node})
+    # The node list, not MatMulConstBOnly alone: onnxruntime's QDQ path quantizes the attention BMMs without it.
+    nodes = [n for n in quantizable_nodes(model) if n not in exclude]
+    with _quiet():
+        quantize_static(
+            str(pre_path), str(out_path), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+            nodes_to_exclude=exclude, calibrate_method=_ort_method(method), extra_options=extra, calibration_cache_path=str(cache),
+        )
+
+
+def logits_fn(path: Path):
+    """tokens -> logits with onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda tokens: session.run(["logits"], {"tokens": tokens})[0]
+
+
+def quantize_bundle(
+    bundle_dir: Path,
+    manifest: dict,
+    tokenizer,
+    data_dir: str | None,
+    n_canvases: int = 64,
+    method: str = "minmax",
+    budget: float = 1.0,
+    allow_over_budget: bool = False,
+    extra_file: str | None = None,
+    seed: int = 0,
+    eval_canvases: int = 32,
+    progress=None,
+) -> dict:
+    """Write model.int8.onnx (and model.int8-dynamic.ort) into a bundle being built; returns the report.
+
+    If no exclusion set (up to half the quantizable layers) meets `budget` (points of masked-token
+    accuracy averaged over noise levels), the best model found is kept and the report says so; the
+    caller decides whether that is an error (`within_budget`).
+    """
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    say = progress or (lambda msg: None)
+    check_options(method=method, budget=budget, n_canvases=n_canvases)
+    cfg = manifest["model"]
+    mask_id, pad_id = manifest["special_ids"]["mask"], manifest["special_ids"]["pad"]
+    canvases, source = validation_canvases(tokenizer, cfg["canvas_len"], n_canvases + eval_canvases, data_dir)
+    overlap = len(canvases) < n_canvases + eval_canvases
+    calib = canvases[:n_canvases] if not overlap else canvases[: max(len(canvases) // 2, 1)]
+    held_out = canvases[len(calib):] if len(canvases) > len(calib) else canvases
+    calib_set = list(stratified_masking(calib, mask_id, pad_id, seed))
+    recorded = 0
+    if extra_file:
+        extra = load_recorded(extra_file, tokenizer.sha256, cfg["vocab_size"], cfg["canvas_len"])
+        calib_set += list(extra)
+        recorded = len(extra)
+    reader = CalibrationReader(calib_set)
+
+    work = bundle_dir / ".int8-work"
+    work.mkdir(exist_ok=True)
+    try:
+        fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
+        pre = work / "pre.onnx"
+        say("INT8: preparing the graph for quantization")
+        with _quiet():
+            # onnx shape inference and ORT's basic (portable, default-domain) graph optimizations, which fold
+            # the tied head's Transpose into a constant so the head counts as a weight MatMul. ORT's symbolic
+            # shape inference is skipped: it fails on the exporter's dynamic Reshape/Concat shapes.
+            quant_pre_process(str(fp32_path), str(pre), skip_optimization=False, skip_symbolic_shape=True)
+        nodes = quantizable_nodes(onnx.load(str(pre)))
+        if not nodes:
+            raise DllmError("no weight MatMuls to quantize in the exported graph")
+        cache = work / f"ranges-{method}.json"
+        ref = logits_fn(fp32_path)
+        eval_levels = BUCKETS
+
+        def drop_of(exclude: list[str], tag: str) -> float:
+            path = work / f"{tag}.onnx"
+            quantize(pre, path, reader, method, exclude, cache)
+            rows = accuracy_report(ref, {"q": logits_fn(path)}, held_out, mask_id, pad_id, eval_levels, seed + 1)["q"]
+            return mean_accuracy_drop(rows)
+
+        say(f"INT8: calibrating ({method}, {len(reader)} canvases) and quantizing {len(nodes)} matmuls")
+        t0 = time.time()
+        search = search_exclusions(nodes, drop_of, budget, progress=say)
+        drop, excluded = search["drop"], search["excluded"]
+        final = bundle_dir / "model.int8.onnx"
+        quantize(pre, final, reader, method, excluded, cache)
+        onnx.checker.check_model(str(final), full_check=True)
+        problems = qdq_problems(onnx.load(str(final)))
+        if problems:
+            raise DllmError(f"the INT8 graph breaks TensorRT's Q/DQ rules: {problems[0]}")
+
+        say("INT8: the CPU variant (dynamic INT8 matmuls, onnxruntime format)")
+        write_dynamic_cpu_variant(fp32_path, bundle_dir / "model.int8-dynamic.ort", work)
+
+        runs = {"int8": logits_fn(final)}
+        if "fp16" in manifest["precisions"]:
+            runs["fp16"] = logits_fn(bundle_dir / manifest["precisions"]["fp16"]["file"])
+        report = accuracy_report(ref, runs, held_out, mask_id, pad_id, eval_levels, seed + 2)
+        final_drop = mean_accuracy_drop(report["int8"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "method": method,
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)",
+        "source": source,
+        "calibration_canvases": len(reader),
+        "recorded_canvases": recorded,
+        "eval_canvases": int(len(held_out)),
+        "calibration_overlaps_eval": bool(overlap and len(canvases) <= len(calib)),
+        "quantizable": len(nodes),
+        "quantized": len(nodes) - len(excluded),
+        "excluded": excluded,
+        "sensitivity_points": search["sensitivity"],
+        "trajectory": search["trajectory"],
+        "accuracy_drop_points": final_drop,
+        "search_drop_points": drop,
+        "budget_points": budget,
+        "within_budget": bool(final_drop <= budget),
+        "allow_over_budget": allow_over_budget,
+        "seconds": round(time.time() - t0, 1),
+        "report": report,
+    }
+
+
+def search_exclusions(nodes: list[str], drop_of, budget: float, max_share: float = MAX_EXCLUDED_SHARE, progress=None) -> dict:
+    """Which layers to keep out of INT8 so the accuracy drop (points) meets `budget`.
+
+    `drop_of(exclude, tag)` quantizes all but `exclude` and measures the drop. If quantizing everything
+    is over budget, each layer's own effect is measured (quantizing that layer alone), and layers are
+    kept in higher precision, most sensitive first, until the budget holds or `max_share` of them are
+    out. Returns the best set found, its drop, the per-layer sensitivities and the path taken.
+    """
+    say = progress or (lambda msg: None)
+    drop = drop_of([], "all")
+    trajectory = [{"excluded": 0, "accuracy_drop_points": drop}]
+    sensitivity: dict[str, float] = {}
+    best = (drop, [])
+    if drop > budget:
+        say(f"INT8: {drop:.2f} points below FP32 > budget {budget:g}: measuring each layer's effect")
+        for i, node in enumerate(nodes):
+            sensitivity[node] = drop_of([n for n in nodes if n != node], f"only-{i}")
+        excluded: list[str] = []
+        for node in sorted(nodes, key=lambda n: -sensitivity[n])[: int(len(nodes) * max_share)]:
+            excluded.append(node)
+            drop = drop_of(list(excluded), f"excl-{len(excluded)}")
+            trajectory.append({"excluded": len(excluded), "node": node, "accuracy_drop_points": drop})
+            if drop < best[0]:
+                best = (drop, list(excluded))
+            if drop <= budget:
+                break
+    return {"drop": best[0], "excluded": best[1], "sensitivity": sensitivity, "trajectory": trajectory}
+
+
+def write_dynamic_cpu_variant(fp32_path: Path, out_path: Path, work: Path) -> None:
+    """Dynamic INT8 weight MatMuls (per-channel), saved in onnxruntime's format after basic optimizations."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dynamic = work / "dynamic.onnx"
+    with _quiet():
+        quantize_dynamic(str(fp32_path), str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across CPUs
+    options.optimized_model_filepath = str(out_path)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(dynamic), options, providers=["CPUExecutionProvider"])
+
+
+def qdq_problems(model) -> list[str]:
+    """TensorRT's explicit-quantization rules: int8 zero points of 0, positive constant scales, per-channel
+    scales only on weights along the output-feature axis, default-domain Q/DQ."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    problems = []
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if n.domain not in ("", "ai.onnx"):
+            problems.append(f"{n.name}: {n.op_type} in domain {n.domain}")
+        scale = consts.get(n.input[1])
+        if scale is None:
+            problems.append(f"{n.name}: scale is not a constant")
+            continue
+        if np.any(scale <= 0):
+            problems.append(f"{n.name}: non-positive scale")
+        zp = consts.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
+            problems.append(f"{n.name}: zero point must be int8 0, is {zp.dtype} {np.unique(zp)[:3]}")
+        if zp is None and n.op_type == "QuantizeLinear":
+            problems.append(f"{n.name}: no zero point (would quantize to uint8)")
+        if scale.ndim == 1 and scale.size > 1:
+            weight = n.input[0] if n.op_type == "QuantizeLinear" else None
+            if n.op_type == "DequantizeLinear":  # per-channel DQ: its input must come from a weight's Q (or be one)
+                weight = next((q.input[0] for q in model.graph.node if q.op_type == "QuantizeLinear" and q.output[0] == n.input[0]), n.input[0])
+            if weight not in consts:
+                problems.append(f"{n.name}: per-channel scale on an activation")
+                continue
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            w = consts[weight]
+            if w.ndim != 2 or axis not in (1, -1) or w.shape[1] != scale.size:
+                problems.append(f"{n.name}: per-channel axis {axis} is not the output features of a {w.shape} weight")
+            users = [c.op_type for c in consumers.get(n.output[0], [])]
+            if n.op_type == "DequantizeLinear" and users and set(users) - {"MatMul", "Gemm"}:
+                problems.append(f"{n.name}: per-channel weight feeds {users}")
+    return problems

@@ -1,0 +1,163 @@
+"""The bundle: the one folder that travels from host to Jetson.
+
+    manifest.json        format version, model config, tokenizer special ids, inputs and heads, canvas
+                         lengths, precisions (file per precision), sha256 of every file, parity and
+                         calibration reports
+    tokenizer.json
+    model.<precision>.onnx
+    engines/             TensorRT engines, built on the device (their names and metadata say what they
+                         were built from; see jetson_dllm/engine.py)
+
+A bundle is written into a hidden temporary folder and renamed into place when complete, so a folder
+with a manifest.json is always whole; reading verifies the hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from jetson_dllm.config import ModelConfig
+from jetson_dllm.errors import DllmError
+from jetson_dllm.files import atomic_write_text, fsync_file, sha256_file
+
+BUNDLE_FORMAT = "jetson-dllm-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+ENGINES = "engines"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["model"])
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    @property
+    def canvas_lengths(self) -> list[int]:
+        return list(self.manifest["canvas_lengths"])
+
+    @property
+    def topk(self) -> int:
+        return int(self.manifest["heads"]["sampling"]["k"])
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.path / ENGINES
+
+    def onnx_path(self, precision: str) -> Path:
+        """The ONNX file of a precision; a clear error when the bundle does not have it."""
+        entry = self.manifest["precisions"].get(precision)
+        if entry is None:
+            raise DllmError(f"{self.path} has no {precision} model (it has {', '.join(self.precisions)}); export it with `dllm export --{precision.split('-')[0]}`")
+        return self.path / entry["file"]
+
+    def onnx_sha256(self, precision: str) -> str:
+        return self.manifest["files"][self.manifest["precisions"][precision]["file"]]
+
+    def tokenizer(self):
+        from jetson_dllm.tokenizer import TextTokenizer
+
+        tok = TextTokenizer.from_file(self.path / "tokenizer.json")
+        if tok.special_ids != self.manifest["special_ids"]:
+            raise DllmError(f"{self.path}/tokenizer.json does not match the manifest's special ids; export the bundle again")
+        return tok
+
+    def verify(self, names: list[str] | None = None) -> dict[str, str]:
+        """Check files against their recorded sha256; returns name -> "ok" | "missing" | "altered"."""
+        status = {}
+        for name, digest in self.manifest["files"].items():
+            if names is not None and name not in names:
+                continue
+            path = self.path / name
+            if not path.is_file():
+                status[name] = "missing"
+            elif sha256_file(path) != digest:
+                status[name] = "altered"
+            else:
+                status[name] = "ok"
+        return status
+
+    def check(self, names: list[str]) -> None:
+        """Raise a clear error unless every named file is listed in the manifest, present and unaltered."""
+        unlisted = [n for n in names if n not in self.manifest["files"]]
+        if unlisted:
+            raise DllmError(f"{self.path}: {', '.join(unlisted)} is not listed in the manifest; re-export the bundle")
+        for name, state in self.verify(names).items():
+            if state != "ok":
+                raise DllmError(f"{self.path / name} is {state} (sha256 mismatch with the manifest); copy the bundle again or re-export it")
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read a bundle's manifest; with `verify`, check the tokenizer's hash (model files are checked when opened)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.exists():
+        raise DllmError(f"bundle {path} not found")
+    if not manifest_path.is_file():
+        raise DllmError(f"{path} is not a bundle (no {MANIFEST}); make one with `dllm export CHECKPOINT -o {path}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise DllmError(f"{manifest_path} is truncated or corrupt; copy the bundle again or re-export it") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise DllmError(f"{path} is not a jetson-dllm bundle (format {manifest.get('format')!r})")
+    if manifest.get("version", 0) > BUNDLE_VERSION:
+        raise DllmError(f"{path} was written by a newer jetson-dllm (bundle format {manifest['version']}, this one reads {BUNDLE_VERSION}); upgrade jetson-dllm")
+    bundle = Bundle(path, manifest)
+    if verify:
+        bundle.check(["tokenizer.json"])
+    return bundle
+
+
+def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
+    """Create a bundle atomically: `build(tmp_dir)` writes the files and returns the manifest (without
+    `files`); hashes are added, then the folder is renamed into place. A failure leaves nothing behind."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise DllmError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
+        if not (out_dir / MANIFEST).is_file():
+            raise DllmError(f"{out_dir} is not a bundle; refusing to overwrite it")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = build(tmp)
+        (tmp / ENGINES).mkdir(exist_ok=True)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.parts[len(tmp.parts)] != ENGINES and p.name != MANIFEST
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(out_dir)
+
+
+def update_manifest(bundle: Bundle, **fields) -> None:
+    """Replace top-level manifest fields in place (atomically), e.g. after adding an engine report."""
+    bundle.manifest.update(fields)
+    atomic_write_text(bundle.path / MANIFEST, json.dumps(bundle.manifest, indent=2))

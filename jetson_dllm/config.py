@@ -1,0 +1,128 @@
+"""Model configs: one dataclass and the tiny -> xxlarge sizes table."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from jetson_dllm.errors import DllmError
+
+# d_model, n_head, n_layer: the sizes of the seed project.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (256, 4, 4),
+    "small": (384, 6, 6),
+    "medium": (512, 8, 8),
+    "large": (640, 10, 10),
+    "xlarge": (768, 12, 12),
+    "xxlarge": (1024, 16, 16),
+}
+
+BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
+    # LLaMA's rule: 2/3 of 4*d, rounded up to a multiple (keeps the MLP at ~8*d^2 parameters).
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the bidirectional denoiser.
+
+    Args:
+        name: the size name it came from ("tiny" ... "xxlarge") or "custom".
+        d_model, n_head, n_layer: width, attention heads, blocks.
+        vocab_size: tokenizer vocabulary, special tokens included.
+        canvas_len: the longest canvas (sequence) the model is trained and exported for.
+        mask_id: the token id of the mask; its logit is never predicted.
+        d_ff: SwiGLU hidden width; 0 means derived from d_model.
+        tie_embeddings: output head shares the token embedding.
+    """
+
+    name: str = "custom"
+    d_model: int = 256
+    n_head: int = 4
+    n_layer: int = 4
+    vocab_size: int = 8192
+    canvas_len: int = 256
+    mask_id: int = 2
+    d_ff: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise DllmError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.head_dim % 2:
+            raise DllmError(f"head dimension {self.head_dim} must be even for rotary positions")
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise DllmError(f"mask_id {self.mask_id} is outside the vocabulary (size {self.vocab_size})")
+        if self.canvas_len < 8:
+            raise DllmError(f"canvas_len {self.canvas_len} is too short (at least 8)")
+        if self.d_ff == 0:
+            self.d_ff = _swiglu_hidden(self.d_model)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        """The named size with any field overridden, e.g. `from_name("tiny", vocab_size=4096)`."""
+        if name not in SIZES:
+            raise DllmError(f"unknown config {name!r}; choose one of: {', '.join(SIZES)}")
+        d_model, n_head, n_layer = SIZES[name]
+        return cls(name=name, d_model=d_model, n_head=n_head, n_layer=n_layer, **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise DllmError(f"model config has unknown fields {sorted(unknown)}; was it written by a newer jetson-dllm?")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count (a tied head counts once)."""
+        d, f = self.d_model, self.d_ff
+        per_block = 4 * d * d + 3 * d * f + 2 * d  # q, k, v, o; w1, w2, w3; two RMSNorm weights
+        n = self.n_layer * per_block + d  # final norm
+        if include_embedding:
+            n += self.vocab_size * d
+        if not self.tie_embeddings:
+            n += self.vocab_size * d
+        return n
+
+    def weight_bytes(self, precision: str) -> int:
+        """Bytes of weights at a precision; INT8 keeps embedding and norms in FP16 (as our Q/DQ export does)."""
+        if precision not in BYTES_PER_WEIGHT:
+            raise DllmError(f"unknown precision {precision!r}; choose one of: {', '.join(BYTES_PER_WEIGHT)}")
+        if precision != "int8":
+            return self.num_params() * BYTES_PER_WEIGHT[precision]
+        d, f = self.d_model, self.d_ff
+        matmul = self.n_layer * (4 * d * d + 3 * d * f)
+        return matmul * 1 + (self.num_params() - matmul) * 2
+
+    def canvas_buckets(self) -> list[int]:
+        """Canvas lengths a run may use: powers of two from 32 up to canvas_len, and canvas_len itself."""
+        sizes, n = [], 32
+        while n < self.canvas_len:
+            sizes.append(n)
+            n *= 2
+        return sizes + [self.canvas_len]
+
+
+def canvas_for(needed: int, allowed: list[int]) -> int:
+    """The smallest allowed canvas length that holds `needed` positions."""
+    for n in sorted(allowed):
+        if n >= needed:
+            return n
+    raise DllmError(
+        f"{needed} positions do not fit: the longest canvas this model takes is {max(allowed)}; "
+        "shorten the prompt or --length"
+    )

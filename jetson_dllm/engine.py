@@ -1,0 +1,315 @@
+"""TensorRT engines for a bundle: what an engine depends on, where it lives, and how it is built.
+
+Engines are not portable, so they are built on the device from the bundle's ONNX and kept in the bundle's
+`engines/` folder: `<precision>-b<batch>-c<canvas>-<key>.plan` with a `.json` of the same name holding
+everything the key was made from (ONNX sha256, TensorRT version, device name and compute capability,
+L4T release, precision, shapes, builder settings). A request whose key has no engine means "build it",
+never an attempt to deserialize something built elsewhere.
+
+Routes (TensorRT 10.x):
+    fp16  model.fp16.onnx, strongly typed: the graph's own casts keep RMSNorm, softmax, residuals and
+          the top-K in FP32, exactly as exported (and the only mode TensorRT 11 keeps).
+    int8  model.int8.onnx (explicit Q/DQ), weakly typed with INT8 + FP16 flags and the FP32 layers the
+          export lists pinned by precision constraints.
+    fp32  model.fp32.onnx, no precision flags.
+Everything here but `build_engine` is plain Python and tested off the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from jetson_dllm.bundle import Bundle
+from jetson_dllm.errors import DllmError
+from jetson_dllm.profiler import read_meminfo
+
+ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
+ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
+SUPPORTED_TRT_MAJOR = 10
+L4T_RELEASE = Path("/etc/nv_tegra_release")
+SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
+
+
+@dataclass(frozen=True)
+class Device:
+    """What an engine is tied to."""
+
+    name: str
+    compute_capability: str
+    trt_version: str
+    l4t: str  # "36.4.3", or "" off a Jetson
+    total_memory: int  # bytes (on a Jetson: the shared RAM)
+    integrated: bool
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    precision: str
+    batch: int
+    canvas: int
+    onnx_sha256: str
+
+
+def check_trt_version(version: str) -> None:
+    """TensorRT 10.x only: older lacks the name-based API, 11 drops weakly typed INT8."""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise DllmError(f"cannot read the TensorRT version {version!r}") from None
+    if major < SUPPORTED_TRT_MAJOR:
+        raise DllmError(f"TensorRT {version} is too old; jetson-dllm needs TensorRT 10 (JetPack 6.1 or newer)")
+    if major > SUPPORTED_TRT_MAJOR:
+        raise DllmError(f"TensorRT {version} is not supported yet (jetson-dllm targets TensorRT 10.x, JetPack 6.x); use the onnx backend meanwhile")
+
+
+def read_l4t_release(path: Path = L4T_RELEASE) -> str:
+    """L4T release from /etc/nv_tegra_release ("# R36 (release), REVISION: 4.3, ..." -> "36.4.3"); "" when absent."""
+    try:
+        line = Path(path).read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+    import re
+
+    major = re.search(r"R(\d+)", line)
+    revision = re.search(r"REVISION:\s*([\d.]+)", line)
+    if not major:
+        return ""
+    return f"{major.group(1)}.{revision.group(1)}" if revision else major.group(1)
+
+
+def engine_key(spec: EngineSpec, device: Device, settings: dict) -> str:
+    record = {"format": ENGINE_FORMAT, "spec": asdict(spec), "device": asdict(device), "settings": settings}
+    record["device"].pop("total_memory")  # the same board with more free memory builds the same engine
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_path(bundle: Bundle, spec: EngineSpec, device: Device, settings: dict) -> Path:
+    return bundle.engines_dir / f"{spec.precision}-b{spec.batch}-c{spec.canvas}-{engine_key(spec, device, settings)}.plan"
+
+
+def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int) -> EngineSpec:
+    if canvas not in bundle.canvas_lengths:
+        raise DllmError(f"canvas {canvas} is not one of the bundle's shapes ({', '.join(map(str, bundle.canvas_lengths))})")
+    if batch < 1:
+        raise DllmError(f"batch must be at least 1, got {batch}")
+    bundle.onnx_path(precision)  # a clear error when the bundle lacks the precision
+    return EngineSpec(precision, batch, canvas, bundle.onnx_sha256(precision))
+
+
+def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3) -> dict:
+    """The builder configuration for a precision on a device with `total_memory` bytes (shared on a Jetson)."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise DllmError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    if not 0 <= optimization_level <= 5:
+        raise DllmError(f"--opt-level must be in 0..5, got {optimization_level}")
+    gib = 1 << 30
+    return {
+        "strongly_typed": precision == "fp16",
+        "flags": {"fp32": [], "fp16": [], "int8": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"]}[precision],
+        "fp32_layers": fp32_layers if precision == "int8" else 0,
+        # Workspace: an eighth of memory, within [256 MiB, 2 GiB]; the tactic DRAM pool (which on an
+        # integrated GPU counts all builder memory) at half of memory, not the default 75 %.
+        "workspace": int(min(2 * gib, max(gib // 4, total_memory // 8))),
+        "tactic_dram": int(total_memory // 2),
+        "optimization_level": optimization_level,
+        "max_aux_streams": 0,  # one stream: less memory, and capturable in a CUDA graph
+        "outputs": list(SAMPLING_OUTPUTS),  # logits stay internal
+    }
+
+
+def build_memory_needed(onnx_bytes: int, settings: dict) -> int:
+    """Rough peak of a build: the ONNX in memory, the network's weights, the plan, the workspace."""
+    return 3 * onnx_bytes + settings["workspace"] + (256 << 20)
+
+
+def check_build_memory(needed: int, meminfo: dict[str, int]) -> None:
+    """Refuse a build that will not fit, saying what to do; swap counts only for host-side data."""
+    available = meminfo.get("MemAvailable", 0)
+    swap = meminfo.get("SwapFree", 0)
+    if not available:
+        return
+    if needed > available + swap // 2:
+        raise DllmError(f"building needs about {needed / 2**30:.1f} GiB but {available / 2**30:.1f} GiB is available "
+                        f"(+{swap / 2**30:.1f} GiB swap): close other programs, stop the desktop "
+                        "(sudo systemctl isolate multi-user.target), add swap (see jetson-setup.sh), or lower --workspace")
+
+
+def io_buffers(batch: int, canvas: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """I/O tensors of a sampling engine: name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
+    def size(shape, itemsize):
+        n = itemsize
+        for d in shape:
+            n *= d
+        return -(-n // ALIGNMENT) * ALIGNMENT
+
+    specs = {"tokens": ((batch, canvas), "int32", 4), "topk_logprobs": ((batch, canvas, k), "float32", 4),
+             "topk_ids": ((batch, canvas, k), "int32", 4)}
+    return {name: (shape, dtype, size(shape, item)) for name, (shape, dtype, item) in specs.items()}
+
+
+def write_engine(path: Path, plan: bytes, metadata: dict) -> None:
+    """Plan and metadata, each written to a temporary name and renamed: a half-written engine never appears."""
+    for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(metadata, indent=2).encode())):
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+
+def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
+    """Every engine in the bundle with whether it fits `device` (or this machine, when it has TensorRT)."""
+    if device is None:
+        device = detect_device(required=False)
+    rows = []
+    for plan in sorted(bundle.engines_dir.glob("*.plan")):
+        meta_path = plan.with_suffix(".json")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            rows.append({"file": plan.name, "verdict": "no: metadata missing or unreadable, rebuild"})
+            continue
+        row = {"file": plan.name, **meta.get("spec", {}), **meta.get("device", {})}
+        precision = meta.get("spec", {}).get("precision")
+        if precision not in bundle.precisions or meta["spec"].get("onnx_sha256") != bundle.onnx_sha256(precision):
+            row["verdict"] = "no: built from another ONNX, rebuild"
+        elif device is None:
+            row["verdict"] = "unknown: no TensorRT GPU on this machine"
+        else:
+            key = engine_key(EngineSpec(**meta["spec"]), device, meta["settings"])
+            row["verdict"] = "yes" if plan.name.endswith(f"-{key}.plan") else (
+                f"no: built with TensorRT {meta['device'].get('trt_version')} on {meta['device'].get('name')}, rebuild")
+        rows.append(row)
+    return rows
+
+
+def detect_device(required: bool = True) -> Device | None:
+    """This machine's GPU and TensorRT, or None (required=False) / a clear error when there are none."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        if required:
+            raise DllmError("TensorRT is not installed here; on a Jetson run jetson-setup.sh (JetPack 6.1+), elsewhere use --backend onnx") from None
+        return None
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        dev = cuda.Device(0)
+    except ImportError:
+        if required:
+            raise DllmError("pycuda is not installed; run jetson-setup.sh (or pip install pycuda with CUDA on PATH)") from None
+        return None
+    except Exception as e:  # pycuda.driver.Error: no driver, no GPU
+        if required:
+            raise DllmError(f"no CUDA GPU is usable here ({str(e).splitlines()[0][:80]}); use --backend onnx") from None
+        return None
+    check_trt_version(trt.__version__)
+    major, minor = dev.compute_capability()
+    integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
+    return Device(dev.name(), f"{major}.{minor}", trt.__version__, read_l4t_release(), int(dev.total_memory()), integrated)
+
+
+def find_or_build(bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None) -> Path:
+    """The engine for (precision, batch, canvas) on this device, built when missing and `build` is set."""
+    device = detect_device()
+    spec = engine_spec(bundle, precision, batch, canvas)
+    settings = builder_settings(precision, device.total_memory, len(bundle.manifest.get("fp32_nodes", [])))
+    path = engine_path(bundle, spec, device, settings)
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    if not build:
+        raise DllmError(f"no {precision} engine for batch {batch} x canvas {canvas} on this device; "
+                        f"build it: dllm build {bundle.path} --precision {precision} --batch {batch} --canvas {canvas}")
+    return build_engine(bundle, spec, device, settings, progress=progress)
+
+
+def build_engine(bundle: Bundle, spec: EngineSpec, device: Device, settings: dict, progress=None) -> Path:
+    """Parse the ONNX and build a serialized engine with TensorRT; returns the plan's path."""
+    import tensorrt as trt
+
+    onnx_path = bundle.onnx_path(spec.precision)
+    bundle.check([onnx_path.name])
+    check_build_memory(build_memory_needed(onnx_path.stat().st_size, settings), read_meminfo())
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings["strongly_typed"] else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise DllmError(f"TensorRT could not parse {onnx_path.name}: {'; '.join(errors)[:300]}")
+    for i in reversed(range(network.num_outputs)):  # run the sampling head only: logits stay on the GPU
+        tensor = network.get_output(i)
+        if tensor.name not in settings["outputs"]:
+            network.unmark_output(tensor)
+    if spec.precision == "int8":
+        keep = set(bundle.manifest.get("fp32_nodes", []))
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if layer.name in keep:
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace"])
+    if device.integrated:
+        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_DRAM, settings["tactic_dram"])
+    for flag in settings["flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.builder_optimization_level = settings["optimization_level"]
+    config.max_aux_streams = settings["max_aux_streams"]
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    profile = builder.create_optimization_profile()
+    shape = (spec.batch, spec.canvas)
+    profile.set_shape("tokens", shape, shape, shape)  # fixed shapes: one engine per (batch, canvas)
+    config.add_optimization_profile(profile)
+    cache_path = bundle.engines_dir / f"timing-{device.name.replace(' ', '_')}-trt{device.trt_version}.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if progress is not None:
+        config.progress_monitor = _monitor(trt, progress)
+    t0 = time.time()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DllmError(f"TensorRT failed to build the {spec.precision} engine (see the messages above); "
+                        "try --precision fp16, a smaller --canvas, or more memory")
+    bundle.engines_dir.mkdir(exist_ok=True)
+    with open(cache_path, "wb") as f:
+        f.write(memoryview(config.get_timing_cache().serialize()))
+    path = engine_path(bundle, spec, device, settings)
+    metadata = {"format": ENGINE_FORMAT, "spec": asdict(spec), "device": asdict(device), "settings": settings,
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_seconds": round(time.time() - t0, 1),
+                "host": platform.node()}
+    write_engine(path, plan, metadata)
+    return path
+
+
+def _monitor(trt, progress):
+    """A TensorRT progress monitor forwarding (phase, step, steps) to a callback."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.phases = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.phases[phase_name] = num_steps
+            progress(phase_name, 0, num_steps)
+
+        def step_complete(self, phase_name, step):
+            progress(phase_name, step + 1, self.phases.get(phase_name, 0))
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            progress(phase_name, self.phases.get(phase_name, 0), self.phases.get(phase_name, 0))
+
+    return Monitor()

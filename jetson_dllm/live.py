@@ -1,0 +1,46 @@
+"""The live view of `dllm run`: the canvas denoising step by step in the terminal (rich)."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
+from jetson_dllm.sampler import Step
+from jetson_dllm.tokenizer import TextTokenizer
+
+
+class LiveCanvas:
+    """An on_step callback that redraws every sample: masked positions dimmed, new commits highlighted."""
+
+    def __init__(self, console, tokenizer: TextTokenizer, steps: int, fps: float = 20.0):
+        self.tok, self.steps = tokenizer, steps
+        self.live = Live(console=console, refresh_per_second=fps, transient=False)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
+
+    def __call__(self, canvas: np.ndarray, step: Step) -> None:
+        rows = [self.render_row(canvas[b], step.committed[b]) for b in range(canvas.shape[0])]
+        head = Text(f"step {step.index}/{self.steps}  " + ("network run" if step.evaluated else "cached"), style="bold")
+        self.live.update(Group(head, *rows))
+
+    def render_row(self, tokens: np.ndarray, new: np.ndarray) -> Text:
+        text = Text()
+        tok = self.tok
+        for t, fresh in zip(tokens, new):
+            t = int(t)
+            if t == tok.mask_id:
+                text.append("▒", style="dim")
+            elif t == tok.pad_id:
+                continue
+            elif t == tok.eot_id:
+                text.append(" ⏎", style="dim cyan")
+            else:
+                text.append(tok.piece(t), style="bold black on yellow" if fresh else "")
+        return text

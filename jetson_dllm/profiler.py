@@ -1,0 +1,209 @@
+"""Where memory and power go: process RSS, /proc/meminfo, the Jetson's unified memory, tegrastats and jtop.
+
+On a Jetson, CPU and GPU share the DRAM: `nvidia-smi` shows nothing and cudaMemGetInfo ignores swap and
+counts page cache, so the profiler reads process RSS (psutil), MemAvailable and NvMapMemUsed (the GPU's
+share) from /proc/meminfo, and power from jtop (jetson-stats) or, without it, a tegrastats subprocess.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def onnx_weight_bytes(model) -> int:
+    """Bytes of the initializers (weights and constants) of an ONNX ModelProto."""
+    from onnx import helper
+
+    total = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        total += n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    return total
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    """/proc/meminfo in bytes (MemTotal, MemAvailable, SwapFree, NvMapMemUsed on a Jetson, ...); {} if unreadable."""
+    info = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():  # (/proc/self/status also has text fields)
+                    info[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    except OSError:
+        pass
+    return info
+
+
+_RAM = re.compile(r"RAM (\d+)/(\d+)MB")
+_SWAP = re.compile(r"SWAP (\d+)/(\d+)MB")
+_GPU = re.compile(r"GR3D_FREQ (\d+)%")
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+) (\d+)mW/(\d+)mW")
+
+
+def parse_tegrastats(line: str) -> dict:
+    """One tegrastats line: RAM/SWAP (MiB), GPU load (%), and each power rail's current and average (mW)."""
+    out: dict = {"rails": {}}
+    if m := _RAM.search(line):
+        out["ram_used_mb"], out["ram_total_mb"] = int(m.group(1)), int(m.group(2))
+    if m := _SWAP.search(line):
+        out["swap_used_mb"], out["swap_total_mb"] = int(m.group(1)), int(m.group(2))
+    if m := _GPU.search(line):
+        out["gpu_load"] = int(m.group(1))
+    for rail, cur, avg in _RAIL.findall(line):
+        out["rails"][rail] = (int(cur), int(avg))
+    if "VDD_IN" in out["rails"]:  # the module's input: the total on Orin Nano (as jtop counts it)
+        out["power_mw"] = out["rails"]["VDD_IN"][0]
+    elif out["rails"]:
+        out["power_mw"] = sum(cur for cur, _ in out["rails"].values())
+    return out
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; `peak` in bytes after the block."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        return False
+
+
+def peak_rss_ever() -> int:
+    """The process's high-water mark (VmHWM), the kernel's own count; 0 where unavailable."""
+    return read_meminfo("/proc/self/status").get("VmHWM", 0)
+
+
+@dataclass
+class PowerMonitor:
+    """Power samples (mW) during a block, from jtop when its service runs, else tegrastats; none elsewhere."""
+
+    interval_ms: int = 100
+    samples: list[float] = field(default_factory=list)
+    source: str = "none"
+
+    def __enter__(self):
+        self.samples = []
+        self._stop = threading.Event()
+        self._proc = None
+        self._jetson = None
+        try:
+            from jtop import jtop
+
+            self._jetson = jtop(interval=self.interval_ms / 1000)
+            self._jetson.start()
+            self.source = "jtop"
+        except Exception:  # not installed, or its service is not running
+            self._jetson = None
+        if self._jetson is None and shutil.which("tegrastats"):
+            self._proc = subprocess.Popen(["tegrastats", "--interval", str(self.interval_ms)], stdout=subprocess.PIPE, text=True)
+            self.source = "tegrastats"
+        if self._jetson is not None or self._proc is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._jetson is not None:
+                power = self._jetson.power.get("tot", {}).get("power")
+                if power is not None:
+                    self.samples.append(float(power))
+                self._stop.wait(self.interval_ms / 1000)
+            else:
+                line = self._proc.stdout.readline()
+                if not line:
+                    return
+                reading = parse_tegrastats(line)
+                if "power_mw" in reading:
+                    self.samples.append(float(reading["power_mw"]))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=5)
+        if self._jetson is not None:
+            self._jetson.close()
+        if hasattr(self, "_thread"):
+            self._thread.join(timeout=5)
+        return False
+
+    @property
+    def mean_mw(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def unified_memory() -> dict[str, int]:
+    """The Jetson's memory picture (bytes): total, available, swap free, and what the GPU holds (NvMap)."""
+    info = read_meminfo()
+    keys = {"MemTotal": "total", "MemAvailable": "available", "SwapFree": "swap_free", "NvMapMemUsed": "gpu_nvmap"}
+    return {name: info[key] for key, name in keys.items() if key in info}
+
+
+def time_peak_rss(cmd: list[str]) -> int:
+    """Peak RSS of a command measured by GNU time (-v), in bytes; for checking our own number."""
+    result = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", result.stderr)
+    if result.returncode != 0 or not m:
+        raise RuntimeError(f"/usr/bin/time failed: {result.stderr[-300:]}")
+    return int(m.group(1)) * 1024
+
+
+# --- will it fit on an Orin Nano 8GB? -----------------------------------------------------------------
+
+# What an application can count on (bytes). tegrastats shows ~7620 MB total on an Orin Nano 8GB; a headless
+# JetPack 6 (multi-user target) keeps ~1.2 GB for itself. A CUDA context on Orin costs a few hundred MB, and
+# the Python runtime (numpy, tokenizers, TensorRT's libraries) about 250 MB. These are estimates from the
+# public numbers in shared/docs/tensorrt-jetson.md §6, not measurements on our own board.
+ORIN_NANO_VISIBLE = 7620 << 20
+ORIN_NANO_SYSTEM = 1200 << 20
+CUDA_CONTEXT = 350 << 20
+HOST_RUNTIME = 250 << 20
+
+
+def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, workspace: int = 1 << 30) -> dict[str, int]:
+    """Where an engine's memory goes on a unified-memory device (bytes), for running and for building."""
+    weights = cfg.weight_bytes(precision)
+    act_bytes = 4 if precision == "fp32" else 2
+    B, T = batch, canvas
+    widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
+    # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
+    activations = 2 * B * T * widest * act_bytes + B * cfg.n_head * T * T * act_bytes
+    io = B * T * (4 + 8 * k)
+    run = weights + activations + io + CUDA_CONTEXT + HOST_RUNTIME
+    onnx_bytes = cfg.weight_bytes("fp32" if precision == "fp32" else "fp16")
+    build = 3 * onnx_bytes + workspace + CUDA_CONTEXT + HOST_RUNTIME
+    return {"weights": weights, "activations": activations, "io": io, "runtime": CUDA_CONTEXT + HOST_RUNTIME,
+            "run_total": run, "build_total": build}
+
+
+def orin_nano_verdict(plan: dict[str, int], usable: int = ORIN_NANO_VISIBLE - ORIN_NANO_SYSTEM) -> dict:
+    run_headroom = usable - plan["run_total"]
+    build_headroom = usable - plan["build_total"]
+    return {"fits": run_headroom > 0, "headroom": run_headroom, "builds": build_headroom > 0, "build_headroom": build_headroom}

@@ -1,0 +1,257 @@
+"""The sampler: one numpy loop that unmasks a canvas, identical for every backend.
+
+Each step runs the network on the canvas (unless the canvas is unchanged since the last run, in which
+case the last outputs are reused), draws a candidate token for every masked position from the top-K
+head, scores the candidates, and commits some of them:
+
+    confidence  LLaDA low-confidence remasking: commit the n most probable candidates
+    margin      ... ordered by top-1 minus top-2 probability
+    entropy     ... ordered by low entropy of the (top-K) distribution
+    threshold   Fast-dLLM parallel decoding: commit every candidate above --threshold (and at least n)
+    ancestral   MDLM: commit each masked position with the schedule's probability for the step
+
+n is what the step budget requires: ceil(masked left / steps left), so a run always finishes within
+its steps, and the threshold strategy can only finish sooner. With `block`, the canvas is filled block
+by block, left to right (semi-autoregressive), the steps shared between the blocks that need them.
+Once an end-of-text (or padding) token is committed, every later free position becomes padding.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+
+STRATEGIES = ("confidence", "margin", "entropy", "threshold", "ancestral")
+NEG_INF = np.float32(-np.inf)
+
+
+@dataclass
+class SamplerConfig:
+    """How to unmask. temperature 0 means greedy (the most probable token)."""
+
+    steps: int = 64
+    strategy: str = "confidence"
+    threshold: float = 0.9
+    block: int = 0  # 0: the whole canvas is one block
+    temperature: float = 0.0
+    top_k: int = 0  # 0: the whole head
+    top_p: float = 1.0
+    seed: int = 0
+    deadline_ms: float = 0.0  # 0: no deadline
+    allow_end: bool = True  # False: fixed-length generation (no end-of-text), as benchmarks run
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise DllmError(f"--steps must be at least 1, got {self.steps}")
+        if self.strategy not in STRATEGIES:
+            raise DllmError(f"unknown --strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise DllmError(f"--threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DllmError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise DllmError(f"--temperature must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise DllmError(f"--top-k must not be negative, got {self.top_k}")
+        if self.block < 0:
+            raise DllmError(f"--block must not be negative, got {self.block}")
+        if self.deadline_ms < 0:
+            raise DllmError(f"--deadline-ms must not be negative, got {self.deadline_ms}")
+
+
+@dataclass
+class SpecialIds:
+    mask: int
+    eot: int
+    pad: int
+
+
+@dataclass
+class Step:
+    """What one step did, for the live view and the --json timings."""
+
+    index: int
+    evaluated: bool
+    committed: np.ndarray  # (B, T) bool, newly committed this step
+    network_ms: float
+    sampler_ms: float
+
+
+@dataclass
+class SampleResult:
+    tokens: np.ndarray  # (B, T) int32
+    steps: int  # steps taken
+    evaluations: int  # network evaluations actually run
+    deadline_hit: bool
+    network_s: float
+    sampler_s: float
+    history: list[Step] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return self.network_s + self.sampler_s
+
+
+def candidate_distribution(logprobs: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Sampling logits over the head's top-K (sorted descending) after temperature, top-k and top-p. (..., K)"""
+    logits = logprobs / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        logits = logits.copy()
+        logits[..., top_k:] = NEG_INF
+    if top_p < 1.0:
+        probs = np.exp(logits - logits[..., :1])
+        probs /= probs.sum(-1, keepdims=True)
+        before = np.cumsum(probs, -1) - probs  # mass of the better tokens
+        logits = np.where(before >= top_p, NEG_INF, logits)  # keeps the first token that crosses top_p
+    return logits
+
+
+def sample(
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    tokens: np.ndarray,
+    fixed: np.ndarray,
+    special: SpecialIds,
+    cfg: SamplerConfig,
+    on_step: Callable[[np.ndarray, Step], None] | None = None,
+) -> SampleResult:
+    """Unmask `tokens` (B, T) int32, whose masked positions hold special.mask; `fixed` (B, T) marks prompt
+    tokens, which never change. `run(canvas)` returns the top-K log-probabilities (B, T, K) and ids.
+
+    Returns the final canvas with nothing masked, unless the step budget is wrong for the blocks.
+    """
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    canvas = np.array(tokens, dtype=np.int32, copy=True)
+    fixed = np.asarray(fixed, dtype=bool)
+    B, T = canvas.shape
+    positions = np.arange(T)
+    # Before a row's last prompt token lies a gap to fill: ending the text there is not allowed.
+    last_fixed = np.where(fixed.any(1), T - 1 - np.argmax(fixed[:, ::-1], axis=1), -1)
+    no_end = positions[None, :] < last_fixed[:, None]  # (B, T)
+    if not cfg.allow_end:
+        no_end[:] = True
+    _apply_end(canvas, fixed, special)
+
+    block = cfg.block or T
+    block_starts = list(range(0, T, block))
+    free = (canvas == special.mask) & ~fixed
+    active = [s for s in block_starts if free[:, s : s + block].any()]
+    if len(active) > cfg.steps:
+        raise DllmError(f"--steps {cfg.steps} is fewer than the {len(active)} blocks to fill; raise --steps or --block")
+
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.deadline_ms / 1000.0 if cfg.deadline_ms else math.inf
+    outputs, evaluated_canvas = None, None
+    steps = evaluations = 0
+    network_s = 0.0
+    history: list[Step] = []
+    deadline_hit = False
+
+    for bi, start in enumerate(active):
+        in_block = (positions >= start) & (positions < start + block)
+        blocks_left = len(active) - bi
+        block_steps = -(-(cfg.steps - steps) // blocks_left)  # ceil: earlier blocks get the remainder
+        for k in range(block_steps, 0, -1):  # k: steps left for this block, this one included
+            free = (canvas == special.mask) & ~fixed
+            todo = free & in_block
+            if not todo.any():
+                break
+            step_t0 = time.perf_counter()
+            evaluated = evaluated_canvas is None or not np.array_equal(canvas, evaluated_canvas)
+            if evaluated:
+                outputs = run(canvas)
+                evaluated_canvas = canvas.copy()
+                evaluations += 1
+            net_s = time.perf_counter() - step_t0 if evaluated else 0.0
+            network_s += net_s
+            logprobs, ids = outputs
+            if time.perf_counter() >= deadline:  # out of time: best token everywhere, done
+                commit = free
+                chosen = _best_allowed(logprobs, ids, no_end, special)
+                deadline_hit = True
+            else:
+                chosen, score = _candidates(logprobs, ids, no_end, special, cfg, rng)
+                commit = _select(todo, score, k, cfg, rng)
+            before = canvas.copy()
+            canvas[commit] = chosen[commit]
+            _apply_end(canvas, fixed, special)
+            steps += 1
+            step = Step(steps, evaluated, canvas != before, net_s * 1e3, (time.perf_counter() - step_t0 - net_s) * 1e3)
+            history.append(step)
+            if on_step is not None:
+                on_step(canvas, step)
+            if deadline_hit:
+                break
+        if deadline_hit:
+            break
+
+    total = time.perf_counter() - t0
+    return SampleResult(canvas, steps, evaluations, deadline_hit, network_s, total - network_s, history)
+
+
+def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A token for every position (B, T) and the score that orders commits (higher = sooner)."""
+    banned = _banned(ids, no_end, special)
+    logits = candidate_distribution(logprobs, cfg.temperature, cfg.top_k, cfg.top_p)
+    logits = np.where(banned, NEG_INF, logits)
+    if cfg.temperature == 0:
+        pick = np.argmax(logits, -1)
+    else:
+        gumbel = -np.log(-np.log(rng.random(logits.shape, dtype=np.float32) + 1e-20) + 1e-20)
+        pick = np.argmax(logits + gumbel, -1)
+    chosen = np.take_along_axis(ids, pick[..., None], -1)[..., 0]
+    probs = np.exp(logprobs)  # the model's own probabilities rank the candidates
+    if cfg.strategy == "margin":
+        score = probs[..., 0] - probs[..., 1]
+    elif cfg.strategy == "entropy":
+        p = probs / probs.sum(-1, keepdims=True)
+        score = (p * np.log(np.maximum(p, 1e-20))).sum(-1)  # minus the entropy
+    else:
+        score = np.take_along_axis(probs, pick[..., None], -1)[..., 0]
+    return chosen.astype(np.int32), score
+
+
+def _banned(ids: np.ndarray, no_end: np.ndarray, special: SpecialIds) -> np.ndarray:
+    """Candidates never chosen: padding anywhere (it only ever follows an end-of-text, which pads the rest
+    itself), and end-of-text where the text may not end (inside an infilling gap, or fixed-length runs)."""
+    return (ids == special.pad) | ((ids == special.eot) & no_end[..., None])
+
+
+def _best_allowed(logprobs, ids, no_end, special: SpecialIds) -> np.ndarray:
+    lp = np.where(_banned(ids, no_end, special), NEG_INF, logprobs)
+    return np.take_along_axis(ids, np.argmax(lp, -1)[..., None], -1)[..., 0].astype(np.int32)
+
+
+def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerConfig, rng) -> np.ndarray:
+    """Which of the `todo` positions (B, T) to commit this step."""
+    n_todo = todo.sum(1)  # (B,)
+    if cfg.strategy == "ancestral":
+        # MDLM reverse step from t = k/K to s = (k-1)/K under alpha_t = 1 - t: P(unmask) = 1/k.
+        return todo & (rng.random(todo.shape) < 1.0 / steps_left)
+    need = -(-n_todo // steps_left)  # ceil(n / k): finishes the block in the steps left
+    if cfg.strategy == "threshold":
+        need = np.maximum(need, (todo & (score > cfg.threshold)).sum(1))
+    masked_score = np.where(todo, score, -np.inf)
+    order = np.argsort(-masked_score, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(todo.shape[1])[None, :].repeat(todo.shape[0], 0), axis=1)
+    return todo & (rank < need[:, None])
+
+
+def _apply_end(canvas: np.ndarray, fixed: np.ndarray, special: SpecialIds) -> None:
+    """After the first generated end-of-text or padding token of a row, every free position is padding."""
+    is_end = ((canvas == special.eot) | (canvas == special.pad)) & ~fixed
+    rows = np.flatnonzero(is_end.any(1))
+    if rows.size == 0:
+        return
+    first = np.argmax(is_end[rows], axis=1)
+    after = np.arange(canvas.shape[1])[None, :] > first[:, None]
+    sub = canvas[rows]
+    sub[after & ~fixed[rows]] = special.pad
+    canvas[rows] = sub

@@ -1,0 +1,81 @@
+"""The tokenizer the whole toolkit shares: a byte-level BPE `tokenizer.json` (HF tokenizers) with our special tokens."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from jetson_dllm.errors import DllmError
+
+PAD, EOT, MASK = "<|pad|>", "<|endoftext|>", "<|mask|>"
+SPECIAL_TOKENS = (PAD, EOT, MASK)
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask."""
+
+    def __init__(self, tok: Tokenizer, source: str = "<memory>"):
+        self.tok = tok
+        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise DllmError(f"{source} is not a jetson-dllm tokenizer: it lacks {', '.join(missing)}; make one with `dllm data`")
+        self.pad_id, self.eot_id, self.mask_id = ids[PAD], ids[EOT], ids[MASK]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TextTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise DllmError(f"tokenizer {path} not found")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise DllmError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:80]})") from None
+        return cls(tok, str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {"pad": self.pad_id, "eot": self.eot_id, "mask": self.mask_id}
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        """Text of a canvas: stops at the first end-of-text or padding, skips any mask left in it."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i in (self.eot_id, self.pad_id):
+                break
+            if i != self.mask_id:
+                out.append(i)
+        return self.tok.decode(out, skip_special_tokens=False)
+
+    @cached_property
+    def _pieces(self) -> dict[int, str]:
+        return {}
+
+    def piece(self, token_id: int) -> str:
+        """Display text of one token (for the live view); bytes of a split character show as U+FFFD."""
+        token_id = int(token_id)
+        cache = self._pieces
+        if token_id not in cache:
+            cache[token_id] = self.tok.decode([token_id], skip_special_tokens=False)
+        return cache[token_id]
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))

@@ -1,0 +1,58 @@
+"""Shared fixtures: a small built-in data set and a briefly trained small model (seconds on a CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The small model every test trains: the tiny config narrowed so a step takes milliseconds.
+SMALL = dict(config="tiny", d_model=64, n_layer=2, n_head=2, canvas_len=64)
+
+
+def make_data(out: Path, stories: int = 600, vocab_size: int = 512) -> Path:
+    from train_host.data import Source, prepare_data
+
+    prepare_data([Source("builtin", builtin_stories=stories)], out, vocab_size=vocab_size, val_fraction=0.05)
+    return out
+
+
+def train_small(data: Path, out: Path, steps: int = 20, **overrides) -> dict:
+    from rich.console import Console
+
+    from train_host.train import TrainConfig, train
+
+    settings = dict(SMALL, batch_size=8, steps=steps, eval_every=10, eval_canvases=16, warmup=5, lr=3e-3,
+                    log_every=5, threads=1, seed=0)
+    settings.update(overrides)
+    tc = TrainConfig(data=str(data), out=str(out), **settings)
+    return train(tc, console=Console(stderr=True, quiet=True))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    train_small(data_dir, out, steps=30)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_run, data_dir, tmp_path_factory) -> Path:
+    """The trained small model exported with FP32, FP16 and INT8 (calibrated on its validation split)."""
+    from train_host.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(trained_run, out, precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir), parity_canvases=8,
+                  int8_options={"n_canvases": 16, "eval_canvases": 16, "budget": 100.0})
+    return out
+
+
+FIXTURES = Path(__file__).parent / "fixtures"

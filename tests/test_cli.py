@@ -1,0 +1,125 @@
+"""The dllm command end to end (in-process through main(), plus the real entry point), and its bad-input paths."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jetson_dllm.cli import main, parse_duration
+from jetson_dllm.errors import DllmError
+
+
+def dllm(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, match):
+    assert code != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_without_torch():
+    # On a Jetson there is no torch: the CLI and the package must still import and answer --help.
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['dllm', '--help']; from jetson_dllm.cli import entry; entry()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for verb in ("train", "run", "data", "eval", "configs"):
+        assert verb in result.stdout
+
+
+def test_configs_table(capsys):
+    code, out, _ = dllm(capsys, "configs")
+    assert code == 0
+    for name in ("tiny", "small", "medium", "large", "xlarge", "xxlarge"):
+        assert name in out
+    assert "5.31 M" in out  # tiny with the default 8192 vocabulary
+
+
+def test_data_train_eval_run(capsys, tmp_path):
+    code, out, _ = dllm(capsys, "data", "-o", tmp_path / "d", "--builtin-stories", 300, "--vocab-size", 400)
+    assert code == 0 and "train" in out
+    code, out, err = dllm(capsys, "train", "--data", tmp_path / "d", "--out", tmp_path / "r", "--steps", 6, "--eval-every", 3,
+                          "--batch-size", 4, "--d-model", 32, "--n-layer", 1, "--n-head", 2, "--canvas-len", 64, "--eval-canvases", 8)
+    assert code == 0, err
+    assert "trained 6 steps" in out
+    code, out, _ = dllm(capsys, "eval", tmp_path / "r", "--data", tmp_path / "d", "--canvases", 8, "--n-t", 2, "--json")
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics["val_nll"] > 0 and 0 <= metrics["val_acc"] <= 1 and "val_acc@0.5" in metrics
+    code, out, _ = dllm(capsys, "run", tmp_path / "r", "-p", "Once upon a time", "--steps", 8, "--json", "-n", 2)
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["texts"]) == 2 and all(t.startswith("Once upon a time") for t in result["texts"])
+    assert result["steps"] <= 8 and result["evaluations"] <= result["steps"] and len(result["step_ms"]) == result["steps"]
+    code, out, err = dllm(capsys, "run", tmp_path / "r", "-p", "Once upon a time ____ happily ever after.", "--steps", 8, "--no-live")
+    assert code == 0 and out.startswith("Once upon a time") and out.rstrip().endswith("happily ever after.")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--data", "/nonexistent"], "not a prepared data folder"),
+    (["data", "/nonexistent/file.txt", "-o", "{tmp}/d"], "not found"),
+    (["eval", "/nonexistent"], "not found"),
+    (["run", "/nonexistent", "-p", "hi"], "not found"),
+    (["train", "--time-budget", "soon"], "duration"),
+])
+def test_bad_input_one_line_errors(capsys, tmp_path, args, match):
+    code, _, err = dllm(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert_one_line_error(code, err, match)
+
+
+def test_bad_input_against_a_trained_run(capsys, trained_run, data_dir, tmp_path):
+    for args, match in [
+        (["run", trained_run, "-p", ""], "prompt is empty"),
+        (["run", trained_run, "-p", "____ [MASK]"], "only placeholders"),
+        (["run", trained_run, "-p", "word " * 200], "longest canvas"),
+        (["run", trained_run, "-p", "hi", "--length", 500], "do not fit"),
+        (["run", trained_run, "-p", "hi", "--steps", 0], "--steps"),
+        (["run", trained_run, "-p", "hi", "--threshold", 1.5], "--threshold"),
+        (["run", trained_run, "-p", "hi", "--top-p", 0], "--top-p"),
+        (["run", trained_run, "-p", "hi", "--backend", "tpu"], "unknown backend"),
+        (["train", "--data", data_dir, "--out", tmp_path / "x", "--config", "huge"], "unknown config"),
+        (["train", "--data", data_dir, "--out", trained_run], "--resume"),
+    ]:
+        code, _, err = dllm(capsys, *args)
+        assert_one_line_error(code, err, match)
+
+
+def test_truncated_checkpoint_is_refused_by_eval(capsys, trained_run, data_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    from train_host.checkpoint import list_checkpoints
+
+    for c in list_checkpoints(copy):
+        f = c / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    code, _, err = dllm(capsys, "eval", copy, "--data", data_dir)
+    assert_one_line_error(code, err, "truncated or altered")
+
+
+def test_eval_refuses_data_with_another_tokenizer(capsys, trained_run, tmp_path):
+    from train_host.data import Source, prepare_data
+
+    prepare_data([Source("builtin", builtin_stories=100, seed=9)], tmp_path / "other", vocab_size=350, val_fraction=0.1)
+    code, _, err = dllm(capsys, "eval", trained_run, "--data", tmp_path / "other")
+    assert_one_line_error(code, err, "another tokenizer")
+
+
+def test_non_utf8_prompt_from_a_pipe(trained_run):
+    result = subprocess.run([sys.executable, "-m", "jetson_dllm", "run", str(trained_run), "-p", "-"], input=b"\xff\xfe bad",
+                            capture_output=True)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().startswith("error: the prompt on standard input is not UTF-8")
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90 and parse_duration("5m") == 300 and parse_duration("1h30m") == 5400
+    with pytest.raises(DllmError):
+        parse_duration("5 minutes")

@@ -1,0 +1,83 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from jetson_dllm.backends import SAMPLING_OUTPUTS, open_backend, sampling_fn
+from jetson_dllm.backends.onnx_backend import resolve_providers
+from jetson_dllm.errors import DllmError
+
+
+def canvases(bundle, B, T, seed):
+    rng = np.random.default_rng(seed)
+    tok = rng.integers(3, bundle.config.vocab_size, size=(B, T)).astype(np.int32)
+    tok[rng.random((B, T)) < 0.5] = bundle.config.mask_id
+    return tok
+
+
+def test_bound_buffers_are_reused_and_results_stay_right(bundle_dir):
+    be = open_backend("onnx", str(bundle_dir), precision="fp32")
+    T = be.canvas_lengths[-1]
+    plain = ort.InferenceSession(str(bundle_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    first = None
+    for seed in range(3):
+        x = canvases(be.bundle, 2, T, seed)
+        out = be.run({"tokens": x})
+        ref = dict(zip(["logits", *SAMPLING_OUTPUTS], plain.run(None, {"tokens": x})))
+        np.testing.assert_allclose(out["topk_logprobs"], ref["topk_logprobs"], atol=1e-4)
+        assert np.array_equal(out["topk_ids"], ref["topk_ids"])
+        if first is None:
+            first = out["topk_ids"]
+        assert out["topk_ids"] is first  # the same preallocated buffer, refilled: no per-step allocation
+    assert be.run({"tokens": canvases(be.bundle, 1, 32, 9)})["topk_ids"].shape == (1, 32, be.topk)
+    logits = be.run({"tokens": x}, outputs=("logits",))["logits"]
+    assert logits.shape == (2, T, be.cfg.vocab_size)
+
+
+def test_sampling_session_does_not_return_logits(bundle_dir):
+    be = open_backend("onnx", str(bundle_dir))
+    assert [o.name for o in be.session.get_outputs()] == list(SAMPLING_OUTPUTS)
+
+
+def test_cpu_int8_variant_runs_and_mostly_agrees(bundle_dir, data_dir):
+    from calibration.data import stratified_masking
+    from train_host.data import CanvasDataset
+
+    fp32 = open_backend("onnx", str(bundle_dir), precision="fp32")
+    dyn = open_backend("onnx", str(bundle_dir), precision="int8-dynamic")
+    static = open_backend("onnx", str(bundle_dir), precision="int8")
+    T = fp32.canvas_lengths[-1]
+    real = CanvasDataset(data_dir, "val", T, fp32.tokenizer.pad_id).batch(np.arange(8))
+    x = stratified_masking(real, fp32.cfg.mask_id, fp32.tokenizer.pad_id, seed=3)
+    masked = x == fp32.cfg.mask_id
+    ref = fp32.run({"tokens": x})["topk_ids"][..., 0].copy()
+    for be in (dyn, static):
+        top1 = be.run({"tokens": x})["topk_ids"][..., 0]
+        assert (top1 == ref)[masked].mean() > 0.9  # on real canvases at every noise level
+
+
+def test_providers():
+    assert resolve_providers("cpu", ["CPUExecutionProvider"], "/tmp/c", False) == ["CPUExecutionProvider"]
+    trt = resolve_providers("trt,cuda", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "/tmp/c", True)
+    assert trt[0][0] == "TensorrtExecutionProvider" and trt[0][1]["trt_engine_cache_path"] == "/tmp/c" and trt[0][1]["trt_fp16_enable"]
+    assert trt[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(DllmError, match="onnxruntime-gpu"):
+        resolve_providers("cuda", ["CPUExecutionProvider"], "/tmp/c", False)
+
+
+def test_sampler_over_onnx_finishes(bundle_dir):
+    from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
+
+    be = open_backend("onnx", str(bundle_dir), precision="fp16")
+    tok = be.tokenizer
+    x = np.full((2, 32), tok.mask_id, dtype=np.int32)
+    fixed = np.zeros_like(x, dtype=bool)
+    result = sample(sampling_fn(be), x, fixed, SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), SamplerConfig(steps=8))
+    assert not (result.tokens == tok.mask_id).any() and result.evaluations <= 8
+
+
+def test_wrong_inputs(bundle_dir):
+    be = open_backend("onnx", str(bundle_dir))
+    with pytest.raises(DllmError, match="longer than"):
+        be.run({"tokens": np.zeros((1, be.canvas_lengths[-1] + 1), dtype=np.int32)})
+    with pytest.raises(DllmError, match="one input"):
+        be.run({"ids": np.zeros((1, 8), dtype=np.int32)})

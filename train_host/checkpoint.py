@@ -1,0 +1,242 @@
+"""Checkpoints: safetensors weights + JSON config + tokenizer, with the exact training state beside them.
+
+A run folder holds `checkpoints/step_00001200/` folders. Each is written in full into a hidden temporary
+folder, every file fsynced, then renamed into place, so any `step_*` folder that exists is complete; a
+killed write leaves only a `.tmp-*` folder that is ignored and cleaned up. Contents:
+
+    model.safetensors     weights to run (the EMA weights when EMA is on)
+    config.json           format, model config, step, metrics, sha256 of every file
+    tokenizer.json        the tokenizer the model was trained with
+    trainer.safetensors   optimizer moments, raw weights under EMA, RNG states   (resume only)
+    trainer.json          step, data position, elapsed time, optimizer hyper-parameters (resume only)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from jetson_dllm.config import ModelConfig
+from jetson_dllm.errors import DllmError
+from jetson_dllm.files import fsync_dir, fsync_file, sha256_file
+from jetson_dllm.tokenizer import TextTokenizer
+
+CKPT_FORMAT = "jetson-dllm-checkpoint"
+CKPT_VERSION = 1
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters without tied duplicates (safetensors refuses shared storage)."""
+    seen, out = set(), {}
+    for name, p in model.state_dict().items():
+        key = p.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = p.detach().contiguous().cpu()
+    return out
+
+
+def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{idx}.{name}"] = value.contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    tokenizer: TextTokenizer,
+    metrics: dict,
+    trainer_tensors: dict[str, torch.Tensor] | None = None,
+    trainer_meta: dict | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    run_weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically and return its folder.
+
+    `run_weights` are the weights to run (EMA); by default the model's own. The optimizer and
+    `trainer_*` parts are only needed to resume.
+    """
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:08d}"
+    tmp = ckpt_root / f".step_{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    save_file(run_weights if run_weights is not None else state_dict_for_save(model), str(tmp / "model.safetensors"))
+    tokenizer.save(tmp / "tokenizer.json")
+    if optimizer is not None or trainer_tensors:
+        tensors = dict(trainer_tensors or {})
+        meta = dict(trainer_meta or {})
+        if optimizer is not None:
+            opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+            tensors.update(opt_tensors)
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+    for f in sorted(tmp.iterdir()):
+        fsync_file(f)
+        files[f.name] = sha256_file(f)
+    config = {
+        "format": CKPT_FORMAT,
+        "version": CKPT_VERSION,
+        "model": cfg.to_dict(),
+        "step": step,
+        "metrics": metrics,
+        "special_ids": tokenizer.special_ids,
+        "files": files,
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    fsync_file(tmp / "config.json")
+    fsync_dir(tmp)
+    if final.exists():  # a re-save of the same step (resume then stop at once): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(ckpt_root)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of killed writes are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def clean_partial(run_dir: Path) -> None:
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".step_") and ".tmp-" in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_config(ckpt: Path) -> dict:
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise DllmError(f"{ckpt} is not a jetson-dllm checkpoint (no config.json); point at a run folder or a checkpoints/step_* folder")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DllmError(f"{path} is truncated or corrupt; use an earlier checkpoint") from None
+    if config.get("format") != CKPT_FORMAT:
+        raise DllmError(f"{ckpt} is not a jetson-dllm checkpoint (format {config.get('format')!r})")
+    if config.get("version", 0) > CKPT_VERSION:
+        raise DllmError(f"{ckpt} was written by a newer jetson-dllm (checkpoint version {config['version']}); upgrade")
+    return config
+
+
+def metric_of(ckpt: Path, key: str = "val_nll") -> float:
+    return read_config(ckpt).get("metrics", {}).get(key, float("inf"))
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint folder from a checkpoint folder itself or a run folder (its best, or latest, checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise DllmError(f"checkpoint {path} not found")
+    if (path / "config.json").is_file():
+        return path
+    ckpts = list_checkpoints(path)
+    if not ckpts:
+        raise DllmError(f"{path} holds no checkpoints; train one with `dllm train`")
+    if which == "latest":
+        return ckpts[-1]
+    return min(ckpts, key=lambda c: (metric_of(c), -int(c.name[5:])))
+
+
+def verify_files(ckpt: Path, config: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        path = ckpt / name
+        expected = config.get("files", {}).get(name)
+        if not path.is_file():
+            raise DllmError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
+        if expected and sha256_file(path) != expected:
+            raise DllmError(f"{path} is truncated or altered (sha256 mismatch); use an earlier checkpoint")
+
+
+def load_checkpoint(path: str | Path, which: str = "best") -> tuple[ModelConfig, dict[str, torch.Tensor], TextTokenizer, dict]:
+    """(model config, weights, tokenizer, config.json) of a checkpoint, every file checked against its hash."""
+    ckpt = resolve_checkpoint(path, which)
+    config = read_config(ckpt)
+    verify_files(ckpt, config, ("model.safetensors", "tokenizer.json"))
+    cfg = ModelConfig.from_dict(config["model"])
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise DllmError(f"{ckpt / 'model.safetensors'} cannot be read ({e}); use an earlier checkpoint") from None
+    tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json")
+    if tokenizer.mask_id != cfg.mask_id or tokenizer.vocab_size > cfg.vocab_size:
+        raise DllmError(f"{ckpt}: tokenizer does not match the model config; the checkpoint is inconsistent")
+    config["path"] = str(ckpt)
+    return cfg, weights, tokenizer, config
+
+
+def load_model(path: str | Path, which: str = "best", device: str = "cpu"):
+    """A Denoiser in eval mode from a checkpoint, plus its tokenizer and config.json."""
+    from train_host.model import Denoiser
+
+    cfg, weights, tokenizer, config = load_checkpoint(path, which)
+    model = Denoiser(cfg)
+    load_weights(model, weights, config["path"])
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    expected = state_dict_for_save(model)
+    missing = set(expected) - set(weights)
+    unexpected = set(weights) - set(expected)
+    if missing or unexpected:
+        raise DllmError(f"{source} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise DllmError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(expected[name].shape)}")
+    model.load_state_dict(weights, strict=False)
+
+
+def load_trainer_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    config = read_config(ckpt)
+    verify_files(ckpt, config, ("trainer.safetensors", "trainer.json"))
+    tensors = load_file(str(ckpt / "trainer.safetensors"))
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    if "optimizer" in meta:
+        meta["optimizer_state"] = _unflatten_optimizer(tensors, meta["optimizer"])
+    return tensors, meta
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, metric: str = "val_nll") -> None:
+    """Delete all but the last `keep_last` checkpoints and the best one."""
+    ckpts = list_checkpoints(run_dir)
+    if len(ckpts) <= keep_last:
+        return
+    best = min(ckpts, key=lambda c: (metric_of(c, metric), -int(c.name[5:])))
+    for c in ckpts[:-keep_last]:
+        if c != best:
+            shutil.rmtree(c, ignore_errors=True)

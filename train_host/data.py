@@ -1,0 +1,382 @@
+"""Text in, token shards out: document readers, the BPE tokenizer, uint16 shards and the canvas dataset.
+
+A prepared data folder holds `tokenizer.json`, `train.bin` / `val.bin` (uint16 token streams, every
+document followed by end-of-text), `train.idx.npy` / `val.idx.npy` (int64 document offsets, n_docs + 1)
+and `data.json` (the manifest).
+
+How documents become canvases: one document per canvas, ending in end-of-text and then padding, so the
+model learns where a story ends and a generation stops by itself instead of running into the next
+story. A document longer than the canvas is cut into consecutive canvas-sized windows; only the last
+window holds its end-of-text.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
+
+DATA_FORMAT = "jetson-dllm-data"
+DATA_VERSION = 1
+FORMATS = ("auto", "tinystories", "lines", "jsonl", "parquet")
+MAX_UINT16_VOCAB = 65536
+
+
+# --- reading documents -------------------------------------------------------------------------------
+
+
+class Source:
+    """One place documents come from: a local file, the built-in corpus, or a Hugging Face data set.
+
+    `documents()` streams stripped, non-empty texts; `done` and `size` report progress in bytes (or
+    documents, for sources without a byte size).
+    """
+
+    def __init__(self, spec: str, fmt: str = "auto", text_field: str = "text", builtin_stories: int = 20000, seed: int = 0):
+        if fmt not in FORMATS:
+            raise DllmError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        self.spec, self.text_field, self.seed = spec, text_field, seed
+        self.done = 0
+        if spec == "builtin":
+            self.kind, self.size = "builtin", builtin_stories
+        elif spec.startswith("hf:"):
+            self.kind, self.size = "hf", None
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise DllmError(f"data file {spec} not found")
+            self.kind = fmt if fmt != "auto" else detect_format(path)
+            self.size = path.stat().st_size
+            if self.size == 0:
+                raise DllmError(f"data file {spec} is empty")
+
+    def documents(self) -> Iterator[str]:
+        self.done = 0
+        reader = {
+            "builtin": self._builtin,
+            "hf": self._hf,
+            "tinystories": self._tinystories,
+            "lines": self._lines,
+            "jsonl": self._jsonl,
+            "parquet": self._parquet,
+        }[self.kind]
+        for doc in reader():
+            doc = doc.strip()
+            if doc:
+                yield doc
+
+    def _builtin(self) -> Iterator[str]:
+        from train_host.corpus import story
+
+        for i in range(self.size):
+            self.done = i + 1
+            yield story(i, self.seed)
+
+    def _raw_lines(self) -> Iterator[tuple[int, str]]:
+        with open(self.spec, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DllmError(f"{self.spec} line {number} is not UTF-8; convert the file (e.g. with iconv) and try again") from None
+                self.done = f.tell()
+                yield number, line
+
+    def _tinystories(self) -> Iterator[str]:
+        # Stories separated by <|endoftext|>, usually on a line of its own; the 2 GB file streams line by line.
+        buf: list[str] = []
+        for _, line in self._raw_lines():
+            while EOT in line:
+                head, line = line.split(EOT, 1)
+                buf.append(head)
+                yield "".join(buf)
+                buf = []
+            buf.append(line)
+        yield "".join(buf)
+
+    def _lines(self) -> Iterator[str]:
+        for _, line in self._raw_lines():
+            yield line
+
+    def _jsonl(self) -> Iterator[str]:
+        for number, line in self._raw_lines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise DllmError(f"{self.spec} line {number} is not JSON; JSONL needs one JSON object per line") from None
+            if not isinstance(record, dict) or self.text_field not in record:
+                raise DllmError(f"{self.spec} line {number} has no {self.text_field!r} field; name the text field with --text-field")
+            yield str(record[self.text_field])
+
+    def _parquet(self) -> Iterator[str]:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DllmError("reading parquet needs pyarrow: pip install 'jetson-dllm[data]'") from None
+        try:
+            pf = pq.ParquetFile(self.spec)
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends
+            raise DllmError(f"{self.spec} is not a readable parquet file ({e})") from None
+        if self.text_field not in pf.schema_arrow.names:
+            raise DllmError(f"{self.spec} has no {self.text_field!r} column (it has {pf.schema_arrow.names}); use --text-field")
+        read = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+            read += batch.nbytes
+            self.done = min(self.size, read)
+            yield from batch.column(0).to_pylist()
+
+    def _hf(self) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError:
+            raise DllmError(f"{self.spec} needs the Hugging Face datasets library: pip install datasets") from None
+        name = self.spec[3:]
+        try:
+            ds = datasets.load_dataset(name, split="train", streaming=True)
+            for i, row in enumerate(ds):
+                self.done = i + 1
+                yield row[self.text_field]
+        except (ConnectionError, OSError) as e:
+            raise DllmError(f"could not stream {name} from the Hugging Face hub ({str(e)[:80]}); check the network or use a local file") from None
+        except KeyError:
+            raise DllmError(f"{name} has no {self.text_field!r} field; use --text-field") from None
+
+
+def detect_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".txt", ".text", ""):
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        return "tinystories" if EOT.encode() in head else "lines"
+    raise DllmError(f"{path}: unknown data format {suffix!r}; use .txt, .jsonl or .parquet, or say --format")
+
+
+def documents(sources: Iterable[Source]) -> Iterator[str]:
+    for source in sources:
+        yield from source.documents()
+
+
+# --- the tokenizer -------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> TextTokenizer:
+    """A byte-level BPE tokenizer (any text round-trips exactly) with pad, end-of-text and mask tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size > MAX_UINT16_VOCAB:
+        raise DllmError(f"vocabulary size {vocab_size} does not fit uint16 token shards (at most {MAX_UINT16_VOCAB})")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DllmError(f"vocabulary size {vocab_size} is too small: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return TextTokenizer(tok)
+
+
+# --- writing shards -----------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb", buffering=1 << 20)
+        self.offsets = [0]
+
+    def add(self, ids: list[int], eot_id: int) -> None:
+        arr = np.asarray(ids + [eot_id], dtype=np.uint16)
+        self.f.write(arr.tobytes())
+        self.offsets.append(self.offsets[-1] + arr.size)
+
+    def close(self) -> dict:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        np.save(self.path.with_suffix(".idx.npy"), np.asarray(self.offsets, dtype=np.int64))
+        return {"docs": len(self.offsets) - 1, "tokens": int(self.offsets[-1])}
+
+
+def prepare_data(
+    sources: list[Source],
+    out_dir: str | Path,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.01,
+    tokenizer_docs: int = 200_000,
+    tokenizer_path: str | Path | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> dict:
+    """Train (or reuse) the tokenizer, then tokenize every document into train/val uint16 shards.
+
+    Everything is written into a temporary folder beside `out_dir` and renamed into place at the end,
+    so an interrupted run never leaves a half-written data folder. Returns the manifest.
+    `progress`, if given, is called as progress(phase, done, total) with byte or document counts.
+    """
+    out_dir = Path(out_dir)
+    if not 0.0 < val_fraction < 0.5:
+        raise DllmError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DllmError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
+    report = progress or (lambda *a: None)
+    total = sum(s.size or 0 for s in sources) or None
+
+    def tracked(limit: int | None, phase: str) -> Iterator[str]:
+        n, finished = 0, 0
+        for s in sources:
+            for doc in s.documents():
+                yield doc
+                n += 1
+                if n % 256 == 0:
+                    report(phase, finished + s.done, total)
+                if limit is not None and n >= limit:
+                    return
+            finished += s.size or s.done
+        report(phase, total or n, total)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if tokenizer_path:
+            tok = TextTokenizer.from_file(tokenizer_path)
+        else:
+            tok = train_tokenizer(tracked(tokenizer_docs, "tokenizer"), vocab_size)
+        if tok.vocab_size > MAX_UINT16_VOCAB:
+            raise DllmError(f"tokenizer has {tok.vocab_size} tokens, more than uint16 shards hold ({MAX_UINT16_VOCAB})")
+        tok.save(tmp / "tokenizer.json")
+        stride = max(2, round(1.0 / val_fraction))
+        writers = {"train": _ShardWriter(tmp / "train.bin"), "val": _ShardWriter(tmp / "val.bin")}
+        index = 0
+        batch: list[str] = []
+
+        def flush() -> None:
+            nonlocal index
+            for ids in tok.encode_batch(batch):
+                # Document 0, stride, 2*stride ... go to validation: deterministic, never empty.
+                writers["val" if index % stride == 0 else "train"].add(ids, tok.eot_id)
+                index += 1
+            batch.clear()
+
+        for doc in tracked(None, "tokenize"):
+            batch.append(doc)
+            if len(batch) >= 1024:
+                flush()
+        flush()
+        if index == 0:
+            raise DllmError("no documents found in the data; check the files and --format")
+        splits = {name: w.close() for name, w in writers.items()}
+        if splits["train"]["docs"] == 0:
+            raise DllmError(f"only {index} document(s): too few to split into train and validation")
+        manifest = {
+            "format": DATA_FORMAT,
+            "version": DATA_VERSION,
+            "vocab_size": tok.vocab_size,
+            "special_ids": tok.special_ids,
+            "tokenizer_sha256": tok.sha256,
+            "splits": splits,
+            "sources": [s.spec for s in sources],
+            "val_fraction": val_fraction,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / "data.json").write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+# --- reading shards -----------------------------------------------------------------------------------
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / "data.json"
+    if not path.is_file():
+        raise DllmError(f"{data_dir} is not a prepared data folder (no data.json); make one with `dllm data`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != DATA_FORMAT:
+        raise DllmError(f"{path} is not a jetson-dllm data manifest")
+    if manifest.get("version", 0) > DATA_VERSION:
+        raise DllmError(f"{data_dir} was written by a newer jetson-dllm (data version {manifest['version']}); upgrade")
+    return manifest
+
+
+class CanvasDataset:
+    """Fixed-length canvases (one document, or one window of a long one, then padding) from a split."""
+
+    def __init__(self, data_dir: str | Path, split: str, canvas_len: int, pad_id: int):
+        data_dir = Path(data_dir)
+        load_manifest(data_dir)
+        bin_path, idx_path = data_dir / f"{split}.bin", data_dir / f"{split}.idx.npy"
+        if not bin_path.is_file() or not idx_path.is_file():
+            raise DllmError(f"{data_dir} has no {split} split; prepare it again with `dllm data`")
+        offsets = np.load(idx_path)
+        n_tokens = int(offsets[-1])
+        if bin_path.stat().st_size != 2 * n_tokens:
+            raise DllmError(f"{bin_path} is truncated or altered ({bin_path.stat().st_size} bytes, expected {2 * n_tokens}); prepare the data again")
+        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+        self.canvas_len, self.pad_id = canvas_len, pad_id
+        lengths = np.diff(offsets)
+        n_windows = -(-lengths // canvas_len)  # ceil
+        doc_of_window = np.repeat(np.arange(len(lengths)), n_windows)
+        first_window = np.cumsum(n_windows) - n_windows
+        k = np.arange(int(n_windows.sum())) - np.repeat(first_window, n_windows)
+        self.starts = offsets[:-1][doc_of_window] + k * canvas_len
+        self.lengths = np.minimum(canvas_len, lengths[doc_of_window] - k * canvas_len)
+        if len(self.starts) == 0:
+            raise DllmError(f"the {split} split of {data_dir} is empty")
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, indices: np.ndarray) -> np.ndarray:
+        """Canvases (len(indices), canvas_len) int64."""
+        out = np.full((len(indices), self.canvas_len), self.pad_id, dtype=np.int64)
+        for row, i in enumerate(indices):
+            s, n = int(self.starts[i]), int(self.lengths[i])
+            out[row, :n] = self.tokens[s : s + n]
+        return out
+
+
+def batch_indices(n_items: int, batch_size: int, samples_seen: int, seed: int) -> np.ndarray:
+    """Dataset indices of the batch that starts after `samples_seen` samples.
+
+    Each epoch is a fresh permutation drawn from (seed, epoch), so the order is a pure function of the
+    data position: a resumed run sees exactly the batches the uninterrupted run would have.
+    """
+    g = samples_seen + np.arange(batch_size)
+    epochs, pos = g // n_items, g % n_items
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        out[sel] = _permutation(n_items, seed, int(epoch))[pos[sel]]
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n_items: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_items)

@@ -1,0 +1,167 @@
+"""The bidirectional transformer denoiser: rotary positions, pre-norm RMSNorm, SwiGLU, no causal mask."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jetson_dllm.config import ModelConfig
+
+# The mask token's logit gets this bias: exp() of it underflows to 0 in fp32 and fp16 alike, and unlike
+# -inf it survives fp16 conversion and INT8 graphs without turning a softmax into NaN.
+MASK_LOGIT_BIAS = -1.0e4
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm written as primitive ops: ONNX RMSNormalization needs opset 23, TensorRT 10.3 parses up to 20."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
+
+
+def rope_tables(canvas_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (canvas_len, head_dim // 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(canvas_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (GPT-NeoX layout). x: (B, nh, T, hs); cos, sin: (T, hs/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # "sdpa" for training; "math" writes MatMul -> Softmax -> MatMul with Q pre-scaled, the pattern
+        # TensorRT fuses into its attention kernels (the exporter sets it).
+        self.impl = "sdpa"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: no mask
+        else:
+            att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+            y = att.softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.wo(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Denoiser(nn.Module):
+    """Predicts the clean token at every position of a partially masked canvas.
+
+    Input `tokens` (B, T) int32 or int64 with masked positions holding `cfg.mask_id`.
+    `forward` gives the full head, logits (B, T, vocab); `sample_head` gives the top-K log-probabilities
+    and their ids, which is all the sampler needs.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.canvas_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        bias = torch.zeros(cfg.vocab_size)
+        bias[cfg.mask_id] = MASK_LOGIT_BIAS
+        self.register_buffer("logit_bias", bias, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):  # residual projections, GPT-2 style
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_attention(self, impl: str) -> None:
+        """"sdpa" (training, fastest in torch) or "math" (explicit ops, for ONNX export)."""
+        for block in self.blocks:
+            block.attn.impl = impl
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model)."""
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head over any (..., d_model) selection of hidden states; the mask token is excluded."""
+        return self.head(h) + self.logit_bias
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask.
+
+        Selecting positions before the head is what makes training fast: the head over the vocabulary
+        is the largest matmul of a small model, and the loss needs it only on masked positions.
+        """
+        h = self.hidden(tokens)
+        if positions is not None:
+            h = h[positions]
+        return self.logits_from_hidden(h)
+
+    def sample_head(self, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k log-probabilities (B, T, k) float32, sorted descending, and their ids (B, T, k) int32."""
+        return topk_logprobs(self.forward(tokens), k)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax restricted to the top k, without writing a second vocabulary-sized tensor."""
+    logits = logits.float()
+    values, ids = torch.topk(logits, k, dim=-1)
+    return values - torch.logsumexp(logits, dim=-1, keepdim=True), ids.to(torch.int32)
