@@ -44,6 +44,9 @@ class Group:
     warmup: int = 1
     threads: int = 0
     canvas_len: int = 256
+    quality: bool = False  # also generate with ends allowed and judge the text
+    judge: str | None = None
+    quality_samples: int = 8
 
 
 @dataclass
@@ -70,6 +73,9 @@ class Result:
     power_mw: float | None = None
     energy_mj_per_token: float | None = None
     repeats: int = 0
+    gen_ppl: float | None = None  # --quality: generative perplexity under the judge
+    repetition: float | None = None  # --quality
+    distinct2: float | None = None  # --quality
     extra: dict = field(default_factory=dict)
 
 
@@ -177,9 +183,30 @@ def measure_group(group: Group) -> list[Result]:
             result.power_mw = power.mean_mw
             result.energy_mj_per_token = power.mean_mw * gen / generated  # mW * s / token = mJ / token
             result.extra["power_source"] = power.source
+        if group.quality:
+            quality_of(result, backend, p, group, special)
         results.append(result)
     backend.close()
     return results
+
+
+QUALITY_PROMPT = "Once upon a time"
+
+
+def quality_of(result: Result, backend, point: dict, group: Group, special) -> None:
+    """Generate `quality_samples` stories at the point's settings (ends allowed) and judge them."""
+    from jetson_dllm.generate import generate
+    from jetson_dllm.sampler import SamplerConfig
+
+    try:
+        from train_host.judge import Judge, sample_quality
+    except ImportError:
+        raise DllmError("--quality needs torch (the judge is a PyTorch checkpoint): pip install 'jetson-dllm[train]'") from None
+    judge = Judge(group.judge) if group.judge else None
+    cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
+    gen = generate(backend, backend.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg)
+    q = sample_quality(gen.texts, judge)
+    result.gen_ppl, result.repetition, result.distinct2 = q.get("gen_ppl"), q["repetition"], q["distinct2"]
 
 
 def run_groups(groups: list[Group], isolate: bool = True, progress=None) -> list[Result]:
@@ -353,15 +380,23 @@ def clocks_pinned(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cpufreq") -> bool
 COLUMNS = ["model", "backend", "precision", "batch", "canvas", "steps", "strategy", "evaluations", "step_ms_median",
            "step_ms_p90", "generation_ms", "generation_ms_spread", "tokens_per_s", "sampler_share", "peak_rss_mb",
            "weights_mb", "device_mb", "memory_available_mb", "gpu_nvmap_mb", "power_mw", "energy_mj_per_token", "repeats"]
+QUALITY_COLUMNS = ["gen_ppl", "repetition", "distinct2"]
+
+
+def columns(results: list[Result]) -> list[str]:
+    """The table's columns; the quality ones only when the sweep measured quality (--quality)."""
+    has_quality = any(r.repetition is not None for r in results)
+    return COLUMNS + (QUALITY_COLUMNS if has_quality else [])
 
 
 def write_outputs(results: list[Result], env: dict, out_dir: Path) -> dict[str, Path]:
     """bench.csv, bench.json, bench.md and latency_vs_steps.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in results]
+    keep = set(columns(results)) | {"extra"}
+    rows = [{k: v for k, v in asdict(r).items() if k in keep} for r in results]
     paths = {"csv": out_dir / "bench.csv", "json": out_dir / "bench.json", "md": out_dir / "bench.md", "png": out_dir / "latency_vs_steps.png"}
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns(results), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     paths["json"].write_text(json.dumps({"environment": env, "results": rows}, indent=2))
@@ -404,10 +439,11 @@ def markdown(results: list[Result], env: dict) -> str:
              f"{env['cpu']} ({env['cores_physical']} cores){', ' + env['gpu'] if env.get('gpu') else ''}, {env['date']}:", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    cols = [c for c in columns(results) if c != "repeats"]
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         d = asdict(r)
-        lines.append("| " + " | ".join(_fmt(d[c], 3 if c in ("sampler_share", "generation_ms_spread") else 1) for c in COLUMNS[:-1]) + " |")
+        lines.append("| " + " | ".join(_fmt(d[c], 3 if c in ("sampler_share", "generation_ms_spread", "repetition", "distinct2") else 1) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -147,6 +147,7 @@ def train(
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
+    objective: Annotated[str, typer.Option(help="mdlm (masked diffusion) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
     canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)")] = 128,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together")] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
@@ -189,7 +190,7 @@ def train(
     from train_host.train import train as train_run
 
     tc = TrainConfig(
-        data=str(data_dir), out=str(out_dir), config=config, d_model=d_model, n_layer=n_layer, n_head=n_head,
+        data=str(data_dir), out=str(out_dir), config=config, objective=objective, d_model=d_model, n_layer=n_layer, n_head=n_head,
         canvas_len=canvas_len, batch_size=batch_size, grad_accum=grad_accum, steps=steps,
         time_budget=parse_duration(time_budget), lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
         schedule=schedule, ema=ema, eval_every=eval_every, eval_canvases=eval_canvases, keep_last=keep_last,
@@ -235,11 +236,21 @@ def eval_cmd(
     canvases: Annotated[int, typer.Option(help="validation canvases to score")] = 512,
     n_t: Annotated[int, typer.Option(help="noise levels per canvas in the ELBO estimate")] = 8,
     seed: Annotated[int, typer.Option()] = 1234,
+    generate: Annotated[bool, typer.Option("--generate", help="also generate samples and judge them")] = False,
+    judge: Annotated[Optional[Path], typer.Option(help="autoregressive checkpoint that scores generated text (generative perplexity)")] = None,
+    samples: Annotated[int, typer.Option(help="--generate: samples (in batches of 8)")] = 16,
+    prompt: Annotated[str, typer.Option(help="--generate: the prompt")] = "Once upon a time",
+    steps: Annotated[int, typer.Option(help="--generate: denoising steps")] = 64,
+    strategy: Annotated[str, typer.Option(help="--generate: sampler strategy")] = "confidence",
+    temperature: Annotated[float, typer.Option(help="--generate: sampling temperature")] = 0.8,
     json_out: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
 ) -> None:
-    """Score a checkpoint: NLL bound (nats/token), perplexity bound, masked-token accuracy.
+    """Score a checkpoint: NLL (a bound for diffusion, exact for the AR baseline), perplexity, accuracy;
+    with --generate, judge its samples (generative perplexity under --judge, repetition, distinct-n).
 
-    Example: dllm eval runs/tiny --data runs/data
+    Examples:
+      dllm eval runs/tiny --data runs/data
+      dllm eval runs/ts-tiny --data runs/ts --generate --judge runs/ts-ar
     """
     import json
 
@@ -256,7 +267,11 @@ def eval_cmd(
     torch.set_num_threads(os.cpu_count() or 1)
     ds = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id)
     with torch.inference_mode():
-        metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed)
+        metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id)
+    if generate:
+        metrics.update(_judged_samples(checkpoint, judge, data_dir, canvases, samples, prompt, steps, strategy, temperature, seed))
+    elif judge is not None:
+        raise DllmError("--judge scores generated text: add --generate")
     if json_out:
         out.print_json(json.dumps({"checkpoint": config["path"], **metrics}))
         return
@@ -265,12 +280,67 @@ def eval_cmd(
     table = Table(title=f"{config['path']} on {data_dir} (val, {metrics['val_tokens']:,} tokens)")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("NLL bound (nats/token)", f"{metrics['val_nll']:.4f}")
-    table.add_row("perplexity bound", f"{metrics['val_ppl']:.2f}")
-    table.add_row("masked-token accuracy (ELBO noise levels)", f"{metrics['val_acc']:.4f}")
+    if model.cfg.causal:
+        table.add_row("NLL (nats/token, exact)", f"{metrics['val_nll']:.4f}")
+        table.add_row("perplexity", f"{metrics['val_ppl']:.2f}")
+        table.add_row("next-token accuracy", f"{metrics['val_acc']:.4f}")
+    else:
+        table.add_row("NLL bound (nats/token)", f"{metrics['val_nll']:.4f}")
+        table.add_row("perplexity bound", f"{metrics['val_ppl']:.2f}")
+        table.add_row("masked-token accuracy (ELBO noise levels)", f"{metrics['val_acc']:.4f}")
     for key in sorted(k for k in metrics if k.startswith("val_acc@")):
         table.add_row(f"masked-token accuracy at mask ratio {key.split('@')[1]}", f"{metrics[key]:.4f}")
+    labels = {"judge_val_nll": "judge's exact NLL on the same validation text", "gen_ppl": "generative perplexity (judge)",
+              "repetition": "repetition (repeated word 4-grams)", "distinct1": "distinct-1", "distinct2": "distinct-2",
+              "gen_ms": "generation time per batch of 8 (ms)"}
+    for key, label in labels.items():
+        if key in metrics:
+            table.add_row(label, f"{metrics[key]:.4f}" if key != "gen_ms" else f"{metrics[key]:.0f}")
     out.print(table)
+    if "example" in metrics:
+        out.print(f"example: {metrics['example']}", markup=False)
+
+
+def _judged_samples(checkpoint, judge_path, data_dir, canvases, samples, prompt, steps, strategy, temperature, seed) -> dict:
+    """Generate from a checkpoint and judge the text (and the judge's own NLL on the validation data)."""
+    import time
+
+    import torch
+
+    from jetson_dllm.backends import open_backend
+    from jetson_dllm.generate import generate
+    from jetson_dllm.sampler import SamplerConfig
+    from train_host.autoregressive import ar_generate
+    from train_host.data import CanvasDataset
+    from train_host.evaluate import evaluate
+    from train_host.judge import Judge, sample_quality
+
+    if samples < 1:
+        raise DllmError(f"--samples must be positive, got {samples}")
+    be = open_backend("torch", str(checkpoint))
+    tok = be.tokenizer
+    texts, seconds = [], []
+    for i in range(0, samples, 8):
+        n = min(8, samples - i)
+        t0 = time.perf_counter()
+        if be.cfg.causal:
+            result = ar_generate(be.model, tok.encode(prompt), be.cfg.canvas_len - len(tok.encode(prompt)), tok.eot_id, tok.eot_id,
+                                 tok.pad_id, num_samples=n, temperature=temperature, seed=seed + i)
+            texts += [tok.decode(r) for r in result.tokens]
+        else:
+            cfg = SamplerConfig(steps=steps, strategy=strategy, temperature=temperature, seed=seed + i)
+            texts += generate(be, tok, prompt, num_samples=n, sampler=cfg).texts
+        seconds.append(time.perf_counter() - t0)
+    extra = {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300]}
+    judge = Judge(judge_path) if judge_path is not None else None
+    extra.update(sample_quality(texts, judge))
+    from train_host.data import load_manifest
+
+    if judge is not None and load_manifest(data_dir)["tokenizer_sha256"] == judge.tokenizer.sha256:
+        ds = CanvasDataset(data_dir, "val", judge.model.cfg.canvas_len, judge.tokenizer.pad_id)
+        with torch.inference_mode():
+            extra["judge_val_nll"] = evaluate(judge.model, ds, judge.model.cfg.mask_id, n_canvases=canvases, bos_id=judge.tokenizer.eot_id)["val_nll"]
+    return extra
 
 
 # --- run ----------------------------------------------------------------------------------------------
@@ -309,6 +379,7 @@ def run(
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
+    save_canvases: Annotated[Optional[Path], typer.Option(help="save every canvas the network ran on (.npz) for INT8 calibration (dllm export --calib-file)")] = None,
 ) -> None:
     """Generate text with the diffusion sampler, showing the canvas denoise step by step.
 
@@ -333,6 +404,12 @@ def run(
     options = {"device": device} if kind == "torch" else ({"providers": providers} if kind == "onnx" and providers else {})
     be = open_backend(kind, str(model), precision=precision, **options)
     tokenizer = be.tokenizer
+    seen: list = []
+    if save_canvases is not None:
+        be = _Recording(be, seen)
+    if getattr(be, "cfg", None) is not None and be.cfg.causal:
+        _run_autoregressive(be, text, length, num_samples, sampler, json_out)
+        return
     show_live = (out.is_terminal and not json_out) if live is None else live
     if show_live:
         from jetson_dllm.live import LiveCanvas
@@ -341,6 +418,11 @@ def run(
             gen = generate(be, tokenizer, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view)
     else:
         gen = generate(be, tokenizer, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap)
+    if save_canvases is not None:
+        import numpy as np
+
+        np.savez_compressed(save_canvases, tokens=np.concatenate(seen), tokenizer_sha256=tokenizer.sha256)
+        err.print(f"saved {sum(len(c) for c in seen)} canvases to {save_canvases}")
     if json_out:
         out.print_json(json.dumps(gen.to_json()))
         return
@@ -351,6 +433,46 @@ def run(
         out.print(t, markup=False)
     err.print(f"[dim]{gen.backend}: {r.steps} steps, {r.evaluations} network evaluations, canvas {gen.canvas.tokens.size}, "
               f"{r.total_s * 1e3:.0f} ms ({r.network_s * 1e3:.0f} ms network)" + (", deadline hit" if r.deadline_hit else "") + "[/]")
+
+
+def _run_autoregressive(be, text: str, length: int, num_samples: int, sampler, json_out: bool) -> None:
+    """`dllm run` on the autoregressive baseline: token by token with a KV cache."""
+    import json
+
+    from jetson_dllm.prompt import PLACEHOLDER
+    from train_host.autoregressive import ar_generate
+
+    if PLACEHOLDER.search(text):
+        raise DllmError("an autoregressive model cannot fill gaps; use a diffusion checkpoint for infilling")
+    tok = be.tokenizer
+    prompt = tok.encode(text)
+    max_new = length or be.cfg.canvas_len - len(prompt)
+    result = ar_generate(be.model, prompt, max_new, tok.eot_id, tok.eot_id, tok.pad_id, num_samples=num_samples,
+                         temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed)
+    texts = [tok.decode(row) for row in result.tokens]
+    if json_out:
+        out.print_json(json.dumps({"texts": texts, "tokens": result.tokens.tolist(), "backend": "torch-ar", "new_tokens": result.new_tokens,
+                                   "evaluations": result.new_tokens, "total_ms": result.seconds * 1e3}))
+        return
+    for i, t in enumerate(texts):
+        if num_samples > 1:
+            out.print(f"--- sample {i + 1}")
+        out.print(t, markup=False)
+    err.print(f"[dim]autoregressive: {result.new_tokens} tokens with a KV cache in {result.seconds * 1e3:.0f} ms[/]")
+
+
+class _Recording:
+    """A backend wrapper that keeps a copy of every canvas the network runs on."""
+
+    def __init__(self, backend, seen: list):
+        self.backend, self.seen = backend, seen
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def run(self, feeds, outputs=("topk_logprobs", "topk_ids")):
+        self.seen.append(feeds["tokens"].copy())
+        return self.backend.run(feeds, outputs)
 
 
 # --- export, inspect ----------------------------------------------------------------------------------
@@ -529,6 +651,9 @@ def bench(
     threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = physical cores")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for bench.csv / .json / .md and latency_vs_steps.png")] = Path("runs/bench"),
     isolate: Annotated[bool, typer.Option("--isolate/--no-isolate", help="one worker process per model/backend/precision (clean memory numbers)")] = True,
+    quality: Annotated[bool, typer.Option("--quality", help="add quality columns: generative perplexity (--judge), repetition, distinct-2")] = False,
+    judge: Annotated[Optional[Path], typer.Option(help="--quality: autoregressive checkpoint that scores the samples")] = None,
+    quality_samples: Annotated[int, typer.Option(help="--quality: samples per point")] = 8,
 ) -> None:
     """Latency vs steps, memory and power across configs, backends and precisions.
 
@@ -547,6 +672,10 @@ def bench(
     groups = bench_lib.plan(names, [b.strip() for b in backend.split(",")], [p.strip() for p in precision.split(",")],
                             int_list(steps, "--steps"), int_list(canvas, "--canvas"), int_list(batch, "--batch"),
                             [s.strip() for s in strategy.split(",")], repeats=repeats, warmup=warmup, threads=threads)
+    if judge is not None and not quality:
+        raise DllmError("--judge scores samples for the quality columns: add --quality")
+    for g in groups:
+        g.quality, g.judge, g.quality_samples = quality, str(judge) if judge else None, quality_samples
     bench_lib.check_memory(groups, read_meminfo().get("MemAvailable", 0))
     bench_lib.check_writable(out_dir)
     env = bench_lib.environment()
@@ -562,6 +691,14 @@ def bench(
     for row in rows:
         table.add_row(*row)
     out.print(table)
+    if quality:
+        qtable = Table(title="quality vs steps" + (f" (judge: {judge})" if judge else ""))
+        for col in ("model", "backend", "precision", "strategy", "steps", "evaluations", "generation ms", "gen. perplexity", "repetition", "distinct-2"):
+            qtable.add_column(col, justify="left" if col in ("model", "backend", "precision", "strategy") else "right")
+        for r in results:
+            qtable.add_row(r.model, r.backend, r.precision, r.strategy, str(r.steps), f"{r.evaluations:.0f}", f"{r.generation_ms:,.0f}",
+                           "-" if r.gen_ppl is None else f"{r.gen_ppl:.1f}", f"{r.repetition:.3f}", f"{r.distinct2:.3f}")
+        out.print(qtable)
     worst = max(results, key=lambda r: r.generation_ms_spread)
     out.print(f"{len(results)} points in {__import__('time').time() - t0:.0f}s; largest spread between repeats "
               f"{100 * worst.generation_ms_spread:.1f}% ({worst.model} {worst.backend} {worst.precision}, {worst.steps} steps); "

@@ -38,6 +38,8 @@ class ModelConfig:
         mask_id: the token id of the mask; its logit is never predicted.
         d_ff: SwiGLU hidden width; 0 means derived from d_model.
         tie_embeddings: output head shares the token embedding.
+        causal: a causal mask and next-token prediction: the autoregressive baseline, the same network
+            otherwise, so diffusion and AR compare fairly.
     """
 
     name: str = "custom"
@@ -51,6 +53,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    causal: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:

@@ -44,7 +44,7 @@ def generate(
     backend: Backend,
     tokenizer: TextTokenizer,
     prompt: str,
-    length: int = 128,
+    length: int = 0,
     num_samples: int = 1,
     sampler: SamplerConfig | None = None,
     gap: int = 12,

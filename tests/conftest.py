@@ -56,3 +56,11 @@ def bundle_dir(trained_run, data_dir, tmp_path_factory) -> Path:
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def ar_run(data_dir, tmp_path_factory) -> Path:
+    """The autoregressive baseline, trained the same way as `trained_run`."""
+    out = tmp_path_factory.mktemp("ar") / "ar"
+    train_small(data_dir, out, steps=30, objective="ar")
+    return out

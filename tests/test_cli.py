@@ -119,6 +119,21 @@ def test_non_utf8_prompt_from_a_pipe(trained_run):
     assert result.stderr.decode().strip().startswith("error: the prompt on standard input is not UTF-8")
 
 
+def test_recorded_canvases_feed_int8_calibration(capsys, trained_run, data_dir, tmp_path):
+    import numpy as np
+
+    code, _, err = dllm(capsys, "run", trained_run, "-p", "Once upon a time", "--steps", 6, "-n", 2, "--no-live",
+                        "--save-canvases", tmp_path / "c.npz")
+    assert code == 0 and "saved 12 canvases" in err
+    data = np.load(tmp_path / "c.npz")
+    assert data["tokens"].shape[0] == 12 and (data["tokens"][0] == data["tokens"][0, -1]).sum() > 10  # the first canvas is mostly masks
+    code, out, err = dllm(capsys, "export", trained_run, "-o", tmp_path / "b", "--int8", "--data", data_dir, "--calib-canvases", 8,
+                          "--parity-canvases", 4, "--calib-file", tmp_path / "c.npz")
+    assert code == 0, err
+    cal = json.loads((tmp_path / "b" / "manifest.json").read_text())["calibration"]
+    assert cal["recorded_canvases"] == 12 and cal["calibration_canvases"] == 8 + 12
+
+
 def test_parse_duration():
     assert parse_duration("90") == 90 and parse_duration("5m") == 300 and parse_duration("1h30m") == 5400
     with pytest.raises(DllmError):

@@ -25,12 +25,17 @@ def evaluate(
     schedule: str = "loglinear",
     seed: int = 1234,
     device: str | torch.device = "cpu",
+    bos_id: int | None = None,
 ) -> dict[str, float]:
     """Metrics per text token (padding excluded) on the first `n_canvases` validation canvases.
 
     Deterministic for a seed, so numbers from different steps and runs compare.
-    `val_nll` is an upper bound on nats/token; `val_ppl` = exp(val_nll) bounds the perplexity.
+    Diffusion: `val_nll` is an upper bound on nats/token, `val_ppl` = exp(val_nll) bounds the perplexity,
+    accuracies are of masked tokens. Autoregressive (cfg.causal; `bos_id` needed): the exact NLL and
+    next-token accuracy over the same tokens.
     """
+    if model.cfg.causal:
+        return _evaluate_ar(model, dataset, n_canvases, batch_size, bos_id, device)
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -59,3 +64,22 @@ def evaluate(
     for r, (c, t) in fixed.items():
         metrics[f"val_acc@{r:g}"] = c / max(t, 1)
     return metrics
+
+
+@torch.no_grad()
+def _evaluate_ar(model, dataset: CanvasDataset, n_canvases: int, batch_size: int, bos_id: int | None, device) -> dict[str, float]:
+    from train_host.autoregressive import ar_nll
+
+    if bos_id is None:
+        raise ValueError("evaluating an autoregressive model needs bos_id (the end-of-text id)")
+    was_training = model.training
+    model.eval()
+    n = min(n_canvases, len(dataset))
+    nll = tokens = correct = 0.0
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(dataset.batch(np.arange(start, min(n, start + batch_size)))).to(device)
+        out = ar_nll(model, x, bos_id, dataset.pad_id)
+        nll, tokens, correct = nll + out["nll"], tokens + out["tokens"], correct + out["correct"]
+    model.train(was_training)
+    per_token = nll / max(tokens, 1)
+    return {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 50.0)), "val_acc": correct / max(tokens, 1), "val_tokens": int(tokens)}

@@ -43,9 +43,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class KVCache:
+    """Keys and values of every layer for autoregressive decoding: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # positions filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[layer, :, :, self.len : self.len + T] = k
+        self.v[layer, :, :, self.len : self.len + T] = v
+        return self.k[layer, :, :, : self.len + T], self.v[layer, :, :, : self.len + T]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.causal = cfg.causal
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -53,17 +70,22 @@ class Attention(nn.Module):
         # TensorRT fuses into its attention kernels (the exporter sets it).
         self.impl = "sdpa"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: attend to everything before; a prefill (T > 1) starts at 0
+            k, v = cache.update(layer, k, v)
+        causal = self.causal and T > 1
         if self.impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v)  # bidirectional: no mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # the denoiser: no mask
         else:
-            att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+            att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, S)
+            if causal:
+                att = att.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).triu(1), float("-inf"))
             y = att.softmax(dim=-1) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.wo(y)
@@ -88,13 +110,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Denoiser(nn.Module):
-    """Predicts the clean token at every position of a partially masked canvas.
+    """Predicts the clean token at every position of a partially masked canvas (or, with `cfg.causal`,
+    the next token: the autoregressive baseline).
 
     Input `tokens` (B, T) int32 or int64 with masked positions holding `cfg.mask_id`.
     `forward` gives the full head, logits (B, T, vocab); `sample_head` gives the top-K log-probabilities
@@ -131,13 +154,16 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             block.attn.impl = impl
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model)."""
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions."""
+        start = cache.len if cache is not None else 0
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.len += T
         return self.norm(x)
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
+from train_host.autoregressive import ar_loss
 from train_host.data import CanvasDataset, batch_indices, load_manifest
 from train_host.evaluate import evaluate
 from train_host.model import Denoiser
@@ -37,6 +38,7 @@ class TrainConfig:
     data: str
     out: str
     config: str = "tiny"
+    objective: str = "mdlm"  # mdlm | ar (the autoregressive baseline: causal mask, next-token loss)
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
@@ -66,7 +68,8 @@ class TrainConfig:
 
     def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
         overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)) if v}
-        cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id)
+        cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
+                                    causal=self.objective == "ar")
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
         return cfg
@@ -245,6 +248,8 @@ def _validate(tc: TrainConfig) -> None:
         raise DllmError("--pause-after must not be negative")
     if tc.time_budget < 0:
         raise DllmError("--time-budget must not be negative")
+    if tc.objective not in ("mdlm", "ar"):
+        raise DllmError(f"unknown --objective {tc.objective!r}; choose mdlm (masked diffusion) or ar (the autoregressive baseline)")
     if tc.schedule not in diffusion.SCHEDULES:
         raise DllmError(f"unknown --schedule {tc.schedule!r}; choose one of: {', '.join(diffusion.SCHEDULES)}")
 
@@ -324,7 +329,7 @@ def _train(tc: TrainConfig, d: _Dist, console) -> dict:
 
     def run_eval() -> dict:
         return evaluate(ema if ema is not None else core, val_ds, cfg.mask_id, n_canvases=tc.eval_canvases,
-                        n_t=4, schedule=tc.schedule, device=device)
+                        n_t=4, schedule=tc.schedule, device=device, bos_id=tokenizer.eot_id)
 
     t_start = time.perf_counter()
 
@@ -366,7 +371,10 @@ def _train(tc: TrainConfig, d: _Dist, console) -> dict:
                 x = torch.from_numpy(train_ds.batch(idx[m * micro : (m + 1) * micro][rows])).to(device)
                 sync = m == tc.grad_accum - 1 or d.world == 1
                 with (model.no_sync() if not sync else _nullcontext()), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, st = diffusion.mdlm_loss(fwd, x, t_all[rows], cfg.mask_id, tc.schedule, noise=noise_all[rows])
+                    if cfg.causal:
+                        loss, st = ar_loss(fwd, x, tokenizer.eot_id, tokenizer.pad_id)
+                    else:
+                        loss, st = diffusion.mdlm_loss(fwd, x, t_all[rows], cfg.mask_id, tc.schedule, noise=noise_all[rows])
                     (loss / tc.grad_accum).backward()
                 stats += torch.tensor([float(loss.detach()) / tc.grad_accum, float(st["masked"]), float(st["correct"]), float(not torch.isfinite(loss.detach()))], dtype=torch.float64)
             if d.world > 1:

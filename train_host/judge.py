@@ -1,0 +1,59 @@
+"""A judge for generated text: its perplexity under an autoregressive checkpoint (generative perplexity).
+
+The judge re-tokenizes the text with its own tokenizer and scores every token and the end-of-text after
+it, behind an end-of-text as beginning-of-story, exactly as the AR model was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.textstats import distinct, repetition
+from train_host.autoregressive import shift_right
+
+
+class Judge:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+        from train_host.checkpoint import load_model
+
+        self.model, self.tokenizer, self.config = load_model(checkpoint, device=device)
+        if not self.model.cfg.causal:
+            raise DllmError(f"{checkpoint} is a diffusion model; the judge must be autoregressive (dllm train --objective ar)")
+        self.device = device
+
+    @torch.inference_mode()
+    def token_nll(self, texts: list[str], batch: int = 16) -> list[tuple[float, int]]:
+        """(NLL in nats, tokens scored) of each text: its tokens and the end-of-text after them."""
+        tok, L = self.tokenizer, self.model.cfg.canvas_len
+        out = []
+        for start in range(0, len(texts), batch):
+            rows = [tok.encode(t)[: L - 1] + [tok.eot_id] for t in texts[start : start + batch]]
+            x = torch.full((len(rows), max(map(len, rows))), tok.pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, : len(r)] = torch.tensor(r)
+            x = x.to(self.device)
+            logits = self.model(shift_right(x, tok.eot_id)).float()
+            ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")  # (B, T)
+            keep = x != tok.pad_id
+            out += [(float(ce[i][keep[i]].sum()), int(keep[i].sum())) for i in range(len(rows))]
+        return out
+
+    def perplexity(self, texts: list[str]) -> float:
+        """exp(total NLL / total tokens) over the texts."""
+        scores = self.token_nll(texts)
+        return math.exp(sum(s for s, _ in scores) / max(1, sum(n for _, n in scores)))
+
+
+def sample_quality(texts: list[str], judge: Judge | None = None) -> dict[str, float]:
+    """Generative perplexity (when a judge is given), repetition and distinct-1/2 of generated texts."""
+    stats = {"repetition": float(np.mean([repetition(t) for t in texts])) if texts else 0.0,
+             "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2)}
+    if judge is not None:
+        stats["gen_ppl"] = judge.perplexity(texts)
+    return stats
