@@ -7,7 +7,8 @@ own share of the time, and quality figures that can fail:
   - NLL: the model's own NLL bound (ELBO, nats/token) of the generated text under the forward process
     (lower = text the model finds likely; degenerate repetition can also score low, hence the next two),
   - repetition: share of word 4-grams in a sample that already occurred earlier in the same sample,
-  - distinct-1 / distinct-2: unique words / word bigrams over all samples (diversity).
+  - distinct-1 / distinct-2: unique words / word bigrams over all samples (diversity),
+  - with --judge (an autoregressive checkpoint): generative perplexity of the samples under it.
 The reference row scores real validation stories the same way. Prints a Markdown table; --json for raw.
 """
 
@@ -23,27 +24,10 @@ import torch
 from jetson_dllm.backends import open_backend
 from jetson_dllm.generate import generate
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
+from jetson_dllm.textstats import distinct, repetition
 from train_host.diffusion import nll_bound
 
 PROMPTS = ["Once upon a time", "One day,", "Lily and Tom", "The little dog"]
-
-
-def ngrams(words: list[str], n: int) -> list[tuple]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
-def repetition(text: str, n: int = 4) -> float:
-    grams = ngrams(text.split(), n)
-    seen, repeats = set(), 0
-    for g in grams:
-        repeats += g in seen
-        seen.add(g)
-    return repeats / len(grams) if grams else 0.0
-
-
-def distinct(texts: list[str], n: int) -> float:
-    grams = [g for t in texts for g in ngrams(t.split(), n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def score(model, canvases: np.ndarray, tokenizer, n_t: int = 8) -> float:
@@ -65,9 +49,13 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--block", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--judge", help="autoregressive checkpoint: adds generative perplexity")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    from train_host.judge import Judge
+
+    judge = Judge(args.judge) if args.judge else None
     backend = open_backend("torch", args.checkpoint)
     tok, model = backend.tokenizer, backend.model
     rows = []
@@ -80,7 +68,7 @@ def main() -> None:
         with torch.inference_mode():
             nll = score(model, real, tok)
         rows.append({"strategy": "real stories", "steps": None, "evaluations": None, "ms": None, "sampler_share": None,
-                     "nll": nll, "repetition": float(np.mean([repetition(t) for t in texts])),
+                     "nll": nll, "gen_ppl": judge.perplexity(texts) if judge else None, "repetition": float(np.mean([repetition(t) for t in texts])),
                      "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
     for strategy in args.strategies.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:
@@ -100,6 +88,7 @@ def main() -> None:
                 nll = score(model, np.concatenate(canvases), tok)
             rows.append({"strategy": strategy, "steps": steps, "evaluations": float(np.mean(evals)),
                          "ms": 1e3 * float(np.mean(times)), "sampler_share": float(np.mean(shares)), "nll": nll,
+                         "gen_ppl": judge.perplexity(texts) if judge else None,
                          "repetition": float(np.mean([repetition(t) for t in texts])),
                          "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
             if not args.json:
@@ -109,10 +98,10 @@ def main() -> None:
         return
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
           f"block {args.block or 'none'}, torch on CPU\n")
-    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | repetition | distinct-1 | distinct-2 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | distinct-1 | distinct-2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["repetition"], r["distinct1"], r["distinct2"]]
+        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["gen_ppl"], r["repetition"], r["distinct1"], r["distinct2"]]
         print("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
     print("\nexamples:")
     for r in rows:

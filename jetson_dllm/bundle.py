@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write_text, fsync_file, sha256_file
+from jetson_dllm.files import atomic_write_text, fsync_file, read_manifest, sha256_file
 
 BUNDLE_FORMAT = "jetson-dllm-bundle"
 BUNDLE_VERSION = 1
@@ -106,14 +106,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise DllmError(f"bundle {path} not found")
     if not manifest_path.is_file():
         raise DllmError(f"{path} is not a bundle (no {MANIFEST}); make one with `dllm export CHECKPOINT -o {path}`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise DllmError(f"{manifest_path} is truncated or corrupt; copy the bundle again or re-export it") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise DllmError(f"{path} is not a jetson-dllm bundle (format {manifest.get('format')!r})")
-    if manifest.get("version", 0) > BUNDLE_VERSION:
-        raise DllmError(f"{path} was written by a newer jetson-dllm (bundle format {manifest['version']}, this one reads {BUNDLE_VERSION}); upgrade jetson-dllm")
+    manifest = read_manifest(manifest_path, BUNDLE_FORMAT, BUNDLE_VERSION, "bundle", "copy the bundle again or re-export it")
     bundle = Bundle(path, manifest)
     if verify:
         bundle.check(["tokenizer.json"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.errors import DllmError
+from jetson_dllm.files import atomic_write
 from jetson_dllm.profiler import read_meminfo
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
@@ -154,14 +154,10 @@ def io_buffers(batch: int, canvas: int, k: int) -> dict[str, tuple[tuple[int, ..
 
 
 def write_engine(path: Path, plan: bytes, metadata: dict) -> None:
-    """Plan and metadata, each written to a temporary name and renamed: a half-written engine never appears."""
-    for target, data in ((path, plan), (path.with_suffix(".json"), json.dumps(metadata, indent=2).encode())):
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+    """Plan, then metadata, each atomically: a half-written engine never appears, and a plan without its
+    metadata is treated as unknown (rebuilt)."""
+    atomic_write(path, plan)
+    atomic_write(path.with_suffix(".json"), json.dumps(metadata, indent=2))
 
 
 def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -28,13 +29,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old content or the new, never a mix."""
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see the old content or the new, never a mix (temp name, fsync, rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text)
+
+
+def read_manifest(path: Path, fmt: str, max_version: int, what: str, remedy: str) -> dict:
+    """A JSON manifest carrying `format` and `version` (checkpoint config, bundle manifest, data manifest),
+    or one line saying what is wrong and what to do."""
+    from jetson_dllm.errors import DllmError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
+        raise DllmError(f"{path} is truncated or corrupt; {remedy}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise DllmError(f"{Path(path).parent} is not a jetson-dllm {what} (format {found!r})")
+    if data.get("version", 0) > max_version:
+        raise DllmError(f"{Path(path).parent} was written by a newer jetson-dllm ({what} format {data['version']}, "
+                        f"this one reads {max_version}); upgrade jetson-dllm")
+    return data

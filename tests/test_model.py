@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from jetson_dllm.config import ModelConfig
@@ -9,14 +10,20 @@ def small_model(**kw) -> Denoiser:
     return Denoiser(ModelConfig(d_model=64, n_head=2, n_layer=2, vocab_size=100, canvas_len=32, mask_id=2, **kw)).eval()
 
 
-def test_bidirectional_a_later_token_changes_earlier_logits():
-    model = small_model()
+@pytest.mark.parametrize("causal", [False, True])
+def test_what_an_earlier_position_sees_of_a_later_token(causal):
+    model = small_model(causal=causal)
     x = torch.randint(3, 100, (1, 16))
     y = x.clone()
     y[0, 12] = (x[0, 12] + 1) % 97 + 3
     with torch.no_grad():
         a, b = model(x), model(y)
-    assert not torch.allclose(a[0, :12], b[0, :12])  # no causal mask: position 0..11 see position 12
+    # The denoiser is bidirectional: positions 0..11 see position 12. The AR baseline's causal mask hides it.
+    assert torch.allclose(a[0, :12], b[0, :12]) == causal
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+    model.set_attention("math")  # the explicit-attention path (the exported one) masks the same way
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), a, atol=1e-5, rtol=1e-5)
 
 
 def test_mask_token_is_never_predicted():

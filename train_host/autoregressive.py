@@ -65,8 +65,10 @@ def ar_generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    stop_at_end: bool = True,
 ) -> ArResult:
-    """Sample continuations of `prompt` token by token with a KV cache; rows stop at end-of-text."""
+    """Sample continuations of `prompt` token by token with a KV cache; rows stop at end-of-text
+    (`stop_at_end=False`: exactly `max_new` tokens, end-of-text never chosen, as for timing and infilling)."""
     from jetson_dllm.sampler import candidate_distribution
 
     cfg = model.cfg
@@ -89,6 +91,8 @@ def ar_generate(
     steps = 0
     for i in range(max_new):
         logits = model.logits_from_hidden(h).float()
+        if not stop_at_end:
+            logits[:, [eot_id, pad_id]] = float("-inf")
         logprobs = torch.log_softmax(logits, -1)
         values, ids = torch.topk(logprobs, min(logprobs.shape[-1], 256 if (temperature > 0) else 1), dim=-1)
         values, ids = values.cpu().numpy(), ids.cpu().numpy()

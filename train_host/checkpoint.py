@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import fsync_dir, fsync_file, sha256_file
+from jetson_dllm.files import fsync_dir, fsync_file, read_manifest, sha256_file
 from jetson_dllm.tokenizer import TextTokenizer
 
 CKPT_FORMAT = "jetson-dllm-checkpoint"
@@ -142,15 +142,7 @@ def read_config(ckpt: Path) -> dict:
     path = ckpt / "config.json"
     if not path.is_file():
         raise DllmError(f"{ckpt} is not a jetson-dllm checkpoint (no config.json); point at a run folder or a checkpoints/step_* folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DllmError(f"{path} is truncated or corrupt; use an earlier checkpoint") from None
-    if config.get("format") != CKPT_FORMAT:
-        raise DllmError(f"{ckpt} is not a jetson-dllm checkpoint (format {config.get('format')!r})")
-    if config.get("version", 0) > CKPT_VERSION:
-        raise DllmError(f"{ckpt} was written by a newer jetson-dllm (checkpoint version {config['version']}); upgrade")
-    return config
+    return read_manifest(path, CKPT_FORMAT, CKPT_VERSION, "checkpoint", "use an earlier checkpoint")
 
 
 def metric_of(ckpt: Path, key: str = "val_nll") -> float:

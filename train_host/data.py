@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.files import read_manifest
 from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
 
 DATA_FORMAT = "jetson-dllm-data"
@@ -317,12 +318,7 @@ def load_manifest(data_dir: str | Path) -> dict:
     path = data_dir / "data.json"
     if not path.is_file():
         raise DllmError(f"{data_dir} is not a prepared data folder (no data.json); make one with `dllm data`")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != DATA_FORMAT:
-        raise DllmError(f"{path} is not a jetson-dllm data manifest")
-    if manifest.get("version", 0) > DATA_VERSION:
-        raise DllmError(f"{data_dir} was written by a newer jetson-dllm (data version {manifest['version']}); upgrade")
-    return manifest
+    return read_manifest(path, DATA_FORMAT, DATA_VERSION, "data folder", "prepare the data again with `dllm data`")
 
 
 class CanvasDataset:

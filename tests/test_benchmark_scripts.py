@@ -1,0 +1,39 @@
+"""The scripts behind the README's tables run (on tiny fixtures) and print their tables."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def script(name, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_train_throughput():
+    out = script("train_throughput.py", "--configs", "tiny", "--batch", "2", "--canvas", "32", "--steps", "1", "--warmup", "0", "--threads", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| tiny"))
+    assert float(row.split("|")[4].replace(",", "")) > 0  # tokens/s
+
+
+def test_sampler_quality(trained_run, data_dir, ar_run):
+    out = script("sampler_quality.py", trained_run, "--data", data_dir, "--judge", ar_run, "--steps", "2,4",
+                 "--strategies", "confidence,ancestral", "--samples", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert len(rows) == 5 and rows[0].startswith("| real stories")  # the reference row, then 2 x 2
+    assert all(float(r.split("|")[7]) > 1 for r in rows)  # generative perplexity
+
+
+def test_quality_and_infilling(trained_run, ar_run, data_dir):
+    out = script("quality.py", "--diffusion", trained_run, "--ar", ar_run, "--data", data_dir, "--steps", "2", "--stories", "2",
+                 "--span", "4", "--infill-steps", "2")
+    assert "| diffusion (bound) |" in out and "| autoregressive (exact) |" in out and "span tokens restored" in out
+
+
+def test_topk_coverage(trained_run, data_dir):
+    out = script("topk_coverage.py", trained_run, "--data", data_dir, "--canvases", "4", "--ks", "8,64")
+    masses = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| 8 ") or line.startswith("| 64 ")]
+    assert len(masses) == 2 and 0 < masses[0] <= masses[1] <= 1
