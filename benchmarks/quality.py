@@ -79,7 +79,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     lengths = (ds.batch(np.arange(len(ds))) != tok.pad_id).sum(1)
     usable = [i for i in range(len(ds)) if lengths[i] > 3 * args.span][: args.stories]
-    originals, diffusion_fills, ar_fills = [], [], []
+    originals, diffusion_fills, ar_fills, examples = [], [], [], []
     restored_d = restored_a = total = 0
     for i in usable:
         story = ds.batch(np.array([i]))[0].astype(np.int32)
@@ -95,6 +95,8 @@ def main() -> None:
         a = ar_generate(ar.model, story[:start].tolist(), args.span, tok.eot_id, tok.eot_id, tok.pad_id, stop_at_end=False)
         a_tokens = story.copy()
         a_tokens[gap] = a.tokens[0, start : start + args.span]
+        window = slice(max(0, start - 6), start + args.span + 6)
+        examples.append(tuple(tok.tok.decode(t[window].tolist()) for t in (story, d_tokens, a_tokens)))
         originals.append(tok.decode(story))
         diffusion_fills.append(tok.decode(d_tokens))
         ar_fills.append(tok.decode(a_tokens))
@@ -107,7 +109,9 @@ def main() -> None:
     print(f"| (the original stories) | {judge.perplexity(originals):.1f} | - |")
     print(f"| diffusion ({args.infill_steps} steps, sees both sides) | {judge.perplexity(diffusion_fills):.1f} | {restored_d / total:.3f} |")
     print(f"| autoregressive (prefix only; judged by itself) | {judge.perplexity(ar_fills):.1f} | {restored_a / total:.3f} |")
-    print(f"\nexample gap: ...{originals[0][:200]!r}\n diffusion: {diffusion_fills[0][:200]!r}\n AR: {ar_fills[0][:200]!r}")
+    print("\nexamples (the span and 6 tokens either side):")
+    for orig, dfill, afill in examples[:3]:
+        print(f"- original: ...{orig!r}...\n  diffusion: ...{dfill!r}...\n  AR: ...{afill!r}...")
 
 
 if __name__ == "__main__":

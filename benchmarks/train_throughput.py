@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -65,7 +64,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    from jetson_dllm.bench import environment
+
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{environment()['cpu']}, {torch.get_num_threads()} threads"
     print(f"training throughput, batch {args.batch} x canvas {args.canvas}, {'bf16/fp16 autocast' if dtype else 'fp32'}, on {where}\n")
     print("| config | params | s/step | tokens/s |")
     print("|---|---|---|---|")

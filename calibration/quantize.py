@@ -117,6 +117,7 @@ def quantize_bundle(
     extra_file: str | None = None,
     seed: int = 0,
     eval_canvases: int = 32,
+    canvas_len: int = 0,
     progress=None,
 ) -> dict:
     """Write model.int8.onnx (and model.int8-dynamic.ort) into a bundle being built; returns the report.
@@ -131,8 +132,10 @@ def quantize_bundle(
     say = progress or (lambda msg: None)
     check_options(method=method, budget=budget, n_canvases=n_canvases)
     cfg = manifest["model"]
+    if not 0 <= canvas_len <= cfg["canvas_len"]:
+        raise DllmError(f"--calib-canvas-len {canvas_len} must be in 1..{cfg['canvas_len']} (the model's canvas), or 0")
     mask_id, pad_id = manifest["special_ids"]["mask"], manifest["special_ids"]["pad"]
-    canvases, source = validation_canvases(tokenizer, cfg["canvas_len"], n_canvases + eval_canvases, data_dir)
+    canvases, source = validation_canvases(tokenizer, canvas_len or cfg["canvas_len"], n_canvases + eval_canvases, data_dir)
     overlap = len(canvases) < n_canvases + eval_canvases
     calib = canvases[:n_canvases] if not overlap else canvases[: max(len(canvases) // 2, 1)]
     held_out = canvases[len(calib):] if len(canvases) > len(calib) else canvases

@@ -154,6 +154,7 @@ def train(
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)")] = 1000,
     time_budget: Annotated[str, typer.Option(help="stop after this long, e.g. 5m or 1h30m; the schedule follows the clock")] = "0",
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
+    min_lr_ratio: Annotated[float, typer.Option(help="the cosine decays to lr x this")] = 0.1,
     warmup: Annotated[int, typer.Option(help="warmup steps")] = 50,
     weight_decay: Annotated[float, typer.Option()] = 0.1,
     grad_clip: Annotated[float, typer.Option(help="gradient norm clip; 0 = off")] = 1.0,
@@ -166,8 +167,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on GPU; CPU is fp32)")] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = cores / processes")] = 0,
-    compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue the run in --out from its last checkpoint")] = False,
     pause_after: Annotated[int, typer.Option(help="stop with a checkpoint after N steps of this invocation (continue with --resume)")] = 0,
     nproc: Annotated[int, typer.Option(help="processes (GPUs) on this machine, launched through torchrun")] = 1,
     d_model: Annotated[int, typer.Option(help="override the config's width (custom size)", hidden=True)] = 0,
@@ -183,46 +184,46 @@ def train(
       dllm train --out runs/ts-tiny --resume ...                (same flags: continues exactly)
       dllm train --nproc 2 ...                                  (torchrun DDP; or torchrun -m train_host.train)
     """
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _relaunch_torchrun(nproc)
-        return
     from train_host.train import TrainConfig
     from train_host.train import train as train_run
 
     tc = TrainConfig(
         data=str(data_dir), out=str(out_dir), config=config, objective=objective, d_model=d_model, n_layer=n_layer, n_head=n_head,
         canvas_len=canvas_len, batch_size=batch_size, grad_accum=grad_accum, steps=steps,
-        time_budget=parse_duration(time_budget), lr=lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
+        time_budget=parse_duration(time_budget), lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip,
         schedule=schedule, ema=ema, eval_every=eval_every, eval_canvases=eval_canvases, keep_last=keep_last,
         log_every=log_every, seed=seed, device=device, dtype=dtype, threads=threads, compile=compile, resume=resume,
         pause_after=pause_after,
     )
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_torchrun(nproc, tc)
+        return
     result = train_run(tc, console=err)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result["stop"] == "interrupted":
         out.print(f"interrupted at step {result['step']}; checkpoint saved in {out_dir}. Continue with the same command and --resume.")
         raise typer.Exit(130 if result.get("signal") == 2 else 143)
-    nll = f"; val NLL bound {result['val_nll']:.3f} nats/token, masked accuracy {result['val_acc']:.3f}" if "val_nll" in result else ""
+    kind = ("val NLL", "next-token accuracy") if objective == "ar" else ("val NLL bound", "masked accuracy")
+    nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
     out.print(f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {out_dir}/checkpoints")
 
 
-def _relaunch_torchrun(nproc: int) -> None:
+def _relaunch_torchrun(nproc: int, tc) -> None:
+    """Run the same training under torchrun: one process per GPU (or gloo processes on a CPU)."""
+    import dataclasses
     import subprocess
 
-    args, skip = [], False
-    for a in sys.argv[2:]:  # sys.argv = [dllm, train, ...]
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
+    args = []
+    for f in dataclasses.fields(tc):
+        value = getattr(tc, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train_host.train", *args]
-    err.print(f"launching {nproc} processes: {' '.join(cmd[1:])}")
+    err.print(f"launching {nproc} processes: torchrun --nproc_per_node={nproc} -m train_host.train ...")
     raise typer.Exit(subprocess.call(cmd))
 
 
@@ -266,12 +267,13 @@ def eval_cmd(
         raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with")
     torch.set_num_threads(os.cpu_count() or 1)
     ds = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id)
-    with torch.inference_mode():
+    if judge is not None and not generate:
+        raise DllmError("--judge scores generated text: add --generate")
+    with err.status(f"scoring {min(canvases, len(ds))} validation canvases"), torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id)
     if generate:
-        metrics.update(_judged_samples(checkpoint, judge, data_dir, canvases, samples, prompt, steps, strategy, temperature, seed))
-    elif judge is not None:
-        raise DllmError("--judge scores generated text: add --generate")
+        with err.status(f"generating {samples} samples and judging them"):
+            metrics.update(_judged_samples(checkpoint, judge, data_dir, canvases, samples, prompt, steps, strategy, temperature, seed))
     if json_out:
         out.print_json(json.dumps({"checkpoint": config["path"], **metrics}))
         return
@@ -488,6 +490,7 @@ def export(
     data_dir: Annotated[Optional[Path], typer.Option("--data", help="the model's data folder: validation canvases for parity and calibration")] = None,
     parity_canvases: Annotated[int, typer.Option(help="validation canvases in the parity report")] = 16,
     calib_canvases: Annotated[int, typer.Option(help="INT8: calibration canvases (masked at ratios over (0, 1])")] = 64,
+    calib_canvas_len: Annotated[int, typer.Option(help="INT8: calibration canvas length; 0 = the model's canvas")] = 0,
     calib_method: Annotated[str, typer.Option(help="INT8: minmax | entropy | percentile")] = "minmax",
     int8_budget: Annotated[float, typer.Option(help="INT8: allowed loss of masked-token accuracy, in points")] = 1.0,
     allow_over_budget: Annotated[bool, typer.Option(help="INT8: keep the best model even if no exclusion set meets the budget")] = False,
@@ -504,7 +507,7 @@ def export(
     from train_host.export import export_bundle
 
     precisions = ("fp32",) + (("fp16",) if fp16 or int8 else ()) + (("int8",) if int8 else ())
-    int8_options = {"n_canvases": calib_canvases, "method": calib_method, "budget": int8_budget,
+    int8_options = {"n_canvases": calib_canvases, "canvas_len": calib_canvas_len, "method": calib_method, "budget": int8_budget,
                     "allow_over_budget": allow_over_budget, "extra_file": str(calib_file) if calib_file else None, "seed": seed}
     with err.status("exporting") as status:
         bundle = export_bundle(checkpoint, out_dir, precisions=precisions, topk=topk, data_dir=str(data_dir) if data_dir else None,

@@ -133,8 +133,8 @@ def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
     common = ["--steps", "3", "--eval-every", "100", "--threads", "1"]
     single = subprocess.run(_cli_train(data_dir, tmp_path / "one", *common), capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train_host.train",
-                          *_cli_train(data_dir, tmp_path / "two", *common)[4:]], capture_output=True, text=True, env=env, timeout=300)
+    # dllm train --nproc 2 relaunches itself as torchrun --nproc_per_node 2 -m train_host.train (gloo on a CPU)
+    ddp = subprocess.run(_cli_train(data_dir, tmp_path / "two", *common, "--nproc", "2"), capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert_same(weights(tmp_path / "one"), weights(tmp_path / "two"), exact=False)
     one_opt, _ = ck.load_trainer_state(ck.list_checkpoints(tmp_path / "one")[-1])

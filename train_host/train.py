@@ -422,7 +422,8 @@ def _train(tc: TrainConfig, d: _Dist, console) -> dict:
                     last_metrics = run_eval()
                     metrics_log.write({"step": step, **last_metrics})
                     path = save(last_metrics)
-                    console.print(f"step {step}: val NLL bound {last_metrics['val_nll']:.3f} nats/token, masked acc {last_metrics['val_acc']:.3f}  [dim]saved {path.name}[/]")
+                    what = ("val NLL", "next-token acc") if cfg.causal else ("val NLL bound", "masked acc")
+                    console.print(f"step {step}: {what[0]} {last_metrics['val_nll']:.3f} nats/token, {what[1]} {last_metrics['val_acc']:.3f}  [dim]saved {path.name}[/]")
                     last_saved = step
                 if d.world > 1:
                     dist.barrier()

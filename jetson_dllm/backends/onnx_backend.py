@@ -78,16 +78,22 @@ class OnnxBackend:
         self.options.log_severity_level = 3
         self.path = path
         if path.suffix == ".ort":  # onnxruntime's own format (the CPU INT8 variant): used as it is
-            self.model_proto = None
+            self.weight_bytes = path.stat().st_size
             self.session = self._session(str(path))
         else:
-            self.model_proto = onnx.load(str(path))
-            sampling = onnx.ModelProto()
-            sampling.CopyFrom(self.model_proto)
-            keep = [o for o in sampling.graph.output if o.name in SAMPLING_OUTPUTS]
-            del sampling.graph.output[:]
-            sampling.graph.output.extend(keep)
-            self.session = self._session(sampling.SerializeToString())
+            # The sampling graph is the file with `logits` dropped from the outputs. Nothing of it is kept
+            # once the session holds the weights: on a Jetson every copy comes out of the same 8 GB.
+            from jetson_dllm.profiler import onnx_weight_bytes
+
+            proto = onnx.load(str(path))
+            self.weight_bytes = onnx_weight_bytes(proto)
+            keep = [o for o in proto.graph.output if o.name in SAMPLING_OUTPUTS]
+            del proto.graph.output[:]
+            proto.graph.output.extend(keep)
+            data = proto.SerializeToString()
+            del proto
+            self.session = self._session(data)
+            del data
         self._full = None
         self.name = f"onnx-{self.session.get_providers()[0].replace('ExecutionProvider', '').lower()}"
         self._bound: dict[tuple[int, int], tuple] = {}
@@ -117,8 +123,8 @@ class OnnxBackend:
     def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
         tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)
         if "logits" in outputs:
-            if self._full is None:
-                self._full = self.session if self.model_proto is None else self._session(self.model_proto.SerializeToString())
+            if self._full is None:  # the file itself has every output
+                self._full = self.session if self.path.suffix == ".ort" else self._session(str(self.path))
             result = self._full.run(list(outputs), {"tokens": tokens})
             return dict(zip(outputs, result))
         binding, buf, outs = self._binding(tokens.shape)
@@ -127,9 +133,7 @@ class OnnxBackend:
         return {name: outs[name] for name in outputs}
 
     def memory(self) -> dict[str, int]:
-        from jetson_dllm.profiler import onnx_weight_bytes
-
-        return {"weights": onnx_weight_bytes(self.model_proto) if self.model_proto is not None else self.path.stat().st_size}
+        return {"weights": self.weight_bytes}
 
     def close(self) -> None:
         self._bound.clear()
