@@ -105,14 +105,14 @@ def bundle_for(model: str, precision: str, canvas_len: int) -> Path:
     """The bundle of a config name (exported once from random weights, cached) or the given bundle."""
     if model not in SIZES:
         return Path(model)
-    from train_host.export import export_bundle
-
     path = CACHE / "bundles" / f"{model}-v{BENCH_VOCAB}-c{canvas_len}"
     wanted = ("fp32", "fp16", "int8") if precision.startswith("int8") else ("fp32", "fp16")
     if (path / "manifest.json").is_file():
         have = json.loads((path / "manifest.json").read_text())["precisions"]
         if all(p in have for p in wanted):
             return path
+    from train_host.export import export_bundle  # torch: only when there is something to export
+
     export_bundle(random_model_dir(model, canvas_len), path, precisions=wanted, parity_canvases=4, overwrite=True,
                   int8_options={"n_canvases": 16, "eval_canvases": 8, "budget": 100.0})
     return path
@@ -209,22 +209,45 @@ def quality_of(result: Result, backend, point: dict, group: Group, special) -> N
     result.gen_ppl, result.repetition, result.distinct2 = q.get("gen_ppl"), q["repetition"], q["distinct2"]
 
 
+def prepare_group(group: Group) -> None:
+    """Make what a config-name group runs (random-weight checkpoint, exported bundle) if it is not cached."""
+    if group.model not in SIZES:
+        return
+    if group.backend == "torch":
+        random_model_dir(group.model, group.canvas_len)
+    else:
+        bundle_for(group.model, group.precision, group.canvas_len)
+
+
+def _in_worker(group: Group, mode: str) -> str:
+    """Run `mode` ("prepare" or "measure") for a group in a fresh process; its last stdout line."""
+    proc = subprocess.run([sys.executable, "-m", "jetson_dllm.bench", mode], input=json.dumps(asdict(group)),
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        message = next((ln[7:] for ln in proc.stderr.splitlines() if ln.startswith("error: ")), None)
+        raise DllmError(message or f"the {group.model} / {group.backend} / {group.precision} worker failed: {proc.stderr.strip()[-300:]}")
+    return lines[-1]
+
+
 def run_groups(groups: list[Group], isolate: bool = True, progress=None) -> list[Result]:
-    """Measure every group, each in a fresh worker process unless `isolate` is off."""
+    """Measure every group, each in a fresh worker process unless `isolate` is off.
+
+    A config-name group is prepared (checkpoint, export, calibration) in a process of its own first, so
+    the measuring process holds only the backend: its RSS is what running the model costs, not torch's
+    leftovers from exporting it.
+    """
     results = []
     for i, group in enumerate(groups):
         if progress:
             progress(i, len(groups), group)
         if not isolate:
+            prepare_group(group)
             results += measure_group(group)
             continue
-        proc = subprocess.run([sys.executable, "-m", "jetson_dllm.bench"], input=json.dumps(asdict(group)),
-                              capture_output=True, text=True)
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            message = next((ln[7:] for ln in proc.stderr.splitlines() if ln.startswith("error: ")), None)
-            raise DllmError(message or f"the {group.model} / {group.backend} / {group.precision} worker failed: {proc.stderr.strip()[-300:]}")
-        results += [Result(**r) for r in json.loads(lines[-1])]
+        if group.model in SIZES:
+            _in_worker(group, "prepare")
+        results += [Result(**r) for r in json.loads(_in_worker(group, "measure"))]
     if progress:
         progress(len(groups), len(groups), None)
     return results
@@ -482,14 +505,19 @@ def check_writable(out_dir: Path) -> None:
 
 
 def _worker() -> None:
-    """The worker process: one Group as JSON on stdin, its results as JSON on the last stdout line."""
+    """The worker process: one Group as JSON on stdin; `prepare` makes its model, `measure` prints its
+    results as JSON on the last stdout line."""
+    mode = sys.argv[1] if len(sys.argv) > 1 else "measure"
     group = Group(**json.loads(sys.stdin.read()))
     try:
-        results = measure_group(group)
+        if mode == "prepare":
+            prepare_group(group)
+            print("prepared")
+        else:
+            print(json.dumps([asdict(r) for r in measure_group(group)]))
     except DllmError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps([asdict(r) for r in results]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 import csv
 import json
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 
@@ -138,6 +140,36 @@ def test_unwritable_output_folder(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(DllmError, match="cannot write to"):
         bench.check_writable(tmp_path / "a-file" / "out")  # a folder inside a file: refused even for root
+
+
+def test_config_groups_are_prepared_in_their_own_process_before_measuring(monkeypatch):
+    calls = []
+
+    def fake_worker(group, mode):
+        calls.append((group.model, mode))
+        return "[]" if mode == "measure" else "prepared"
+
+    monkeypatch.setattr(bench, "_in_worker", fake_worker)
+    groups = [bench.Group(model=m, backend="onnx", precision="fp32", canvas_len=128, points=[]) for m in ("tiny", "runs/my-bundle")]
+    bench.run_groups(groups)
+    assert calls == [("tiny", "prepare"), ("tiny", "measure"), ("runs/my-bundle", "measure")]
+
+
+def test_a_cached_bundle_is_measured_without_torch(tmp_path):
+    """The measuring worker of an onnx group must not import torch (its RSS would count torch's)."""
+    bundle = tmp_path / "bundles" / f"tiny-v{bench.BENCH_VOCAB}-c128"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text(json.dumps({"precisions": {"fp32": {}, "fp16": {}}}))
+    code = textwrap.dedent("""
+        import sys
+        from jetson_dllm import bench
+        print(bench.bundle_for("tiny", "fp32", 128))
+        print("torch" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JETSON_DLLM_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(bundle), "False"]
 
 
 def test_bench_command_on_a_trained_bundle(bundle_dir, trained_run, tmp_path, capsys):
