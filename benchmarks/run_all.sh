@@ -47,11 +47,16 @@ dllm bench --config tiny,small,medium --backend torch,onnx --precision fp32,int8
 step "latency vs steps, large to xxlarge (fewer steps and repeats: slow on 2 cores)"
 dllm bench --config large,xlarge,xxlarge --backend torch,onnx --precision fp32,int8,int8-dynamic --canvas 256 --steps 8,16,32 --repeats 1 --out "$OUT/bench-sweep-large" > "$OUT/bench-sweep-large.txt"
 
+step "quality by precision: the trained bundle on onnxruntime, judged by the AR baseline"
+dllm bench "$OUT/ts-bundle" --backend onnx --precision fp32,int8,int8-dynamic --canvas 256 --steps 16,64 --repeats 1 \
+    --quality --judge "$OUT/ts-ar" --quality-samples 16 --out "$OUT/bench-quality" > "$OUT/bench-quality.txt"
+
 step "the latency-vs-steps figure"
 python benchmarks/plot_latency.py "$OUT/bench-sweep/bench.json" "$OUT/bench-sweep-large/bench.json" --backend onnx \
     --precision fp32,int8-dynamic -o benchmarks/figures/latency_vs_steps.png
 
 step "memory and the Orin Nano verdicts"
+dllm bench --config all --backend torch,onnx --precision fp32,int8,int8-dynamic --canvas 256 --steps 8 --repeats 1 --out "$OUT/bench-memory" > "$OUT/bench-memory.txt"
 dllm profile --config all --canvas 256 > "$OUT/profile.txt"
 dllm profile "$OUT/ts-bundle" --canvas 256 --measure > "$OUT/profile-ts-bundle.txt"
 step "done: tables in $OUT"

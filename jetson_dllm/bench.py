@@ -445,13 +445,15 @@ def headline(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         key = (r.model, r.backend, r.precision, r.batch, r.canvas, r.strategy)
         if key not in keys:
             keys.append(key)
-    header = ["model", "backend", "precision", "batch x canvas", "step ms (median)"] + [f"{s} steps" for s in steps]
-    rows = []
+    header = ["model", "backend", "precision", "batch x canvas", "step ms (median)", "step speedup"] + [f"{s} steps" for s in steps]
+    rows, baseline = [], {}
     for key in keys:
         mine = [r for r in results if (r.model, r.backend, r.precision, r.batch, r.canvas, r.strategy) == key]
         by_steps = {r.steps: r for r in mine}
         step_ms = float(np.median([r.step_ms_median for r in mine]))
-        rows.append([key[0], key[1], key[2], f"{key[3]} x {key[4]}", f"{step_ms:,.1f}"] +
+        # relative to the first backend/precision measured for the same model and shape, in the same run
+        base = baseline.setdefault((key[0], key[3], key[4], key[5]), step_ms)
+        rows.append([key[0], key[1], key[2], f"{key[3]} x {key[4]}", f"{step_ms:,.1f}", f"{base / step_ms:.2f}x"] +
                     [f"{by_steps[s].generation_ms:,.0f} ms" if s in by_steps else "-" for s in steps])
     return header, rows
 
@@ -476,19 +478,25 @@ def plot(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[Result]] = {}
+    series: dict[tuple, list[Result]] = {}
     for r in results:
-        series.setdefault(f"{r.model} {r.backend} {r.precision} b{r.batch}x{r.canvas}", []).append(r)
-    for label, rs in series.items():
+        series.setdefault((r.model, r.backend, r.precision, r.batch, r.canvas), []).append(r)
+    # one colour per model (in size order), one line style per backend/precision
+    models = sorted({k[0] for k in series}, key=lambda m: list(SIZES).index(m) if m in SIZES else len(SIZES))
+    kinds = list(dict.fromkeys((k[1], k[2]) for k in series))
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(models), 1)))
+    styles = ["o-", "s--", "^:", "d-.", "v-", "x--"]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (model, backend, precision, batch, canvas), rs in series.items():
         rs = sorted(rs, key=lambda r: r.steps)
-        ax.plot([r.steps for r in rs], [r.generation_ms for r in rs], "o-", label=label)
+        ax.plot([r.steps for r in rs], [r.generation_ms for r in rs], styles[kinds.index((backend, precision)) % len(styles)],
+                color=colours[models.index(model)], label=f"{model} {backend} {precision} {batch}x{canvas}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("denoising steps")
     ax.set_ylabel("generation latency (ms)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -370,7 +370,7 @@ def run(
     strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | ancestral")] = "confidence",
     block: Annotated[int, typer.Option(help="semi-autoregressive block length; 0 = whole canvas")] = 0,
     threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the README's sampler results)")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample among the k best tokens; 0 = all of the head")] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -389,7 +389,7 @@ def run(
       dllm run runs/tiny -p "Once upon a time ____ happily ever after."
     Examples:
       dllm run runs/tiny -p "Lily went to the park" --steps 32
-      dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0.8
+      dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0
       echo "Tom had a dog" | dllm run runs/tiny -p - --json
     """
     import json
@@ -703,8 +703,9 @@ def bench(
                            "-" if r.gen_ppl is None else f"{r.gen_ppl:.1f}", f"{r.repetition:.3f}", f"{r.distinct2:.3f}")
         out.print(qtable)
     worst = max(results, key=lambda r: r.generation_ms_spread)
-    out.print(f"{len(results)} points in {__import__('time').time() - t0:.0f}s; largest spread between repeats "
-              f"{100 * worst.generation_ms_spread:.1f}% ({worst.model} {worst.backend} {worst.precision}, {worst.steps} steps); "
+    spread = (f"largest spread between repeats {100 * worst.generation_ms_spread:.1f}% ({worst.model} {worst.backend} "
+              f"{worst.precision}, {worst.steps} steps)" if repeats > 1 else "one repeat per point, so no spread measured")
+    out.print(f"{len(results)} points in {__import__('time').time() - t0:.0f}s; {spread}; "
               f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
