@@ -28,6 +28,10 @@ python benchmarks/train_throughput.py --configs tiny,small,medium > "$OUT/train_
 step "sampler quality vs steps, judged by the AR baseline"
 python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" > "$OUT/sampler_quality.md"
 python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" --temperature 0.8 --strategies confidence,threshold --steps 16,64 > "$OUT/sampler_quality_t08.md"
+for twins in "" --defer-twins; do
+    python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" --temperature 0.8 --strategies confidence \
+        --steps 16,64 --samples 8 $twins > "$OUT/twins${twins:+_deferred}.md"
+done
 
 step "diffusion vs autoregressive, infilling"
 python benchmarks/quality.py --diffusion "$OUT/ts-tiny" --ar "$OUT/ts-ar" --data "$OUT/ts-data" > "$OUT/quality.md"

@@ -7,6 +7,7 @@ own share of the time, and quality figures that can fail:
   - NLL: the model's own NLL bound (ELBO, nats/token) of the generated text under the forward process
     (lower = text the model finds likely; degenerate repetition can also score low, hence the next two),
   - repetition: share of word 4-grams in a sample that already occurred earlier in the same sample,
+  - doubled words: share of words equal to the word before them ("play play"),
   - distinct-1 / distinct-2: unique words / word bigrams over all samples (diversity),
   - with --judge (an autoregressive checkpoint): generative perplexity of the samples under it.
 The reference row scores real validation stories the same way. Prints a Markdown table; --json for raw.
@@ -24,7 +25,7 @@ import torch
 from jetson_dllm.backends import open_backend
 from jetson_dllm.generate import generate
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
-from jetson_dllm.textstats import distinct, repetition
+from jetson_dllm.textstats import distinct, doubled, repetition
 from train_host.diffusion import nll_bound
 
 PROMPTS = ["Once upon a time", "One day,", "Lily and Tom", "The little dog"]
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--judge", help="autoregressive checkpoint: adds generative perplexity")
+    p.add_argument("--defer-twins", action="store_true", help="the sampler's --defer-twins (see dllm run --help); off unless given")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -69,11 +71,11 @@ def main() -> None:
             nll = score(model, real, tok)
         rows.append({"strategy": "real stories", "steps": None, "evaluations": None, "ms": None, "sampler_share": None,
                      "nll": nll, "gen_ppl": judge.perplexity(texts) if judge else None, "repetition": float(np.mean([repetition(t) for t in texts])),
-                     "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
+                     "doubled": float(np.mean([doubled(t) for t in texts])), "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
     for strategy in args.strategies.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:
             cfg = SamplerConfig(steps=steps, strategy=strategy, temperature=args.temperature, top_p=args.top_p,
-                                block=args.block, threshold=args.threshold, seed=0)
+                                block=args.block, threshold=args.threshold, seed=0, defer_twins=args.defer_twins)
             canvases, texts, evals, times, shares = [], [], [], [], []
             for i, prompt in enumerate(PROMPTS):
                 cfg.seed = i
@@ -90,18 +92,18 @@ def main() -> None:
                          "ms": 1e3 * float(np.mean(times)), "sampler_share": float(np.mean(shares)), "nll": nll,
                          "gen_ppl": judge.perplexity(texts) if judge else None,
                          "repetition": float(np.mean([repetition(t) for t in texts])),
-                         "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
+                         "doubled": float(np.mean([doubled(t) for t in texts])), "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
             if not args.json:
-                print(f"{strategy:>10} {steps:>4} steps: {rows[-1]['evaluations']:.1f} evals, NLL {nll:.3f}, rep {rows[-1]['repetition']:.3f}", flush=True)
+                print(f"{strategy:>10} {steps:>4} steps: {rows[-1]['evaluations']:.1f} evals, NLL {nll:.3f}, rep {rows[-1]['repetition']:.3f}, doubled {rows[-1]['doubled']:.3f}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
-          f"block {args.block or 'none'}, torch on CPU\n")
-    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | distinct-1 | distinct-2 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"block {args.block or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
+    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | doubled words | distinct-1 | distinct-2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["gen_ppl"], r["repetition"], r["distinct1"], r["distinct2"]]
+        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["gen_ppl"], r["repetition"], r["doubled"], r["distinct1"], r["distinct2"]]
         print("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
     print("\nexamples:")
     for r in rows:

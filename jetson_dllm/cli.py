@@ -376,6 +376,7 @@ def run(
     seed: Annotated[int, typer.Option()] = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="samples generated together as one batch")] = 1,
     deadline_ms: Annotated[float, typer.Option(help="stop refining after this long and commit the best tokens; 0 = none")] = 0.0,
+    defer_twins: Annotated[bool, typer.Option("--defer-twins/--no-defer-twins", help="neighbours picked in one step with the same token: commit one, re-predict the other (against 'play play'; see the README's sampler results)")] = True,
     gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template")] = 12,
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
@@ -400,7 +401,7 @@ def run(
 
     text = read_prompt(prompt)
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, block=block, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms)
+                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins)
     sampler.validate()
     kind = backend if backend != "auto" else ("onnx" if (model / "manifest.json").is_file() else "torch")
     options = {"device": device} if kind == "torch" else ({"providers": providers} if kind == "onnx" and providers else {})

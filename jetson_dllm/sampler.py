@@ -45,6 +45,7 @@ class SamplerConfig:
     seed: int = 0
     deadline_ms: float = 0.0  # 0: no deadline
     allow_end: bool = True  # False: fixed-length generation (no end-of-text), as benchmarks run
+    defer_twins: bool = True  # two neighbours picked in one step with the same token: commit one, re-predict the other
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -178,6 +179,8 @@ def sample(
             else:
                 chosen, score = _candidates(logprobs, ids, no_end, special, cfg, rng)
                 commit = _select(todo, score, k, cfg, rng)
+                if cfg.defer_twins and k > 1:  # never on a block's last step: it must finish
+                    commit = _defer_twins(commit, chosen, score)
             before = canvas.copy()
             canvas[commit] = chosen[commit]
             _apply_end(canvas, fixed, special)
@@ -242,6 +245,23 @@ def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerCo
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(todo.shape[1])[None, :].repeat(todo.shape[0], 0), axis=1)
     return todo & (rank < need[:, None])
+
+
+def _defer_twins(commit: np.ndarray, chosen: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Of two neighbouring positions committed in the same step with the same token, keep the higher-scoring
+    one. Both were predicted without seeing the other (parallel decoding assumes them independent), which is
+    where "play play" and "the the" come from; the deferred one is predicted again next step with its
+    neighbour in view, so a doubled word the model really means can still be written."""
+    twin = commit[:, 1:] & commit[:, :-1] & (chosen[:, 1:] == chosen[:, :-1])  # (B, T-1): pair (i, i+1)
+    if not twin.any():
+        return commit
+    out = commit.copy()
+    for b, i in zip(*np.nonzero(twin)):  # left to right: the lower-scoring of each still-twinned pair waits
+        if not (out[b, i] and out[b, i + 1]):
+            continue  # one of the pair is already deferred
+        loser = i + 1 if score[b, i] >= score[b, i + 1] else i
+        out[b, loser] = False
+    return out
 
 
 def _apply_end(canvas: np.ndarray, fixed: np.ndarray, special: SpecialIds) -> None:

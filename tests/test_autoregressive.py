@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.textstats import distinct, repetition
+from jetson_dllm.textstats import distinct, doubled, repetition
 from train_host.autoregressive import ar_generate, ar_loss, shift_right
 from train_host.model import Denoiser, KVCache
 
@@ -86,6 +86,8 @@ def test_text_statistics():
     assert repetition("a b c d a b c d a b c d") == pytest.approx(5 / 9)
     assert repetition("one two three four five") == 0.0
     assert distinct(["a b", "a c"], 1) == pytest.approx(3 / 4) and distinct(["a b", "a b"], 2) == 0.5
+    assert doubled('They play play. "The the dog," said Sam.') == pytest.approx(2 / 7)
+    assert doubled("no doubles here") == 0.0 and doubled("one") == 0.0
 
 
 def test_ar_train_eval_run_through_the_cli(capsys, ar_run, trained_run, data_dir):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.sampler import STRATEGIES, SamplerConfig, SpecialIds, candidate_distribution, sample
+from jetson_dllm.sampler import STRATEGIES, SamplerConfig, SpecialIds, _defer_twins, candidate_distribution, sample
 
 SPECIAL = SpecialIds(mask=2, eot=1, pad=0)
 V, K = 40, 8
@@ -58,6 +58,7 @@ configs = st.builds(
     top_k=st.sampled_from([0, 1, 3]),
     top_p=st.sampled_from([1.0, 0.9, 0.5]),
     seed=st.integers(0, 1000),
+    defer_twins=st.booleans(),
 )
 
 
@@ -197,3 +198,33 @@ def test_candidate_distribution_top_k_and_top_p():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(DllmError):
         SamplerConfig(**bad).validate()
+
+
+def test_defer_twins_keeps_the_best_of_each_run_of_equal_neighbours():
+    commit = np.array([[True, True, True, False, True, True]])
+    chosen = np.array([[5, 5, 5, 6, 7, 8]])
+    assert _defer_twins(commit, chosen, np.array([[0.9, 0.8, 0.7, 0.1, 0.5, 0.5]])).tolist() == [[True, False, True, False, True, True]]
+    assert _defer_twins(commit, chosen, np.array([[0.1, 0.9, 0.2, 0.1, 0.5, 0.5]])).tolist() == [[False, True, False, False, True, True]]
+    alone = np.array([[True, False, True, False, False, False]])  # same token but not committed together: both stay
+    assert _defer_twins(alone, np.array([[5, 5, 5, 0, 0, 0]]), np.zeros((1, 6))).tolist() == alone.tolist()
+
+
+def test_defer_twins_in_a_run():
+    """A context-free network that wants the same token everywhere: without deferral the first step writes it
+    twice side by side; with it, never two neighbours in one step, and the run still finishes in its steps."""
+
+    def same_everywhere(canvas):
+        B, T = canvas.shape
+        logprobs = np.tile(np.log(np.linspace(0.5, 0.01, K, dtype=np.float32)), (B, T, 1))
+        return logprobs, np.tile(np.arange(3, 3 + K, dtype=np.int32), (B, T, 1))
+
+    tokens = np.full((1, 8), SPECIAL.mask, dtype=np.int32)
+    fixed = np.zeros_like(tokens, dtype=bool)
+    for defer in (False, True):
+        steps = []
+        result = sample(same_everywhere, tokens, fixed, SPECIAL, SamplerConfig(steps=4, defer_twins=defer),
+                        on_step=lambda c, s, seen=steps: seen.append(s.committed.copy()))
+        first = steps[0][0]
+        adjacent_in_one_step = bool((first[1:] & first[:-1]).any())
+        assert adjacent_in_one_step != defer
+        assert not (result.tokens == SPECIAL.mask).any() and result.steps <= 4
