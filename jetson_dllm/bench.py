@@ -141,6 +141,7 @@ def measure_group(group: Group) -> list[Result]:
     tok = backend.tokenizer
     special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
     name = Path(group.model).name if group.model not in SIZES else group.model
+    judge = None  # --quality: loaded at the first point that needs it
     results = []
     for p in group.points:
         if p["canvas"] not in backend.canvas_lengths:
@@ -184,7 +185,9 @@ def measure_group(group: Group) -> list[Result]:
             result.energy_mj_per_token = power.mean_mw * gen / generated  # mW * s / token = mJ / token
             result.extra["power_source"] = power.source
         if group.quality:
-            quality_of(result, backend, p, group, special)
+            if judge is None and group.judge:
+                judge = load_judge(group)
+            quality_of(result, backend, p, group, judge)
         results.append(result)
     backend.close()
     return results
@@ -193,16 +196,21 @@ def measure_group(group: Group) -> list[Result]:
 QUALITY_PROMPT = "Once upon a time"
 
 
-def quality_of(result: Result, backend, point: dict, group: Group, special) -> None:
+def load_judge(group: Group):
+    """The group's judge (loaded once, after the timed points), or None without --judge."""
+    try:
+        from train_host.judge import Judge
+    except ImportError:
+        raise DllmError("--quality needs torch (the judge is a PyTorch checkpoint): pip install 'jetson-dllm[train]'") from None
+    return Judge(group.judge) if group.judge else None
+
+
+def quality_of(result: Result, backend, point: dict, group: Group, judge) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed) and judge them."""
     from jetson_dllm.generate import generate
     from jetson_dllm.sampler import SamplerConfig
+    from train_host.judge import sample_quality
 
-    try:
-        from train_host.judge import Judge, sample_quality
-    except ImportError:
-        raise DllmError("--quality needs torch (the judge is a PyTorch checkpoint): pip install 'jetson-dllm[train]'") from None
-    judge = Judge(group.judge) if group.judge else None
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
     gen = generate(backend, backend.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg)
     q = sample_quality(gen.texts, judge)

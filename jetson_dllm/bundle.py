@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write_text, fsync_file, read_manifest, sha256_file
+from jetson_dllm.files import atomic_write, fsync_file, read_manifest, sha256_file
 
 BUNDLE_FORMAT = "jetson-dllm-bundle"
 BUNDLE_VERSION = 1
@@ -153,4 +153,4 @@ def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
 def update_manifest(bundle: Bundle, **fields) -> None:
     """Replace top-level manifest fields in place (atomically), e.g. after adding an engine report."""
     bundle.manifest.update(fields)
-    atomic_write_text(bundle.path / MANIFEST, json.dumps(bundle.manifest, indent=2))
+    atomic_write(bundle.path / MANIFEST, json.dumps(bundle.manifest, indent=2))

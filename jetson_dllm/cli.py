@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from jetson_dllm.backends import SAMPLING_OUTPUTS
 from jetson_dllm.errors import DllmError
 
 app = typer.Typer(
@@ -261,14 +262,14 @@ def eval_cmd(
     from train_host.data import CanvasDataset, load_manifest
     from train_host.evaluate import evaluate
 
+    if judge is not None and not generate:
+        raise DllmError("--judge scores generated text: add --generate")
     model, tokenizer, config = load_model(checkpoint)
     manifest = load_manifest(data_dir)
     if manifest["tokenizer_sha256"] != tokenizer.sha256:
         raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with")
     torch.set_num_threads(os.cpu_count() or 1)
     ds = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id)
-    if judge is not None and not generate:
-        raise DllmError("--judge scores generated text: add --generate")
     with err.status(f"scoring {min(canvases, len(ds))} validation canvases"), torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id)
     if generate:
@@ -313,7 +314,7 @@ def _judged_samples(checkpoint, judge_path, data_dir, canvases, samples, prompt,
     from jetson_dllm.generate import generate
     from jetson_dllm.sampler import SamplerConfig
     from train_host.autoregressive import ar_generate
-    from train_host.data import CanvasDataset
+    from train_host.data import CanvasDataset, load_manifest
     from train_host.evaluate import evaluate
     from train_host.judge import Judge, sample_quality
 
@@ -321,12 +322,13 @@ def _judged_samples(checkpoint, judge_path, data_dir, canvases, samples, prompt,
         raise DllmError(f"--samples must be positive, got {samples}")
     be = open_backend("torch", str(checkpoint))
     tok = be.tokenizer
+    prompt_ids = tok.encode(prompt)
     texts, seconds = [], []
     for i in range(0, samples, 8):
         n = min(8, samples - i)
         t0 = time.perf_counter()
         if be.cfg.causal:
-            result = ar_generate(be.model, tok.encode(prompt), be.cfg.canvas_len - len(tok.encode(prompt)), tok.eot_id, tok.eot_id,
+            result = ar_generate(be.model, prompt_ids, be.cfg.canvas_len - len(prompt_ids), tok.eot_id, tok.eot_id,
                                  tok.pad_id, num_samples=n, temperature=temperature, seed=seed + i)
             texts += [tok.decode(r) for r in result.tokens]
         else:
@@ -336,8 +338,6 @@ def _judged_samples(checkpoint, judge_path, data_dir, canvases, samples, prompt,
     extra = {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300]}
     judge = Judge(judge_path) if judge_path is not None else None
     extra.update(sample_quality(texts, judge))
-    from train_host.data import load_manifest
-
     if judge is not None and load_manifest(data_dir)["tokenizer_sha256"] == judge.tokenizer.sha256:
         ds = CanvasDataset(data_dir, "val", judge.model.cfg.canvas_len, judge.tokenizer.pad_id)
         with torch.inference_mode():
@@ -473,7 +473,7 @@ class _Recording:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def run(self, feeds, outputs=("topk_logprobs", "topk_ids")):
+    def run(self, feeds, outputs=SAMPLING_OUTPUTS):
         self.seen.append(feeds["tokens"].copy())
         return self.backend.run(feeds, outputs)
 

@@ -41,10 +41,6 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 def read_manifest(path: Path, fmt: str, max_version: int, what: str, remedy: str) -> dict:
     """A JSON manifest carrying `format` and `version` (checkpoint config, bundle manifest, data manifest),
     or one line saying what is wrong and what to do."""

@@ -16,17 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def onnx_weight_bytes(model) -> int:
-    """Bytes of the initializers (weights and constants) of an ONNX ModelProto."""
-    from onnx import helper
-
-    total = 0
-    for init in model.graph.initializer:
-        n = int(np.prod(init.dims)) if init.dims else 1
-        total += n * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return total
-
-
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     """/proc/meminfo in bytes (MemTotal, MemAvailable, SwapFree, NvMapMemUsed on a Jetson, ...); {} if unreadable."""
     info = {}

@@ -11,7 +11,7 @@ import torch
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write_text
+from jetson_dllm.files import atomic_write
 from train_host import checkpoint as ck
 from train_host.data import train_tokenizer
 from train_host.model import Denoiser
@@ -151,8 +151,8 @@ def test_best_and_last_k_are_kept(tmp_path, tok):
     assert ck.resolve_checkpoint(tmp_path, which="latest").name == "step_00000005"
 
 
-def test_atomic_write_text_replaces_whole(tmp_path):
+def test_atomic_write_replaces_whole(tmp_path):
     p = tmp_path / "a.json"
-    atomic_write_text(p, "old")
-    atomic_write_text(p, "new")
+    atomic_write(p, "old")
+    atomic_write(p, "new")
     assert p.read_text() == "new" and os.listdir(tmp_path) == ["a.json"]

@@ -75,7 +75,6 @@ class OnnxBackend:
         self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.options.intra_op_num_threads = threads or physical_cores()
         self.options.log_severity_level = 3
-        self.path = path
         # One session from the file for both heads. Sampling binds only the top-K outputs, so the logits stay
         # an internal tensor. The session is opened from the path, not from bytes in Python: a proto edited and
         # serialized here leaves a dead copy or two of the weights in the heap (measured: xlarge FP32 1,091 MB of
