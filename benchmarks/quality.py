@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from jetson_dllm.backends import open_backend
+from jetson_dllm.runners import open_runner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
 from train_host.autoregressive import ar_generate
 from train_host.data import CanvasDataset
@@ -50,8 +50,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    diff = open_backend("torch", args.diffusion)
-    ar = open_backend("torch", args.ar)
+    diff = open_runner("torch", args.diffusion)
+    ar = open_runner("torch", args.ar)
     tok = diff.tokenizer
     judge = Judge(args.ar)
     ds = CanvasDataset(args.data, "val", diff.cfg.canvas_len, tok.pad_id)
@@ -74,8 +74,11 @@ def main() -> None:
     t_ar = timed(lambda: ar_generate(ar.model, [], n_gen, tok.eot_id, tok.eot_id, tok.pad_id, stop_at_end=False))
     print(f"| diffusion (bound) | {dm['val_nll']:.3f} | {dm['val_acc']:.3f} masked | " + ", ".join(f"{s} steps {1e3 * t:.0f} ms" for s, t in times.items()) + " |")
     print(f"| autoregressive (exact) | {am['val_nll']:.3f} | {am['val_acc']:.3f} next-token | {1e3 * t_ar:.0f} ms (KV cache) |")
+    infilling(args, ds, tok, run, ar, judge, special)
 
-    # Infilling: remove a span from held-out stories.
+
+def infilling(args, ds, tok, run, ar, judge, special) -> None:
+    """Remove a span from the middle of held-out stories; fill it by diffusion (both sides) and AR (prefix only)."""
     rng = np.random.default_rng(0)
     lengths = (ds.batch(np.arange(len(ds))) != tok.pad_id).sum(1)
     usable = [i for i in range(len(ds)) if lengths[i] > 3 * args.span][: args.stories]

@@ -22,11 +22,12 @@ import time
 import numpy as np
 import torch
 
-from jetson_dllm.backends import open_backend
 from jetson_dllm.generate import generate
+from jetson_dllm.runners import open_runner
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, doubled, repetition
 from train_host.diffusion import nll_bound
+from train_host.judge import Judge
 
 PROMPTS = ["Once upon a time", "One day,", "Lily and Tom", "The little dog"]
 
@@ -54,11 +55,8 @@ def main() -> None:
     p.add_argument("--defer-twins", action="store_true", help="the sampler's --defer-twins (see dllm run --help); off unless given")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-
-    from train_host.judge import Judge
-
     judge = Judge(args.judge) if args.judge else None
-    backend = open_backend("torch", args.checkpoint)
+    backend = open_runner("torch", args.checkpoint)
     tok, model = backend.tokenizer, backend.model
     rows = []
     if args.data:
@@ -97,7 +95,11 @@ def main() -> None:
                 print(f"{strategy:>10} {steps:>4} steps: {rows[-1]['evaluations']:.1f} evals, NLL {nll:.3f}, rep {rows[-1]['repetition']:.3f}, doubled {rows[-1]['doubled']:.3f}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return
+    else:
+        print_table(rows, args)
+
+
+def print_table(rows: list[dict], args) -> None:
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
           f"block {args.block or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
     print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | doubled words | distinct-1 | distinct-2 |")

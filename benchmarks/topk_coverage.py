@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from calibration.data import stratified_masking
-from jetson_dllm.backends import open_backend
+from jetson_dllm.runners import open_runner
 from train_host.data import CanvasDataset
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--canvases", type=int, default=64)
     p.add_argument("--ks", default="8,16,32,64,128,256")
     args = p.parse_args()
-    be = open_backend("torch", args.checkpoint)
+    be = open_runner("torch", args.checkpoint)
     tok, V = be.tokenizer, be.cfg.vocab_size
     ds = CanvasDataset(args.data, "val", be.cfg.canvas_len, tok.pad_id)
     x = stratified_masking(ds.batch(np.arange(min(args.canvases, len(ds)))), tok.mask_id, tok.pad_id, seed=0)

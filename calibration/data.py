@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import mask_at_ratios
 
 MIN_CANVASES = 8
 
@@ -24,8 +25,7 @@ def stratified_masking(canvases: np.ndarray, mask_id: int, pad_id: int, seed: in
     n = canvases.shape[0]
     order = rng.permutation(n)  # which canvas gets which stratum
     ratios = (order + 1 - rng.random(n)) / n  # in (i/n, (i+1)/n]
-    masked = (rng.random(canvases.shape) < ratios[:, None]) & (canvases != pad_id)
-    return np.where(masked, mask_id, canvases).astype(np.int32)
+    return mask_at_ratios(canvases, ratios[:, None], mask_id, pad_id, rng)[0]
 
 
 def load_recorded(path: str | Path, tokenizer_sha256: str, vocab_size: int, canvas_len: int) -> np.ndarray:
@@ -73,23 +73,3 @@ class CalibrationReader:
 
     def rewind(self) -> None:
         self._it = None
-
-
-def validation_canvases(tokenizer, canvas_len: int, n: int, data_dir: str | None) -> tuple[np.ndarray, str]:
-    """Canvases for parity and calibration: the data's validation split, or built-in stories."""
-    if data_dir:
-        from train_host.data import CanvasDataset, load_manifest
-
-        manifest = load_manifest(data_dir)
-        if manifest["tokenizer_sha256"] != tokenizer.sha256:
-            raise DllmError(f"{data_dir} was tokenized with another tokenizer than the checkpoint; pass the model's own data")
-        ds = CanvasDataset(data_dir, "val", canvas_len, tokenizer.pad_id)
-        idx = np.arange(min(n, len(ds)))
-        return ds.batch(idx).astype(np.int32), f"{data_dir} (val)"
-    from train_host.corpus import story
-
-    out = np.full((n, canvas_len), tokenizer.pad_id, dtype=np.int32)
-    for i in range(n):
-        ids = tokenizer.encode(story(10_000_000 + i))[: canvas_len - 1] + [tokenizer.eot_id]
-        out[i, : len(ids)] = ids
-    return out, "built-in stories"

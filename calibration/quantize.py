@@ -23,13 +23,17 @@ import io
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from calibration.data import CalibrationReader, load_recorded, stratified_masking, validation_canvases
-from calibration.report import BUCKETS, accuracy_report, mean_accuracy_drop
+from calibration.data import CalibrationReader, load_recorded, stratified_masking
+from calibration.report import BUCKETS, mean_accuracy_drop
+from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import compare_runners
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
 
 METHODS = ("minmax", "entropy", "percentile")
 EXTRA_OPTIONS = {
@@ -51,13 +55,41 @@ def _ort_method(method: str):
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
 
 
-def check_options(method: str = "minmax", budget: float = 1.0, n_canvases: int = 64, **_) -> None:
-    """Refuse bad INT8 settings before any work is done."""
-    _ort_method(method)
-    if budget < 0:
-        raise DllmError(f"--int8-budget must not be negative, got {budget}")
-    if n_canvases < 1:
-        raise DllmError(f"--calib-canvases must be positive, got {n_canvases}")
+@dataclass(frozen=True)
+class Int8Options:
+    """How `dllm export --int8` calibrates and quantizes; `validate` refuses a bad setting before any work.
+
+    Args:
+        n_canvases: calibration canvases, masked at ratios stratified over (0, 1].
+        eval_canvases: held-out canvases the accuracy drop is measured on.
+        canvas_len: calibration canvas length; 0 = the model's canvas.
+        method: minmax | entropy | percentile.
+        budget: allowed loss of masked-token accuracy, in points, averaged over noise levels.
+        allow_over_budget: keep the best model found when no exclusion set meets the budget.
+        extra_file: canvases recorded by `dllm run --save-canvases` (.npz), added to the calibration set.
+        seed: masking seed.
+    """
+
+    n_canvases: int = 64
+    eval_canvases: int = 32
+    canvas_len: int = 0
+    method: str = "minmax"
+    budget: float = 1.0
+    allow_over_budget: bool = False
+    extra_file: str | None = None
+    seed: int = 0
+
+    def validate(self, model_canvas_len: int | None = None) -> None:
+        _ort_method(self.method)
+        if not self.budget >= 0:  # NaN fails too
+            raise DllmError(f"--int8-budget must not be negative (nor NaN), got {self.budget}")
+        if self.n_canvases < 1:
+            raise DllmError(f"--calib-canvases must be positive, got {self.n_canvases}")
+        if self.eval_canvases < 1:
+            raise DllmError(f"INT8 evaluation canvases must be positive, got {self.eval_canvases}")
+        if self.canvas_len < 0 or (model_canvas_len is not None and self.canvas_len > model_canvas_len):
+            limit = f"1..{model_canvas_len}" if model_canvas_len else "positive"
+            raise DllmError(f"--calib-canvas-len {self.canvas_len} must be {limit} (the model's canvas), or 0")
 
 
 def quantizable_nodes(model) -> list[str]:
@@ -95,124 +127,114 @@ def quantize(pre_path: Path, out_path: Path, reader: CalibrationReader | None, m
         )
 
 
-def logits_fn(path: Path):
-    """tokens -> logits with onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda tokens: session.run(["logits"], {"tokens": tokens})[0]
-
-
-def quantize_bundle(
-    bundle_dir: Path,
-    manifest: dict,
-    tokenizer,
-    data_dir: str | None,
-    n_canvases: int = 64,
-    method: str = "minmax",
-    budget: float = 1.0,
-    allow_over_budget: bool = False,
-    extra_file: str | None = None,
-    seed: int = 0,
-    eval_canvases: int = 32,
-    canvas_len: int = 0,
-    progress=None,
-) -> dict:
+def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, source: str, tokenizer_sha256: str,
+                    options: Int8Options, progress=None) -> dict:
     """Write model.int8.onnx (and model.int8-dynamic.ort) into a bundle being built; returns the report.
 
-    If no exclusion set (up to half the quantizable layers) meets `budget` (points of masked-token
-    accuracy averaged over noise levels), the best model found is kept and the report says so; the
-    caller decides whether that is an error (`within_budget`).
+    `canvases` are clean validation canvases (`options.n_canvases + options.eval_canvases` of them if the
+    data holds that many): the first calibrate, the rest measure the accuracy drop. If no exclusion set (up
+    to half the quantizable layers) meets the budget (points of masked-token accuracy averaged over noise
+    levels), the best model found is kept and the report says so; the caller decides whether that is an
+    error (`within_budget`).
     """
-    import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     say = progress or (lambda msg: None)
-    check_options(method=method, budget=budget, n_canvases=n_canvases)
-    cfg = manifest["model"]
-    if not 0 <= canvas_len <= cfg["canvas_len"]:
-        raise DllmError(f"--calib-canvas-len {canvas_len} must be in 1..{cfg['canvas_len']} (the model's canvas), or 0")
+    cfg = ModelConfig.from_dict(manifest["model"])
+    options.validate(cfg.canvas_len)
     mask_id, pad_id = manifest["special_ids"]["mask"], manifest["special_ids"]["pad"]
-    canvases, source = validation_canvases(tokenizer, canvas_len or cfg["canvas_len"], n_canvases + eval_canvases, data_dir)
-    overlap = len(canvases) < n_canvases + eval_canvases
-    calib = canvases[:n_canvases] if not overlap else canvases[: max(len(canvases) // 2, 1)]
-    held_out = canvases[len(calib):] if len(canvases) > len(calib) else canvases
-    calib_set = list(stratified_masking(calib, mask_id, pad_id, seed))
+    calib, held_out, overlap = _split(canvases, options)
+    calib_set = list(stratified_masking(calib, mask_id, pad_id, options.seed))
     recorded = 0
-    if extra_file:
-        extra = load_recorded(extra_file, tokenizer.sha256, cfg["vocab_size"], cfg["canvas_len"])
+    if options.extra_file:
+        extra = load_recorded(options.extra_file, tokenizer_sha256, cfg.vocab_size, cfg.canvas_len)
         calib_set += list(extra)
         recorded = len(extra)
     reader = CalibrationReader(calib_set)
-
+    fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
+    fp16_path = bundle_dir / manifest["precisions"]["fp16"]["file"] if "fp16" in manifest["precisions"] else None
+    t0 = time.time()
     work = bundle_dir / ".int8-work"
     work.mkdir(exist_ok=True)
     try:
-        fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
-        pre = work / "pre.onnx"
-        say("INT8: preparing the graph for quantization")
-        with _quiet():
-            # onnx shape inference and ORT's basic (portable, default-domain) graph optimizations, which fold
-            # the tied head's Transpose into a constant so the head counts as a weight MatMul. ORT's symbolic
-            # shape inference is skipped: it fails on the exporter's dynamic Reshape/Concat shapes.
-            quant_pre_process(str(fp32_path), str(pre), skip_optimization=False, skip_symbolic_shape=True)
-        nodes = quantizable_nodes(onnx.load(str(pre)))
-        if not nodes:
-            raise DllmError("no weight MatMuls to quantize in the exported graph")
-        cache = work / f"ranges-{method}.json"
-        ref = logits_fn(fp32_path)
-        eval_levels = BUCKETS
-
-        def drop_of(exclude: list[str], tag: str) -> float:
-            path = work / f"{tag}.onnx"
-            quantize(pre, path, reader, method, exclude, cache)
-            rows = accuracy_report(ref, {"q": logits_fn(path)}, held_out, mask_id, pad_id, eval_levels, seed + 1)["q"]
-            return mean_accuracy_drop(rows)
-
-        say(f"INT8: calibrating ({method}, {len(reader)} canvases) and quantizing {len(nodes)} matmuls")
-        t0 = time.time()
-        search = search_exclusions(nodes, drop_of, budget, progress=say)
-        drop, excluded = search["drop"], search["excluded"]
-        final = bundle_dir / "model.int8.onnx"
-        quantize(pre, final, reader, method, excluded, cache)
-        onnx.checker.check_model(str(final), full_check=True)
-        problems = qdq_problems(onnx.load(str(final)))
-        if problems:
-            raise DllmError(f"the INT8 graph breaks TensorRT's Q/DQ rules: {problems[0]}")
-
-        say("INT8: the CPU variant (dynamic INT8 matmuls, onnxruntime format)")
-        write_dynamic_cpu_variant(fp32_path, bundle_dir / "model.int8-dynamic.ort", work)
-
-        runs = {"int8": logits_fn(final)}
-        if "fp16" in manifest["precisions"]:
-            runs["fp16"] = logits_fn(bundle_dir / manifest["precisions"]["fp16"]["file"])
-        report = accuracy_report(ref, runs, held_out, mask_id, pad_id, eval_levels, seed + 2)
-        final_drop = mean_accuracy_drop(report["int8"])
+        search, nodes, report = _quantize_and_measure(fp32_path, fp16_path, bundle_dir, work, reader, held_out, cfg,
+                                                      pad_id, options, say)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    final_drop = mean_accuracy_drop(report["int8"])
     return {
-        "method": method,
+        "method": options.method,
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)",
         "source": source,
         "calibration_canvases": len(reader),
         "recorded_canvases": recorded,
         "eval_canvases": int(len(held_out)),
-        "calibration_overlaps_eval": bool(overlap and len(canvases) <= len(calib)),
+        "calibration_overlaps_eval": overlap,
         "quantizable": len(nodes),
-        "quantized": len(nodes) - len(excluded),
-        "excluded": excluded,
+        "quantized": len(nodes) - len(search["excluded"]),
+        "excluded": search["excluded"],
         "sensitivity_points": search["sensitivity"],
         "trajectory": search["trajectory"],
         "accuracy_drop_points": final_drop,
-        "search_drop_points": drop,
-        "budget_points": budget,
-        "within_budget": bool(final_drop <= budget),
-        "allow_over_budget": allow_over_budget,
+        "search_drop_points": search["drop"],
+        "budget_points": options.budget,
+        "within_budget": bool(final_drop <= options.budget),
+        "allow_over_budget": options.allow_over_budget,
         "seconds": round(time.time() - t0, 1),
         "report": report,
     }
+
+
+def _split(canvases: np.ndarray, options: Int8Options) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(calibration canvases, held-out canvases, whether they overlap): half and half when the data is short."""
+    overlap = len(canvases) < options.n_canvases + options.eval_canvases
+    calib = canvases[: options.n_canvases] if not overlap else canvases[: max(len(canvases) // 2, 1)]
+    held_out = canvases[len(calib):] if len(canvases) > len(calib) else canvases
+    return calib, held_out, bool(overlap and len(canvases) <= len(calib))
+
+
+def _quantize_and_measure(fp32_path: Path, fp16_path: Path | None, bundle_dir: Path, work: Path, reader, held_out: np.ndarray,
+                          cfg: ModelConfig, pad_id: int, options: Int8Options, say) -> tuple[dict, list[str], dict]:
+    """Search the exclusion set, write the final INT8 graph and the CPU variant, and report them against FP32."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / "pre.onnx"
+    say("INT8: preparing the graph for quantization")
+    with _quiet():
+        # onnx shape inference and ORT's basic (portable, default-domain) graph optimizations, which fold
+        # the tied head's Transpose into a constant so the head counts as a weight MatMul. ORT's symbolic
+        # shape inference is skipped: it fails on the exporter's dynamic Reshape/Concat shapes.
+        quant_pre_process(str(fp32_path), str(pre), skip_optimization=False, skip_symbolic_shape=True)
+    nodes = quantizable_nodes(onnx.load(str(pre)))
+    if not nodes:
+        raise DllmError("no weight MatMuls to quantize in the exported graph")
+    cache = work / f"ranges-{options.method}.json"
+    ref = onnx_runner_from_file(fp32_path, cfg)
+
+    def drop_of(exclude: list[str], tag: str) -> float:
+        path = work / f"{tag}.onnx"
+        quantize(pre, path, reader, options.method, exclude, cache)
+        with onnx_runner_from_file(path, cfg, "int8") as q:
+            rows = compare_runners(ref, {"q": q}, held_out, BUCKETS, cfg.mask_id, pad_id, options.seed + 1)["q"]
+        return mean_accuracy_drop(rows)
+
+    say(f"INT8: calibrating ({options.method}, {len(reader)} canvases) and quantizing {len(nodes)} matmuls")
+    search = search_exclusions(nodes, drop_of, options.budget, progress=say)
+    final = bundle_dir / "model.int8.onnx"
+    quantize(pre, final, reader, options.method, search["excluded"], cache)
+    onnx.checker.check_model(str(final), full_check=True)
+    problems = qdq_problems(onnx.load(str(final)))
+    if problems:
+        raise DllmError(f"the INT8 graph breaks TensorRT's Q/DQ rules: {problems[0]}")
+    say("INT8: the CPU variant (dynamic INT8 matmuls, onnxruntime format)")
+    write_dynamic_cpu_variant(fp32_path, bundle_dir / "model.int8-dynamic.ort", work)
+    runners = {"int8": onnx_runner_from_file(final, cfg, "int8")}
+    if fp16_path is not None:
+        runners["fp16"] = onnx_runner_from_file(fp16_path, cfg, "fp16")
+    with ref:
+        report = compare_runners(ref, runners, held_out, BUCKETS, cfg.mask_id, pad_id, options.seed + 2)
+    for r in runners.values():
+        r.close()
+    return search, nodes, report
 
 
 def search_exclusions(nodes: list[str], drop_of, budget: float, max_share: float = MAX_EXCLUDED_SHARE, progress=None) -> dict:

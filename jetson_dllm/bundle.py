@@ -15,14 +15,12 @@ with a manifest.json is always whole; reading verifies the hashes.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write, fsync_file, read_manifest, sha256_file
+from jetson_dllm.files import atomic_folder, atomic_write, read_manifest, sha256_file
 
 BUNDLE_FORMAT = "jetson-dllm-bundle"
 BUNDLE_VERSION = 1
@@ -122,10 +120,7 @@ def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
             raise DllmError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
         if not (out_dir / MANIFEST).is_file():
             raise DllmError(f"{out_dir} is not a bundle; refusing to overwrite it")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir, replace=True) as tmp:
         manifest = build(tmp)
         (tmp / ENGINES).mkdir(exist_ok=True)
         manifest["files"] = {
@@ -134,19 +129,6 @@ def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
             if p.is_file() and p.parts[len(tmp.parts)] != ENGINES and p.name != MANIFEST
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                fsync_file(p)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_bundle(out_dir)
 
 

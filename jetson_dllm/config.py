@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.precisions import PRECISIONS, weight_format
 
 # d_model, n_head, n_layer: the sizes of the seed project.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -16,8 +17,6 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "xlarge": (768, 12, 12),
     "xxlarge": (1024, 16, 16),
 }
-
-BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
 def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
@@ -102,11 +101,10 @@ class ModelConfig:
         return n
 
     def weight_bytes(self, precision: str) -> int:
-        """Bytes of weights at a precision; INT8 keeps embedding and norms in FP16 (as our Q/DQ export does)."""
-        if precision not in BYTES_PER_WEIGHT:
-            raise DllmError(f"unknown precision {precision!r}; choose one of: {', '.join(BYTES_PER_WEIGHT)}")
-        if precision != "int8":
-            return self.num_params() * BYTES_PER_WEIGHT[precision]
+        """Bytes of weights at a precision (int8-dynamic counts as int8); INT8 keeps embedding and norms in FP16 (as our Q/DQ export does)."""
+        fmt = weight_format(precision)
+        if fmt != "int8":
+            return self.num_params() * PRECISIONS[fmt].weight_bytes
         d, f = self.d_model, self.d_ff
         matmul = self.n_layer * (4 * d * d + 3 * d * f)
         return matmul * 1 + (self.num_params() - matmul) * 2

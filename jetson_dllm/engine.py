@@ -24,16 +24,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jetson_dllm.bundle import Bundle
+from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
+from jetson_dllm.precisions import PRECISIONS, for_runner
 from jetson_dllm.profiler import read_meminfo
+from jetson_dllm.runners import SAMPLING_OUTPUTS
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
 SUPPORTED_TRT_MAJOR = 10
 L4T_RELEASE = Path("/etc/nv_tegra_release")
-SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
 
 
 @dataclass(frozen=True)
@@ -104,14 +105,14 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int) -> Engi
 
 def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3) -> dict:
     """The builder configuration for a precision on a device with `total_memory` bytes (shared on a Jetson)."""
-    if precision not in ("fp32", "fp16", "int8"):
-        raise DllmError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    if precision not in for_runner("trt"):
+        raise DllmError(f"unknown precision {precision!r} for TensorRT; choose {', '.join(for_runner('trt'))}")
     if not 0 <= optimization_level <= 5:
         raise DllmError(f"--opt-level must be in 0..5, got {optimization_level}")
     gib = 1 << 30
     return {
         "strongly_typed": precision == "fp16",
-        "flags": {"fp32": [], "fp16": [], "int8": ["INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"]}[precision],
+        "flags": list(PRECISIONS[precision].trt_flags),
         "fp32_layers": fp32_layers if precision == "int8" else 0,
         # Workspace: an eighth of memory, within [256 MiB, 2 GiB]; the tactic DRAM pool (which on an
         # integrated GPU counts all builder memory) at half of memory, not the default 75 %.
@@ -186,6 +187,18 @@ def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
     return rows
 
 
+def bundle_report(bundle_dir: str | Path) -> dict:
+    """`dllm inspect`: what a bundle holds, the state of every hashed file, and which engines fit this device."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    files = bundle.verify()
+    return {"bundle": str(bundle_dir), "model": bundle.manifest["model"], "precisions": bundle.precisions, "files": files,
+            "sizes": {n: (bundle.path / n).stat().st_size if (bundle.path / n).is_file() else None for n in files},
+            "engines": engine_status(bundle), "engines_dir": str(bundle.engines_dir), "canvas_lengths": bundle.canvas_lengths,
+            "topk": bundle.topk, "opset": bundle.manifest.get("opset"), "version": bundle.manifest.get("version"),
+            "parity": bundle.manifest.get("parity"), "calibration": bundle.manifest.get("calibration"),
+            "bad": [n for n, state in files.items() if state != "ok"]}
+
+
 def detect_device(required: bool = True) -> Device | None:
     """This machine's GPU and TensorRT, or None (required=False) / a clear error when there are none."""
     try:
@@ -211,6 +224,25 @@ def detect_device(required: bool = True) -> Device | None:
     major, minor = dev.compute_capability()
     integrated = bool(dev.get_attribute(cuda.device_attribute.INTEGRATED))
     return Device(dev.name(), f"{major}.{minor}", trt.__version__, read_l4t_release(), int(dev.total_memory()), integrated)
+
+
+def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: list[int] = (128,), batches: list[int] = (1,),
+                  opt_level: int = 3, progress=None) -> list[dict]:
+    """`dllm build`: an engine per (batch, canvas) for this device, each built only if missing.
+
+    Every shape is validated before any build. Returns per engine {path, built, device, trt_version}."""
+    bundle = load_bundle(bundle_dir)
+    device = detect_device()
+    settings = builder_settings(precision, device.total_memory, len(bundle.manifest.get("fp32_nodes", [])), opt_level)
+    specs = [engine_spec(bundle, precision, b, c) for b in batches for c in canvases]
+    done = []
+    for spec in specs:
+        path = engine_path(bundle, spec, device, settings)
+        built = not path.is_file()
+        if built:
+            path = build_engine(bundle, spec, device, settings, progress=progress)
+        done.append({"path": path, "built": built, "device": device.name, "trt_version": device.trt_version})
+    return done
 
 
 def find_or_build(bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None) -> Path:

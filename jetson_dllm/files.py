@@ -1,10 +1,13 @@
-"""File helpers for writes that must survive a crash: hashing, fsync, atomic replace."""
+"""File helpers for writes that must survive a crash: hashing, fsync, atomic file and folder writes, manifests."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -57,3 +60,38 @@ def read_manifest(path: Path, fmt: str, max_version: int, what: str, remedy: str
         raise DllmError(f"{Path(path).parent} was written by a newer jetson-dllm ({what} format {data['version']}, "
                         f"this one reads {max_version}); upgrade jetson-dllm")
     return data
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Build a folder under a hidden temporary name beside `final`, then rename it into place.
+
+    Yields the temporary folder. On success every file is fsynced and the folder renamed to `final`
+    (an existing `final` is swapped out and deleted when `replace` is set, else refused); on any
+    failure, Ctrl-C included, the temporary folder is removed and `final` is untouched.
+    """
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_file(p)
+        fsync_dir(tmp)
+        old = None
+        if final.exists():
+            if not replace:
+                from jetson_dllm.errors import DllmError
+
+                raise DllmError(f"{final} appeared while it was being written; nothing was replaced")
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

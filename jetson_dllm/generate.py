@@ -1,14 +1,18 @@
-"""Text generation: prompt -> canvas -> sampler over a backend -> text."""
+"""Text generation: a model path -> a runner -> prompt -> canvas -> the sampler -> text (or, for the
+autoregressive baseline, token by token through the torch runner's KV cache)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from jetson_dllm.backends import Backend, sampling_fn
-from jetson_dllm.prompt import Canvas, build_canvas
+from jetson_dllm.errors import DllmError
+from jetson_dllm.prompt import PLACEHOLDER, Canvas, build_canvas
+from jetson_dllm.runners import SAMPLING_OUTPUTS, Runner, open_runner, sampling_fn
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -39,9 +43,44 @@ class Generation:
             "sampler": self.sampler.__dict__,
         }
 
+    def summary(self) -> str:
+        r = self.result
+        return (f"{self.backend}: {r.steps} steps, {r.evaluations} network evaluations, canvas {self.canvas.tokens.size}, "
+                f"{r.total_s * 1e3:.0f} ms ({r.network_s * 1e3:.0f} ms network)" + (", deadline hit" if r.deadline_hit else ""))
+
+
+@dataclass
+class ArGeneration:
+    """What the autoregressive baseline generated, in the same shape of report."""
+
+    texts: list[str]
+    tokens: np.ndarray
+    new_tokens: int
+    seconds: float
+    backend: str = "torch-ar"
+
+    def to_json(self) -> dict:
+        return {"texts": self.texts, "tokens": self.tokens.tolist(), "backend": self.backend, "new_tokens": self.new_tokens,
+                "evaluations": self.new_tokens, "total_ms": self.seconds * 1e3}
+
+    def summary(self) -> str:
+        return f"autoregressive: {self.new_tokens} tokens with a KV cache in {self.seconds * 1e3:.0f} ms"
+
+
+def open_model(path: str | Path, backend: str = "auto", precision: str = "fp32", device: str = "cpu", providers: str = "",
+               threads: int = 0) -> Runner:
+    """The runner for a checkpoint (torch) or a bundle (onnx, trt); `auto` picks torch or onnx by what `path` holds."""
+    kind = backend if backend != "auto" else ("onnx" if (Path(path) / "manifest.json").is_file() else "torch")
+    options: dict = {}
+    if kind == "torch":
+        options = {"device": device, "threads": threads}
+    elif kind == "onnx":
+        options = {"threads": threads, **({"providers": providers} if providers else {})}
+    return open_runner(kind, path, precision=precision, **options)
+
 
 def generate(
-    backend: Backend,
+    runner: Runner,
     tokenizer: TextTokenizer,
     prompt: str,
     length: int = 0,
@@ -52,15 +91,73 @@ def generate(
     allow_empty: bool = False,
 ) -> Generation:
     """Generate `num_samples` completions (or infillings) of `prompt` as one batch."""
-    from jetson_dllm.errors import DllmError
-
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if num_samples <= 0:
         raise DllmError(f"--num-samples must be positive, got {num_samples}")
-    canvas = build_canvas(tokenizer, prompt, length, backend.canvas_lengths, gap=gap, allow_empty=allow_empty)
+    canvas = build_canvas(tokenizer, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
     tokens, fixed = canvas.batch(num_samples)
     special = SpecialIds(mask=tokenizer.mask_id, eot=tokenizer.eot_id, pad=tokenizer.pad_id)
-    result = sample(sampling_fn(backend), tokens, fixed, special, sampler, on_step=on_step)
+    result = sample(sampling_fn(runner), tokens, fixed, special, sampler, on_step=on_step)
     texts = [tokenizer.decode(row) for row in result.tokens]
-    return Generation(texts, canvas, result, backend.name, sampler)
+    return Generation(texts, canvas, result, runner.name, sampler)
+
+
+def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
+             gap: int = 12, on_step=None) -> Generation | ArGeneration:
+    """`dllm run`'s generation: the diffusion sampler, or token by token for the autoregressive baseline."""
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
+    if not runner.cfg.causal:
+        return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
+    if PLACEHOLDER.search(prompt):
+        raise DllmError("an autoregressive model cannot fill gaps; use a diffusion checkpoint for infilling")
+    if not hasattr(runner, "generate_autoregressive"):
+        raise DllmError("the autoregressive baseline runs on the torch backend (its KV cache is not exported)")
+    tok = runner.tokenizer
+    ids = tok.encode(prompt)
+    result = runner.generate_autoregressive(ids, length or runner.cfg.canvas_len - len(ids), num_samples,
+                                            sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)
+    return ArGeneration([tok.decode(r) for r in result.tokens], result.tokens, result.new_tokens, result.seconds)
+
+
+@dataclass
+class CanvasRecorder:
+    """A runner wrapper that keeps a copy of every canvas the network runs on, for INT8 calibration.
+
+    Saved as `.npz` with `tokens` (n, canvas) int32 and `tokenizer_sha256` (what `dllm export --calib-file` reads).
+    """
+
+    runner: Runner
+    seen: list = field(default_factory=list)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.runner.close()
+        return False
+
+    def run(self, feeds, outputs=SAMPLING_OUTPUTS):
+        self.seen.append(feeds["tokens"].copy())
+        return self.runner.run(feeds, outputs)
+
+    def save(self, path: str | Path) -> int:
+        """Write the recorded canvases (all of one length) and return how many there are."""
+        tokens = np.concatenate(self.seen) if self.seen else np.zeros((0, 0), dtype=np.int32)
+        np.savez_compressed(path, tokens=tokens, tokenizer_sha256=self.runner.tokenizer.sha256)
+        return len(tokens)
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt itself, or standard input when it is "-"."""
+    if prompt != "-":
+        return prompt
+    raw = sys.stdin.buffer.read()
+    try:
+        return raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise DllmError(f"the prompt on standard input is not UTF-8 (bad byte at offset {e.start}); convert it first") from None

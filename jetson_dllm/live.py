@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from rich.console import Group
 from rich.live import Live
@@ -44,3 +46,8 @@ class LiveCanvas:
             else:
                 text.append(tok.piece(t), style="bold black on yellow" if fresh else "")
         return text
+
+
+def live_view(console, tokenizer: TextTokenizer, steps: int, enabled: bool):
+    """The live canvas as a context manager yielding the on_step callback, or None when not `enabled`."""
+    return LiveCanvas(console, tokenizer, steps) if enabled else contextlib.nullcontext()

@@ -176,19 +176,26 @@ CUDA_CONTEXT = 350 << 20
 HOST_RUNTIME = 250 << 20
 
 
-def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, workspace: int = 1 << 30) -> dict[str, int]:
-    """Where an engine's memory goes on a unified-memory device (bytes), for running and for building."""
+def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, workspace: int = 1 << 30, device: bool = True) -> dict[str, int]:
+    """Where a run's memory goes (bytes), for running and for building an engine: the one estimator of the
+    project (`dllm profile`, the Orin Nano verdict and bench's memory check all use it).
+
+    `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process."""
+    from jetson_dllm.precisions import precision as precision_record
+
+    record = precision_record(precision)
     weights = cfg.weight_bytes(precision)
-    act_bytes = 4 if precision == "fp32" else 2
+    act_bytes = record.activation_bytes
     B, T = batch, canvas
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
     activations = 2 * B * T * widest * act_bytes + B * cfg.n_head * T * T * act_bytes
     io = B * T * (4 + 8 * k)
-    run = weights + activations + io + CUDA_CONTEXT + HOST_RUNTIME
+    runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
+    run = weights + activations + io + runtime
     onnx_bytes = cfg.weight_bytes("fp32" if precision == "fp32" else "fp16")
-    build = 3 * onnx_bytes + workspace + CUDA_CONTEXT + HOST_RUNTIME
-    return {"weights": weights, "activations": activations, "io": io, "runtime": CUDA_CONTEXT + HOST_RUNTIME,
+    build = 3 * onnx_bytes + workspace + runtime
+    return {"weights": weights, "activations": activations, "io": io, "runtime": runtime,
             "run_total": run, "build_total": build}
 
 
@@ -196,3 +203,55 @@ def orin_nano_verdict(plan: dict[str, int], usable: int = ORIN_NANO_VISIBLE - OR
     run_headroom = usable - plan["run_total"]
     build_headroom = usable - plan["build_total"]
     return {"fits": run_headroom > 0, "headroom": run_headroom, "builds": build_headroom > 0, "build_headroom": build_headroom}
+
+
+def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None, precisions: str = "fp32,fp16,int8",
+                canvas: int = 256, batch: int = 1, measure: bool = False) -> list[dict]:
+    """`dllm profile`: per config (or the bundle's model) and precision, the memory plan and the Orin Nano
+    verdict; with `measure`, the peak RSS of the onnx runner on this host too (bundle only)."""
+    from jetson_dllm.config import SIZES, ModelConfig
+    from jetson_dllm.errors import DllmError
+    from jetson_dllm.precisions import parse_precisions
+
+    if canvas < 1 or batch < 1:
+        raise DllmError(f"--canvas and --batch must be positive, got {canvas} and {batch}")
+    names = parse_precisions(precisions)
+    if bundle_dir is not None:
+        from jetson_dllm.bundle import load_bundle
+
+        bundle = load_bundle(bundle_dir)
+        cfgs, k = [bundle.config], bundle.topk
+        names = [p for p in names if p in bundle.precisions]
+    else:
+        cfgs = [ModelConfig.from_name(n, vocab_size=8192, canvas_len=max(canvas, 256)) for n in (configs or list(SIZES))]
+        k = 64
+    rows = []
+    for cfg in cfgs:
+        if canvas > cfg.canvas_len:
+            raise DllmError(f"--canvas {canvas} is longer than the model's canvas ({cfg.canvas_len})")
+        for p in names:
+            plan = memory_plan(cfg, p, batch, canvas, k)
+            rows.append({"config": cfg.name, "precision": p, **plan, **orin_nano_verdict(plan)})
+    if measure and bundle_dir is not None:
+        for row in rows:
+            row["host_rss_measured"] = measure_rss(bundle_dir, row["precision"], batch, canvas)
+    return rows
+
+
+def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int:
+    """Peak RSS (bytes) of a fresh process that opens the bundle on onnxruntime and runs one step."""
+    import json
+    import sys
+
+    from jetson_dllm.errors import DllmError
+
+    code = ("import json, sys, numpy as np\n"
+            "from jetson_dllm.runners import open_runner\n"
+            "from jetson_dllm.profiler import peak_rss_ever\n"
+            f"be = open_runner('onnx', {str(bundle_dir)!r}, precision={precision!r})\n"
+            f"be.run({{'tokens': np.full(({batch}, {canvas}), be.cfg.mask_id, dtype=np.int32)}})\n"
+            "print(json.dumps(peak_rss_ever()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DllmError(f"measuring {precision} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1]))

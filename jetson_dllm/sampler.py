@@ -47,7 +47,7 @@ class SamplerConfig:
     allow_end: bool = True  # False: fixed-length generation (no end-of-text), as benchmarks run
     defer_twins: bool = True  # two neighbours picked in one step with the same token: commit one, re-predict the other
 
-    def validate(self) -> None:
+    def validate(self) -> SamplerConfig:
         if self.steps <= 0:
             raise DllmError(f"--steps must be at least 1, got {self.steps}")
         if self.strategy not in STRATEGIES:
@@ -64,6 +64,7 @@ class SamplerConfig:
             raise DllmError(f"--block must not be negative, got {self.block}")
         if self.deadline_ms < 0:
             raise DllmError(f"--deadline-ms must not be negative, got {self.deadline_ms}")
+        return self
 
 
 @dataclass

@@ -47,11 +47,12 @@ def trained_run(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bundle_dir(trained_run, data_dir, tmp_path_factory) -> Path:
     """The trained small model exported with FP32, FP16 and INT8 (calibrated on its validation split)."""
+    from calibration.quantize import Int8Options
     from train_host.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_bundle(trained_run, out, precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir), parity_canvases=8,
-                  int8_options={"n_canvases": 16, "eval_canvases": 16, "budget": 100.0})
+                  int8=Int8Options(n_canvases=16, eval_canvases=16, budget=100.0))
     return out
 
 
@@ -64,3 +65,13 @@ def ar_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ar") / "ar"
     train_small(data_dir, out, steps=30, objective="ar")
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`jetson` tests run only on a Jetson (L4T release file present); elsewhere they skip with the reason."""
+    if Path("/etc/nv_tegra_release").is_file():
+        return
+    skip = pytest.mark.skip(reason="needs a Jetson (no /etc/nv_tegra_release here)")
+    for item in items:
+        if "jetson" in item.keywords:
+            item.add_marker(skip)

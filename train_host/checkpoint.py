@@ -14,7 +14,6 @@ killed write leaves only a `.tmp-*` folder that is ignored and cleaned up. Conte
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import fsync_dir, fsync_file, read_manifest, sha256_file
+from jetson_dllm.files import atomic_folder, read_manifest, sha256_file
 from jetson_dllm.tokenizer import TextTokenizer
 
 CKPT_FORMAT = "jetson-dllm-checkpoint"
@@ -86,39 +85,28 @@ def save_checkpoint(
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".step_{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {}
-    save_file(run_weights if run_weights is not None else state_dict_for_save(model), str(tmp / "model.safetensors"))
-    tokenizer.save(tmp / "tokenizer.json")
-    if optimizer is not None or trainer_tensors:
-        tensors = dict(trainer_tensors or {})
-        meta = dict(trainer_meta or {})
-        if optimizer is not None:
-            opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
-            tensors.update(opt_tensors)
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-    for f in sorted(tmp.iterdir()):
-        fsync_file(f)
-        files[f.name] = sha256_file(f)
-    config = {
-        "format": CKPT_FORMAT,
-        "version": CKPT_VERSION,
-        "model": cfg.to_dict(),
-        "step": step,
-        "metrics": metrics,
-        "special_ids": tokenizer.special_ids,
-        "files": files,
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    fsync_file(tmp / "config.json")
-    fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (resume then stop at once): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(ckpt_root)
+    # A re-save of the same step (resume, then stop at once) replaces it whole.
+    with atomic_folder(final, replace=True) as tmp:
+        save_file(run_weights if run_weights is not None else state_dict_for_save(model), str(tmp / "model.safetensors"))
+        tokenizer.save(tmp / "tokenizer.json")
+        if optimizer is not None or trainer_tensors:
+            tensors = dict(trainer_tensors or {})
+            meta = dict(trainer_meta or {})
+            if optimizer is not None:
+                opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+                tensors.update(opt_tensors)
+            save_file(tensors, str(tmp / "trainer.safetensors"))
+            (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        config = {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            "model": cfg.to_dict(),
+            "step": step,
+            "metrics": metrics,
+            "special_ids": tokenizer.special_ids,
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return final
 
 
@@ -134,7 +122,7 @@ def clean_partial(run_dir: Path) -> None:
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".step_") and ".tmp-" in p.name:
+            if p.name.startswith(".step_") and (".tmp-" in p.name or ".old-" in p.name):
                 shutil.rmtree(p, ignore_errors=True)
 
 

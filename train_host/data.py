@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import read_manifest
+from jetson_dllm.files import atomic_folder, read_manifest
 from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
 
 DATA_FORMAT = "jetson-dllm-data"
@@ -239,56 +238,16 @@ def prepare_data(
         raise DllmError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DllmError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
-    report = progress or (lambda *a: None)
-    total = sum(s.size or 0 for s in sources) or None
-
-    def tracked(limit: int | None, phase: str) -> Iterator[str]:
-        n, finished = 0, 0
-        for s in sources:
-            for doc in s.documents():
-                yield doc
-                n += 1
-                if n % 256 == 0:
-                    report(phase, finished + s.done, total)
-                if limit is not None and n >= limit:
-                    return
-            finished += s.size or s.done
-        report(phase, total or n, total)
-
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    docs = _Tracked(sources, progress or (lambda *a: None))
+    with atomic_folder(out_dir, replace=True) as tmp:
         if tokenizer_path:
             tok = TextTokenizer.from_file(tokenizer_path)
         else:
-            tok = train_tokenizer(tracked(tokenizer_docs, "tokenizer"), vocab_size)
+            tok = train_tokenizer(docs("tokenizer", tokenizer_docs), vocab_size)
         if tok.vocab_size > MAX_UINT16_VOCAB:
             raise DllmError(f"tokenizer has {tok.vocab_size} tokens, more than uint16 shards hold ({MAX_UINT16_VOCAB})")
         tok.save(tmp / "tokenizer.json")
-        stride = max(2, round(1.0 / val_fraction))
-        writers = {"train": _ShardWriter(tmp / "train.bin"), "val": _ShardWriter(tmp / "val.bin")}
-        index = 0
-        batch: list[str] = []
-
-        def flush() -> None:
-            nonlocal index
-            for ids in tok.encode_batch(batch):
-                # Document 0, stride, 2*stride ... go to validation: deterministic, never empty.
-                writers["val" if index % stride == 0 else "train"].add(ids, tok.eot_id)
-                index += 1
-            batch.clear()
-
-        for doc in tracked(None, "tokenize"):
-            batch.append(doc)
-            if len(batch) >= 1024:
-                flush()
-        flush()
-        if index == 0:
-            raise DllmError("no documents found in the data; check the files and --format")
-        splits = {name: w.close() for name, w in writers.items()}
-        if splits["train"]["docs"] == 0:
-            raise DllmError(f"only {index} document(s): too few to split into train and validation")
+        splits = write_shards(tmp, tok, docs("tokenize"), val_fraction)
         manifest = {
             "format": DATA_FORMAT,
             "version": DATA_VERSION,
@@ -301,13 +260,56 @@ def prepare_data(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "data.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
+
+
+class _Tracked:
+    """The documents of all sources, reporting progress(phase, done, total) in bytes (or documents)."""
+
+    def __init__(self, sources: list[Source], report):
+        self.sources, self.report = sources, report
+        self.total = sum(s.size or 0 for s in sources) or None
+
+    def __call__(self, phase: str, limit: int | None = None) -> Iterator[str]:
+        n, finished = 0, 0
+        for s in self.sources:
+            for doc in s.documents():
+                yield doc
+                n += 1
+                if n % 256 == 0:
+                    self.report(phase, finished + s.done, self.total)
+                if limit is not None and n >= limit:
+                    return
+            finished += s.size or s.done
+        self.report(phase, self.total or n, self.total)
+
+
+def write_shards(folder: Path, tok: TextTokenizer, docs: Iterable[str], val_fraction: float) -> dict:
+    """Tokenize documents into train.bin / val.bin (+ .idx.npy offsets); every stride-th document is validation."""
+    stride = max(2, round(1.0 / val_fraction))
+    writers = {"train": _ShardWriter(folder / "train.bin"), "val": _ShardWriter(folder / "val.bin")}
+    index = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal index
+        for ids in tok.encode_batch(batch):
+            # Document 0, stride, 2*stride ... go to validation: deterministic, never empty.
+            writers["val" if index % stride == 0 else "train"].add(ids, tok.eot_id)
+            index += 1
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= 1024:
+            flush()
+    flush()
+    if index == 0:
+        raise DllmError("no documents found in the data; check the files and --format")
+    splits = {name: w.close() for name, w in writers.items()}
+    if splits["train"]["docs"] == 0:
+        raise DllmError(f"only {index} document(s): too few to split into train and validation")
+    return splits
 
 
 # --- reading shards -----------------------------------------------------------------------------------

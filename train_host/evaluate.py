@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,3 +85,30 @@ def _evaluate_ar(model, dataset: CanvasDataset, n_canvases: int, batch_size: int
     model.train(was_training)
     per_token = nll / max(tokens, 1)
     return {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 50.0)), "val_acc": correct / max(tokens, 1), "val_tokens": int(tokens)}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, canvases: int = 512, n_t: int = 8, seed: int = 1234,
+                        generation: dict | None = None) -> dict:
+    """`dllm eval`: a checkpoint's metrics on its data's validation split, and with `generation` (the options
+    of `judge_generations`) its samples judged. Returns the metrics with `checkpoint` and `causal`."""
+    from jetson_dllm.errors import DllmError
+    from train_host.checkpoint import load_model
+    from train_host.data import load_manifest
+
+    if canvases < 1 or n_t < 1:
+        raise DllmError(f"--canvases and --n-t must be positive, got {canvases} and {n_t}")
+    if generation is not None and generation.get("samples", 1) < 1:
+        raise DllmError(f"--samples must be positive, got {generation['samples']}")
+    model, tokenizer, config = load_model(checkpoint)
+    manifest = load_manifest(data_dir)
+    if manifest["tokenizer_sha256"] != tokenizer.sha256:
+        raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with")
+    torch.set_num_threads(os.cpu_count() or 1)
+    ds = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id)
+    with torch.inference_mode():
+        metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id)
+    if generation is not None:
+        from train_host.judge import judge_generations
+
+        metrics.update(judge_generations(checkpoint, data_dir=data_dir, canvases=canvases, seed=seed, **generation))
+    return {"checkpoint": config["path"], "causal": model.cfg.causal, "val_split": str(data_dir), **metrics}

@@ -9,23 +9,26 @@ engines mark only the sampling outputs, so the logits never leave the GPU when r
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from calibration.data import validation_canvases
-from calibration.report import compare_logits, masked_views
+from calibration.quantize import Int8Options
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, write_bundle
 from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import compare_runners, summarize
+from jetson_dllm.precisions import PRECISIONS
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
+from jetson_dllm.runners.torch_runner import DEFAULT_TOPK, MAX_TOPK, TorchRunner
+from jetson_dllm.tokenizer import TextTokenizer
 from train_host.checkpoint import load_model
+from train_host.corpus import story
+from train_host.data import CanvasDataset, load_manifest
 from train_host.model import Denoiser, topk_logprobs
 
 OPSET = 18  # TensorRT 10.3 parses 9-20; the dynamo exporter's lowest
-DEFAULT_TOPK = 64
-MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840
 PARITY_RATIOS = (0.15, 0.5, 0.9)
 # FP16 graphs keep these in FP32: the softmax, and (by module, below) RMSNorm, the residual stream, the head's top-K.
 FP32_OPS = ["Softmax", "TopK", "ReduceLogSumExp"]
@@ -150,24 +153,27 @@ def restore_output_types(model, reference):
     return model
 
 
-def parity_report(model: Denoiser, backends: dict, canvases: np.ndarray, mask_id: int, pad_id: int) -> dict:
-    """Per precision and mask ratio, the ONNX model's logits against the PyTorch model's."""
-    report = {p: {} for p in backends}
-    for label, z, score in masked_views(canvases, PARITY_RATIOS, mask_id, pad_id):
-        with torch.inference_mode():
-            ref = model(torch.from_numpy(z)).float().numpy()
-        for precision, backend in backends.items():
-            got = backend.run({"tokens": z}, outputs=("logits",))["logits"]
-            report[precision][label] = compare_logits(ref, got, canvases, score, mask_id)
-    summary = {}
-    for precision, rows in report.items():
-        summary[precision] = {
-            "max_abs_logit_diff": max(v["max_abs_logit_diff"] for v in rows.values()),
-            "top1_agreement": float(np.mean([v["top1_agreement"] for v in rows.values()])),
-            "nll_diff": float(np.mean([v["nll"] - v["nll_ref"] for v in rows.values()])),
-            "by_mask_ratio": rows,
-        }
-    return summary
+def parity_report(model: Denoiser, runners: dict, canvases: np.ndarray, mask_id: int, pad_id: int) -> dict:
+    """Per precision and mask ratio, each ONNX runner's logits against the PyTorch model's."""
+    with TorchRunner(model) as reference:
+        rows = compare_runners(reference, runners, canvases, PARITY_RATIOS, mask_id, pad_id, batch=len(canvases))
+    return {precision: summarize(by_ratio) for precision, by_ratio in rows.items()}
+
+
+def validation_canvases(tokenizer: TextTokenizer, canvas_len: int, n: int, data_dir: str | None) -> tuple[np.ndarray, str]:
+    """Canvases for parity and calibration: the data's validation split, or built-in stories."""
+    if data_dir:
+        manifest = load_manifest(data_dir)
+        if manifest["tokenizer_sha256"] != tokenizer.sha256:
+            raise DllmError(f"{data_dir} was tokenized with another tokenizer than the checkpoint; pass the model's own data")
+        ds = CanvasDataset(data_dir, "val", canvas_len, tokenizer.pad_id)
+        idx = np.arange(min(n, len(ds)))
+        return ds.batch(idx).astype(np.int32), f"{data_dir} (val)"
+    out = np.full((n, canvas_len), tokenizer.pad_id, dtype=np.int32)
+    for i in range(n):
+        ids = tokenizer.encode(story(10_000_000 + i))[: canvas_len - 1] + [tokenizer.eot_id]
+        out[i, : len(ids)] = ids
+    return out, "built-in stories"
 
 
 def export_bundle(
@@ -178,76 +184,82 @@ def export_bundle(
     data_dir: str | None = None,
     parity_canvases: int = 16,
     overwrite: bool = False,
-    int8_options: dict | None = None,
+    int8: Int8Options | None = None,
     progress=None,
 ) -> Bundle:
     """Export a checkpoint to a bundle; fails (writing nothing) if FP32 parity with PyTorch is broken."""
-    import onnx
-
     say = progress or (lambda msg: None)
-    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    unknown = set(precisions) - {p.name for p in PRECISIONS.values() if p.exported}
     if unknown:
         raise DllmError(f"unknown precision {sorted(unknown)}; choose from fp32, fp16, int8")
-    if "int8" in precisions:
-        from calibration.quantize import check_options
-
-        check_options(**(int8_options or {}))
+    if parity_canvases < 1:
+        raise DllmError(f"--parity-canvases must be positive, got {parity_canvases}")
+    int8 = int8 or Int8Options()
     model, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
+    if "int8" in precisions:
+        int8.validate(cfg.canvas_len)
     if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):
         raise DllmError(f"--topk must be in 1..{min(MAX_TOPK, cfg.vocab_size - 1)} (TensorRT's TopK takes K < 3840), got {topk}")
-    torch.set_num_threads(torch.get_num_threads())
 
     def build(tmp: Path) -> dict:
-        from jetson_dllm.backends.onnx_backend import OnnxBackend
-
-        files = {"fp32": "model.fp32.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-        say("exporting the FP32 graph")
-        export_onnx(model, tmp / files["fp32"], topk)
-        tokenizer.save(tmp / "tokenizer.json")
-        fp32 = onnx.load(str(tmp / files["fp32"]))
-        if "fp16" in precisions:
-            say("converting to FP16 (RMSNorm, softmax, residuals and top-K stay FP32)")
-            fp16 = convert_fp16(fp32)
-            check_graph(fp16, files["fp16"])
-            onnx.save(fp16, str(tmp / files["fp16"]))
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "model": cfg.to_dict(),
-            "special_ids": tokenizer.special_ids,
-            "tokenizer_sha256": tokenizer.sha256,
-            "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", "canvas"]}},
-            "heads": {
-                "logits": {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"},
-                "sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]},
-            },
-            "canvas_lengths": cfg.canvas_buckets(),
-            "opset": OPSET,
-            "precisions": {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"},
-            # Nodes kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers.
-            "fp32_nodes": fp32_nodes(fp32),
-            "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
-        }
-        (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))  # lets the backend open tmp
-        canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
+        manifest = write_graphs(tmp, model, tokenizer, ckpt, precisions, topk, say)
         if "int8" in precisions:
             from calibration.quantize import quantize_bundle
 
-            manifest["calibration"] = quantize_bundle(tmp, manifest, tokenizer, data_dir, progress=say, **(int8_options or {}))
-            manifest["precisions"]["int8"] = {"file": files["int8"], "target": "tensorrt (explicit Q/DQ)"}
-            manifest["precisions"]["int8-dynamic"] = {"file": "model.int8-dynamic.ort", "target": "onnxruntime CPU"}
-            (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+            canvases, source = validation_canvases(tokenizer, int8.canvas_len or cfg.canvas_len,
+                                                   int8.n_canvases + int8.eval_canvases, data_dir)
+            manifest["calibration"] = quantize_bundle(tmp, manifest, canvases, source, tokenizer.sha256, int8, progress=say)
+            manifest["precisions"]["int8"] = {"file": PRECISIONS["int8"].file, "target": "tensorrt (explicit Q/DQ)"}
+            manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU"}
         say("checking parity against PyTorch")
-        backends = {p: OnnxBackend(str(tmp), precision=p, verify_files=False) for p in manifest["precisions"]}
-        parity = parity_report(model, backends, canvases, cfg.mask_id, tokenizer.pad_id)
+        canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
+        runners = {p: onnx_runner_from_file(tmp / entry["file"], cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
+        parity = parity_report(model, runners, canvases, cfg.mask_id, tokenizer.pad_id)
+        for r in runners.values():
+            r.close()
         parity["source"] = source
         fp32_row = parity["fp32"]
-        if fp32_row["max_abs_logit_diff"] > FP32_MAX_LOGIT_DIFF or fp32_row["top1_agreement"] < FP32_MIN_TOP1:
+        if not (fp32_row["max_abs_logit_diff"] <= FP32_MAX_LOGIT_DIFF and fp32_row["top1_agreement"] >= FP32_MIN_TOP1):
             raise DllmError(f"FP32 parity with PyTorch is broken (max logit diff {fp32_row['max_abs_logit_diff']:.2e}, "
                             f"top-1 agreement {fp32_row['top1_agreement']:.4f}); nothing was written")
         manifest["parity"] = parity
         return manifest
 
     return write_bundle(out_dir, build, overwrite=overwrite)
+
+
+def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, precisions, topk: int, say) -> dict:
+    """The FP32 graph (and the FP16 one), the tokenizer, and the bundle's manifest for them (hashes come later)."""
+    import onnx
+
+    cfg = model.cfg
+    files = {p: PRECISIONS[p].file for p in ("fp32", "fp16")}
+    say("exporting the FP32 graph")
+    export_onnx(model, tmp / files["fp32"], topk)
+    tokenizer.save(tmp / "tokenizer.json")
+    fp32 = onnx.load(str(tmp / files["fp32"]))
+    if "fp16" in precisions:
+        say("converting to FP16 (RMSNorm, softmax, residuals and top-K stay FP32)")
+        fp16 = convert_fp16(fp32)
+        check_graph(fp16, files["fp16"])
+        onnx.save(fp16, str(tmp / files["fp16"]))
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": cfg.to_dict(),
+        "special_ids": tokenizer.special_ids,
+        "tokenizer_sha256": tokenizer.sha256,
+        "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", "canvas"]}},
+        "heads": {
+            "logits": {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"},
+            "sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]},
+        },
+        "canvas_lengths": cfg.canvas_buckets(),
+        "opset": OPSET,
+        "precisions": {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"},
+        # Nodes kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers.
+        "fp32_nodes": fp32_nodes(fp32),
+        "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
+    }

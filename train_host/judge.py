@@ -57,3 +57,38 @@ def sample_quality(texts: list[str], judge: Judge | None = None) -> dict[str, fl
     if judge is not None:
         stats["gen_ppl"] = judge.perplexity(texts)
     return stats
+
+
+def judge_generations(checkpoint: str | Path, judge: str | Path | None = None, data_dir: str | Path | None = None, canvases: int = 512,
+                      samples: int = 16, prompt: str = "Once upon a time", steps: int = 64, strategy: str = "confidence",
+                      temperature: float = 0.8, seed: int = 1234) -> dict:
+    """Generate `samples` texts from a checkpoint (in batches of 8) and judge them: generative perplexity under
+    `judge`, repetition, distinct-n, and the judge's own exact NLL on the same validation text."""
+    import time
+
+    from jetson_dllm.generate import complete
+    from jetson_dllm.runners.torch_runner import runner_from_checkpoint
+    from jetson_dllm.sampler import SamplerConfig
+    from train_host.data import CanvasDataset, load_manifest
+    from train_host.evaluate import evaluate
+
+    texts, seconds = [], []
+    with runner_from_checkpoint(str(checkpoint)) as runner:
+        for i in range(0, samples, 8):
+            sampler = SamplerConfig(steps=steps, strategy=strategy, temperature=temperature, seed=seed + i)
+            t0 = time.perf_counter()
+            texts += complete(runner, prompt, num_samples=min(8, samples - i), sampler=sampler).texts
+            seconds.append(time.perf_counter() - t0)
+    extra = {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300]}
+    scorer = Judge(judge) if judge is not None else None
+    extra.update(sample_quality(texts, scorer))
+    if scorer is not None and data_dir is not None and load_manifest(data_dir)["tokenizer_sha256"] == scorer.tokenizer.sha256:
+        ds = CanvasDataset(data_dir, "val", scorer.model.cfg.canvas_len, scorer.tokenizer.pad_id)
+        with torch.inference_mode():
+            extra["judge_val_nll"] = evaluate(scorer.model, ds, scorer.model.cfg.mask_id, n_canvases=canvases, bos_id=scorer.tokenizer.eot_id)["val_nll"]
+    return extra
+
+
+def perplexity_fn(checkpoint: str | Path):
+    """The judge as a callable (texts -> generative perplexity), what `dllm bench --quality --judge` takes."""
+    return Judge(checkpoint).perplexity

@@ -104,6 +104,7 @@ def _cli_train(data_dir, out, *extra):
             "--eval-canvases", "16", "--log-every", "1", *extra]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
     run = tmp_path / "r"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -128,6 +129,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
     assert f"resuming {run} from step {meta['step']}" in done.stderr.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     common = ["--steps", "3", "--eval-every", "100", "--threads", "1"]

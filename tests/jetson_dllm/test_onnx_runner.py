@@ -2,9 +2,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from jetson_dllm.backends import SAMPLING_OUTPUTS, open_backend, sampling_fn
-from jetson_dllm.backends.onnx_backend import resolve_providers
 from jetson_dllm.errors import DllmError
+from jetson_dllm.runners import SAMPLING_OUTPUTS, sampling_fn
+from jetson_dllm.runners import open_runner as open_backend
+from jetson_dllm.runners.onnx_runner import resolve_providers
 
 
 def canvases(bundle, B, T, seed):

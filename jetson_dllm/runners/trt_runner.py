@@ -1,4 +1,4 @@
-"""The TensorRT backend, driven by pycuda: the Jetson's fast path.
+"""The TensorRT runner, driven by pycuda: the Jetson's fast path.
 
 One engine per (batch, canvas), found or built by jetson_dllm.engine. Per thread, one execution context,
 one non-default stream and I/O buffers allocated once: on an integrated GPU (the Jetson) mapped pinned
@@ -14,10 +14,11 @@ import threading
 
 import numpy as np
 
-from jetson_dllm.backends import SAMPLING_OUTPUTS, check_tokens
-from jetson_dllm.bundle import load_bundle
+from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.engine import detect_device, find_or_build, io_buffers
 from jetson_dllm.errors import DllmError
+from jetson_dllm.profiler import unified_memory
+from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
 
 
 def _cudart():
@@ -32,7 +33,7 @@ def _cudart():
     return cudart
 
 
-class _Runner:
+class _EngineRun:
     """One engine's execution context, stream, buffers and (maybe) CUDA graph, used by one thread."""
 
     def __init__(self, trt, cuda, engine, batch: int, canvas: int, k: int, integrated: bool, use_graph: bool):
@@ -107,18 +108,29 @@ class _Runner:
         return {name: self.host[name] for name in SAMPLING_OUTPUTS}
 
 
-class TrtBackend:
-    def __init__(self, bundle_path: str, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None):
-        self.bundle = load_bundle(bundle_path)
-        self.tokenizer = self.bundle.tokenizer()
+def engine_from_bundle(runtime, bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None):
+    """The deserialized engine for (precision, batch, canvas) on this device, found in or built into the bundle.
+    Returns (engine, plan bytes)."""
+    path = find_or_build(bundle, precision, batch, canvas, build=build, progress=progress)
+    data = path.read_bytes()
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise DllmError(f"{path.name} cannot be loaded by this TensorRT; delete it and run dllm build again")
+    return engine, len(data)
+
+
+class TrtRunner(RunnerBase):
+    def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None):
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer()
         self.device = detect_device()  # a clear error without TensorRT, pycuda or a GPU
         import pycuda.autoprimaryctx  # noqa: F401  (the primary context, shared with TensorRT)
         import pycuda.driver as cuda
         import tensorrt as trt
 
         self.trt, self.cuda = trt, cuda
-        self.precision, self.cfg, self.topk = precision, self.bundle.config, self.bundle.topk
-        self.canvas_lengths = self.bundle.canvas_lengths
+        self.precision, self.cfg, self.topk = precision, bundle.config, bundle.topk
+        self.canvas_lengths = bundle.canvas_lengths
         self.build, self.cuda_graph, self.progress = build, cuda_graph, progress
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -126,22 +138,19 @@ class TrtBackend:
         self.plan_bytes = 0
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.bundle.onnx_path(precision)  # the bundle must have the precision asked for
+        bundle.onnx_path(precision)  # the bundle must have the precision asked for
         self.name = f"trt-{precision}"
 
     def _engine(self, shape: tuple[int, int]):
         with self._lock:
             if shape not in self.engines:
-                path = find_or_build(self.bundle, self.precision, shape[0], shape[1], build=self.build, progress=self.progress)
-                data = path.read_bytes()
-                engine = self.runtime.deserialize_cuda_engine(data)
-                if engine is None:
-                    raise DllmError(f"{path.name} cannot be loaded by this TensorRT; delete it and run dllm build again")
-                self.plan_bytes += len(data)
+                engine, size = engine_from_bundle(self.runtime, self.bundle, self.precision, shape[0], shape[1],
+                                                  build=self.build, progress=self.progress)
+                self.plan_bytes += size
                 self.engines[shape] = engine
             return self.engines[shape]
 
-    def _runner(self, shape: tuple[int, int]) -> _Runner:
+    def _runner(self, shape: tuple[int, int]) -> _EngineRun:
         runners = getattr(self._local, "runners", None)
         if runners is None:
             runners = self._local.runners = {}
@@ -149,8 +158,8 @@ class TrtBackend:
                 self._local.context = self.cuda.Device(0).retain_primary_context()
                 self._local.context.push()
         if shape not in runners:
-            runners[shape] = _Runner(self.trt, self.cuda, self._engine(shape), shape[0], shape[1], self.topk,
-                                     self.device.integrated, self.cuda_graph)
+            runners[shape] = _EngineRun(self.trt, self.cuda, self._engine(shape), shape[0], shape[1], self.topk,
+                                        self.device.integrated, self.cuda_graph)
         return runners[shape]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
@@ -163,10 +172,23 @@ class TrtBackend:
         return {name: result[name] for name in outputs}
 
     def memory(self) -> dict[str, int]:
-        free, total = self.cuda.mem_get_info()
         activations = sum(int(e.device_memory_size_v2) for e in self.engines.values())
-        return {"weights": self.plan_bytes, "activations": activations, "device_used": int(total - free)}
+        mem = {"weights": self.plan_bytes, "activations": activations}
+        if self.device.integrated:
+            # Unified memory: cudaMemGetInfo ignores swap and counts page cache; NvMap is what the GPU holds.
+            unified = unified_memory()
+            if "gpu_nvmap" in unified:
+                mem["device_used"] = unified["gpu_nvmap"]
+        else:
+            free, total = self.cuda.mem_get_info()
+            mem["device_used"] = int(total - free)
+        return mem
 
     def close(self) -> None:
         self._local = threading.local()
         self.engines.clear()
+
+
+def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None) -> TrtRunner:
+    """A bundle on TensorRT: one engine per (batch, canvas), found in `engines/` or built on first use."""
+    return TrtRunner(load_bundle(bundle_path), precision, build=build, cuda_graph=cuda_graph, progress=progress)

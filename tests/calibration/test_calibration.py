@@ -8,8 +8,9 @@ from onnx import numpy_helper
 
 from calibration.data import CalibrationReader, load_recorded, stratified_masking
 from calibration.quantize import qdq_problems, quantizable_nodes
-from calibration.report import BUCKETS, compare_logits, mean_accuracy_drop
+from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import compare_logits
 
 
 def test_stratified_masking_covers_every_noise_level():
@@ -131,6 +132,7 @@ def test_exclusion_search_keeps_the_most_sensitive_layers_out():
     assert len(unreachable["excluded"]) == 3 and unreachable["drop"] > 0  # capped: the best set, still over budget
 
 
+@pytest.mark.slow
 def test_over_budget_keeps_the_best_model_and_exits_nonzero(trained_run, data_dir, tmp_path, capsys, monkeypatch):
     import calibration.quantize as q
     from jetson_dllm.cli import main

@@ -28,8 +28,8 @@ def test_trt_greedy_tokens_match_onnxruntime(bundle_dir, tmp_path, precision):
     import shutil
 
     _needs_trt()
-    from jetson_dllm.backends import open_backend
     from jetson_dllm.generate import generate
+    from jetson_dllm.runners import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
     copy = tmp_path / "b"
@@ -49,7 +49,7 @@ def test_trt_outputs_are_sorted_topk(bundle_dir, tmp_path):
     import shutil
 
     _needs_trt()
-    from jetson_dllm.backends import open_backend
+    from jetson_dllm.runners import open_runner as open_backend
 
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)

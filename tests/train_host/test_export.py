@@ -125,8 +125,8 @@ def test_manifest_hashes_and_parity(bundle_dir):
 
 
 def test_greedy_generation_is_identical_on_torch_and_onnx(bundle_dir, trained_run):
-    from jetson_dllm.backends import open_backend
     from jetson_dllm.generate import generate
+    from jetson_dllm.runners import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
     torch_be = open_backend("torch", str(trained_run))
@@ -141,7 +141,7 @@ def test_greedy_generation_is_identical_on_torch_and_onnx(bundle_dir, trained_ru
 
 
 def test_bad_bundles_are_refused(bundle_dir, tmp_path):
-    from jetson_dllm.backends.onnx_backend import OnnxBackend
+    from jetson_dllm.runners.onnx_runner import onnx_runner_from_bundle as OnnxBackend
 
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)

@@ -6,11 +6,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
 
-from jetson_dllm import bench
+from jetson_dllm import bench, bench_report
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import PeakRSS, memory_plan, orin_nano_verdict, parse_tegrastats, read_meminfo, time_peak_rss
@@ -30,7 +31,7 @@ def fake_results():
 def test_writers_produce_csv_json_markdown_and_a_plot(tmp_path):
     results = fake_results()
     env = {"cpu": "Test CPU", "cores_physical": 2, "gpu": None, "date": "2026-11-23 12:00"}
-    paths = bench.write_outputs(results, env, tmp_path)
+    paths = bench_report.write_outputs(results, env, tmp_path)
     rows = list(csv.DictReader(open(paths["csv"])))
     assert len(rows) == 4 and rows[0]["model"] == "tiny" and float(rows[3]["generation_ms"]) == 60.0
     data = json.loads(paths["json"].read_text())
@@ -39,29 +40,30 @@ def test_writers_produce_csv_json_markdown_and_a_plot(tmp_path):
     assert "| tiny | onnx | fp32 | 1 x 128 | 1.2 | 1.00x | 10 ms | 20 ms |" in md
     assert "| small | onnx | fp32 | 1 x 128 | 3.8 | 1.00x | 30 ms | 60 ms |" in md
     assert paths["png"].stat().st_size > 5000
-    header, table = bench.headline(results)
+    header, table = bench_report.headline(results)
     assert header[-2:] == ["8 steps", "16 steps"] and len(table) == 2
     # speedup: against the first backend/precision of the same model and shape in the run
     slow_torch = [dataclasses.replace(r, backend="torch", step_ms_median=r.step_ms_median * 2) for r in results if r.model == "tiny"]
-    _, table = bench.headline(slow_torch + results)
+    _, table = bench_report.headline(slow_torch + results)
     assert [(row[0], row[1], row[5]) for row in table] == [("tiny", "torch", "1.00x"), ("tiny", "onnx", "2.00x"), ("small", "onnx", "1.00x")]
 
 
 def test_environment_record():
-    env = bench.environment()
+    env = bench_report.environment()
     for key in ("cpu", "cores_physical", "cores_logical", "memory_gb", "python", "versions", "power_mode", "clocks_pinned", "l4t", "gpu"):
         assert key in env
     assert env["versions"]["numpy"] and env["versions"]["onnxruntime"] and env["cores_logical"] >= 1
-    assert env["l4t"] is None  # not a Jetson
+    on_jetson = Path("/etc/nv_tegra_release").is_file()
+    assert (env["l4t"] is not None) == on_jetson  # the L4T release is recorded exactly when this is a Jetson
 
 
 def test_clocks_pinned(tmp_path):
     (tmp_path / "scaling_min_freq").write_text("1510400\n")
     (tmp_path / "scaling_max_freq").write_text("1510400\n")
-    assert bench.clocks_pinned(str(tmp_path)) is True
+    assert bench_report.clocks_pinned(str(tmp_path)) is True
     (tmp_path / "scaling_min_freq").write_text("729600\n")
-    assert bench.clocks_pinned(str(tmp_path)) is False
-    assert bench.clocks_pinned(str(tmp_path / "nope")) is None
+    assert bench_report.clocks_pinned(str(tmp_path)) is False
+    assert bench_report.clocks_pinned(str(tmp_path / "nope")) is None
 
 
 def test_tegrastats_lines():
@@ -144,37 +146,46 @@ def test_a_sweep_that_does_not_fit_is_refused_before_starting():
 def test_unwritable_output_folder(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(DllmError, match="cannot write to"):
-        bench.check_writable(tmp_path / "a-file" / "out")  # a folder inside a file: refused even for root
+        bench_report.check_writable(tmp_path / "a-file" / "out")  # a folder inside a file: refused even for root
 
 
 def test_config_groups_are_prepared_in_their_own_process_before_measuring(monkeypatch):
     calls = []
 
-    def fake_worker(group, mode):
-        calls.append((group.model, mode))
-        return "[]" if mode == "measure" else "prepared"
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[2])  # the module each process runs
+        out = "/cache/tiny-bundle\n" if cmd[2] == "train_host.bench_models" else "[]\n"
+        return subprocess.CompletedProcess(cmd, 0, out, "")
 
-    monkeypatch.setattr(bench, "_in_worker", fake_worker)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
     groups = [bench.Group(model=m, backend="onnx", precision="fp32", canvas_len=128, points=[]) for m in ("tiny", "runs/my-bundle")]
     bench.run_groups(groups)
-    assert calls == [("tiny", "prepare"), ("tiny", "measure"), ("runs/my-bundle", "measure")]
+    assert calls == ["train_host.bench_models", "jetson_dllm.bench", "jetson_dllm.bench"]
+    assert [g.path for g in groups] == ["/cache/tiny-bundle", "runs/my-bundle"]
 
 
-def test_a_cached_bundle_is_measured_without_torch(tmp_path):
-    """The measuring worker of an onnx group must not import torch (its RSS would count torch's)."""
-    bundle = tmp_path / "bundles" / f"tiny-v{bench.BENCH_VOCAB}-c128"
-    bundle.mkdir(parents=True)
-    (bundle / "manifest.json").write_text(json.dumps({"precisions": {"fp32": {}, "fp16": {}}}))
-    code = textwrap.dedent("""
-        import sys
-        from jetson_dllm import bench
-        print(bench.bundle_for("tiny", "fp32", 128))
-        print("torch" in sys.modules)
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "JETSON_DLLM_CACHE": str(tmp_path)})
+def test_a_bundle_is_measured_without_torch(bundle_dir):
+    """The measuring worker of an onnx group must not need torch (its RSS would count torch's): torch blocked."""
+    group = bench.Group(model=str(bundle_dir), backend="onnx", precision="fp32", canvas_len=32, repeats=1, warmup=0,
+                        points=[{"batch": 1, "canvas": 32, "steps": 2, "strategy": "confidence"}], path=str(bundle_dir))
+    code = "import sys; sys.modules['torch'] = None\nfrom jetson_dllm.bench import _worker\n_worker()"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(dataclasses.asdict(group)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(bundle), "False"]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result) == 1 and result[0]["evaluations"] == 2 and result[0]["peak_rss_mb"] > 0
+
+
+def test_random_weight_bundles_are_made_once_and_cached(tmp_path):
+    env = {**os.environ, "JETSON_DLLM_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "-m", "train_host.bench_models", "checkpoint", "tiny", "64", "fp32"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    path = first.stdout.strip().splitlines()[-1]
+    assert path.startswith(str(tmp_path)) and (Path(path) / "checkpoints").is_dir()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.stdout.strip().splitlines()[-1] == path
+    bad = subprocess.run(cmd[:4] + ["huge", "64", "fp32"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown config")
 
 
 def test_bench_command_on_a_trained_bundle(bundle_dir, trained_run, tmp_path, capsys):

@@ -119,6 +119,7 @@ def test_non_utf8_prompt_from_a_pipe(trained_run):
     assert result.stderr.decode().strip().startswith("error: the prompt on standard input is not UTF-8")
 
 
+@pytest.mark.slow
 def test_recorded_canvases_feed_int8_calibration(capsys, trained_run, data_dir, tmp_path):
     import numpy as np
 

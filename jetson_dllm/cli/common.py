@@ -1,0 +1,73 @@
+"""What every `dllm` verb shares: the app, the two consoles, option parsers, and the progress bar."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import typer
+from rich.console import Console
+
+from jetson_dllm.errors import DllmError
+
+app = typer.Typer(
+    name="dllm",
+    help="Train masked-diffusion language models on a desktop and run them fast on a Jetson.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
+)
+# Results go to stdout, progress and notes to stderr; piped output gets room for wide tables.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "5m", "1h30m"."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise DllmError(f"cannot read the duration {text!r}; write it like 90s, 20m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """Comma-separated positive integers, e.g. --steps 8,16,32."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DllmError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise DllmError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def names(text: str) -> list[str]:
+    """Comma-separated names, e.g. --backend torch,onnx."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+class Bar:
+    """A rich progress bar fed by progress(phase, done, total) callbacks; silent when not a terminal."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, phase: str, done: float, total: float | None) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=total)
+        self.progress.update(self.tasks[phase], completed=done, total=total)

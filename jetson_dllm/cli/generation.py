@@ -1,0 +1,74 @@
+"""`dllm run`: generate text on any backend, the canvas denoising live in the terminal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jetson_dllm.cli.common import app, err, out
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="training run / checkpoint (torch backend) or bundle (onnx, trt)")] = Path("runs/tiny"),
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help='start of the text, or a template with ____ gaps / [MASK] tokens; "-" reads stdin')] = "Once upon a time",
+    backend: Annotated[str, typer.Option(help="auto | torch | onnx | trt (auto: torch for a checkpoint, onnx for a bundle)")] = "auto",
+    precision: Annotated[str, typer.Option(help="bundle precision: fp32 | fp16 | int8 | int8-dynamic")] = "fp32",
+    steps: Annotated[int, typer.Option(help="denoising steps (network evaluations at most)")] = 64,
+    length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas")] = 0,
+    strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | ancestral")] = "confidence",
+    block: Annotated[int, typer.Option(help="semi-autoregressive block length; 0 = whole canvas")] = 0,
+    threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the README's sampler results)")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="sample among the k best tokens; 0 = all of the head")] = 0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="samples generated together as one batch")] = 1,
+    deadline_ms: Annotated[float, typer.Option(help="stop refining after this long and commit the best tokens; 0 = none")] = 0.0,
+    defer_twins: Annotated[bool, typer.Option("--defer-twins/--no-defer-twins", help="neighbours picked in one step with the same token: commit one, re-predict the other (against 'play play'; see the README's sampler results)")] = True,
+    gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template")] = 12,
+    device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
+    providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
+    live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
+    save_canvases: Annotated[Optional[Path], typer.Option(help="save every canvas the network ran on (.npz) for INT8 calibration (dllm export --calib-file)")] = None,
+) -> None:
+    """Generate text with the diffusion sampler, showing the canvas denoise step by step.
+
+    Infilling: a run of 3+ underscores is a gap of --gap tokens, each [MASK] one token, e.g.
+      dllm run runs/tiny -p "Once upon a time ____ happily ever after."
+    Examples:
+      dllm run runs/tiny -p "Lily went to the park" --steps 32
+      dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0
+      echo "Tom had a dog" | dllm run runs/tiny -p - --json
+    """
+    from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt
+    from jetson_dllm.live import live_view
+    from jetson_dllm.sampler import SamplerConfig
+
+    text = read_prompt(prompt)
+    sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, block=block, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins).validate()
+    runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
+    with (CanvasRecorder(runner) if save_canvases is not None else runner) as runner, \
+            live_view(out, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
+        gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view)
+        if save_canvases is not None:
+            err.print(f"saved {runner.save(save_canvases)} canvases to {save_canvases}")
+    print_generation(gen, json_out)
+
+
+def print_generation(gen, json_out: bool) -> None:
+    """The generation as JSON, or the texts exactly as generated (a header between samples when there are several)
+    and a summary line on stderr."""
+    if json_out:
+        out.print_json(json.dumps(gen.to_json()))
+        return
+    for i, t in enumerate(gen.texts):
+        if len(gen.texts) > 1:
+            out.print(f"[bold]--- sample {i + 1}[/]" if out.is_terminal else f"--- sample {i + 1}")
+        out.print(t, markup=False)
+    err.print(f"[dim]{gen.summary()}[/]")

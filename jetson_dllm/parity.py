@@ -1,0 +1,87 @@
+"""Comparing runners: masked canvases at chosen noise levels, and one loop that scores every runner's logits
+against a reference's (export parity, the INT8 accuracy report, the parity test). numpy only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mask_at_ratios(canvases: np.ndarray, ratios, mask_id: int, pad_id: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mask each position with probability `ratios` (a number, or one per canvas shaped (n, 1)); padding stays.
+    Returns (masked canvases int32, the masked positions)."""
+    masked = (rng.random(canvases.shape) < ratios) & (canvases != pad_id)
+    return np.where(masked, mask_id, canvases).astype(np.int32), masked
+
+
+def masked_views(canvases: np.ndarray, ratios, mask_id: int, pad_id: int, seed: int = 0):
+    """(label, masked canvases, positions to score) per ratio; a ratio is a number or a (low, high] bucket
+    from which each canvas draws its own ratio. Padding is never masked or scored."""
+    rng = np.random.default_rng(seed)
+    for r in ratios:
+        if isinstance(r, tuple):
+            low, high = r
+            per_canvas = high - (high - low) * rng.random((canvases.shape[0], 1))  # in (low, high]
+            label = f"{low:g}-{high:g}"
+        else:
+            per_canvas, label = r, f"{r:g}"
+        z, masked = mask_at_ratios(canvases, per_canvas, mask_id, pad_id, rng)
+        yield label, z, masked
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    if not len(targets):
+        return 0.0
+    logits = logits.astype(np.float64)
+    top = logits.max(-1)
+    lse = np.log(np.exp(logits - top[:, None]).sum(-1)) + top
+    return float(np.mean(lse - logits[np.arange(len(targets)), targets]))
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray, score: np.ndarray, mask_id: int) -> dict:
+    """Agreement of `got` with `ref` logits and accuracy at the scored positions; the mask column (never a
+    prediction) is left out. A non-finite value makes every agreement fail (NaN never passes a gate)."""
+    keep = np.ones(ref.shape[-1], dtype=bool)
+    keep[mask_id] = False
+    r, g, t = ref[score][:, keep], got[score][:, keep], targets[score]
+    t = t - (t > mask_id)  # the target's index once the mask column is gone
+    empty = r.size == 0
+    finite = bool(np.isfinite(g).all())
+    return {
+        "max_abs_logit_diff": 0.0 if empty else (float(np.abs(r - g).max()) if finite else float("inf")),
+        "top1_agreement": 1.0 if empty else (float((r.argmax(-1) == g.argmax(-1)).mean()) if finite else 0.0),
+        "nll_ref": _nll(r, t),
+        "nll": _nll(g, t) if finite else float("inf"),
+        "accuracy_ref": 0.0 if empty else float((r.argmax(-1) == t).mean()),
+        "accuracy": 0.0 if empty else (float((g.argmax(-1) == t).mean()) if finite else 0.0),
+        "positions": int(score.sum()),
+    }
+
+
+def logits_of(runner, tokens: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The full head's logits of a runner, `batch` canvases per call."""
+    return np.concatenate([runner.run({"tokens": tokens[i : i + batch]}, outputs=("logits",))["logits"]
+                           for i in range(0, len(tokens), batch)])
+
+
+def compare_runners(reference, runners: dict, canvases: np.ndarray, levels, mask_id: int, pad_id: int,
+                    seed: int = 0, batch: int = 16) -> dict:
+    """Every runner in `runners` (name -> Runner) against `reference`, per noise level: name -> level -> row.
+
+    The one parity loop of the project: the same masked canvases go through every runner."""
+    report = {name: {} for name in runners}
+    for label, z, score in masked_views(canvases, levels, mask_id, pad_id, seed):
+        ref = logits_of(reference, z, batch)
+        for name, runner in runners.items():
+            got = ref if runner is reference else logits_of(runner, z, batch)
+            report[name][label] = compare_logits(ref, got, canvases, score, mask_id)
+    return report
+
+
+def summarize(rows: dict) -> dict:
+    """One runner's rows over the levels: the worst logit difference, the mean top-1 agreement and NLL change."""
+    return {
+        "max_abs_logit_diff": max(v["max_abs_logit_diff"] for v in rows.values()),
+        "top1_agreement": float(np.mean([v["top1_agreement"] for v in rows.values()])),
+        "nll_diff": float(np.mean([v["nll"] - v["nll_ref"] for v in rows.values()])),
+        "by_mask_ratio": rows,
+    }

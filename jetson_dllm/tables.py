@@ -1,0 +1,153 @@
+"""Every table the `dllm` command prints (rich): one place for what a person reads and compares."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from jetson_dllm.config import SIZES, ModelConfig
+from jetson_dllm.precisions import WEIGHT_PRECISIONS
+
+
+def _table(title: str, columns, left: tuple[str, ...] = ()) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def configs_table(vocab_size: int, canvas_len: int) -> Table:
+    """Model sizes tiny -> xxlarge: parameters and weight size per precision."""
+    table = _table(f"model configs (vocabulary {vocab_size:,}, tied embedding)",
+                   ("config", "d_model", "heads", "layers", "d_ff", "params", "non-embedding", *WEIGHT_PRECISIONS), left=("config",))
+    for name in SIZES:
+        cfg = ModelConfig.from_name(name, vocab_size=vocab_size, canvas_len=canvas_len)
+        table.add_row(name, str(cfg.d_model), str(cfg.n_head), str(cfg.n_layer), str(cfg.d_ff),
+                      f"{cfg.num_params() / 1e6:.2f} M", f"{cfg.num_params(include_embedding=False) / 1e6:.2f} M",
+                      *(f"{cfg.weight_bytes(p) / 2**20:,.1f} MiB" for p in WEIGHT_PRECISIONS))
+    return table
+
+
+EVAL_LABELS = {"judge_val_nll": "judge's exact NLL on the same validation text", "gen_ppl": "generative perplexity (judge)",
+               "repetition": "repetition (repeated word 4-grams)", "distinct1": "distinct-1", "distinct2": "distinct-2",
+               "gen_ms": "generation time per batch of 8 (ms)"}
+
+
+def eval_table(metrics: dict) -> Table:
+    """`dllm eval`: NLL (a bound for diffusion, exact for AR), perplexity, accuracy, and the judged samples."""
+    table = _table(f"{metrics['checkpoint']} on {metrics['val_split']} (val, {metrics['val_tokens']:,} tokens)", ("metric", "value"), left=("metric",))
+    if metrics["causal"]:
+        rows = [("NLL (nats/token, exact)", "val_nll", 4), ("perplexity", "val_ppl", 2), ("next-token accuracy", "val_acc", 4)]
+    else:
+        rows = [("NLL bound (nats/token)", "val_nll", 4), ("perplexity bound", "val_ppl", 2),
+                ("masked-token accuracy (ELBO noise levels)", "val_acc", 4)]
+    for label, key, digits in rows:
+        table.add_row(label, f"{metrics[key]:.{digits}f}")
+    for key in sorted(k for k in metrics if k.startswith("val_acc@")):
+        table.add_row(f"masked-token accuracy at mask ratio {key.split('@')[1]}", f"{metrics[key]:.4f}")
+    for key, label in EVAL_LABELS.items():
+        if key in metrics:
+            table.add_row(label, f"{metrics[key]:.4f}" if key != "gen_ms" else f"{metrics[key]:.0f}")
+    return table
+
+
+def parity_table(manifest: dict) -> Table:
+    """The export's parity with PyTorch, per precision and mask ratio."""
+    parity = manifest["parity"]
+    table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",
+                   ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "NLL torch", "NLL onnx", "masked acc"))
+    for precision in manifest["precisions"]:
+        for ratio, row in parity[precision]["by_mask_ratio"].items():
+            table.add_row(precision, ratio, f"{row['max_abs_logit_diff']:.2e}", f"{row['top1_agreement']:.4f}",
+                          f"{row['nll_ref']:.4f}", f"{row['nll']:.4f}", f"{row['accuracy']:.4f}")
+    return table
+
+
+def calibration_table(calibration: dict) -> Table:
+    """The INT8 report: per noise level, accuracy and NLL of FP32 / FP16 / INT8."""
+    levels = calibration["report"]
+    title = (f"INT8 ({calibration['method']}, {calibration['quantized']} of {calibration['quantizable']} matmuls, "
+             f"{len(calibration['excluded'])} kept in FP32) on {calibration['eval_canvases']} held-out canvases: "
+             f"accuracy drop {calibration['accuracy_drop_points']:.2f} points, budget {calibration['budget_points']:g}"
+             + ("" if calibration["within_budget"] else "  [red]OVER BUDGET[/]"))
+    table = _table(title, ("mask ratio", "acc fp32", "acc fp16", "acc int8", "int8 - fp32", "NLL fp32", "NLL fp16", "NLL int8",
+                           "top-1 agree int8/fp32"))
+    for label in levels["int8"]:
+        f32, f16, i8 = levels["int8"][label], levels.get("fp16", {}).get(label), levels["int8"][label]
+        table.add_row(label, f"{f32['accuracy_ref']:.4f}", f"{f16['accuracy']:.4f}" if f16 else "-", f"{i8['accuracy']:.4f}",
+                      f"{100 * (i8['accuracy'] - f32['accuracy_ref']):+.2f} pt", f"{f32['nll_ref']:.4f}",
+                      f"{f16['nll']:.4f}" if f16 else "-", f"{i8['nll']:.4f}", f"{i8['top1_agreement']:.4f}")
+    return table
+
+
+def bundle_tables(report: dict) -> list:
+    """`dllm inspect`: a headline, the files and their hashes, parity, calibration, the engines."""
+    m, cfg = report, ModelConfig.from_dict(report["model"])
+    head = (f"[bold]{m['bundle']}[/]: {cfg.name} model, {cfg.num_params() / 1e6:.2f} M parameters, vocabulary {cfg.vocab_size:,}, "
+            f"canvas up to {cfg.canvas_len} (shapes {', '.join(map(str, m['canvas_lengths']))}), sampling head K={m['topk']}, "
+            f"opset {m['opset']}, format v{m['version']}")
+    files = _table("files", ("file", "bytes", "sha256"), left=("file", "bytes", "sha256"))
+    for name, state in m["files"].items():
+        size = m["sizes"][name]
+        files.add_row(name, f"{size:,}" if size is not None else "-", "[green]ok[/]" if state == "ok" else f"[red]{state}[/]")
+    out = [head, files]
+    if m["parity"]:
+        out.append(parity_table({"parity": m["parity"], "precisions": [p for p in m["precisions"] if p in m["parity"]]}))
+    if m["calibration"]:
+        out.append(calibration_table(m["calibration"]))
+    engines = _table(f"engines in {m['engines_dir']}", ("engine", "precision", "batch x canvas", "built with", "fits this device"),
+                     left=("engine", "precision", "batch x canvas", "built with", "fits this device"))
+    for e in m["engines"]:
+        engines.add_row(e["file"], e.get("precision", "?"), f"{e.get('batch', '?')} x {e.get('canvas', '?')}",
+                        f"TensorRT {e.get('trt_version', '?')} on {e.get('name', '?')}", e["verdict"])
+    out.append(engines if m["engines"] else "no engines yet: build them on the Jetson with `dllm build`")
+    return out
+
+
+def bench_tables(results: list, env: dict, repeats: int, judge: str | None) -> list[Table]:
+    """`dllm bench`: latency vs steps (and quality vs steps when measured)."""
+    from jetson_dllm.bench_report import headline
+
+    header, rows = headline(results)
+    latency = _table(f"latency vs steps (whole generation, median of {repeats}) on {env['cpu']}" + (f", {env['gpu']}" if env["gpu"] else ""),
+                     header, left=("model", "backend", "precision"))
+    for row in rows:
+        latency.add_row(*row)
+    if all(r.repetition is None for r in results):
+        return [latency]
+    quality = _table("quality vs steps" + (f" (judge: {judge})" if judge else ""),
+                     ("model", "backend", "precision", "strategy", "steps", "evaluations", "generation ms", "gen. perplexity", "repetition", "distinct-2"),
+                     left=("model", "backend", "precision", "strategy"))
+    for r in results:
+        quality.add_row(r.model, r.backend, r.precision, r.strategy, str(r.steps), f"{r.evaluations:.0f}", f"{r.generation_ms:,.0f}",
+                        "-" if r.gen_ppl is None else f"{r.gen_ppl:.1f}", f"{r.repetition:.3f}", f"{r.distinct2:.3f}")
+    return [latency, quality]
+
+
+def bench_summary(results: list, repeats: int, seconds: float, paths: dict) -> str:
+    worst = max(results, key=lambda r: r.generation_ms_spread)
+    spread = (f"largest spread between repeats {100 * worst.generation_ms_spread:.1f}% ({worst.model} {worst.backend} "
+              f"{worst.precision}, {worst.steps} steps)" if repeats > 1 else "one repeat per point, so no spread measured")
+    return f"{len(results)} points in {seconds:.0f}s; {spread}; wrote {', '.join(str(p) for p in paths.values())}"
+
+
+def profile_table(rows: list[dict], batch: int, canvas: int) -> Table:
+    """`dllm profile`: where memory goes (MiB) and the Orin Nano 8GB verdict."""
+    from jetson_dllm.profiler import ORIN_NANO_SYSTEM, ORIN_NANO_VISIBLE
+
+    measured = any("host_rss_measured" in r for r in rows)
+    cols = ["config", "precision", "weights", "activations", "runtime", "run total", "fits?", "headroom", "build peak", "builds?"]
+    if measured:
+        cols.insert(6, "host RSS here (onnx)")
+    usable = (ORIN_NANO_VISIBLE - ORIN_NANO_SYSTEM) >> 20
+    table = _table(f"memory for batch {batch} x canvas {canvas} (MiB) and the Orin Nano 8GB verdict "
+                   f"(usable ~{usable:,} MiB: {ORIN_NANO_VISIBLE >> 20} visible - {ORIN_NANO_SYSTEM >> 20} for a headless JetPack 6)",
+                   cols, left=("config", "precision"))
+    mib = lambda v: f"{v / 2**20:,.0f}"  # noqa: E731
+    for r in rows:
+        cells = [r["config"], r["precision"], mib(r["weights"]), mib(r["activations"]), mib(r["runtime"]), mib(r["run_total"]),
+                 "[green]yes[/]" if r["fits"] else "[red]no[/]", mib(r["headroom"]), mib(r["build_total"]),
+                 "[green]yes[/]" if r["builds"] else "[red]no: add swap[/]"]
+        if measured:
+            cells.insert(6, mib(r["host_rss_measured"]))
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,130 @@
+"""The house rules, checked: small files and functions, a thin CLI, no import circles, a runtime free of host code."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("jetson_dllm", "train_host", "calibration")
+# The one function allowed past 60 lines: the sampler's loop reads best as one piece (see the README).
+LONG_FUNCTIONS_ALLOWED = {("jetson_dllm/sampler.py", "sample")}
+# Runtime modules that may import host packages: the host verbs and the torch runner (lazily, inside functions).
+HOST_BRIDGES = {"jetson_dllm/cli/host.py", "jetson_dllm/cli/device.py", "jetson_dllm/runners/torch_runner.py"}
+
+
+def python_files(*folders):
+    return sorted(p for f in folders for p in (ROOT / f).rglob("*.py"))
+
+
+def rel(p: Path) -> str:
+    return p.relative_to(ROOT).as_posix()
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    """Modules a file imports (absolute names), at module level only or anywhere."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for n in nodes:
+        if isinstance(n, ast.Import):
+            found |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            found.add(n.module)
+            found |= {f"{n.module}.{a.name}" for a in n.names}
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_file_over_400_lines():
+    long = {rel(p): n for p in python_files(*PACKAGES, "benchmarks", "tests") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_no_function_over_60_lines():
+    long = []
+    for p in python_files(*PACKAGES):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60 and (rel(p), n.name) not in LONG_FUNCTIONS_ALLOWED:
+                long.append(f"{rel(p)}::{n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_every_cli_command_body_is_at_most_15_lines():
+    from jetson_dllm.cli import app
+
+    too_long = []
+    for command in app.registered_commands:
+        fn = command.callback
+        tree = ast.parse(Path(fn.__code__.co_filename).read_text())
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.__name__)
+        body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) else node.body
+        lines = node.end_lineno - body[0].lineno + 1
+        if lines > 15:
+            too_long.append(f"{fn.__name__}: {lines} lines")
+    assert len(app.registered_commands) == 10
+    assert not too_long, too_long
+
+
+def test_no_import_circles():
+    modules = {module_name(p): p for p in python_files(*PACKAGES)}
+    graph = {m: {i for i in imports(p, top_level_only=True) if i in modules and i != m} for m, p in modules.items()}
+    # a package's __init__ importing its own submodules is how a package exposes them, not a circle
+    graph = {m: {i for i in deps if not (i.startswith(m + ".") and modules[m].name == "__init__.py")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m, stack):
+        state[m] = 1
+        for dep in graph[m]:
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_the_runtime_imports_no_host_package_at_any_level():
+    offenders = {}
+    for p in python_files("jetson_dllm"):
+        if rel(p) in HOST_BRIDGES:
+            continue
+        host = sorted(i for i in imports(p, top_level_only=False) if i.split(".")[0] in ("train_host", "calibration", "torch"))
+        if host:
+            offenders[rel(p)] = host
+    assert not offenders, offenders
+
+
+def test_calibration_imports_no_train_host():
+    offenders = {rel(p): sorted(i for i in imports(p, False) if i.startswith("train_host")) for p in python_files("calibration")}
+    assert not any(offenders.values()), offenders
+
+
+def test_every_runtime_module_imports_with_host_packages_and_torch_blocked():
+    names = [module_name(p) for p in python_files("jetson_dllm") if p.name != "__main__.py"]
+    code = ("import sys, importlib\n"
+            "for blocked in ('torch', 'train_host', 'calibration', 'onnx', 'tensorrt', 'pycuda'):\n"
+            "    sys.modules[blocked] = None\n"
+            f"for name in {names!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(len(sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("package", ["jetson_dllm", "train_host", "calibration"])
+def test_tests_mirror_the_packages(package):
+    assert (ROOT / "tests" / package).is_dir()
+    assert list((ROOT / "tests" / package).glob("test_*.py")), f"tests/{package} holds no tests"

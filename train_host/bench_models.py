@@ -1,0 +1,73 @@
+"""Random-weight models for `dllm bench --config`: a checkpoint and an exported bundle per config, cached.
+
+Latency does not depend on the weights, so a sweep over configs needs no training. This is the host side
+of the sweep (it needs torch); the runtime's bench runs it in a process of its own:
+
+    python -m train_host.bench_models checkpoint|bundle CONFIG CANVAS_LEN PRECISIONS
+
+prints the path of the checkpoint or bundle on its last line (`error: ...` on stderr if it cannot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from jetson_dllm.bench import BENCH_VOCAB
+from jetson_dllm.config import ModelConfig
+from jetson_dllm.errors import DllmError
+
+CACHE = Path(os.environ.get("JETSON_DLLM_CACHE", Path.home() / ".cache" / "jetson-dllm"))
+
+
+def random_model_dir(name: str, canvas_len: int) -> Path:
+    """A checkpoint with random weights for a named config, cached."""
+    import torch
+
+    from train_host.checkpoint import list_checkpoints, save_checkpoint
+    from train_host.corpus import stories
+    from train_host.data import train_tokenizer
+    from train_host.model import Denoiser
+
+    run = CACHE / "random" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
+    if list_checkpoints(run):
+        return run
+    tokenizer = train_tokenizer(stories(2000), vocab_size=BENCH_VOCAB)  # the built-in corpus gives ~1.2k tokens
+    cfg = ModelConfig.from_name(name, vocab_size=BENCH_VOCAB, canvas_len=canvas_len, mask_id=tokenizer.mask_id)
+    torch.manual_seed(0)
+    save_checkpoint(run, 0, Denoiser(cfg), cfg, tokenizer, {"note": "random weights for benchmarks"})
+    return run
+
+
+def bundle_for(name: str, precisions: tuple[str, ...], canvas_len: int) -> Path:
+    """The bundle of a config name with at least `precisions`, exported once from random weights, cached."""
+    path = CACHE / "bundles" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
+    if (path / "manifest.json").is_file():
+        have = json.loads((path / "manifest.json").read_text())["precisions"]
+        if all(p in have for p in precisions):
+            return path
+    from calibration.quantize import Int8Options
+    from train_host.export import export_bundle
+
+    export_bundle(random_model_dir(name, canvas_len), path, precisions=precisions, parity_canvases=4, overwrite=True,
+                  int8=Int8Options(n_canvases=16, eval_canvases=8, budget=100.0))
+    return path
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if len(argv) != 4 or argv[0] not in ("checkpoint", "bundle"):
+            raise DllmError("usage: python -m train_host.bench_models checkpoint|bundle CONFIG CANVAS_LEN PRECISIONS")
+        kind, name, canvas_len, precisions = argv[0], argv[1], int(argv[2]), tuple(argv[3].split(","))
+        ModelConfig.from_name(name)  # an unknown config name is refused here
+        print(random_model_dir(name, canvas_len) if kind == "checkpoint" else bundle_for(name, precisions, canvas_len))
+    except (DllmError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

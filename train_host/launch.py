@@ -1,0 +1,66 @@
+"""Launching training: here, or relaunched under torchrun with the TrainConfig as JSON (no flags re-parsed).
+
+    torchrun --nproc_per_node N -m train_host.launch CONFIG.json [RESULT.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from jetson_dllm.errors import DllmError
+from train_host.train import TrainConfig, train
+
+
+def launch(tc: TrainConfig, nproc: int = 1, console=None) -> dict | None:
+    """`dllm train`: train here, or with `nproc` > 1 relaunch under torchrun (one process per GPU, gloo on a
+    CPU) with the config as JSON; rank 0 writes its result back as JSON. Returns rank 0's result; None on
+    other ranks."""
+    if nproc < 1:
+        raise DllmError(f"--nproc must be at least 1, got {nproc}")
+    if nproc == 1 or "WORLD_SIZE" in os.environ:
+        result = train(tc, console=console)
+        return result if int(os.environ.get("RANK", "0")) == 0 else None
+    with tempfile.TemporaryDirectory(prefix="dllm-train-") as tmp:
+        config, result = Path(tmp) / "train_config.json", Path(tmp) / "result.json"
+        config.write_text(json.dumps(asdict(tc)))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "train_host.launch", str(config), str(result)]
+        if console is not None:
+            console.print(f"launching {nproc} processes: torchrun --nproc_per_node={nproc} -m train_host.launch CONFIG.json")
+        code = subprocess.call(cmd)
+        if not result.is_file():
+            raise DllmError(f"the {nproc} training processes failed (exit {code}); see their messages above")
+        return json.loads(result.read_text())
+
+
+def summary(result: dict, tc: TrainConfig) -> str:
+    """The line `dllm train` ends with."""
+    if result["stop"] == "interrupted":
+        return f"interrupted at step {result['step']}; checkpoint saved in {tc.out}. Continue with the same command and --resume."
+    kind = ("val NLL", "next-token accuracy") if tc.objective == "ar" else ("val NLL bound", "masked accuracy")
+    nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
+    return f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
+
+
+def main(argv: list[str]) -> int:
+    """The torchrun entry: train from CONFIG.json; rank 0 writes its result to RESULT.json."""
+    from rich.console import Console
+
+    try:
+        result = train(TrainConfig.from_json(argv[0]), console=Console(stderr=True))
+    except DllmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0 and len(argv) > 1:
+        Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m train_host.launch CONFIG.json RESULT.json
+    sys.exit(main(sys.argv[1:]))
