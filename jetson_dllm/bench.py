@@ -26,8 +26,11 @@ import numpy as np
 from jetson_dllm.bench_report import check_writable, environment, write_outputs
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.generate import generate
 from jetson_dllm.precisions import PRECISIONS, RUNNERS, for_runner, parse_precisions
-from jetson_dllm.profiler import memory_plan
+from jetson_dllm.profiler import PeakRSS, PowerMonitor, memory_plan, read_meminfo, unified_memory
+from jetson_dllm.runners import open_runner, sampling_fn
+from jetson_dllm.sampler import STRATEGIES, SamplerConfig, SpecialIds, sample
 from jetson_dllm.textstats import distinct, repetition
 
 BENCH_VOCAB = 8192
@@ -97,8 +100,6 @@ def plan(
     threads: int = 0,
 ) -> list[Group]:
     """Validate a sweep and cut it into groups; a clear error for anything out of range or unknown."""
-    from jetson_dllm.sampler import STRATEGIES
-
     for b in backends:
         if b not in RUNNERS:
             raise DllmError(f"unknown backend {b!r}; choose from {', '.join(RUNNERS)}")
@@ -152,8 +153,6 @@ def check_memory(groups: list[Group], available: int) -> None:
 
 def measure_group(group: Group) -> list[Result]:
     """Run one group in this process (the worker) and return its results."""
-    from jetson_dllm.runners import open_runner
-
     options = {"threads": group.threads} if group.backend in ("torch", "onnx") else {}
     with open_runner(group.backend, group.path or group.model, precision=group.precision, **options) as runner:
         return [measure_point(runner, group, p) for p in group.points]
@@ -161,10 +160,6 @@ def measure_group(group: Group) -> list[Result]:
 
 def measure_point(runner, group: Group, p: dict) -> Result:
     """One (batch, canvas, steps, strategy) point: warm-up, then `repeats` timed generations."""
-    from jetson_dllm.profiler import PeakRSS, PowerMonitor, unified_memory
-    from jetson_dllm.runners import sampling_fn
-    from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
-
     tok = runner.tokenizer
     name = Path(group.model).name if group.model not in SIZES else group.model
     if p["canvas"] not in runner.canvas_lengths:
@@ -211,9 +206,6 @@ def measure_point(runner, group: Group, p: dict) -> Result:
 def quality_samples(result: Result, runner, point: dict, group: Group) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed); repetition and distinct-2
     here, the texts kept for the judge (who runs in the parent process, after every group)."""
-    from jetson_dllm.generate import generate
-    from jetson_dllm.sampler import SamplerConfig
-
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
     texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts
     result.repetition = float(np.mean([repetition(t) for t in texts])) if texts else 0.0
@@ -276,8 +268,6 @@ def run_sweep(models: list[str], backends: list[str], precisions: list[str], ste
               quality_samples: int = 8, progress=None) -> tuple[list[Result], dict, dict[str, Path]]:
     """`dllm bench`: plan the sweep, check it fits in memory and that `out_dir` is writable, measure every
     group, write bench.csv / .json / .md and the figure. Returns (results, environment, written paths)."""
-    from jetson_dllm.profiler import read_meminfo
-
     if not models:
         raise DllmError("nothing to measure: give bundles / checkpoints, or --config tiny,small,... (or all)")
     if quality_samples < 1:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.config import SIZES
+from jetson_dllm.engine import read_l4t_release
 from jetson_dllm.errors import DllmError
 
 
@@ -31,8 +32,6 @@ def _version(package: str) -> str | None:
 def environment() -> dict:
     """What the numbers depend on: CPU, GPU, memory, L4T/JetPack, library versions, power mode and clocks."""
     import psutil
-
-    from jetson_dllm.engine import read_l4t_release
 
     cpu = platform.processor() or platform.machine()
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, atomic_write, read_manifest, sha256_file
+from jetson_dllm.tokenizer import TextTokenizer
 
 BUNDLE_FORMAT = "jetson-dllm-bundle"
 BUNDLE_VERSION = 1
@@ -64,8 +65,6 @@ class Bundle:
         return self.manifest["files"][self.manifest["precisions"][precision]["file"]]
 
     def tokenizer(self):
-        from jetson_dllm.tokenizer import TextTokenizer
-
         tok = TextTokenizer.from_file(self.path / "tokenizer.json")
         if tok.special_ids != self.manifest["special_ids"]:
             raise DllmError(f"{self.path}/tokenizer.json does not match the manifest's special ids; export the bundle again")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,8 +76,6 @@ def read_l4t_release(path: Path = L4T_RELEASE) -> str:
         line = Path(path).read_text().splitlines()[0]
     except (OSError, IndexError):
         return ""
-    import re
-
     major = re.search(r"R(\d+)", line)
     revision = re.search(r"REVISION:\s*([\d.]+)", line)
     if not major:

@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from jetson_dllm.errors import DllmError
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -47,8 +49,6 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 def read_manifest(path: Path, fmt: str, max_version: int, what: str, remedy: str) -> dict:
     """A JSON manifest carrying `format` and `version` (checkpoint config, bundle manifest, data manifest),
     or one line saying what is wrong and what to do."""
-    from jetson_dllm.errors import DllmError
-
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError:
@@ -83,8 +83,6 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
         old = None
         if final.exists():
             if not replace:
-                from jetson_dllm.errors import DllmError
-
                 raise DllmError(f"{final} appeared while it was being written; nothing was replaced")
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.rename(final, old)

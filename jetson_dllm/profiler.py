@@ -7,13 +7,21 @@ share) from /proc/meminfo, and power from jtop (jetson-stats) or, without it, a 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from jetson_dllm.bundle import load_bundle
+from jetson_dllm.config import SIZES, ModelConfig
+from jetson_dllm.errors import DllmError
+from jetson_dllm.precisions import parse_precisions
+from jetson_dllm.precisions import precision as precision_record
 
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
@@ -181,8 +189,6 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     project (`dllm profile`, the Orin Nano verdict and bench's memory check all use it).
 
     `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process."""
-    from jetson_dllm.precisions import precision as precision_record
-
     record = precision_record(precision)
     weights = cfg.weight_bytes(precision)
     act_bytes = record.activation_bytes
@@ -209,16 +215,10 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
                 canvas: int = 256, batch: int = 1, measure: bool = False) -> list[dict]:
     """`dllm profile`: per config (or the bundle's model) and precision, the memory plan and the Orin Nano
     verdict; with `measure`, the peak RSS of the onnx runner on this host too (bundle only)."""
-    from jetson_dllm.config import SIZES, ModelConfig
-    from jetson_dllm.errors import DllmError
-    from jetson_dllm.precisions import parse_precisions
-
     if canvas < 1 or batch < 1:
         raise DllmError(f"--canvas and --batch must be positive, got {canvas} and {batch}")
     names = parse_precisions(precisions)
     if bundle_dir is not None:
-        from jetson_dllm.bundle import load_bundle
-
         bundle = load_bundle(bundle_dir)
         cfgs, k = [bundle.config], bundle.topk
         names = [p for p in names if p in bundle.precisions]
@@ -240,11 +240,6 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
 
 def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int:
     """Peak RSS (bytes) of a fresh process that opens the bundle on onnxruntime and runs one step."""
-    import json
-    import sys
-
-    from jetson_dllm.errors import DllmError
-
     code = ("import json, sys, numpy as np\n"
             "from jetson_dllm.runners import open_runner\n"
             "from jetson_dllm.profiler import peak_rss_ever\n"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from jetson_dllm.bench_report import headline
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.precisions import WEIGHT_PRECISIONS
+from jetson_dllm.profiler import ORIN_NANO_SYSTEM, ORIN_NANO_VISIBLE
 
 
 def _table(title: str, columns, left: tuple[str, ...] = ()) -> Table:
@@ -105,8 +107,6 @@ def bundle_tables(report: dict) -> list:
 
 def bench_tables(results: list, env: dict, repeats: int, judge: str | None) -> list[Table]:
     """`dllm bench`: latency vs steps (and quality vs steps when measured)."""
-    from jetson_dllm.bench_report import headline
-
     header, rows = headline(results)
     latency = _table(f"latency vs steps (whole generation, median of {repeats}) on {env['cpu']}" + (f", {env['gpu']}" if env["gpu"] else ""),
                      header, left=("model", "backend", "precision"))
@@ -132,8 +132,6 @@ def bench_summary(results: list, repeats: int, seconds: float, paths: dict) -> s
 
 def profile_table(rows: list[dict], batch: int, canvas: int) -> Table:
     """`dllm profile`: where memory goes (MiB) and the Orin Nano 8GB verdict."""
-    from jetson_dllm.profiler import ORIN_NANO_SYSTEM, ORIN_NANO_VISIBLE
-
     measured = any("host_rss_measured" in r for r in rows)
     cols = ["config", "precision", "weights", "activations", "runtime", "run total", "fits?", "headroom", "build peak", "builds?"]
     if measured:

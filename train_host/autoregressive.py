@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.sampler import candidate_distribution
 from train_host.model import Denoiser, KVCache
 
 
@@ -69,8 +70,6 @@ def ar_generate(
 ) -> ArResult:
     """Sample continuations of `prompt` token by token with a KV cache; rows stop at end-of-text
     (`stop_at_end=False`: exactly `max_new` tokens, end-of-text never chosen, as for timing and infilling)."""
-    from jetson_dllm.sampler import candidate_distribution
-
     cfg = model.cfg
     if not cfg.causal:
         raise DllmError("this is a diffusion model; it is sampled with the diffusion sampler, not token by token")

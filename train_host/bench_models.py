@@ -15,22 +15,23 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from calibration.quantize import Int8Options
 from jetson_dllm.bench import BENCH_VOCAB
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from train_host.checkpoint import list_checkpoints, save_checkpoint
+from train_host.corpus import stories
+from train_host.data import train_tokenizer
+from train_host.export import export_bundle
+from train_host.model import Denoiser
 
 CACHE = Path(os.environ.get("JETSON_DLLM_CACHE", Path.home() / ".cache" / "jetson-dllm"))
 
 
 def random_model_dir(name: str, canvas_len: int) -> Path:
     """A checkpoint with random weights for a named config, cached."""
-    import torch
-
-    from train_host.checkpoint import list_checkpoints, save_checkpoint
-    from train_host.corpus import stories
-    from train_host.data import train_tokenizer
-    from train_host.model import Denoiser
-
     run = CACHE / "random" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
     if list_checkpoints(run):
         return run
@@ -48,9 +49,6 @@ def bundle_for(name: str, precisions: tuple[str, ...], canvas_len: int) -> Path:
         have = json.loads((path / "manifest.json").read_text())["precisions"]
         if all(p in have for p in precisions):
             return path
-    from calibration.quantize import Int8Options
-    from train_host.export import export_bundle
-
     export_bundle(random_model_dir(name, canvas_len), path, precisions=precisions, parity_canvases=4, overwrite=True,
                   int8=Int8Options(n_canvases=16, eval_canvases=8, budget=100.0))
     return path

@@ -25,6 +25,7 @@ from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, read_manifest, sha256_file
 from jetson_dllm.tokenizer import TextTokenizer
+from train_host.model import Denoiser
 
 CKPT_FORMAT = "jetson-dllm-checkpoint"
 CKPT_VERSION = 1
@@ -181,8 +182,6 @@ def load_checkpoint(path: str | Path, which: str = "best") -> tuple[ModelConfig,
 
 def load_model(path: str | Path, which: str = "best", device: str = "cpu"):
     """A Denoiser in eval mode from a checkpoint, plus its tokenizer and config.json."""
-    from train_host.model import Denoiser
-
     cfg, weights, tokenizer, config = load_checkpoint(path, which)
     model = Denoiser(cfg)
     load_weights(model, weights, config["path"])

@@ -24,6 +24,7 @@ import numpy as np
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, read_manifest
 from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
+from train_host.corpus import story
 
 DATA_FORMAT = "jetson-dllm-data"
 DATA_VERSION = 1
@@ -75,8 +76,6 @@ class Source:
                 yield doc
 
     def _builtin(self) -> Iterator[str]:
-        from train_host.corpus import story
-
         for i in range(self.size):
             self.done = i + 1
             yield story(i, self.seed)

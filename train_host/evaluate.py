@@ -9,8 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train_host.data import CanvasDataset
+from jetson_dllm.errors import DllmError
+from train_host.autoregressive import ar_nll
+from train_host.checkpoint import load_model
+from train_host.data import CanvasDataset, load_manifest
 from train_host.diffusion import masked_accuracy, nll_bound
+from train_host.judge import Judge, judge_generations
 
 FIXED_RATIOS = (0.15, 0.5, 0.9)
 
@@ -70,7 +74,6 @@ def evaluate(
 
 @torch.no_grad()
 def _evaluate_ar(model, dataset: CanvasDataset, n_canvases: int, batch_size: int, bos_id: int | None, device) -> dict[str, float]:
-    from train_host.autoregressive import ar_nll
 
     if bos_id is None:
         raise ValueError("evaluating an autoregressive model needs bos_id (the end-of-text id)")
@@ -91,10 +94,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, canvases: 
                         generation: dict | None = None) -> dict:
     """`dllm eval`: a checkpoint's metrics on its data's validation split, and with `generation` (the options
     of `judge_generations`) its samples judged. Returns the metrics with `checkpoint` and `causal`."""
-    from jetson_dllm.errors import DllmError
-    from train_host.checkpoint import load_model
-    from train_host.data import load_manifest
-
     if canvases < 1 or n_t < 1:
         raise DllmError(f"--canvases and --n-t must be positive, got {canvases} and {n_t}")
     if generation is not None and generation.get("samples", 1) < 1:
@@ -108,7 +107,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, canvases: 
     with torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id)
     if generation is not None:
-        from train_host.judge import judge_generations
-
-        metrics.update(judge_generations(checkpoint, data_dir=data_dir, canvases=canvases, seed=seed, **generation))
+        generation = dict(generation)
+        judge_path = generation.pop("judge", None)
+        scorer = Judge(judge_path) if judge_path is not None else None
+        metrics.update(judge_generations(checkpoint, scorer, seed=seed, **generation))
+        if scorer is not None and scorer.tokenizer.sha256 == tokenizer.sha256:  # the judge's exact NLL on the same text
+            judge_ds = CanvasDataset(data_dir, "val", scorer.model.cfg.canvas_len, scorer.tokenizer.pad_id)
+            with torch.inference_mode():
+                metrics["judge_val_nll"] = evaluate(scorer.model, judge_ds, scorer.model.cfg.mask_id, n_canvases=canvases,
+                                                    bos_id=scorer.tokenizer.eot_id)["val_nll"]
     return {"checkpoint": config["path"], "causal": model.cfg.causal, "val_split": str(data_dir), **metrics}

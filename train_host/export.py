@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.quantize import Int8Options
+from calibration.quantize import Int8Options, quantize_bundle
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, write_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import compare_runners, summarize
@@ -205,8 +205,6 @@ def export_bundle(
     def build(tmp: Path) -> dict:
         manifest = write_graphs(tmp, model, tokenizer, ckpt, precisions, topk, say)
         if "int8" in precisions:
-            from calibration.quantize import quantize_bundle
-
             canvases, source = validation_canvases(tokenizer, int8.canvas_len or cfg.canvas_len,
                                                    int8.n_canvases + int8.eval_canvases, data_dir)
             manifest["calibration"] = quantize_bundle(tmp, manifest, canvases, source, tokenizer.sha256, int8, progress=say)

@@ -7,6 +7,7 @@ it, behind an end-of-text as beginning-of-story, exactly as the AR model was tra
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.generate import complete
+from jetson_dllm.runners.torch_runner import runner_from_checkpoint
+from jetson_dllm.sampler import SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
 from train_host.autoregressive import shift_right
+from train_host.checkpoint import load_model
 
 
 class Judge:
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        from train_host.checkpoint import load_model
-
         self.model, self.tokenizer, self.config = load_model(checkpoint, device=device)
         if not self.model.cfg.causal:
             raise DllmError(f"{checkpoint} is a diffusion model; the judge must be autoregressive (dllm train --objective ar)")
@@ -59,19 +62,10 @@ def sample_quality(texts: list[str], judge: Judge | None = None) -> dict[str, fl
     return stats
 
 
-def judge_generations(checkpoint: str | Path, judge: str | Path | None = None, data_dir: str | Path | None = None, canvases: int = 512,
-                      samples: int = 16, prompt: str = "Once upon a time", steps: int = 64, strategy: str = "confidence",
-                      temperature: float = 0.8, seed: int = 1234) -> dict:
+def judge_generations(checkpoint: str | Path, scorer: Judge | None = None, samples: int = 16, prompt: str = "Once upon a time",
+                      steps: int = 64, strategy: str = "confidence", temperature: float = 0.8, seed: int = 1234) -> dict:
     """Generate `samples` texts from a checkpoint (in batches of 8) and judge them: generative perplexity under
-    `judge`, repetition, distinct-n, and the judge's own exact NLL on the same validation text."""
-    import time
-
-    from jetson_dllm.generate import complete
-    from jetson_dllm.runners.torch_runner import runner_from_checkpoint
-    from jetson_dllm.sampler import SamplerConfig
-    from train_host.data import CanvasDataset, load_manifest
-    from train_host.evaluate import evaluate
-
+    `scorer` (an AR judge), repetition, distinct-n, the time per batch and an example."""
     texts, seconds = [], []
     with runner_from_checkpoint(str(checkpoint)) as runner:
         for i in range(0, samples, 8):
@@ -79,14 +73,7 @@ def judge_generations(checkpoint: str | Path, judge: str | Path | None = None, d
             t0 = time.perf_counter()
             texts += complete(runner, prompt, num_samples=min(8, samples - i), sampler=sampler).texts
             seconds.append(time.perf_counter() - t0)
-    extra = {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300]}
-    scorer = Judge(judge) if judge is not None else None
-    extra.update(sample_quality(texts, scorer))
-    if scorer is not None and data_dir is not None and load_manifest(data_dir)["tokenizer_sha256"] == scorer.tokenizer.sha256:
-        ds = CanvasDataset(data_dir, "val", scorer.model.cfg.canvas_len, scorer.tokenizer.pad_id)
-        with torch.inference_mode():
-            extra["judge_val_nll"] = evaluate(scorer.model, ds, scorer.model.cfg.mask_id, n_canvases=canvases, bos_id=scorer.tokenizer.eot_id)["val_nll"]
-    return extra
+    return {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300], **sample_quality(texts, scorer)}
 
 
 def perplexity_fn(checkpoint: str | Path):

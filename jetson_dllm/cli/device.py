@@ -9,8 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from jetson_dllm.bench import run_sweep
 from jetson_dllm.cli.common import Bar, app, err, int_list, names, out
+from jetson_dllm.config import SIZES
+from jetson_dllm.engine import build_engines, bundle_report
 from jetson_dllm.errors import DllmError
+from jetson_dllm.profiler import memory_rows
+from jetson_dllm.tables import bench_summary, bench_tables, bundle_tables, configs_table, profile_table
 
 
 @app.command()
@@ -22,8 +27,6 @@ def configs(
 
     Example: dllm configs --vocab-size 8192
     """
-    from jetson_dllm.tables import configs_table
-
     out.print(configs_table(vocab_size, canvas_len))
     out.print("int8: matmul weights in INT8, embedding and norms in FP16 (what `dllm export --int8` writes).")
 
@@ -37,9 +40,6 @@ def inspect(
 
     Example: dllm inspect runs/bundle
     """
-    from jetson_dllm.engine import bundle_report
-    from jetson_dllm.tables import bundle_tables
-
     report = bundle_report(bundle_dir)
     if json_out:
         out.print_json(json.dumps({k: report[k] for k in ("bundle", "model", "precisions", "files", "engines", "canvas_lengths")}))
@@ -63,8 +63,6 @@ def build(
 
     Example: dllm build runs/bundle --precision fp16 --canvas 128,256 --batch 1
     """
-    from jetson_dllm.engine import build_engines
-
     with Bar() as progress:
         engines = build_engines(bundle_dir, precision=precision, canvases=int_list(canvas, "--canvas"), batches=int_list(batch, "--batch"),
                                 opt_level=opt_level, progress=progress)
@@ -75,8 +73,6 @@ def build(
 
 def configs_of(text: str) -> list[str]:
     """--config tiny,small,... or all."""
-    from jetson_dllm.config import SIZES
-
     chosen = list(SIZES) if text.strip() == "all" else names(text)
     for n in chosen:
         if n not in SIZES:
@@ -109,9 +105,6 @@ def bench(
       dllm bench --config tiny,small --backend torch,onnx --precision fp32,int8 --steps 8,16,32,64,128
       dllm bench runs/bundle --backend trt --precision fp16,int8 --canvas 128,256      (on the Jetson)
     """
-    from jetson_dllm.bench import run_sweep
-    from jetson_dllm.tables import bench_summary, bench_tables
-
     t0 = time.time()
     with err.status("measuring") as status:
         results, env, paths = run_sweep(
@@ -154,9 +147,6 @@ def profile(
       dllm profile --config all --canvas 256
       dllm profile runs/bundle --measure
     """
-    from jetson_dllm.profiler import memory_rows
-    from jetson_dllm.tables import profile_table
-
     rows = memory_rows(str(bundle_dir) if bundle_dir else None, configs_of(config or "all") if bundle_dir is None else None,
                        precisions=precision, canvas=canvas, batch=batch, measure=measure)
     if json_out:

@@ -9,6 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from jetson_dllm.cli.common import app, err, out
+from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt
+from jetson_dllm.live import live_view
+from jetson_dllm.sampler import SamplerConfig
 
 
 @app.command()
@@ -45,10 +48,6 @@ def run(
       dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0
       echo "Tom had a dog" | dllm run runs/tiny -p - --json
     """
-    from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt
-    from jetson_dllm.live import live_view
-    from jetson_dllm.sampler import SamplerConfig
-
     text = read_prompt(prompt)
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, block=block, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins).validate()
