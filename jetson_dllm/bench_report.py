@@ -20,6 +20,9 @@ import numpy as np
 from jetson_dllm.config import SIZES
 from jetson_dllm.engine import read_l4t_release
 from jetson_dllm.errors import DllmError
+from jetson_dllm.manifests import check_replaceable
+
+BENCH_FORMAT = "jetson-dllm-bench"
 
 
 def _version(package: str) -> str | None:
@@ -116,7 +119,7 @@ def write_outputs(results: list, env: dict, out_dir: Path) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=columns(results), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    paths["json"].write_text(json.dumps({"environment": env, "results": rows}, indent=2))
+    paths["json"].write_text(json.dumps({"format": BENCH_FORMAT, "environment": env, "results": rows}, indent=2))
     paths["md"].write_text(markdown(results, env))
     plot(results, paths["png"])
     return paths
@@ -197,6 +200,8 @@ def plot(results: list, path: Path) -> None:
 
 
 def check_writable(out_dir: Path) -> None:
+    """`--out` must be a bench folder (or new, or empty) that can be written; nothing else is written into."""
+    check_replaceable(out_dir, "bench.json", BENCH_FORMAT, "bench output folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".probe-{os.getpid()}"

@@ -14,17 +14,18 @@ with a manifest.json is always whole; reading verifies the hashes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_folder, atomic_write, read_manifest, sha256_file
+from jetson_dllm.files import atomic_folder, output_lock, sha256_file
+from jetson_dllm.manifests import BundleManifest, check_replaceable, member, read_manifest, write_manifest
+from jetson_dllm.precisions import PRECISIONS
 from jetson_dllm.tokenizer import TextTokenizer
 
 BUNDLE_FORMAT = "jetson-dllm-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: sealed manifest, checked schema and paths
 MANIFEST = "manifest.json"
 ENGINES = "engines"
 
@@ -59,7 +60,7 @@ class Bundle:
         entry = self.manifest["precisions"].get(precision)
         if entry is None:
             raise DllmError(f"{self.path} has no {precision} model (it has {', '.join(self.precisions)}); export it with `dllm export --{precision.split('-')[0]}`")
-        return self.path / entry["file"]
+        return member(self.path, entry["file"])
 
     def onnx_sha256(self, precision: str) -> str:
         return self.manifest["files"][self.manifest["precisions"][precision]["file"]]
@@ -76,7 +77,7 @@ class Bundle:
         for name, digest in self.manifest["files"].items():
             if names is not None and name not in names:
                 continue
-            path = self.path / name
+            path = member(self.path, name)
             if not path.is_file():
                 status[name] = "missing"
             elif sha256_file(path) != digest:
@@ -96,29 +97,56 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read a bundle's manifest; with `verify`, check the tokenizer's hash (model files are checked when opened)."""
+    """Read a bundle's sealed manifest and check what it says; with `verify`, every file against its hash too
+    (a bundle is used whole or refused: one altered byte anywhere is named and refused)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.exists():
         raise DllmError(f"bundle {path} not found")
     if not manifest_path.is_file():
         raise DllmError(f"{path} is not a bundle (no {MANIFEST}); make one with `dllm export CHECKPOINT -o {path}`")
-    manifest = read_manifest(manifest_path, BUNDLE_FORMAT, BUNDLE_VERSION, "bundle", "copy the bundle again or re-export it")
+    manifest = read_manifest(manifest_path, BUNDLE_FORMAT, BUNDLE_VERSION, "bundle", "copy the bundle again or re-export it", BundleManifest)
     bundle = Bundle(path, manifest)
+    _check_consistent(bundle)
     if verify:
-        bundle.check(["tokenizer.json"])
+        bundle.check(list(manifest["files"]))
     return bundle
+
+
+def _check_consistent(bundle: Bundle) -> None:
+    """What the schema cannot say: the model config is valid, precisions are known and their files hashed, the
+    canvas shapes fit the model, the special ids are the model's."""
+    m, where = bundle.manifest, bundle.path / MANIFEST
+    cfg = ModelConfig.from_dict(m["model"], where=str(where))
+    for name in m["files"]:
+        member(bundle.path, name)
+    for precision, entry in m["precisions"].items():
+        if precision not in PRECISIONS:
+            raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")
+        if member(bundle.path, entry["file"]).name not in m["files"]:
+            raise DllmError(f"{where}: the {precision} file {entry['file']} is not hashed in the manifest; re-export the bundle")
+    if any(not 1 <= c <= cfg.canvas_len for c in m["canvas_lengths"]):
+        raise DllmError(f"{where}: canvas lengths {m['canvas_lengths']} must be within 1..{cfg.canvas_len} (the model's canvas)")
+    ids = m["special_ids"]
+    if ids["mask"] != cfg.mask_id or max(ids.values()) >= cfg.vocab_size:
+        raise DllmError(f"{where}: special ids {ids} do not fit the model (mask {cfg.mask_id}, vocabulary {cfg.vocab_size})")
+    if m["heads"]["sampling"]["k"] >= cfg.vocab_size:
+        raise DllmError(f"{where}: a top-{m['heads']['sampling']['k']} head is not smaller than the vocabulary ({cfg.vocab_size})")
 
 
 def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
     """Create a bundle atomically: `build(tmp_dir)` writes the files and returns the manifest (without
-    `files`); hashes are added, then the folder is renamed into place. A failure leaves nothing behind."""
+    `files`); hashes are added, then the folder is renamed into place. A failure leaves nothing behind.
+    Only a bundle may be replaced (with `overwrite`), never another folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise DllmError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
-        if not (out_dir / MANIFEST).is_file():
-            raise DllmError(f"{out_dir} is not a bundle; refusing to overwrite it")
+    check_replaceable(out_dir, MANIFEST, BUNDLE_FORMAT, "bundle")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise DllmError(f"{out_dir} exists and is not empty; choose another -o or pass --overwrite")
+    with output_lock(out_dir):
+        return _write_bundle(out_dir, build)
+
+
+def _write_bundle(out_dir: Path, build) -> Bundle:
     with atomic_folder(out_dir, replace=True) as tmp:
         manifest = build(tmp)
         (tmp / ENGINES).mkdir(exist_ok=True)
@@ -127,11 +155,11 @@ def write_bundle(out_dir: str | Path, build, overwrite: bool = False) -> Bundle:
             for p in sorted(tmp.rglob("*"))
             if p.is_file() and p.parts[len(tmp.parts)] != ENGINES and p.name != MANIFEST
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp / MANIFEST, manifest)
     return load_bundle(out_dir)
 
 
 def update_manifest(bundle: Bundle, **fields) -> None:
     """Replace top-level manifest fields in place (atomically), e.g. after adding an engine report."""
     bundle.manifest.update(fields)
-    atomic_write(bundle.path / MANIFEST, json.dumps(bundle.manifest, indent=2))
+    write_manifest(bundle.path / MANIFEST, bundle.manifest)

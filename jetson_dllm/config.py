@@ -25,6 +25,24 @@ def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# (field, type, lowest, highest): what any config, named or read from a file, must satisfy. The canvas and the
+# vocabulary are bounded by what the uint16 shards and a Jetson can hold, so an absurd file is refused, not run.
+_FIELD_RANGES = (
+    ("name", str, "", "~"),
+    ("d_model", int, 8, 16384),
+    ("n_head", int, 1, 256),
+    ("n_layer", int, 1, 256),
+    ("vocab_size", int, 4, 65536),
+    ("canvas_len", int, 8, 16384),
+    ("mask_id", int, 0, 65535),
+    ("d_ff", int, 0, 65536),
+    ("rope_theta", float, 1.0, 1e9),
+    ("norm_eps", float, 1e-12, 1e-1),
+    ("tie_embeddings", bool, False, True),
+    ("causal", bool, False, True),
+)
+
+
 @dataclass
 class ModelConfig:
     """Shape of the bidirectional denoiser.
@@ -55,14 +73,18 @@ class ModelConfig:
     causal: bool = False
 
     def __post_init__(self) -> None:
+        for name, kind, low, high in _FIELD_RANGES:
+            value = getattr(self, name)
+            if type(value) is not kind and not (kind is float and type(value) is int):
+                raise DllmError(f"model config: {name} must be {kind.__name__}, got {str(value)[:20]!r}")
+            if kind is not str and not (low <= value <= high):  # NaN fails too
+                raise DllmError(f"model config: {name} {value} is outside {low}..{high}")
         if self.d_model % self.n_head:
             raise DllmError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.head_dim % 2:
             raise DllmError(f"head dimension {self.head_dim} must be even for rotary positions")
         if not 0 <= self.mask_id < self.vocab_size:
             raise DllmError(f"mask_id {self.mask_id} is outside the vocabulary (size {self.vocab_size})")
-        if self.canvas_len < 8:
-            raise DllmError(f"canvas_len {self.canvas_len} is too short (at least 8)")
         if self.d_ff == 0:
             self.d_ff = _swiglu_hidden(self.d_model)
 
@@ -79,12 +101,18 @@ class ModelConfig:
         return cls(name=name, d_model=d_model, n_head=n_head, n_layer=n_layer, **overrides)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
+    def from_dict(cls, data: dict, where: str = "model config") -> ModelConfig:
+        """A config read from a file; every field checked (types and ranges), a clear error naming `where`."""
+        if not isinstance(data, dict):
+            raise DllmError(f"{where}: the model config must be an object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise DllmError(f"model config has unknown fields {sorted(unknown)}; was it written by a newer jetson-dllm?")
-        return cls(**data)
+            raise DllmError(f"{where}: model config has unknown fields {sorted(unknown)[:3]}; was it written by a newer jetson-dllm?")
+        try:
+            return cls(**data)
+        except DllmError as e:
+            raise DllmError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,12 +1,13 @@
-"""File helpers for writes that must survive a crash: hashing, fsync, atomic file and folder writes, manifests."""
+"""File helpers for writes that must survive a crash: hashing, fsync, atomic file and folder writes."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,22 +47,6 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     fsync_dir(path.parent)
 
 
-def read_manifest(path: Path, fmt: str, max_version: int, what: str, remedy: str) -> dict:
-    """A JSON manifest carrying `format` and `version` (checkpoint config, bundle manifest, data manifest),
-    or one line saying what is wrong and what to do."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        raise DllmError(f"{path} is truncated or corrupt; {remedy}") from None
-    if not isinstance(data, dict) or data.get("format") != fmt:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise DllmError(f"{Path(path).parent} is not a jetson-dllm {what} (format {found!r})")
-    if data.get("version", 0) > max_version:
-        raise DllmError(f"{Path(path).parent} was written by a newer jetson-dllm ({what} format {data['version']}, "
-                        f"this one reads {max_version}); upgrade jetson-dllm")
-    return data
-
-
 @contextlib.contextmanager
 def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
     """Build a folder under a hidden temporary name beside `final`, then rename it into place.
@@ -74,6 +59,7 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    _, restore = _terminate_as_exception()
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -93,3 +79,37 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        restore()
+
+
+def _terminate_as_exception():
+    """While a folder is being written, SIGTERM raises SystemExit(143) so the cleanup runs (as Ctrl-C does);
+    returns (None, a function that puts the old handler back). Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return None, lambda: None
+
+    def handle(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handle)
+    return None, lambda: signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder for the whole write: a second writer is refused at once, with a
+    message, instead of both finishing and the last one winning. The lock file sits beside the folder."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DllmError(f"another dllm is writing {folder} right now; wait for it to finish or choose another output") from None
+    try:
+        yield
+    finally:
+        lock.release()

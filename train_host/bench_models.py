@@ -10,8 +10,8 @@ prints the path of the checkpoint or bundle on its last line (`error: ...` on st
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +19,10 @@ import torch
 
 from calibration.quantize import Int8Options
 from jetson_dllm.bench import BENCH_VOCAB
+from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from train_host.checkpoint import list_checkpoints, save_checkpoint
+from train_host.checkpoint import list_checkpoints, read_config, save_checkpoint
 from train_host.corpus import stories
 from train_host.data import train_tokenizer
 from train_host.export import export_bundle
@@ -33,8 +34,11 @@ CACHE = Path(os.environ.get("JETSON_DLLM_CACHE", Path.home() / ".cache" / "jetso
 def random_model_dir(name: str, canvas_len: int) -> Path:
     """A checkpoint with random weights for a named config, cached."""
     run = CACHE / "random" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
-    if list_checkpoints(run):
-        return run
+    try:
+        if list_checkpoints(run) and read_config(list_checkpoints(run)[-1]):
+            return run
+    except DllmError:  # written by an older jetson-dllm, or damaged: our own cache, so make it again
+        shutil.rmtree(run)
     tokenizer = train_tokenizer(stories(2000), vocab_size=BENCH_VOCAB)  # the built-in corpus gives ~1.2k tokens
     cfg = ModelConfig.from_name(name, vocab_size=BENCH_VOCAB, canvas_len=canvas_len, mask_id=tokenizer.mask_id)
     torch.manual_seed(0)
@@ -45,10 +49,11 @@ def random_model_dir(name: str, canvas_len: int) -> Path:
 def bundle_for(name: str, precisions: tuple[str, ...], canvas_len: int) -> Path:
     """The bundle of a config name with at least `precisions`, exported once from random weights, cached."""
     path = CACHE / "bundles" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
-    if (path / "manifest.json").is_file():
-        have = json.loads((path / "manifest.json").read_text())["precisions"]
-        if all(p in have for p in precisions):
+    try:
+        if all(p in load_bundle(path, verify=False).precisions for p in precisions):
             return path
+    except DllmError:  # not there yet, or from an older jetson-dllm: export it (again)
+        pass
     export_bundle(random_model_dir(name, canvas_len), path, precisions=precisions, parity_canvases=4, overwrite=True,
                   int8=Int8Options(n_canvases=16, eval_canvases=8, budget=100.0))
     return path

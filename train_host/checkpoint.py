@@ -23,12 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_folder, read_manifest, sha256_file
+from jetson_dllm.files import atomic_folder, sha256_file
+from jetson_dllm.manifests import CheckpointConfig, member, read_manifest, write_manifest
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.model import Denoiser
 
 CKPT_FORMAT = "jetson-dllm-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: sealed config.json, checked schema, every file hashed and verified
+REQUIRED = ("model.safetensors", "tokenizer.json")
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,12 +85,14 @@ def save_checkpoint(
     `run_weights` are the weights to run (EMA); by default the model's own. The optimizer and
     `trainer_*` parts are only needed to resume.
     """
+    to_save = run_weights if run_weights is not None else state_dict_for_save(model)
+    check_finite(to_save, f"step {step}")  # a diverged model is never saved
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     # A re-save of the same step (resume, then stop at once) replaces it whole.
     with atomic_folder(final, replace=True) as tmp:
-        save_file(run_weights if run_weights is not None else state_dict_for_save(model), str(tmp / "model.safetensors"))
+        save_file(to_save, str(tmp / "model.safetensors"))
         tokenizer.save(tmp / "tokenizer.json")
         if optimizer is not None or trainer_tensors:
             tensors = dict(trainer_tensors or {})
@@ -107,7 +111,7 @@ def save_checkpoint(
             "special_ids": tokenizer.special_ids,
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
         }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_manifest(tmp / "config.json", config)
     return final
 
 
@@ -116,7 +120,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and all((p / name).is_file() for name in ("config.json", *REQUIRED)))  # a half-pruned one is skipped
 
 
 def clean_partial(run_dir: Path) -> None:
@@ -131,7 +136,11 @@ def read_config(ckpt: Path) -> dict:
     path = ckpt / "config.json"
     if not path.is_file():
         raise DllmError(f"{ckpt} is not a jetson-dllm checkpoint (no config.json); point at a run folder or a checkpoints/step_* folder")
-    return read_manifest(path, CKPT_FORMAT, CKPT_VERSION, "checkpoint", "use an earlier checkpoint")
+    config = read_manifest(path, CKPT_FORMAT, CKPT_VERSION, "checkpoint", "use an earlier checkpoint", CheckpointConfig)
+    unlisted = [n for n in REQUIRED if n not in config["files"]]
+    if unlisted:
+        raise DllmError(f"{path}: {', '.join(unlisted)} is not hashed in the config; use an earlier checkpoint")
+    return config
 
 
 def metric_of(ckpt: Path, key: str = "val_nll") -> float:
@@ -153,26 +162,43 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     return min(ckpts, key=lambda c: (metric_of(c), -int(c.name[5:])))
 
 
-def verify_files(ckpt: Path, config: dict, names: tuple[str, ...]) -> None:
-    for name in names:
-        path = ckpt / name
-        expected = config.get("files", {}).get(name)
+def verify_files(ckpt: Path, config: dict, names: tuple[str, ...] | None = None) -> None:
+    """Every file the config lists (or `names` of them) is present, inside the folder and unaltered."""
+    for name, expected in config["files"].items():
+        if names is not None and name not in names:
+            continue
+        path = member(ckpt, name, "checkpoint config")
         if not path.is_file():
             raise DllmError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
-        if expected and sha256_file(path) != expected:
+        if sha256_file(path) != expected:
             raise DllmError(f"{path} is truncated or altered (sha256 mismatch); use an earlier checkpoint")
+
+
+def tokenizer_sha256(ckpt: Path) -> str:
+    """The sha256 of a checkpoint's tokenizer (what the tokenizer wrapper reports), checked against the config."""
+    config = read_config(ckpt)
+    verify_files(ckpt, config, ("tokenizer.json",))
+    return TextTokenizer.from_file(ckpt / "tokenizer.json").sha256
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run), naming the first such tensor."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DllmError(f"{where}: {name} holds NaN or infinite values (the run diverged); use an earlier checkpoint or train with a lower --lr")
 
 
 def load_checkpoint(path: str | Path, which: str = "best") -> tuple[ModelConfig, dict[str, torch.Tensor], TextTokenizer, dict]:
     """(model config, weights, tokenizer, config.json) of a checkpoint, every file checked against its hash."""
     ckpt = resolve_checkpoint(path, which)
     config = read_config(ckpt)
-    verify_files(ckpt, config, ("model.safetensors", "tokenizer.json"))
-    cfg = ModelConfig.from_dict(config["model"])
+    verify_files(ckpt, config)
+    cfg = ModelConfig.from_dict(config["model"], where=str(ckpt / "config.json"))
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise DllmError(f"{ckpt / 'model.safetensors'} cannot be read ({e}); use an earlier checkpoint") from None
+    check_finite(weights, str(ckpt / "model.safetensors"))
     tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json")
     if tokenizer.mask_id != cfg.mask_id or tokenizer.vocab_size > cfg.vocab_size:
         raise DllmError(f"{ckpt}: tokenizer does not match the model config; the checkpoint is inconsistent")

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_folder, read_manifest
+from jetson_dllm.files import atomic_folder, output_lock, sha256_file
+from jetson_dllm.manifests import DataManifest, check_replaceable, member, read_manifest, write_manifest
 from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
 from train_host.corpus import story
 
 DATA_FORMAT = "jetson-dllm-data"
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: sealed data.json, checked schema, tokenizer and shard indexes hashed
 FORMATS = ("auto", "tinystories", "lines", "jsonl", "parquet")
 MAX_UINT16_VOCAB = 65536
 
@@ -235,10 +236,11 @@ def prepare_data(
     out_dir = Path(out_dir)
     if not 0.0 < val_fraction < 0.5:
         raise DllmError(f"--val-fraction {val_fraction} must be in (0, 0.5)")
+    check_replaceable(out_dir, "data.json", DATA_FORMAT, "data folder")  # never another kind of folder, --overwrite or not
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DllmError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
     docs = _Tracked(sources, progress or (lambda *a: None))
-    with atomic_folder(out_dir, replace=True) as tmp:
+    with output_lock(out_dir), atomic_folder(out_dir, replace=True) as tmp:
         if tokenizer_path:
             tok = TextTokenizer.from_file(tokenizer_path)
         else:
@@ -257,8 +259,10 @@ def prepare_data(
             "sources": [s.spec for s in sources],
             "val_fraction": val_fraction,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            # the shards themselves are checked by size (they may be GBs); what indexes them is hashed
+            "files": {name: sha256_file(tmp / name) for name in ("tokenizer.json", "train.idx.npy", "val.idx.npy")},
         }
-        (tmp / "data.json").write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp / "data.json", manifest)
     return manifest
 
 
@@ -319,7 +323,16 @@ def load_manifest(data_dir: str | Path) -> dict:
     path = data_dir / "data.json"
     if not path.is_file():
         raise DllmError(f"{data_dir} is not a prepared data folder (no data.json); make one with `dllm data`")
-    return read_manifest(path, DATA_FORMAT, DATA_VERSION, "data folder", "prepare the data again with `dllm data`")
+    return read_manifest(path, DATA_FORMAT, DATA_VERSION, "data folder", "prepare the data again with `dllm data`", DataManifest)
+
+
+def verified(data_dir: Path, manifest: dict, name: str) -> Path:
+    """A file the data manifest hashes, inside the folder and unaltered."""
+    path = member(data_dir, name, "data manifest")
+    expected = manifest["files"].get(name)
+    if expected is None or not path.is_file() or sha256_file(path) != expected:
+        raise DllmError(f"{path} is missing or altered (sha256 mismatch with data.json); prepare the data again with `dllm data`")
+    return path
 
 
 class CanvasDataset:
@@ -327,11 +340,18 @@ class CanvasDataset:
 
     def __init__(self, data_dir: str | Path, split: str, canvas_len: int, pad_id: int):
         data_dir = Path(data_dir)
-        load_manifest(data_dir)
-        bin_path, idx_path = data_dir / f"{split}.bin", data_dir / f"{split}.idx.npy"
-        if not bin_path.is_file() or not idx_path.is_file():
+        manifest = load_manifest(data_dir)
+        if split not in ("train", "val"):
+            raise DllmError(f"unknown split {split!r}")
+        bin_path, idx_path = data_dir / f"{split}.bin", verified(data_dir, manifest, f"{split}.idx.npy")
+        if not bin_path.is_file():
             raise DllmError(f"{data_dir} has no {split} split; prepare it again with `dllm data`")
-        offsets = np.load(idx_path)
+        try:
+            offsets = np.load(idx_path, allow_pickle=False)
+        except (ValueError, OSError):
+            raise DllmError(f"{idx_path} is not a shard index; prepare the data again with `dllm data`") from None
+        if offsets.ndim != 1 or offsets.dtype != np.int64 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise DllmError(f"{idx_path} is not a shard index (1-D int64 offsets from 0, increasing); prepare the data again")
         n_tokens = int(offsets[-1])
         if bin_path.stat().st_size != 2 * n_tokens:
             raise DllmError(f"{bin_path} is truncated or altered ({bin_path.stat().st_size} bytes, expected {2 * n_tokens}); prepare the data again")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -22,15 +21,20 @@ import torch.distributed as dist
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.files import output_lock
+from jetson_dllm.manifests import check_replaceable
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
 from train_host.autoregressive import ar_loss
-from train_host.data import CanvasDataset, batch_indices, load_manifest
+from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate
 from train_host.metrics import MetricsLog, progress_bar
 from train_host.model import Denoiser
+from train_host.optim import lr_at, param_groups
+
+RUN_FORMAT = "jetson-dllm-run"
 
 
 @dataclass
@@ -90,21 +94,6 @@ class TrainConfig:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
         return cfg
 
-
-def lr_at(tc: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine from lr to lr * min_lr_ratio as progress goes 0 -> 1."""
-    warm = min(1.0, (step + 1) / max(1, tc.warmup))
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return tc.lr * warm * (tc.min_lr_ratio + (1.0 - tc.min_lr_ratio) * cos)
-
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -176,7 +165,8 @@ def train(tc: TrainConfig, console=None) -> dict:
 
     d = setup_distributed(tc.device)
     try:
-        return _train(tc, d, console or Console(stderr=True))
+        with output_lock(Path(tc.out)) if d.main else contextlib.nullcontext():  # one writer per run folder
+            return _train(tc, d, console or Console(stderr=True))
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -217,12 +207,13 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     if rem or per_rank == 0:
         raise DllmError(f"--batch-size {tc.batch_size} must split evenly over {d.world} process(es) x {tc.grad_accum} accumulation steps")
     data_dir, run = Path(tc.data), Path(tc.out)
+    check_replaceable(run, "train_config.json", RUN_FORMAT, "training run")
     manifest = load_manifest(data_dir)
-    tokenizer = TextTokenizer.from_file(data_dir / "tokenizer.json")
+    tokenizer = TextTokenizer.from_file(verified(data_dir, manifest, "tokenizer.json"))
     cfg = tc.model_config(tokenizer)
     train_ds = CanvasDataset(data_dir, "train", cfg.canvas_len, tokenizer.pad_id)
     val_ds = CanvasDataset(data_dir, "val", cfg.canvas_len, tokenizer.pad_id)
-    resume_from = _resume_point(tc, run, cfg)
+    resume_from = _resume_point(tc, run, cfg, tokenizer)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_partial(run)
@@ -230,7 +221,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
             console.print(f"[yellow]nothing to resume in {run}; starting a new run[/]")
     torch.manual_seed(tc.seed)
     core = Denoiser(cfg).to(device)
-    opt = torch.optim.AdamW(_param_groups(core, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
     ema = copy.deepcopy(core).eval().requires_grad_(False) if tc.ema > 0 else None
     model = core
     if d.world > 1:
@@ -242,17 +233,19 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     r.last_saved = r.step
     if d.main:
         r.metrics_log = MetricsLog(run, r.step if resume_from else None)
-        (run / "train_config.json").write_text(json.dumps({"train": asdict(tc), "model": cfg.to_dict(), "data": manifest}, indent=2))
+        (run / "train_config.json").write_text(json.dumps({"format": RUN_FORMAT, "train": asdict(tc), "model": cfg.to_dict(), "data": manifest}, indent=2))
     return r
 
 
-def _resume_point(tc: TrainConfig, run: Path, cfg: ModelConfig) -> Path | None:
+def _resume_point(tc: TrainConfig, run: Path, cfg: ModelConfig, tokenizer: TextTokenizer) -> Path | None:
     existing = ckpt_io.list_checkpoints(run)
     if existing and not tc.resume:
         raise DllmError(f"{run} already holds checkpoints; continue it with --resume or train into a new --out")
     if not (tc.resume and existing):
         return None
     saved = ckpt_io.read_config(existing[-1])
+    if saved["special_ids"] != tokenizer.special_ids or ckpt_io.tokenizer_sha256(existing[-1]) != tokenizer.sha256:
+        raise DllmError(f"{existing[-1]} was trained with another tokenizer than {tc.data} has; resume on the run's own data")
     if saved["model"] != cfg.to_dict():
         raise DllmError(f"{existing[-1]} is a {saved['model']['name']} model of another shape than --config {tc.config} asks for; resume with the run's own settings")
     return existing[-1]

@@ -141,9 +141,7 @@ def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers
     ort = _ort()
     bundle = load_bundle(bundle_path, verify=verify_files)
     tokenizer = bundle.tokenizer()
-    path = bundle.onnx_path(precision)
-    if verify_files:
-        bundle.check([path.name])
+    path = bundle.onnx_path(precision)  # every file was checked against its hash by load_bundle
     cache = bundle.engines_dir / "ort-trt"
     resolved = resolve_providers(providers, ort.get_available_providers(), str(cache), fp16=precision != "fp32")
     if any(isinstance(p, tuple) for p in resolved):

@@ -148,9 +148,11 @@ def test_bad_bundles_are_refused(bundle_dir, tmp_path):
     with open(copy / "model.fp32.onnx", "r+b") as f:
         f.seek(1000)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(DllmError, match="altered"):
-        OnnxBackend(str(copy), precision="fp32")
-    OnnxBackend(str(copy), precision="fp16")  # the other files are fine
+    for precision in ("fp32", "fp16"):  # a bundle is used whole or refused: the altered file is named
+        with pytest.raises(DllmError, match="model.fp32.onnx is altered"):
+            OnnxBackend(str(copy), precision=precision)
+    shutil.copy(bundle_dir / "model.fp32.onnx", copy / "model.fp32.onnx")
+    OnnxBackend(str(copy), precision="fp16")
     with pytest.raises(DllmError, match="has no bf16 model"):
         OnnxBackend(str(copy), precision="bf16")
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -173,9 +175,9 @@ def test_export_refuses_what_is_not_ours_and_leaves_nothing_half_written(tmp_pat
         ex.export_bundle(tmp_path / "notours", tmp_path / "b1")
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "thesis.txt").write_text("precious")
-    with pytest.raises(DllmError, match="not empty"):
+    with pytest.raises(DllmError, match="not a bundle jetson-dllm made"):
         ex.export_bundle(trained_run, tmp_path / "occupied", overwrite=False)
-    with pytest.raises(DllmError, match="not a bundle; refusing"):
+    with pytest.raises(DllmError, match="not a bundle jetson-dllm made; refusing"):
         ex.export_bundle(trained_run, tmp_path / "occupied", overwrite=True)
     assert (tmp_path / "occupied" / "thesis.txt").read_text() == "precious"
     monkeypatch.setattr(ex, "FP32_MAX_LOGIT_DIFF", -1.0)  # make FP32 parity "fail"
