@@ -14,7 +14,9 @@ with a manifest.json is always whole; reading verifies the hashes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
@@ -34,6 +36,7 @@ ENGINES = "engines"
 class Bundle:
     path: Path
     manifest: dict
+    engines_carried: dict = field(default_factory=dict)  # after an --overwrite export: engines kept and dropped
 
     @property
     def config(self) -> ModelConfig:
@@ -156,7 +159,31 @@ def _write_bundle(out_dir: Path, build) -> Bundle:
             if p.is_file() and p.parts[len(tmp.parts)] != ENGINES and p.name != MANIFEST
         }
         write_manifest(tmp / MANIFEST, manifest)
-    return load_bundle(out_dir)
+        carried = carry_engines(out_dir / ENGINES, tmp / ENGINES, manifest)
+    bundle = load_bundle(out_dir)
+    bundle.engines_carried = carried
+    return bundle
+
+
+def carry_engines(old: Path, new: Path, manifest: dict) -> dict[str, list[str]]:
+    """Engines built on the device from the bundle being replaced: those built from an ONNX file that is the same
+    in the new bundle (their key still matches) are kept; the others are dropped and named."""
+    kept, dropped = [], []
+    if not old.is_dir():
+        return {"kept": kept, "dropped": dropped}
+    hashes = {manifest["files"].get(entry["file"]) for entry in manifest["precisions"].values()}
+    for plan in sorted(old.glob("*.plan")):
+        try:
+            spec = json.loads(plan.with_suffix(".json").read_text())["spec"]
+        except (OSError, ValueError, KeyError, TypeError):
+            spec = {}
+        if spec.get("onnx_sha256") in hashes:
+            for src in (plan, plan.with_suffix(".json")):
+                shutil.copy2(src, new / src.name)
+            kept.append(plan.name)
+        else:
+            dropped.append(plan.name)
+    return {"kept": kept, "dropped": dropped}
 
 
 def update_manifest(bundle: Bundle, **fields) -> None:

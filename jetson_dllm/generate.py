@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import PLACEHOLDER, Canvas, build_canvas
 from jetson_dllm.runners import SAMPLING_OUTPUTS, Runner, open_runner, sampling_fn
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample
@@ -96,6 +97,9 @@ def generate(
     if num_samples <= 0:
         raise DllmError(f"--num-samples must be positive, got {num_samples}")
     canvas = build_canvas(tokenizer, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
+    plan = memory_plan(runner.cfg, runner.precision, num_samples, canvas.tokens.size, runner.topk, device=False)
+    check_fits(plan["activations"] + plan["io"], f"{num_samples} samples of a {canvas.tokens.size}-token canvas",
+               "generate fewer samples at once (-n) or a shorter --length")
     tokens, fixed = canvas.batch(num_samples)
     special = SpecialIds(mask=tokenizer.mask_id, eot=tokenizer.eot_id, pad=tokenizer.pad_id)
     result = sample(sampling_fn(runner), tokens, fixed, special, sampler, on_step=on_step)

@@ -64,14 +64,14 @@ def read_manifest(path: Path, fmt: str, version: int, what: str, remedy: str, sc
         raise DllmError(f"cannot read {path} ({e.strerror}); {remedy}") from None
     if not isinstance(data, dict) or data.get("format") != fmt:
         found = data.get("format") if isinstance(data, dict) else None
-        raise DllmError(f"{path.parent} is not a jetson-dllm {what} ({path.name} has format {str(found)[:40]!r})")
+        raise DllmError(f"{path.parent} is not a jetson-dllm {what} ({path} has format {str(found)[:40]!r})")
     found = data.get("version")
     if type(found) is not int:
         raise DllmError(f"{path}: version must be an integer, got {str(found)[:20]!r}; {remedy}")
     if found > version:
-        raise DllmError(f"{path.parent} was written by a newer jetson-dllm ({what} format {found}, this one reads {version}); upgrade jetson-dllm")
+        raise DllmError(f"{path} was written by a newer jetson-dllm ({what} format {found}, this one reads {version}); upgrade jetson-dllm")
     if found < version:
-        raise DllmError(f"{path.parent} was written by an older jetson-dllm ({what} format {found}, before integrity seals); {remedy}")
+        raise DllmError(f"{path} was written by an older jetson-dllm ({what} format {found}, before integrity seals); {remedy}")
     unseal(raw, path, remedy)
     if schema is not None:
         try:

@@ -250,3 +250,20 @@ def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int
     if proc.returncode != 0:
         raise DllmError(f"measuring {precision} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
     return int(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def training_bytes(cfg, micro_batch: int) -> int:
+    """A rough peak of one training step on the host (bytes): weights, gradients and AdamW's two moments, the
+    activations every layer keeps for the backward pass, and the logits with their gradient."""
+    B, T = micro_batch, cfg.canvas_len
+    state = 4 * cfg.weight_bytes("fp32")
+    per_layer = B * T * (10 * cfg.d_model + 3 * cfg.d_ff) * 4 + B * cfg.n_head * T * T * 4
+    logits = 2 * B * T * cfg.vocab_size * 4
+    return state + cfg.n_layer * per_layer + logits + HOST_RUNTIME
+
+
+def check_fits(need: int, what: str, fix: str) -> None:
+    """Refuse work whose estimated memory is more than this machine has available, before allocating it."""
+    available = read_meminfo().get("MemAvailable", 0)
+    if available and need > available:
+        raise DllmError(f"{what} needs about {need / 2**30:.1f} GiB of memory, but {available / 2**30:.1f} GiB is available; {fix}")

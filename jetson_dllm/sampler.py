@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jetson_dllm.errors import DllmError
+from jetson_dllm.errors import DllmError, check_choice, check_range
 
 STRATEGIES = ("confidence", "margin", "entropy", "threshold", "ancestral")
 NEG_INF = np.float32(-np.inf)
@@ -48,22 +48,16 @@ class SamplerConfig:
     defer_twins: bool = True  # two neighbours picked in one step with the same token: commit one, re-predict the other
 
     def validate(self) -> SamplerConfig:
-        if self.steps <= 0:
-            raise DllmError(f"--steps must be at least 1, got {self.steps}")
-        if self.strategy not in STRATEGIES:
-            raise DllmError(f"unknown --strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise DllmError(f"--threshold must be in (0, 1], got {self.threshold}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise DllmError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
-            raise DllmError(f"--temperature must not be negative, got {self.temperature}")
-        if self.top_k < 0:
-            raise DllmError(f"--top-k must not be negative, got {self.top_k}")
-        if self.block < 0:
-            raise DllmError(f"--block must not be negative, got {self.block}")
-        if self.deadline_ms < 0:
-            raise DllmError(f"--deadline-ms must not be negative, got {self.deadline_ms}")
+        """Every setting's range (NaN refused); returns the config."""
+        check_range("--steps", self.steps, 1)
+        check_choice("--strategy", self.strategy, STRATEGIES)
+        check_range("--threshold", self.threshold, 0, 1, low_open=True)
+        check_range("--top-p", self.top_p, 0, 1, low_open=True)
+        check_range("--temperature", self.temperature, 0, 100)
+        check_range("--top-k", self.top_k, 0)
+        check_range("--block", self.block, 0)
+        check_range("--deadline-ms", self.deadline_ms, 0)
+        check_range("--seed", self.seed, 0)
         return self
 
 

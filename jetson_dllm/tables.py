@@ -149,3 +149,10 @@ def profile_table(rows: list[dict], batch: int, canvas: int) -> Table:
             cells.insert(6, mib(r["host_rss_measured"]))
         table.add_row(*cells)
     return table
+
+
+def export_summary(bundle, out_dir) -> str:
+    """What `dllm export` wrote, and which engines of a replaced bundle were kept or dropped."""
+    carried = "".join(f"; {k} {len(v)} engine(s) of the old bundle{': ' + ', '.join(v) if k == 'dropped' else ''}"
+                      for k, v in bundle.engines_carried.items() if v)
+    return f"wrote {out_dir} ({', '.join(bundle.precisions)}); copy it to the Jetson and build: dllm build {out_dir} --precision fp16{carried}"

@@ -160,6 +160,15 @@ def parity_report(model: Denoiser, runners: dict, canvases: np.ndarray, mask_id:
     return {precision: summarize(by_ratio) for precision, by_ratio in rows.items()}
 
 
+def check_int8_budget(calibration: dict | None, options: Int8Options) -> None:
+    """After an export: an INT8 model over its accuracy budget is an error unless it was accepted."""
+    c = calibration
+    if c and not c["within_budget"] and not options.allow_over_budget:
+        raise DllmError(f"INT8 loses {c['accuracy_drop_points']:.2f} points of masked-token accuracy, over the {options.budget:g}-point budget, "
+                        f"even with {len(c['excluded'])} layers kept in FP32; the best INT8 model is in the bundle: accept it with "
+                        "--allow-over-budget, or raise --int8-budget")
+
+
 def validation_canvases(tokenizer: TextTokenizer, canvas_len: int, n: int, data_dir: str | None) -> tuple[np.ndarray, str]:
     """Canvases for parity and calibration: the data's validation split, or built-in stories."""
     if data_dir:

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from jetson_dllm.config import ModelConfig
-from jetson_dllm.errors import DllmError
+from jetson_dllm.errors import DllmError, check_choice, check_range
 from jetson_dllm.files import output_lock
 from jetson_dllm.manifests import check_replaceable
+from jetson_dllm.profiler import check_fits, training_bytes
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
@@ -105,22 +106,26 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
 
 
 def _validate(tc: TrainConfig) -> None:
-    if tc.steps <= 0:
-        raise DllmError(f"--steps must be positive, got {tc.steps}")
-    if tc.batch_size <= 0 or tc.grad_accum <= 0:
-        raise DllmError("--batch-size and --grad-accum must be positive")
-    if tc.lr <= 0:
-        raise DllmError(f"--lr must be positive, got {tc.lr}")
-    if not 0.0 <= tc.ema < 1.0:
-        raise DllmError(f"--ema must be in [0, 1), got {tc.ema}")
-    if tc.pause_after < 0:
-        raise DllmError("--pause-after must not be negative")
-    if tc.time_budget < 0:
-        raise DllmError("--time-budget must not be negative")
-    if tc.objective not in ("mdlm", "ar"):
-        raise DllmError(f"unknown --objective {tc.objective!r}; choose mdlm (masked diffusion) or ar (the autoregressive baseline)")
-    if tc.schedule not in diffusion.SCHEDULES:
-        raise DllmError(f"unknown --schedule {tc.schedule!r}; choose one of: {', '.join(diffusion.SCHEDULES)}")
+    """Every setting's range and choices, once (NaN is refused everywhere)."""
+    from jetson_dllm.config import SIZES
+
+    for flag, value, low in (("--steps", tc.steps, 1), ("--batch-size", tc.batch_size, 1), ("--grad-accum", tc.grad_accum, 1),
+                             ("--eval-every", tc.eval_every, 1), ("--eval-canvases", tc.eval_canvases, 1), ("--log-every", tc.log_every, 1),
+                             ("--keep-last", tc.keep_last, 1), ("--warmup", tc.warmup, 0), ("--pause-after", tc.pause_after, 0),
+                             ("--seed", tc.seed, 0), ("--threads", tc.threads, 0), ("--d-model", tc.d_model, 0),
+                             ("--n-layer", tc.n_layer, 0), ("--n-head", tc.n_head, 0), ("--time-budget", tc.time_budget, 0),
+                             ("--weight-decay", tc.weight_decay, 0), ("--grad-clip", tc.grad_clip, 0)):
+        check_range(flag, value, low)
+    check_range("--lr", tc.lr, 0, 10, low_open=True)
+    check_range("--min-lr-ratio", tc.min_lr_ratio, 0, 1)
+    check_range("--ema", tc.ema, 0, 1, high_open=True)
+    check_range("--canvas-len", tc.canvas_len, 8, 16384)
+    check_choice("--config", tc.config, SIZES)
+    check_choice("--objective", tc.objective, ("mdlm", "ar"))
+    check_choice("--schedule", tc.schedule, diffusion.SCHEDULES)
+    check_choice("--device", tc.device, ("auto", "cpu", "cuda"))
+    check_choice("--dtype", tc.dtype, ("auto", "fp32", "bf16", "fp16"))
+
 
 @dataclass
 class _Run:
@@ -211,6 +216,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     manifest = load_manifest(data_dir)
     tokenizer = TextTokenizer.from_file(verified(data_dir, manifest, "tokenizer.json"))
     cfg = tc.model_config(tokenizer)
+    check_fits(training_bytes(cfg, per_rank), f"training {cfg.name} on {per_rank} canvases of {cfg.canvas_len} tokens per step",
+               "lower --canvas-len or --batch-size (or raise --grad-accum)")
     train_ds = CanvasDataset(data_dir, "train", cfg.canvas_len, tokenizer.pad_id)
     val_ds = CanvasDataset(data_dir, "val", cfg.canvas_len, tokenizer.pad_id)
     resume_from = _resume_point(tc, run, cfg, tokenizer)

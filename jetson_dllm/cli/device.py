@@ -20,8 +20,8 @@ from jetson_dllm.tables import bench_summary, bench_tables, bundle_tables, confi
 
 @app.command()
 def configs(
-    vocab_size: Annotated[int, typer.Option(help="vocabulary size to count the embedding with")] = 8192,
-    canvas_len: Annotated[int, typer.Option(help="canvas length (does not change the parameter count)")] = 256,
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size to count the embedding with", min=16, max=65536)] = 8192,
+    canvas_len: Annotated[int, typer.Option(help="canvas length (does not change the parameter count)", min=8, max=16384)] = 256,
 ) -> None:
     """Print the model sizes tiny -> xxlarge: parameters and weight size per precision.
 
@@ -57,7 +57,7 @@ def build(
     precision: Annotated[str, typer.Option(help="fp16 | int8 | fp32")] = "fp16",
     canvas: Annotated[str, typer.Option(help="canvas lengths, comma-separated; one engine each")] = "128",
     batch: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1",
-    opt_level: Annotated[int, typer.Option(help="TensorRT builder optimization level 0-5 (higher: slower build, maybe faster engine)")] = 3,
+    opt_level: Annotated[int, typer.Option(help="TensorRT builder optimization level 0-5 (higher: slower build, maybe faster engine)", min=0, max=5)] = 3,
 ) -> None:
     """Build TensorRT engines for a bundle on this device (engines are not portable: build where you run).
 
@@ -90,14 +90,14 @@ def bench(
     canvas: Annotated[str, typer.Option(help="canvas lengths")] = "256",
     batch: Annotated[str, typer.Option(help="batch sizes")] = "1",
     strategy: Annotated[str, typer.Option(help="sampler strategies")] = "confidence",
-    repeats: Annotated[int, typer.Option(help="measured generations per point (after warm-up)")] = 3,
-    warmup: Annotated[int, typer.Option(help="unmeasured generations per point first")] = 1,
-    threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = physical cores")] = 0,
+    repeats: Annotated[int, typer.Option(help="measured generations per point (after warm-up)", min=1)] = 3,
+    warmup: Annotated[int, typer.Option(help="unmeasured generations per point first", min=0)] = 1,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = physical cores", min=0, max=1024)] = 0,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for bench.csv / .json / .md and latency_vs_steps.png")] = Path("runs/bench"),
     isolate: Annotated[bool, typer.Option("--isolate/--no-isolate", help="one worker process per model/backend/precision (clean memory numbers)")] = True,
     quality: Annotated[bool, typer.Option("--quality", help="add quality columns: generative perplexity (--judge), repetition, distinct-2")] = False,
     judge: Annotated[Optional[Path], typer.Option(help="--quality: autoregressive checkpoint that scores the samples")] = None,
-    quality_samples: Annotated[int, typer.Option(help="--quality: samples per point")] = 8,
+    quality_samples: Annotated[int, typer.Option(help="--quality: samples per point", min=1)] = 8,
 ) -> None:
     """Latency vs steps, memory and power across configs, backends and precisions.
 
@@ -136,8 +136,8 @@ def profile(
     bundle_dir: Annotated[Optional[Path], typer.Argument(help="bundle to profile (its config and precisions)", show_default=False)] = None,
     config: Annotated[str, typer.Option(help="configs instead of a bundle: tiny,small,... or all")] = "",
     precision: Annotated[str, typer.Option(help="precisions to consider")] = "fp32,fp16,int8",
-    canvas: Annotated[int, typer.Option(help="canvas length")] = 256,
-    batch: Annotated[int, typer.Option(help="batch size")] = 1,
+    canvas: Annotated[int, typer.Option(help="canvas length", min=1, max=16384)] = 256,
+    batch: Annotated[int, typer.Option(help="batch size", min=1, max=4096)] = 1,
     measure: Annotated[bool, typer.Option(help="also measure host RSS of the onnx backend here (bundle only)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the table as JSON")] = False,
 ) -> None:

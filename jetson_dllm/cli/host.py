@@ -10,20 +10,20 @@ import typer
 
 from jetson_dllm.cli.common import Bar, app, err, out, parse_duration
 from jetson_dllm.errors import DllmError
-from jetson_dllm.tables import calibration_table, eval_table, parity_table
+from jetson_dllm.tables import calibration_table, eval_table, export_summary, parity_table
 
 
 @app.command()
 def data(
     sources: Annotated[Optional[list[str]], typer.Argument(help="text files (.txt, .jsonl, .parquet), hf:NAME, or nothing for the built-in corpus", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to write the tokenizer and token shards to")] = Path("runs/data"),
-    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size, special tokens included")] = 8192,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size, special tokens included", min=16, max=65536)] = 8192,
     fmt: Annotated[str, typer.Option("--format", help="auto | tinystories | lines | jsonl | parquet")] = "auto",
     text_field: Annotated[str, typer.Option(help="field holding the text in JSONL / parquet / HF data")] = "text",
     val_fraction: Annotated[float, typer.Option(help="share of documents held out for validation")] = 0.01,
-    builtin_stories: Annotated[int, typer.Option(help="stories to generate for the built-in corpus")] = 20000,
-    seed: Annotated[int, typer.Option(help="seed of the built-in corpus")] = 0,
-    tokenizer_docs: Annotated[int, typer.Option(help="documents the tokenizer is trained on")] = 200_000,
+    builtin_stories: Annotated[int, typer.Option(help="stories to generate for the built-in corpus", min=1)] = 20000,
+    seed: Annotated[int, typer.Option(help="seed of the built-in corpus", min=0, max=4294967295)] = 0,
+    tokenizer_docs: Annotated[int, typer.Option(help="documents the tokenizer is trained on", min=1)] = 200_000,
     tokenizer: Annotated[Optional[Path], typer.Option(help="reuse this tokenizer.json instead of training one")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing data folder")] = False,
 ) -> None:
@@ -51,33 +51,33 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
     objective: Annotated[str, typer.Option(help="mdlm (masked diffusion) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
-    canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)")] = 128,
-    batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together")] = 32,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)")] = 1000,
+    canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)", min=8, max=16384)] = 128,
+    batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
+    steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
     time_budget: Annotated[str, typer.Option(help="stop after this long, e.g. 5m or 1h30m; the schedule follows the clock")] = "0",
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-3,
     min_lr_ratio: Annotated[float, typer.Option(help="the cosine decays to lr x this")] = 0.1,
-    warmup: Annotated[int, typer.Option(help="warmup steps")] = 50,
+    warmup: Annotated[int, typer.Option(help="warmup steps", min=0)] = 50,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the matrices (norms and biases get none)")] = 0.1,
     grad_clip: Annotated[float, typer.Option(help="gradient norm clip; 0 = off")] = 1.0,
     schedule: Annotated[str, typer.Option(help="noise schedule: loglinear | cosine")] = "loglinear",
     ema: Annotated[float, typer.Option(help="EMA decay of the weights, e.g. 0.999; 0 = off")] = 0.0,
-    eval_every: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps")] = 100,
-    eval_canvases: Annotated[int, typer.Option(help="validation canvases per evaluation")] = 128,
-    keep_last: Annotated[int, typer.Option(help="checkpoints kept besides the best")] = 3,
-    seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and every noise draw")] = 0,
+    eval_every: Annotated[int, typer.Option(help="evaluate and checkpoint every N steps", min=1)] = 100,
+    eval_canvases: Annotated[int, typer.Option(help="validation canvases per evaluation", min=1)] = 128,
+    keep_last: Annotated[int, typer.Option(help="checkpoints kept besides the best", min=1)] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and every noise draw", min=0, max=4294967295)] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on GPU; CPU is fp32)")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = cores / processes")] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = cores / processes", min=0, max=1024)] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue the run in --out from its last checkpoint")] = False,
-    pause_after: Annotated[int, typer.Option(help="stop with a checkpoint after N steps of this invocation (continue with --resume)")] = 0,
-    nproc: Annotated[int, typer.Option(help="processes (GPUs) on this machine, launched through torchrun")] = 1,
-    d_model: Annotated[int, typer.Option(help="override the config's width (custom size)", hidden=True)] = 0,
-    n_layer: Annotated[int, typer.Option(hidden=True)] = 0,
-    n_head: Annotated[int, typer.Option(hidden=True)] = 0,
-    log_every: Annotated[int, typer.Option(hidden=True)] = 10,
+    pause_after: Annotated[int, typer.Option(help="stop with a checkpoint after N steps of this invocation (continue with --resume)", min=0)] = 0,
+    nproc: Annotated[int, typer.Option(help="processes (GPUs) on this machine, launched through torchrun", min=1, max=1024)] = 1,
+    d_model: Annotated[int, typer.Option(help="override the config's width (custom size)", hidden=True, min=0, max=16384)] = 0,
+    n_layer: Annotated[int, typer.Option(hidden=True, min=0, max=256)] = 0,
+    n_head: Annotated[int, typer.Option(hidden=True, min=0, max=256)] = 0,
+    log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
     """Train a masked-diffusion LM (MDLM objective) on prepared data; resumable, with progress and curves.
 
@@ -103,14 +103,14 @@ def train(
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="run folder (its best checkpoint) or a checkpoints/step_* folder")],
     data_dir: Annotated[Path, typer.Option("--data", help="prepared data folder with a val split")] = Path("runs/data"),
-    canvases: Annotated[int, typer.Option(help="validation canvases to score")] = 512,
-    n_t: Annotated[int, typer.Option(help="noise levels per canvas in the ELBO estimate")] = 8,
-    seed: Annotated[int, typer.Option(help="seed of the noise levels and masks (and of --generate)")] = 1234,
+    canvases: Annotated[int, typer.Option(help="validation canvases to score", min=1)] = 512,
+    n_t: Annotated[int, typer.Option(help="noise levels per canvas in the ELBO estimate", min=1, max=1024)] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the noise levels and masks (and of --generate)", min=0, max=4294967295)] = 1234,
     generate: Annotated[bool, typer.Option("--generate", help="also generate samples and judge them")] = False,
     judge: Annotated[Optional[Path], typer.Option(help="autoregressive checkpoint that scores generated text (generative perplexity)")] = None,
-    samples: Annotated[int, typer.Option(help="--generate: samples (in batches of 8)")] = 16,
+    samples: Annotated[int, typer.Option(help="--generate: samples (in batches of 8)", min=1)] = 16,
     prompt: Annotated[str, typer.Option(help="--generate: the prompt")] = "Once upon a time",
-    steps: Annotated[int, typer.Option(help="--generate: denoising steps")] = 64,
+    steps: Annotated[int, typer.Option(help="--generate: denoising steps", min=1)] = 64,
     strategy: Annotated[str, typer.Option(help="--generate: sampler strategy")] = "confidence",
     temperature: Annotated[float, typer.Option(help="--generate: sampling temperature")] = 0.8,
     json_out: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
@@ -143,16 +143,16 @@ def export(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")] = Path("runs/bundle"),
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="also write the FP16 graph (RMSNorm, softmax, residuals in FP32)")] = True,
     int8: Annotated[bool, typer.Option("--int8", help="also calibrate and write the INT8 Q/DQ graph")] = False,
-    topk: Annotated[int, typer.Option(help="K of the sampling head (top-K log-probabilities computed in the graph)")] = 64,
+    topk: Annotated[int, typer.Option(help="K of the sampling head (top-K log-probabilities computed in the graph)", min=1, max=3839)] = 64,
     data_dir: Annotated[Optional[Path], typer.Option("--data", help="the model's data folder: validation canvases for parity and calibration")] = None,
-    parity_canvases: Annotated[int, typer.Option(help="validation canvases in the parity report")] = 16,
-    calib_canvases: Annotated[int, typer.Option(help="INT8: calibration canvases (masked at ratios over (0, 1])")] = 64,
-    calib_canvas_len: Annotated[int, typer.Option(help="INT8: calibration canvas length; 0 = the model's canvas")] = 0,
+    parity_canvases: Annotated[int, typer.Option(help="validation canvases in the parity report", min=1)] = 16,
+    calib_canvases: Annotated[int, typer.Option(help="INT8: calibration canvases (masked at ratios over (0, 1])", min=1)] = 64,
+    calib_canvas_len: Annotated[int, typer.Option(help="INT8: calibration canvas length; 0 = the model's canvas", min=0, max=16384)] = 0,
     calib_method: Annotated[str, typer.Option(help="INT8: minmax | entropy | percentile")] = "minmax",
     int8_budget: Annotated[float, typer.Option(help="INT8: allowed loss of masked-token accuracy, in points")] = 1.0,
     allow_over_budget: Annotated[bool, typer.Option(help="INT8: keep the best model even if no exclusion set meets the budget")] = False,
     calib_file: Annotated[Optional[Path], typer.Option(help="INT8: extra calibration canvases: the .npz that `dllm run --save-canvases` writes (tokens int32 of shape n x canvas, and the tokenizer's sha256)")] = None,
-    seed: Annotated[int, typer.Option(help="INT8: calibration seed")] = 0,
+    seed: Annotated[int, typer.Option(help="INT8: calibration seed", min=0, max=4294967295)] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing bundle")] = False,
 ) -> None:
     """Export a checkpoint to a bundle: ONNX (FP32, FP16, INT8 Q/DQ), tokenizer, manifest, parity report.
@@ -162,7 +162,7 @@ def export(
       dllm export runs/tiny -o runs/bundle --int8 --data runs/data
     """
     from calibration.quantize import Int8Options
-    from train_host.export import export_bundle
+    from train_host.export import check_int8_budget, export_bundle
 
     precisions = ("fp32",) + (("fp16",) if fp16 or int8 else ()) + (("int8",) if int8 else ())
     options = Int8Options(n_canvases=calib_canvases, canvas_len=calib_canvas_len, method=calib_method, budget=int8_budget,
@@ -171,8 +171,5 @@ def export(
         bundle = export_bundle(checkpoint, out_dir, precisions=precisions, topk=topk, data_dir=str(data_dir) if data_dir else None,
                                parity_canvases=parity_canvases, overwrite=overwrite, int8=options, progress=status.update)
     out.print(parity_table(bundle.manifest), *([calibration_table(c)] if (c := bundle.manifest.get("calibration")) else []), sep="\n")
-    out.print(f"wrote {out_dir} ({', '.join(bundle.precisions)}); copy it to the Jetson and build: dllm build {out_dir} --precision fp16")
-    if c and not c["within_budget"] and not allow_over_budget:
-        raise DllmError(f"INT8 loses {c['accuracy_drop_points']:.2f} points of masked-token accuracy, over the {int8_budget:g}-point budget, "
-                        f"even with {len(c['excluded'])} layers kept in FP32; the best INT8 model is in the bundle: accept it with "
-                        "--allow-over-budget, or raise --int8-budget")
+    out.print(export_summary(bundle, out_dir))
+    check_int8_budget(c, options)

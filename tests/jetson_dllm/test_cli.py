@@ -79,15 +79,19 @@ def test_bad_input_against_a_trained_run(capsys, trained_run, data_dir, tmp_path
         (["run", trained_run, "-p", "____ [MASK]"], "only placeholders"),
         (["run", trained_run, "-p", "word " * 200], "longest canvas"),
         (["run", trained_run, "-p", "hi", "--length", 500], "do not fit"),
-        (["run", trained_run, "-p", "hi", "--steps", 0], "--steps"),
         (["run", trained_run, "-p", "hi", "--threshold", 1.5], "--threshold"),
         (["run", trained_run, "-p", "hi", "--top-p", 0], "--top-p"),
         (["run", trained_run, "-p", "hi", "--backend", "tpu"], "unknown backend"),
-        (["train", "--data", data_dir, "--out", tmp_path / "x", "--config", "huge"], "unknown config"),
+        (["train", "--data", data_dir, "--out", tmp_path / "x", "--config", "huge"], "unknown --config"),
+        (["run", trained_run, "-p", "hi", "--temperature", "nan"], "--temperature must be a number"),
+        (["run", trained_run, "--backend", "torch", "--precision", "int8"], "does not run int8"),
         (["train", "--data", data_dir, "--out", trained_run], "--resume"),
     ]:
         code, _, err = dllm(capsys, *args)
         assert_one_line_error(code, err, match)
+    # out of an option's range: a usage error (exit 2), the usage and one line saying which option
+    code, _, err = dllm(capsys, "run", trained_run, "-p", "hi", "--steps", 0)
+    assert code == 2 and "Invalid value for '--steps'" in err and "Traceback" not in err
 
 
 def test_truncated_checkpoint_is_refused_by_eval(capsys, trained_run, data_dir, tmp_path):

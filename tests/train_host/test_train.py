@@ -87,13 +87,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
 
 def test_bad_settings_are_refused(data_dir, tmp_path):
     for bad, match in [(dict(steps=0), "--steps"), (dict(batch_size=7, grad_accum=2), "split evenly"), (dict(lr=-1.0), "--lr"),
-                       (dict(ema=1.5), "--ema"), (dict(schedule="sqrt"), "schedule"), (dict(device="tpu"), "unknown device"),
+                       (dict(ema=1.5), "--ema"), (dict(schedule="sqrt"), "schedule"), (dict(device="tpu"), "unknown --device"),
                        (dict(dtype="bf16", device="cpu"), "for GPUs")]:
         with pytest.raises(DllmError, match=match):
             train_small(data_dir, tmp_path / "bad", **bad)
     with pytest.raises(DllmError, match="not a prepared data folder"):
         train_small(tmp_path, tmp_path / "bad")
-    with pytest.raises(DllmError, match="unknown config"):
+    with pytest.raises(DllmError, match="unknown --config 'gigantic'"):
         train_small(data_dir, tmp_path / "bad", config="gigantic")
 
 
