@@ -123,6 +123,11 @@ def _check_consistent(bundle: Bundle) -> None:
     cfg = ModelConfig.from_dict(m["model"], where=str(where))
     for name in m["files"]:
         member(bundle.path, name)
+    for required in ("tokenizer.json",):
+        if required not in m["files"]:
+            raise DllmError(f"{where}: {required} is not hashed in the manifest; re-export the bundle")
+    if "fp32" not in m["precisions"]:
+        raise DllmError(f"{where}: the bundle has no fp32 graph (every export writes one); re-export the bundle")
     for precision, entry in m["precisions"].items():
         if precision not in PRECISIONS:
             raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")

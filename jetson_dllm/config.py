@@ -106,9 +106,11 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise DllmError(f"{where}: the model config must be an object")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        unknown, missing = set(data) - known, known - set(data)
         if unknown:
             raise DllmError(f"{where}: model config has unknown fields {sorted(unknown)[:3]}; was it written by a newer jetson-dllm?")
+        if missing:  # a file must say everything: a default here would describe another model than the weights
+            raise DllmError(f"{where}: model config lacks {sorted(missing)[:3]}")
         try:
             return cls(**data)
         except DllmError as e:

@@ -52,7 +52,7 @@ def unseal(raw: bytes, path: Path, remedy: str) -> None:
 def read_manifest(path: Path, fmt: str, version: int, what: str, remedy: str, schema: type[BaseModel] | None = None) -> dict:
     """A sealed JSON manifest of format `fmt` and exactly `version`, checked against `schema`; one line saying
     which file is wrong and what to do otherwise."""
-    path = Path(path)
+    path = member(Path(path).parent, Path(path).name, what)  # the manifest, too, lies inside its folder
     try:
         raw = path.read_bytes()
         data = json.loads(raw.decode("utf-8"))

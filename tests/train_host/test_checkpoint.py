@@ -156,3 +156,37 @@ def test_atomic_write_replaces_whole(tmp_path):
     atomic_write(p, "old")
     atomic_write(p, "new")
     assert p.read_text() == "new" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_non_finite_weights_are_never_saved_and_never_loaded(tmp_path, tok):
+    from safetensors.torch import save_file
+
+    from jetson_dllm.files import sha256_file
+    from jetson_dllm.manifests import seal
+
+    model, cfg = model_for(tok)
+    with torch.no_grad():
+        model.tok_emb.weight[3, 0] = float("nan")
+    with pytest.raises(DllmError, match="NaN or infinite"):
+        ck.save_checkpoint(tmp_path / "nan", 1, model, cfg, tok, {})
+    assert not ck.list_checkpoints(tmp_path / "nan")
+    good, _ = model_for(tok)
+    path = ck.save_checkpoint(tmp_path / "r", 1, good, cfg, tok, {})
+    weights = ck.state_dict_for_save(good)
+    weights["tok_emb.weight"] = weights["tok_emb.weight"].clone().fill_(float("inf"))
+    save_file(weights, str(path / "model.safetensors"))  # a file that is whole, hashed and sealed, but holds infinities
+    config = json.loads((path / "config.json").read_text())
+    config["files"]["model.safetensors"] = sha256_file(path / "model.safetensors")
+    (path / "config.json").write_bytes(seal(config))
+    with pytest.raises(DllmError, match="tok_emb.weight holds NaN or infinite"):
+        ck.load_model(tmp_path / "r")
+
+
+def test_a_half_pruned_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path, tok):
+    model, cfg = model_for(tok)
+    ck.save_checkpoint(tmp_path, 1, model, cfg, tok, {"val_nll": 3.0})
+    newest = ck.save_checkpoint(tmp_path, 2, model, cfg, tok, {"val_nll": 2.0})
+    (newest / "model.safetensors").unlink()  # what a pruning killed halfway leaves
+    assert [c.name for c in ck.list_checkpoints(tmp_path)] == ["step_00000001"]
+    _, _, config = ck.load_model(tmp_path)
+    assert config["step"] == 1

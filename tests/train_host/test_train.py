@@ -67,6 +67,25 @@ def test_resume_with_another_shape_is_refused(data_dir, tmp_path):
         train_small(data_dir, tmp_path / "r", steps=8, resume=True, d_model=32)
 
 
+def test_resume_on_data_of_another_tokenizer_is_refused(data_dir, tmp_path):
+    from conftest import make_data
+
+    other = make_data(tmp_path / "other", stories=300, vocab_size=512)  # same vocabulary size, another tokenizer
+    train_small(data_dir, tmp_path / "r", steps=2, eval_every=100)
+    with pytest.raises(DllmError, match="another tokenizer"):
+        train_small(other, tmp_path / "r", steps=4, resume=True)
+
+
+def test_a_metrics_line_cut_by_a_kill_does_not_stop_resume(data_dir, tmp_path):
+    train_small(data_dir, tmp_path / "r", steps=4, eval_every=2)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # what kill -9 during an append leaves
+    result = train_small(data_dir, tmp_path / "r", steps=6, eval_every=2, resume=True)
+    assert result["step"] == 6
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(ln)["step"] <= 6 for ln in lines) and any(json.loads(ln)["step"] == 6 for ln in lines)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     real = diffusion.mdlm_loss
     calls = {"n": 0}
@@ -102,6 +121,21 @@ def _cli_train(data_dir, out, *extra):
             "--d-model", str(SMALL["d_model"]), "--n-layer", str(SMALL["n_layer"]), "--n-head", str(SMALL["n_head"]),
             "--canvas-len", str(SMALL["canvas_len"]), "--batch-size", "8", "--warmup", "5", "--lr", "3e-3",
             "--eval-canvases", "16", "--log-every", "1", *extra]
+
+
+@pytest.mark.slow
+def test_sigterm_during_export_leaves_nothing_behind(trained_run, tmp_path):
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "jetson_dllm", "export", str(trained_run), "-o", str(out), "--int8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".b.tmp-*")):  # wait until the bundle is being written
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".b.tmp-*")), "the export never started writing"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr.read()
+    assert not out.exists() and not list(tmp_path.glob(".b.tmp-*"))
 
 
 @pytest.mark.slow
