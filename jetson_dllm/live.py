@@ -48,6 +48,28 @@ class LiveCanvas:
         return text
 
 
-def live_view(console, tokenizer: TextTokenizer, steps: int, enabled: bool):
-    """The live canvas as a context manager yielding the on_step callback, or None when not `enabled`."""
-    return LiveCanvas(console, tokenizer, steps) if enabled else contextlib.nullcontext()
+def live_view(console, status_console, tokenizer: TextTokenizer, steps: int, enabled: bool):
+    """The live canvas as a context manager yielding the on_step callback; when not `enabled`, a one-line step
+    counter on `status_console` if that is a terminal (so a piped run still shows it is working), else nothing."""
+    if enabled:
+        return LiveCanvas(console, tokenizer, steps)
+    if status_console.is_terminal:
+        return StepStatus(status_console, steps)
+    return contextlib.nullcontext()
+
+
+class StepStatus:
+    """An on_step callback that shows `step i/N` as a spinner line (stderr), for runs without the live canvas."""
+
+    def __init__(self, console, steps: int):
+        self.status, self.steps = console.status(f"denoising: step 0/{steps}"), steps
+
+    def __enter__(self):
+        self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.status.__exit__(*exc)
+
+    def __call__(self, canvas: np.ndarray, step: Step) -> None:
+        self.status.update(f"denoising: step {step.index}/{self.steps}")

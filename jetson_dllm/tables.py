@@ -36,7 +36,7 @@ EVAL_LABELS = {"judge_val_nll": "judge's exact NLL on the same validation text",
 
 def eval_table(metrics: dict) -> Table:
     """`dllm eval`: NLL (a bound for diffusion, exact for AR), perplexity, accuracy, and the judged samples."""
-    table = _table(f"{metrics['checkpoint']} on {metrics['val_split']} (val, {metrics['val_tokens']:,} tokens)", ("metric", "value"), left=("metric",))
+    table = _table(f"{metrics['checkpoint']} on {metrics['scored']} ({metrics['val_tokens']:,} tokens)", ("metric", "value"), left=("metric",))
     if metrics["causal"]:
         rows = [("NLL (nats/token, exact)", "val_nll", 4), ("perplexity", "val_ppl", 2), ("next-token accuracy", "val_acc", 4)]
     else:

@@ -14,7 +14,8 @@ SMALL = dict(config="tiny", d_model=64, n_layer=2, n_head=2, canvas_len=64)
 
 
 def make_data(out: Path, stories: int = 600, vocab_size: int = 512) -> Path:
-    from train_host.data import Source, prepare_data
+    from train_host.data import prepare_data
+    from train_host.sources import Source
 
     prepare_data([Source("builtin", builtin_stories=stories)], out, vocab_size=vocab_size, val_fraction=0.05)
     return out

@@ -13,7 +13,6 @@ window holds its end-of-text.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -24,154 +23,15 @@ import numpy as np
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, output_lock, sha256_file
 from jetson_dllm.manifests import DataManifest, check_replaceable, member, read_manifest, write_manifest
-from jetson_dllm.tokenizer import EOT, SPECIAL_TOKENS, TextTokenizer
-from train_host.corpus import story
+from jetson_dllm.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from train_host.sources import Source
 
 DATA_FORMAT = "jetson-dllm-data"
 DATA_VERSION = 2  # 2: sealed data.json, checked schema, tokenizer and shard indexes hashed
-FORMATS = ("auto", "tinystories", "lines", "jsonl", "parquet")
 MAX_UINT16_VOCAB = 65536
 
 
 # --- reading documents -------------------------------------------------------------------------------
-
-
-class Source:
-    """One place documents come from: a local file, the built-in corpus, or a Hugging Face data set.
-
-    `documents()` streams stripped, non-empty texts; `done` and `size` report progress in bytes (or
-    documents, for sources without a byte size).
-    """
-
-    def __init__(self, spec: str, fmt: str = "auto", text_field: str = "text", builtin_stories: int = 20000, seed: int = 0):
-        if fmt not in FORMATS:
-            raise DllmError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-        self.spec, self.text_field, self.seed = spec, text_field, seed
-        self.done = 0
-        if spec == "builtin":
-            self.kind, self.size = "builtin", builtin_stories
-        elif spec.startswith("hf:"):
-            self.kind, self.size = "hf", None
-        else:
-            path = Path(spec)
-            if not path.is_file():
-                raise DllmError(f"data file {spec} not found")
-            self.kind = fmt if fmt != "auto" else detect_format(path)
-            self.size = path.stat().st_size
-            if self.size == 0:
-                raise DllmError(f"data file {spec} is empty")
-
-    def documents(self) -> Iterator[str]:
-        self.done = 0
-        reader = {
-            "builtin": self._builtin,
-            "hf": self._hf,
-            "tinystories": self._tinystories,
-            "lines": self._lines,
-            "jsonl": self._jsonl,
-            "parquet": self._parquet,
-        }[self.kind]
-        for doc in reader():
-            doc = doc.strip()
-            if doc:
-                yield doc
-
-    def _builtin(self) -> Iterator[str]:
-        for i in range(self.size):
-            self.done = i + 1
-            yield story(i, self.seed)
-
-    def _raw_lines(self) -> Iterator[tuple[int, str]]:
-        with open(self.spec, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise DllmError(f"{self.spec} line {number} is not UTF-8; convert the file (e.g. with iconv) and try again") from None
-                self.done = f.tell()
-                yield number, line
-
-    def _tinystories(self) -> Iterator[str]:
-        # Stories separated by <|endoftext|>, usually on a line of its own; the 2 GB file streams line by line.
-        buf: list[str] = []
-        for _, line in self._raw_lines():
-            while EOT in line:
-                head, line = line.split(EOT, 1)
-                buf.append(head)
-                yield "".join(buf)
-                buf = []
-            buf.append(line)
-        yield "".join(buf)
-
-    def _lines(self) -> Iterator[str]:
-        for _, line in self._raw_lines():
-            yield line
-
-    def _jsonl(self) -> Iterator[str]:
-        for number, line in self._raw_lines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DllmError(f"{self.spec} line {number} is not JSON; JSONL needs one JSON object per line") from None
-            if not isinstance(record, dict) or self.text_field not in record:
-                raise DllmError(f"{self.spec} line {number} has no {self.text_field!r} field; name the text field with --text-field")
-            yield str(record[self.text_field])
-
-    def _parquet(self) -> Iterator[str]:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DllmError("reading parquet needs pyarrow: pip install 'jetson-dllm[data]'") from None
-        try:
-            pf = pq.ParquetFile(self.spec)
-        except Exception as e:  # pyarrow raises ArrowInvalid and friends
-            raise DllmError(f"{self.spec} is not a readable parquet file ({e})") from None
-        if self.text_field not in pf.schema_arrow.names:
-            raise DllmError(f"{self.spec} has no {self.text_field!r} column (it has {pf.schema_arrow.names}); use --text-field")
-        read = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-            read += batch.nbytes
-            self.done = min(self.size, read)
-            yield from batch.column(0).to_pylist()
-
-    def _hf(self) -> Iterator[str]:
-        try:
-            import datasets
-        except ImportError:
-            raise DllmError(f"{self.spec} needs the Hugging Face datasets library: pip install datasets") from None
-        name = self.spec[3:]
-        try:
-            ds = datasets.load_dataset(name, split="train", streaming=True)
-            for i, row in enumerate(ds):
-                self.done = i + 1
-                yield row[self.text_field]
-        except (ConnectionError, OSError) as e:
-            raise DllmError(f"could not stream {name} from the Hugging Face hub ({str(e)[:80]}); check the network or use a local file") from None
-        except KeyError:
-            raise DllmError(f"{name} has no {self.text_field!r} field; use --text-field") from None
-
-
-def detect_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".txt", ".text", ""):
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        return "tinystories" if EOT.encode() in head else "lines"
-    raise DllmError(f"{path}: unknown data format {suffix!r}; use .txt, .jsonl or .parquet, or say --format")
-
-
-def documents(sources: Iterable[Source]) -> Iterator[str]:
-    for source in sources:
-        yield from source.documents()
-
-
-# --- the tokenizer -------------------------------------------------------------------------------------
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> TextTokenizer:
@@ -355,7 +215,19 @@ class CanvasDataset:
         n_tokens = int(offsets[-1])
         if bin_path.stat().st_size != 2 * n_tokens:
             raise DllmError(f"{bin_path} is truncated or altered ({bin_path.stat().st_size} bytes, expected {2 * n_tokens}); prepare the data again")
-        self.tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+        self._index(np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,)), offsets, canvas_len, pad_id, f"the {split} split of {data_dir}")
+
+    @classmethod
+    def from_documents(cls, docs: list[list[int]], eot_id: int, canvas_len: int, pad_id: int, what: str) -> CanvasDataset:
+        """Canvases of documents tokenized here (each followed by end-of-text), as a split of a data folder holds them."""
+        ds = cls.__new__(cls)
+        tokens = np.asarray([t for d in docs for t in (*d, eot_id)], dtype=np.uint16)
+        offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])]).astype(np.int64)
+        ds._index(tokens, offsets, canvas_len, pad_id, what)
+        return ds
+
+    def _index(self, tokens: np.ndarray, offsets: np.ndarray, canvas_len: int, pad_id: int, what: str) -> None:
+        self.tokens = tokens
         self.canvas_len, self.pad_id = canvas_len, pad_id
         lengths = np.diff(offsets)
         n_windows = -(-lengths // canvas_len)  # ceil
@@ -365,7 +237,7 @@ class CanvasDataset:
         self.starts = offsets[:-1][doc_of_window] + k * canvas_len
         self.lengths = np.minimum(canvas_len, lengths[doc_of_window] - k * canvas_len)
         if len(self.starts) == 0:
-            raise DllmError(f"the {split} split of {data_dir} is empty")
+            raise DllmError(f"{what} is empty")
 
     def __len__(self) -> int:
         return len(self.starts)

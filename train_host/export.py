@@ -9,7 +9,11 @@ engines mark only the sampling outputs, so the logits never leave the GPU when r
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +64,7 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
     example = torch.randint(3, cfg.vocab_size, (2, min(24, cfg.canvas_len)), dtype=torch.int32)
     batch = torch.export.Dim("batch", min=1, max=1024)
     canvas = torch.export.Dim("canvas", min=2, max=cfg.canvas_len)
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # the exporter prints its phases
+    with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
             ExportedDenoiser(model, k).eval(), (example,), str(path), input_names=["tokens"],
             output_names=["logits", "topk_logprobs", "topk_ids"], dynamic_shapes={"tokens": {0: batch, 1: canvas}},
@@ -73,6 +74,22 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
     proto = onnx.load(str(path))
     check_graph(proto, str(path))
     onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints its phases, logs that torchvision's ops are skipped (we use none) and raises
+    FutureWarnings from its own internals: none of it is the user's business. Our own warnings still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|onnxscript|copyreg)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|onnxscript)")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def check_graph(proto, name: str):

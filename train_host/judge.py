@@ -63,7 +63,7 @@ def sample_quality(texts: list[str], judge: Judge | None = None) -> dict[str, fl
 
 
 def judge_generations(checkpoint: str | Path, scorer: Judge | None = None, samples: int = 16, prompt: str = "Once upon a time",
-                      steps: int = 64, strategy: str = "confidence", temperature: float = 0.8, seed: int = 1234) -> dict:
+                      steps: int = 64, strategy: str = "confidence", temperature: float = 0.8, seed: int = 1234, progress=None) -> dict:
     """Generate `samples` texts from a checkpoint (in batches of 8) and judge them: generative perplexity under
     `scorer` (an AR judge), repetition, distinct-n, the time per batch and an example."""
     texts, seconds = [], []
@@ -73,6 +73,8 @@ def judge_generations(checkpoint: str | Path, scorer: Judge | None = None, sampl
             t0 = time.perf_counter()
             texts += complete(runner, prompt, num_samples=min(8, samples - i), sampler=sampler).texts
             seconds.append(time.perf_counter() - t0)
+            if progress:
+                progress("generate", min(samples, i + 8), samples)
     return {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300], **sample_quality(texts, scorer)}
 
 

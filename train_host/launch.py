@@ -39,13 +39,22 @@ def launch(tc: TrainConfig, nproc: int = 1, console=None) -> dict | None:
         return json.loads(result.read_text())
 
 
+UNDERTRAINED = 0.9  # a model within 10% of the word-frequency baseline has learned little else
+
+
 def summary(result: dict, tc: TrainConfig) -> str:
     """The line `dllm train` ends with."""
     if result["stop"] == "interrupted":
         return f"interrupted at step {result['step']}; checkpoint saved in {tc.out}. Continue with the same command and --resume."
     kind = ("val NLL", "next-token accuracy") if tc.objective == "ar" else ("val NLL bound", "masked accuracy")
     nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
-    return f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
+    line = f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
+    baseline = result.get("unigram_nll")
+    if baseline is not None and result["val_nll"] > UNDERTRAINED * baseline:
+        line += (f"\nthe model is undertrained: {kind[0]} {result['val_nll']:.2f} is not clearly below the {baseline:.2f} of knowing only "
+                 f"word frequencies, so its text will not read like the data yet. Train longer: add --resume --steps "
+                 f"{max(tc.steps, 4 * result['step'])} (without --time-budget), or a longer --time-budget.")
+    return line
 
 
 def main(argv: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
@@ -82,3 +83,27 @@ def progress_bar(console, main: bool):
         TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
     )
+
+
+def log(r, stats, lr: float, bar, task) -> None:
+    """Every `log_every` steps: a metrics record, the progress bar (or a plain line when not a terminal)."""
+    tc = r.tc
+    r.window[1] += 1
+    r.window[2] += float(stats[0])
+    if not r.d.main or (r.step % tc.log_every and r.step != tc.steps):
+        return
+    now = time.perf_counter()
+    tps = r.window[1] * tc.batch_size * r.cfg.canvas_len / max(now - r.window[0], 1e-9)
+    record = {"step": r.step, "loss": r.window[2] / r.window[1], "lr": lr, "tokens_per_s": tps,
+              "masked_acc": float(stats[2] / max(stats[1], 1)), "elapsed": r.elapsed()}
+    r.metrics_log.write(record)
+    if bar:
+        bar.update(task, completed=min(r.elapsed(), tc.time_budget) if tc.time_budget else r.step, loss=record["loss"], tps=tps)
+    if not r.console.is_terminal:  # under a time budget: the time left, not a step count that will never be reached
+        where = f"step {r.step}, {_clock(max(0.0, tc.time_budget - r.elapsed()))} left" if tc.time_budget else f"step {r.step}/{tc.steps}"
+        r.console.print(f"{where} loss {record['loss']:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
+    r.window = [now, 0, 0.0]
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

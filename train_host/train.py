@@ -30,8 +30,8 @@ from train_host import diffusion
 from train_host.autoregressive import ar_loss
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
-from train_host.evaluate import evaluate
-from train_host.metrics import MetricsLog, progress_bar
+from train_host.evaluate import evaluate, unigram_nll
+from train_host.metrics import MetricsLog, log, progress_bar
 from train_host.model import Denoiser
 from train_host.optim import lr_at, param_groups
 
@@ -154,10 +154,19 @@ class _Run:
     t_start: float = field(default_factory=time.perf_counter)
     last_saved: int = 0
     last_metrics: dict = field(default_factory=dict)
+    eval_seconds: float | None = None  # how long the last evaluation took
+    step_seconds: float = 0.0  # a running mean of a training step's time
     window: list = field(default_factory=lambda: [time.perf_counter(), 0, 0.0])  # start, steps, loss sum
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def eval_reserve(self) -> float:
+        """Time to keep for the final evaluation: the last one's, or before any, an estimate from the step time
+        (an evaluation runs 7 forward passes over `eval_canvases`; a forward pass costs about a third of a step)."""
+        if self.eval_seconds is not None:
+            return self.eval_seconds
+        return 7 * self.tc.eval_canvases / self.tc.batch_size * self.step_seconds / 3
 
     def progress_fraction(self) -> float:
         p = self.step / self.tc.steps
@@ -185,13 +194,15 @@ def _train(tc: TrainConfig, d: Dist, console) -> dict:
     stop_reason = "steps"
     with StopFlag() as stop, (bar or contextlib.nullcontext()):
         while r.step < tc.steps:
-            if tc.time_budget and r.elapsed() >= tc.time_budget:
+            if tc.time_budget and r.elapsed() + r.eval_reserve() >= tc.time_budget:  # the last evaluation fits too
                 stop_reason = "time budget"
                 break
             if pause_at is not None and r.step >= pause_at:
                 stop_reason = "paused"
                 break
+            t0 = time.perf_counter()
             stats, lr = train_step(r)
+            r.step_seconds = time.perf_counter() - t0 if r.step_seconds == 0 else 0.9 * r.step_seconds + 0.1 * (time.perf_counter() - t0)
             log(r, stats, lr, bar, task)
             if _should_stop(r, stop):
                 stop_reason = "interrupted"
@@ -318,25 +329,6 @@ def train_step(r: _Run) -> tuple[torch.Tensor, float]:
     return stats, lr
 
 
-def log(r: _Run, stats: torch.Tensor, lr: float, bar, task) -> None:
-    """Every `log_every` steps: a metrics record, the progress bar (or a plain line when not a terminal)."""
-    tc = r.tc
-    r.window[1] += 1
-    r.window[2] += float(stats[0])
-    if not r.d.main or (r.step % tc.log_every and r.step != tc.steps):
-        return
-    now = time.perf_counter()
-    tps = r.window[1] * tc.batch_size * r.cfg.canvas_len / max(now - r.window[0], 1e-9)
-    record = {"step": r.step, "loss": r.window[2] / r.window[1], "lr": lr, "tokens_per_s": tps,
-              "masked_acc": float(stats[2] / max(stats[1], 1)), "elapsed": r.elapsed()}
-    r.metrics_log.write(record)
-    if bar:
-        bar.update(task, completed=min(r.elapsed(), tc.time_budget) if tc.time_budget else r.step, loss=record["loss"], tps=tps)
-    if not r.console.is_terminal:
-        r.console.print(f"step {r.step}/{tc.steps} loss {record['loss']:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
-    r.window = [now, 0, 0.0]
-
-
 def _should_stop(r: _Run, stop: StopFlag) -> bool:
     """A signal on any rank stops every rank (after the same step)."""
     want_stop = stop.signal is not None
@@ -348,6 +340,14 @@ def _should_stop(r: _Run, stop: StopFlag) -> bool:
 
 
 def run_eval(r: _Run) -> dict:
+    t0 = time.perf_counter()
+    try:
+        return _run_eval(r)
+    finally:
+        r.eval_seconds = time.perf_counter() - t0
+
+
+def _run_eval(r: _Run) -> dict:
     return evaluate(r.ema if r.ema is not None else r.core, r.val_ds, r.cfg.mask_id, n_canvases=r.tc.eval_canvases,
                     n_t=4, schedule=r.tc.schedule, device=r.device, bos_id=r.tokenizer.eot_id)
 
@@ -391,6 +391,8 @@ def finish(r: _Run, stop_reason: str, signum: int | None) -> dict:
     if r.d.world > 1:
         dist.barrier()
     result = {"step": r.step, "stop": stop_reason, "run": str(r.run), "elapsed": r.elapsed(), **r.last_metrics}
+    if r.d.main and "val_nll" in r.last_metrics:
+        result["unigram_nll"] = unigram_nll(r.train_ds, r.val_ds)  # what knowing only word frequencies scores
     if stop_reason == "interrupted":
         result["signal"] = signum
     return result

@@ -6,10 +6,27 @@ import re
 import sys
 
 import typer
+import typer.core
 from rich.console import Console
 
 from jetson_dllm.errors import DllmError
 
+
+def _no_type_for_flags() -> None:
+    """typer 0.29 shows a type placeholder for every option, `<bool>` on flags too (`--resume <bool>`, which reads
+    as if it took a value): flags show none. Other typer versions are left as they are."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False) else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich
+
+
+_no_type_for_flags()
 app = typer.Typer(
     name="dllm",
     help="Train masked-diffusion language models on a desktop and run them fast on a Jetson.",
@@ -18,9 +35,10 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     rich_markup_mode="rich",
 )
-# Results go to stdout, progress and notes to stderr; piped output gets room for wide tables.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+# Results go to stdout, progress and notes to stderr. Piped output gets room for wide tables, and text is never
+# wrapped into it (soft_wrap): a generated story reaches the pipe exactly as generated.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160, soft_wrap=not sys.stderr.isatty())
 
 
 def parse_duration(text: str) -> float:
@@ -54,10 +72,10 @@ class Bar:
     """A rich progress bar fed by progress(phase, done, total) callbacks; silent when not a terminal."""
 
     def __init__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                                 TimeElapsedColumn(), console=err, disable=not err.is_terminal)
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=not err.is_terminal)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self):

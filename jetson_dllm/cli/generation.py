@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from jetson_dllm.cli.common import app, err, out
 from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt
@@ -53,7 +55,7 @@ def run(
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
     with (CanvasRecorder(runner) if save_canvases is not None else runner) as runner, \
-            live_view(out, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
+            live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
         gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view)
         if save_canvases is not None:
             err.print(f"saved {runner.save(save_canvases)} canvases to {save_canvases}")
@@ -67,7 +69,10 @@ def print_generation(gen, json_out: bool) -> None:
         out.print_json(json.dumps(gen.to_json()))
         return
     for i, t in enumerate(gen.texts):
-        if len(gen.texts) > 1:
-            out.print(f"[bold]--- sample {i + 1}[/]" if out.is_terminal else f"--- sample {i + 1}")
-        out.print(t, markup=False)
+        header = f"--- sample {i + 1}\n" if len(gen.texts) > 1 else ""
+        if out.is_terminal:
+            out.print(f"[bold]{header}[/]{escape(t)}", emoji=False, end="\n")
+        else:  # piped: the bytes as generated, no markup, no wrapping, flushed sample by sample
+            sys.stdout.write(header + t + "\n")
+            sys.stdout.flush()
     err.print(f"[dim]{gen.summary()}[/]")

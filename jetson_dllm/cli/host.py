@@ -34,7 +34,8 @@ def data(
       dllm data TinyStories-train.txt -o runs/ts               (stories separated by <|endoftext|>)
       dllm data hf:roneneldan/TinyStories -o runs/ts           (needs `datasets` and the network)
     """
-    from train_host.data import Source, prepare_data
+    from train_host.data import prepare_data
+    from train_host.sources import Source
 
     srcs = [Source(s, fmt=fmt, text_field=text_field, builtin_stories=builtin_stories, seed=seed) for s in sources or ["builtin"]]
     with Bar() as progress:
@@ -103,7 +104,8 @@ def train(
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="run folder (its best checkpoint) or a checkpoints/step_* folder")],
     data_dir: Annotated[Path, typer.Option("--data", help="prepared data folder with a val split")] = Path("runs/data"),
-    canvases: Annotated[int, typer.Option(help="validation canvases to score", min=1)] = 512,
+    canvases: Annotated[int, typer.Option(help="validation canvases to score (with --text: all of the file)", min=1)] = 512,
+    text: Annotated[Optional[Path], typer.Option(help="score every story of this text file instead (tokenized with the checkpoint's tokenizer; stories separated by <|endoftext|>, or one per line)")] = None,
     n_t: Annotated[int, typer.Option(help="noise levels per canvas in the ELBO estimate", min=1, max=1024)] = 8,
     seed: Annotated[int, typer.Option(help="seed of the noise levels and masks (and of --generate)", min=0, max=4294967295)] = 1234,
     generate: Annotated[bool, typer.Option("--generate", help="also generate samples and judge them")] = False,
@@ -127,8 +129,8 @@ def eval_cmd(
     if judge is not None and not generate:
         raise DllmError("--judge scores generated text: add --generate")
     generation = dict(judge=judge, samples=samples, prompt=prompt, steps=steps, strategy=strategy, temperature=temperature) if generate else None
-    with err.status(f"scoring up to {canvases} validation canvases" + (f", then generating {samples} samples" if generate else "")):
-        metrics = evaluate_checkpoint(checkpoint, data_dir, canvases=canvases, n_t=n_t, seed=seed, generation=generation)
+    with Bar() as progress:
+        metrics = evaluate_checkpoint(checkpoint, data_dir, canvases=canvases, n_t=n_t, seed=seed, generation=generation, text=text, progress=progress)
     if json_out:
         out.print_json(json.dumps(metrics))
         return

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jetson_dllm.cli import main, parse_duration
@@ -109,7 +110,8 @@ def test_truncated_checkpoint_is_refused_by_eval(capsys, trained_run, data_dir, 
 
 
 def test_eval_refuses_data_with_another_tokenizer(capsys, trained_run, tmp_path):
-    from train_host.data import Source, prepare_data
+    from train_host.data import prepare_data
+    from train_host.sources import Source
 
     prepare_data([Source("builtin", builtin_stories=100, seed=9)], tmp_path / "other", vocab_size=350, val_fraction=0.1)
     code, _, err = dllm(capsys, "eval", trained_run, "--data", tmp_path / "other")
@@ -143,3 +145,40 @@ def test_parse_duration():
     assert parse_duration("90") == 90 and parse_duration("5m") == 300 and parse_duration("1h30m") == 5400
     with pytest.raises(DllmError):
         parse_duration("5 minutes")
+
+
+def test_piped_run_output_is_the_text_exactly_as_generated(trained_run):
+    prompt = "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog. One day she saw a big red ball near the tree and"
+    base = [sys.executable, "-m", "jetson_dllm", "run", str(trained_run), "-p", prompt, "--steps", "8", "-n", "2", "--seed", "3"]
+    as_json = subprocess.run(base + ["--json"], capture_output=True, text=True)
+    assert as_json.returncode == 0, as_json.stderr
+    texts = json.loads(as_json.stdout)["texts"]
+    assert max(len(t) for t in texts) > 160  # longer than the width a pipe used to be wrapped at
+    piped = subprocess.run(base, capture_output=True, text=True)  # stdout is a pipe
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "".join(f"--- sample {i + 1}\n{t}\n" for i, t in enumerate(texts))
+
+
+def test_eval_text_reproduces_the_split_evaluation(trained_run, data_dir, tmp_path, capsys):
+    from jetson_dllm.tokenizer import EOT, TextTokenizer
+    from train_host.data import CanvasDataset
+
+    tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
+    val = CanvasDataset(data_dir, "val", 64, tok.pad_id)
+    ids = np.asarray(val.tokens).tolist()
+    docs, doc = [], []
+    for t in ids:
+        if t == tok.eot_id:
+            docs.append(tok.decode(doc))
+            doc = []
+        else:
+            doc.append(t)
+    (tmp_path / "stories.txt").write_text(f"\n{EOT}\n".join(docs) + "\n")
+    code, out, _ = dllm(capsys, "eval", trained_run, "--data", data_dir, "--canvases", 100000, "--n-t", 2, "--json")
+    assert code == 0
+    split = json.loads(out)
+    code, out, _ = dllm(capsys, "eval", trained_run, "--text", tmp_path / "stories.txt", "--n-t", 2, "--json")
+    assert code == 0
+    text = json.loads(out)
+    assert text["val_tokens"] == split["val_tokens"] and text["scored"].endswith("stories.txt")
+    assert text["val_nll"] == pytest.approx(split["val_nll"], rel=1e-9) and text["val_acc"] == pytest.approx(split["val_acc"])

@@ -6,7 +6,8 @@ import pytest
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.tokenizer import TextTokenizer
-from train_host.data import CanvasDataset, Source, batch_indices, detect_format, load_manifest, prepare_data
+from train_host.data import CanvasDataset, batch_indices, load_manifest, prepare_data
+from train_host.sources import Source, detect_format
 
 DOCS = ["Once upon a time there was a cat.", "The dog ran to the park.\nIt was happy.", "Lily found a red ball."]
 

@@ -176,3 +176,24 @@ def test_two_process_ddp_matches_one_process(data_dir, tmp_path):
     one_opt, _ = ck.load_trainer_state(ck.list_checkpoints(tmp_path / "one")[-1])
     two_opt, _ = ck.load_trainer_state(ck.list_checkpoints(tmp_path / "two")[-1])
     torch.testing.assert_close(one_opt["opt.0.exp_avg"], two_opt["opt.0.exp_avg"], atol=1e-6, rtol=1e-4)
+
+
+def test_warm_up_and_decay_follow_the_same_clock_under_a_time_budget():
+    from dataclasses import replace
+
+    from train_host.optim import lr_at
+    from train_host.train import TrainConfig
+
+    tc = TrainConfig(data="d", out="o", steps=1000, warmup=50, lr=1e-3, min_lr_ratio=0.1, time_budget=240)
+    slow = lr_at(tc, step=10, progress=0.1)  # a slow machine: 10 steps done in a tenth of the time
+    assert 0.95e-3 < slow < 1e-3  # warm-up finished (by the clock) and the decay started
+    assert lr_at(replace(tc, time_budget=0), step=10, progress=10 / 1000) == pytest.approx(1e-3 * 11 / 50, rel=0.01)
+    assert lr_at(tc, step=999, progress=1.0) == pytest.approx(1e-4)
+
+
+def test_a_time_budget_reaches_the_peak_rate_even_in_few_steps(data_dir, tmp_path):
+    result = train_small(data_dir, tmp_path / "r", steps=100_000, warmup=5_000, time_budget=3.0, eval_every=100_000, log_every=1)
+    assert result["stop"] == "time budget" and result["step"] < 5_000  # far fewer steps than the step warm-up
+    lrs = [json.loads(ln)["lr"] for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"lr"' in ln]
+    assert max(lrs) > 0.9 * 3e-3  # the schedule followed the clock: it warmed up within the budget
+    assert "unigram_nll" in result and result["val_nll"] < result["unigram_nll"] * 1.5
