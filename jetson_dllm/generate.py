@@ -156,6 +156,20 @@ class CanvasRecorder:
         return len(tokens)
 
 
+UNDERTRAINED = 0.9  # within 10% of the word-frequency baseline: little learned beyond it
+
+
+def undertrained_note(runner: Runner) -> str | None:
+    """A warning when the model's validation NLL is not clearly below what knowing only word frequencies scores
+    (recorded with each checkpoint): its text will not read like the data."""
+    metrics = getattr(runner, "metrics", None) or {}
+    nll, baseline = metrics.get("val_nll"), metrics.get("unigram_nll")
+    if not isinstance(nll, (int, float)) or not isinstance(baseline, (int, float)) or not nll > UNDERTRAINED * baseline:
+        return None
+    return (f"this model is undertrained (validation NLL {nll:.2f} against {baseline:.2f} for word frequencies alone): expect "
+            "text that does not read like its data yet; train it longer (dllm train ... --resume --steps N)")
+
+
 def read_prompt(prompt: str) -> str:
     """The prompt itself, or standard input when it is "-"."""
     if prompt != "-":

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.generate import UNDERTRAINED  # one threshold for train and run
 from train_host.train import TrainConfig, train
 
 
@@ -39,7 +40,6 @@ def launch(tc: TrainConfig, nproc: int = 1, console=None) -> dict | None:
         return json.loads(result.read_text())
 
 
-UNDERTRAINED = 0.9  # a model within 10% of the word-frequency baseline has learned little else
 
 
 def summary(result: dict, tc: TrainConfig) -> str:
@@ -50,7 +50,7 @@ def summary(result: dict, tc: TrainConfig) -> str:
     nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
     line = f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
     baseline = result.get("unigram_nll")
-    if baseline is not None and result["val_nll"] > UNDERTRAINED * baseline:
+    if baseline is not None and "val_nll" in result and result["val_nll"] > UNDERTRAINED * baseline:
         line += (f"\nthe model is undertrained: {kind[0]} {result['val_nll']:.2f} is not clearly below the {baseline:.2f} of knowing only "
                  f"word frequencies, so its text will not read like the data yet. Train longer: add --resume --steps "
                  f"{max(tc.steps, 4 * result['step'])} (without --time-budget), or a longer --time-budget.")

@@ -342,7 +342,8 @@ def _should_stop(r: _Run, stop: StopFlag) -> bool:
 def run_eval(r: _Run) -> dict:
     t0 = time.perf_counter()
     try:
-        return _run_eval(r)
+        # with the word-frequency baseline beside it, so a checkpoint says whether it learned more than that
+        return {**_run_eval(r), "unigram_nll": unigram_nll(r.train_ds, r.val_ds)}
     finally:
         r.eval_seconds = time.perf_counter() - t0
 
@@ -391,8 +392,6 @@ def finish(r: _Run, stop_reason: str, signum: int | None) -> dict:
     if r.d.world > 1:
         dist.barrier()
     result = {"step": r.step, "stop": stop_reason, "run": str(r.run), "elapsed": r.elapsed(), **r.last_metrics}
-    if r.d.main and "val_nll" in r.last_metrics:
-        result["unigram_nll"] = unigram_nll(r.train_ds, r.val_ds)  # what knowing only word frequencies scores
     if stop_reason == "interrupted":
         result["signal"] = signum
     return result

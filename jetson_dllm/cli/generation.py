@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from jetson_dllm.cli.common import app, err, out
-from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt
+from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt, undertrained_note
 from jetson_dllm.live import live_view
 from jetson_dllm.sampler import SamplerConfig
 
@@ -59,12 +59,14 @@ def run(
         gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view)
         if save_canvases is not None:
             err.print(f"saved {runner.save(save_canvases)} canvases to {save_canvases}")
-    print_generation(gen, json_out)
+    print_generation(gen, json_out, undertrained_note(runner))
 
 
-def print_generation(gen, json_out: bool) -> None:
+def print_generation(gen, json_out: bool, note: str | None = None) -> None:
     """The generation as JSON, or the texts exactly as generated (a header between samples when there are several)
-    and a summary line on stderr."""
+    and a summary line on stderr; `note` (a warning about the model) goes to stderr first."""
+    if note:
+        err.print(f"[yellow]warning: {note}[/]")
     if json_out:
         out.print_json(json.dumps(gen.to_json()))
         return

@@ -151,4 +151,5 @@ def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers
     if runner.topk != bundle.topk:
         raise DllmError(f"{path.name} has a top-{runner.topk} head but the manifest says {bundle.topk}; re-export the bundle")
     runner.bundle = bundle
+    runner.metrics = bundle.manifest.get("source", {}).get("metrics", {})  # the checkpoint's, at export
     return runner

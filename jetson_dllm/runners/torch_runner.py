@@ -22,7 +22,8 @@ def _torch():
 class TorchRunner(RunnerBase):
     """A Denoiser (in memory) behind the runner interface."""
 
-    def __init__(self, model, tokenizer=None, device: str = "cpu", topk: int = DEFAULT_TOPK, threads: int = 0, source: str = "<memory>"):
+    def __init__(self, model, tokenizer=None, device: str = "cpu", topk: int = DEFAULT_TOPK, threads: int = 0, source: str = "<memory>",
+                 metrics: dict | None = None):
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():
             raise DllmError("--device cuda asked for, but torch sees no CUDA GPU")
@@ -30,6 +31,7 @@ class TorchRunner(RunnerBase):
             torch.set_num_threads(threads)
         self.torch = torch
         self.model, self.tokenizer, self.source = model.to(device).eval(), tokenizer, source
+        self.metrics = metrics or {}  # the checkpoint's validation metrics
         cfg = self.model.cfg
         if not 0 < topk <= min(cfg.vocab_size, MAX_TOPK):
             raise DllmError(f"top-K must be in 1..{min(cfg.vocab_size, MAX_TOPK)}, got {topk}")
@@ -80,4 +82,4 @@ def runner_from_checkpoint(checkpoint: str, device: str = "cpu", topk: int = DEF
     from train_host.checkpoint import load_model
 
     model, tokenizer, config = load_model(checkpoint, device=device)
-    return TorchRunner(model, tokenizer, device=device, topk=topk, threads=threads, source=config["path"])
+    return TorchRunner(model, tokenizer, device=device, topk=topk, threads=threads, source=config["path"], metrics=config.get("metrics"))

@@ -182,3 +182,11 @@ def test_eval_text_reproduces_the_split_evaluation(trained_run, data_dir, tmp_pa
     text = json.loads(out)
     assert text["val_tokens"] == split["val_tokens"] and text["scored"].endswith("stories.txt")
     assert text["val_nll"] == pytest.approx(split["val_nll"], rel=1e-9) and text["val_acc"] == pytest.approx(split["val_acc"])
+
+
+def test_an_undertrained_model_says_so_in_train_and_run(capsys, data_dir, tmp_path):
+    code, out, _ = dllm(capsys, "train", "--data", data_dir, "--out", tmp_path / "r", "--steps", 2, "--d-model", 32, "--n-layer", 1,
+                        "--n-head", 2, "--canvas-len", 64, "--batch-size", 4, "--eval-canvases", 8)
+    assert code == 0 and "the model is undertrained" in out and "--resume --steps" in out
+    code, _, err = dllm(capsys, "run", tmp_path / "r", "-p", "Once", "--steps", 2, "--no-live")
+    assert code == 0 and "warning: this model is undertrained" in err
