@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +121,26 @@ def sample(
 
     Returns the final canvas with nothing masked, unless the step budget is wrong for the blocks.
     """
+    steps = sample_steps(tokens, fixed, special, cfg, on_step)
+    try:
+        canvas = next(steps)
+        while True:
+            canvas = steps.send(run(canvas))
+    except StopIteration as done:
+        return done.value
+
+
+def sample_steps(
+    tokens: np.ndarray,
+    fixed: np.ndarray,
+    special: SpecialIds,
+    cfg: SamplerConfig,
+    on_step: Callable[[np.ndarray, Step], None] | None = None,
+) -> Generator[np.ndarray, tuple[np.ndarray, np.ndarray], SampleResult]:
+    """The sampler as a generator: it yields each canvas the network must run on and is sent back the
+    (top-K log-probabilities, ids) for it; it returns the SampleResult. `sample` drives it with one runner;
+    the server drives many at once, so requests share one network call (their canvases stacked on the batch
+    axis), each with its own prompt, seed, strategy and stopping point."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     canvas = np.array(tokens, dtype=np.int32, copy=True)
@@ -161,7 +181,7 @@ def sample(
             step_t0 = time.perf_counter()
             evaluated = evaluated_canvas is None or not np.array_equal(canvas, evaluated_canvas)
             if evaluated:
-                outputs = run(canvas)
+                outputs = yield canvas
                 evaluated_canvas = canvas.copy()
                 evaluations += 1
             net_s = time.perf_counter() - step_t0 if evaluated else 0.0

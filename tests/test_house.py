@@ -9,8 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("jetson_dllm", "train_host", "calibration")
-# The one function allowed past 60 lines: the sampler's loop reads best as one piece (see the README).
-LONG_FUNCTIONS_ALLOWED = {("jetson_dllm/sampler.py", "sample")}
+# The one function allowed past 60 lines: the sampler's loop (a generator) reads best as one piece.
+LONG_FUNCTIONS_ALLOWED = {("jetson_dllm/sampler.py", "sample_steps")}
 # Runtime modules that may import host packages: the host verbs and the torch runner (lazily, inside functions).
 HOST_BRIDGES = {"jetson_dllm/cli/host.py", "jetson_dllm/cli/device.py", "jetson_dllm/runners/torch_runner.py"}
 
@@ -68,7 +68,7 @@ def test_every_cli_command_body_is_at_most_15_lines():
         lines = node.end_lineno - body[0].lineno + 1
         if lines > 15:
             too_long.append(f"{fn.__name__}: {lines} lines")
-    assert len(app.registered_commands) == 10
+    assert len(app.registered_commands) == 11
     assert not too_long, too_long
 
 

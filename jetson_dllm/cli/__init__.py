@@ -1,7 +1,7 @@
 """The `dllm` command: each verb parses its options, calls one library function, and prints the result.
 
-One module per group of verbs (`host`: data, train, eval, export; `generation`: run; `device`: configs,
-inspect, build, bench, profile); tables live in `jetson_dllm.tables`. Heavy libraries (torch, onnxruntime,
+One module per group of verbs (`host`: data, train, eval, export; `generation`: run; `serve`: serve;
+`device`: configs, inspect, build, bench, profile); tables live in `jetson_dllm.tables`. Heavy libraries (torch, onnxruntime,
 tensorrt, pycuda) are imported inside the verbs that need them, so `dllm --help` works on a Jetson without torch.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 
-from jetson_dllm.cli import device, generation, host  # noqa: F401  (each module registers its verbs on the app)
+from jetson_dllm.cli import device, generation, host, serve  # noqa: F401  (each module registers its verbs on the app)
 from jetson_dllm.cli.common import app, int_list, parse_duration
 from jetson_dllm.errors import DllmError
 
 __all__ = ["app", "entry", "int_list", "main", "parse_duration"]
 
 # `dllm --help` lists the verbs in the order a user meets them.
-VERBS = ("data", "train", "eval", "export", "run", "inspect", "build", "bench", "profile", "configs")
+VERBS = ("data", "train", "eval", "export", "run", "serve", "inspect", "build", "bench", "profile", "configs")
 app.registered_commands.sort(key=lambda c: VERBS.index(c.name or c.callback.__name__))
 
 

@@ -1,0 +1,36 @@
+"""`dllm serve`: the model behind an OpenAI-compatible API, with batched denoising and a live canvas page."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from jetson_dllm.errors import DllmError
+
+
+def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, batching: bool = True, max_body: int = 1 << 20,
+          timeout_s: float = 120.0, model_name: str | None = None, threads: int = 0, log_level: str = "warning") -> None:
+    """Open the model, build the app and run it with uvicorn until SIGINT/SIGTERM (in-flight requests drain)."""
+    try:
+        import uvicorn
+
+        from jetson_dllm.serve.app import create_app
+    except ImportError:
+        raise DllmError("dllm serve needs fastapi, uvicorn and prometheus-client: pip install 'jetson-dllm[serve]'") from None
+    from jetson_dllm.generate import open_model
+
+    runner = open_model(model, backend=backend, precision=precision, threads=threads)
+    if runner.cfg.causal:
+        raise DllmError("dllm serve takes a diffusion model; the autoregressive baseline is for comparison only")
+    app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     batching=batching, max_body=max_body, timeout_s=timeout_s)
+    # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a
+    # drained server exits 0 (not "killed by SIGTERM").
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(timeout_s))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        runner.close()

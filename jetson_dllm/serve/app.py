@@ -1,0 +1,295 @@
+"""`dllm serve`: an OpenAI-compatible HTTP API over one runner (FastAPI on uvicorn), and the live canvas page.
+
+FastAPI because the request and response models are pydantic (validation and the error's field for free), it
+is Starlette underneath (streaming responses, static files, middleware) and uvicorn drains in-flight requests on
+SIGTERM. Routes: POST /v1/completions and /v1/chat/completions (streaming as server-sent events), GET /v1/models,
+/health, /metrics (Prometheus), and / (the page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.sampler import SamplerConfig, SpecialIds
+from jetson_dllm.serve.batcher import Batcher, Job, QueueFull
+from jetson_dllm.serve.metrics import Metrics
+from jetson_dllm.serve.schemas import ChatRequest, CompletionRequest, chat_prompt, error_body
+from jetson_dllm.serve.text import canvas_view, cut_at_stop, generated, request_canvas
+
+STATIC = Path(__file__).parent / "static"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, kind, param, code), headers
+
+
+def create_app(runner, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, batching: bool = True,
+               max_body: int = 1 << 20, timeout_s: float = 120.0) -> FastAPI:
+    """The app over an open runner; the batcher starts and drains with the app's lifespan."""
+    server = Server(runner, model_name, api_key, max_batch, max_queue, batching, timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        server.batcher.stop(drain_s=timeout_s)  # uvicorn has stopped taking requests: finish the admitted ones
+
+    app = FastAPI(title="jetson-dllm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_exception_handler(ApiError, server.api_error)
+    app.add_exception_handler(RequestValidationError, server.invalid)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    app.get("/v1/models")(server.models)
+    app.get("/v1/info")(server.info)
+    app.get("/health")(server.health)
+    app.get("/metrics")(server.prometheus)
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    return app
+
+
+class Server:
+    """The routes' state and logic: the runner's tokenizer, the batcher, the metrics, the limits."""
+
+    def __init__(self, runner, model_name: str, api_key: str | None, max_batch: int, max_queue: int, batching: bool, timeout_s: float):
+        self.runner, self.model_name, self.api_key, self.max_batch, self.timeout_s = runner, model_name, api_key, max_batch, timeout_s
+        self.metrics = Metrics()
+        self.batcher = Batcher(runner, max_batch=max_batch, max_queue=max_queue, batching=batching, observe=self.metrics.observe)
+        self.tok = runner.tokenizer
+        self.special = SpecialIds(self.tok.mask_id, self.tok.eot_id, self.tok.pad_id)
+
+    # --- errors and checks ------------------------------------------------------------------------------------
+
+    async def api_error(self, request, exc: ApiError):
+        self.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+    async def invalid(self, request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        self.metrics.requests.labels(request.url.path, "400").inc()
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+        param = next((str(p) for p in first["loc"] if p != "body"), None)
+        return JSONResponse(error_body(f"{param + ': ' if param else ''}{first['msg']}", param=param), status_code=400)
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error", code="invalid_api_key")
+
+    def check_model(self, name: str | None) -> None:
+        if name not in (None, self.model_name):
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}", param="model", code="model_not_found")
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def jobs_for(self, prompts: list[str], suffix, max_tokens: int, knobs, n: int, seed, stop, queue_put) -> list[dict]:
+        if n > self.max_batch:
+            raise ApiError(400, f"n={n} is more than this server generates at once (--max-batch {self.max_batch})", param="n")
+        out = []
+        for i, prompt in enumerate(prompts):
+            try:
+                canvas = request_canvas(self.tok, prompt, suffix, max_tokens, self.runner.canvas_lengths)
+                cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, block=knobs.block,
+                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms,
+                                    seed=seed if seed is not None else random.randrange(2**31)).validate()
+            except DllmError as e:
+                raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="max_tokens") from None
+            tokens, fixed = canvas.batch(n)
+            job = Job(tokens, fixed, cfg, self.special, emit=lambda kind, value, i=i: queue_put((i, kind, value)), timeout_s=self.timeout_s)
+            out.append({"job": job, "fixed": fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False})
+        for entry in out:
+            try:
+                self.batcher.submit(entry["job"])
+            except QueueFull:
+                for other in out:
+                    other["job"].cancelled.set()
+                raise ApiError(429, "the server is busy; retry shortly", "rate_limit_error", headers={"Retry-After": "1"}) from None
+        self.metrics.queue.set(self.batcher.depth())
+        return out
+
+    async def run_jobs(self, request: Request, body, prompts: list[str], suffix, max_tokens: int, chat: bool):
+        self.authorize(request)
+        self.check_model(body.model)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        entries = self.jobs_for(prompts, suffix, max_tokens, body, body.n, body.seed, body.stop,
+                           lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            return StreamingResponse(self.stream(request, entries, events, ident, created, chat, getattr(body, "canvas", False)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = await self.collect(request, entries, events)
+        return self.response(entries, choices, ident, created, chat)
+
+    async def next_event(self, request: Request, entries, events):
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():  # the client left: free its rows
+                    for e in entries:
+                        e["job"].cancelled.set()
+                    raise ApiError(499, "client disconnected") from None
+
+    def finished_choices(self, entry, result) -> list[dict]:
+        rows = []
+        for r in range(result.tokens.shape[0]):
+            text, ended = generated(result.tokens[r], entry["fixed"][r], self.tok, True, entry["max_tokens"])
+            text, stopped = cut_at_stop(text, entry["stop"])
+            rows.append({"text": text, "finish_reason": "stop" if ended or stopped else "length"})
+        self.metrics.tokens.inc(sum(len(self.tok.encode(c["text"])) for c in rows) if rows else 0)
+        return rows
+
+    async def collect(self, request: Request, entries, events) -> dict:
+        choices = {}
+        while len(choices) < len(entries):
+            i, kind, value = await self.next_event(request, entries, events)
+            if kind == "error":
+                for e in entries:
+                    e["job"].cancelled.set()
+                raise ApiError(504 if "timed out" in str(value) else 500, f"generation failed: {value}", "server_error")
+            if kind == "done":
+                choices[i] = self.finished_choices(entries[i], value)
+        return choices
+
+    def response(self, entries, choices, ident, created, chat) -> JSONResponse:
+        n = entries[0]["job"].rows
+        flat = [(i * n + r, c) for i in range(len(entries)) for r, c in enumerate(choices[i])]
+        prompt_tokens = sum(int(e["fixed"][0].sum()) for e in entries)
+        completion_tokens = sum(len(self.tok.encode(c["text"])) for _, c in flat)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        if chat:
+            body = {"id": ident, "object": "chat.completion", "created": created, "model": self.model_name, "usage": usage,
+                    "choices": [{"index": k, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"]}
+                                for k, c in flat]}
+        else:
+            body = {"id": ident, "object": "text_completion", "created": created, "model": self.model_name, "usage": usage,
+                    "choices": [{"index": k, "text": c["text"], "logprobs": None, "finish_reason": c["finish_reason"]} for k, c in flat]}
+        self.metrics.requests.labels("/v1/chat/completions" if chat else "/v1/completions", "200").inc()
+        return JSONResponse(body)
+
+    def chunk(self, ident, created, chat, index, text, finish, extra=None) -> str:
+        if chat:
+            choice = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": self.model_name, "choices": [choice]}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            body = {"id": ident, "object": "text_completion", "created": created, "model": self.model_name, "choices": [choice]}
+        if extra:
+            body["dllm"] = extra
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def stream(self, request, entries, events, ident, created, chat, with_canvas):
+        """What is final, as it becomes final: the committed prefix of each sample, up to its first masked position."""
+        n, left = entries[0]["job"].rows, len(entries)
+        try:
+            if chat:
+                for i in range(len(entries) * n):
+                    yield f"data: {json.dumps({'id': ident, 'object': 'chat.completion.chunk', 'created': created, 'model': self.model_name, 'choices': [{'index': i, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+            while left:
+                try:
+                    i, kind, value = await self.next_event(request, entries, events)
+                except ApiError:  # the client left mid-stream: nobody to tell
+                    return
+                entry = entries[i]
+                if kind == "error":
+                    yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
+                    left -= 1
+                    continue
+                if kind == "step":
+                    canvas, step = value
+                    for r in range(canvas.shape[0]):
+                        text, _ = generated(canvas[r], entry["fixed"][r], self.tok, False, entry["max_tokens"])
+                        text, _ = cut_at_stop(text, entry["stop"])
+                        delta = text[len(entry["sent"][r]):] if text.startswith(entry["sent"][r]) else ""
+                        extra = ({"step": step.index, "steps": entry["job"].cfg.steps, "evaluated": step.evaluated,
+                                  "network_ms": step.network_ms, **canvas_view(canvas[r], step.committed[r], self.tok)} if with_canvas else None)
+                        if delta or extra:
+                            entry["sent"][r] += delta
+                            yield self.chunk(ident, created, chat, i * n + r, delta, None, extra)
+                    continue
+                for r, c in enumerate(self.finished_choices(entry, value)):  # done: whatever is left, and why it ended
+                    rest = c["text"][len(entry["sent"][r]):] if c["text"].startswith(entry["sent"][r]) else ""
+                    yield self.chunk(ident, created, chat, i * n + r, rest, c["finish_reason"])
+                left -= 1
+            self.metrics.requests.labels("/v1/chat/completions" if chat else "/v1/completions", "200").inc()
+            yield "data: [DONE]\n\n"
+        finally:
+            for e in entries:  # a client gone mid-stream frees its rows
+                e["job"].cancelled.set()
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts or len(prompts) * body.n > self.max_batch:
+            raise ApiError(400, f"give 1..{self.max_batch // body.n} prompts at n={body.n} (--max-batch {self.max_batch})", param="prompt")
+        return await self.run_jobs(request, body, prompts, body.suffix, body.max_tokens, chat=False)
+
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        return await self.run_jobs(request, body, [chat_prompt(body.messages)], None, body.max_completion_tokens or body.max_tokens or 64, chat=True)
+
+    async def models(self, request: Request):
+        self.authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "jetson-dllm"}]}
+
+    async def health(self):
+        return {"status": "ok", "model": self.model_name, "backend": self.runner.name, "queue": self.batcher.depth(), "active": len(self.batcher.active)}
+
+    async def prometheus(self):
+        self.metrics.queue.set(self.batcher.depth())
+        return PlainTextResponse(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def info(self):
+        """What the page needs: the model, its canvas lengths and the sampler's defaults."""
+        return {"model": self.model_name, "backend": self.runner.name, "canvas_lengths": self.runner.canvas_lengths, "max_batch": self.max_batch,
+                "api_key": bool(self.api_key)}
+
+
+class BodyLimit:
+    """A pure ASGI middleware: request bodies over `limit` bytes get a 413 before they are read whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._too_large(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send):
+        body = json.dumps(error_body(f"the request body is larger than {self.limit:,} bytes", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass

@@ -1,0 +1,72 @@
+"""The OpenAI-compatible request and response models (pydantic), with our own knobs as documented extra fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jetson_dllm.sampler import STRATEGIES
+
+
+class Knobs(BaseModel):
+    """What a diffusion model adds to the OpenAI fields (all optional; `dllm run`'s defaults)."""
+
+    steps: int = Field(64, ge=1, le=4096, description="denoising steps (network evaluations at most)")
+    strategy: Literal[STRATEGIES] = Field("confidence", description="which masked positions to commit first")  # type: ignore[valid-type]
+    threshold: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="confidence threshold of the threshold strategy")
+    block: int = Field(0, ge=0, le=16384, description="semi-autoregressive block length; 0 = the whole canvas")
+    deadline_ms: float = Field(0.0, ge=0, le=3_600_000, allow_inf_nan=False, description="commit the best tokens after this long")
+    canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")
+
+
+class CompletionRequest(Knobs):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | list[str] = Field(..., description="text to continue; a list generates for each")
+    suffix: str | None = Field(None, description="text after the completion: the model fills the gap between prompt and suffix")
+    max_tokens: int = Field(64, ge=1, le=16384)
+    temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    user: str | None = None
+    echo: bool = False
+    logprobs: int | None = None  # accepted for compatibility; not computed
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatRequest(Knobs):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=16384)
+    max_completion_tokens: int | None = Field(None, ge=1, le=16384)
+    temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    user: str | None = None
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The chat template: our models continue stories, they do not take turns. The conversation's text, one message
+    per line (system and user alike), is the story so far; the assistant's reply is its continuation."""
+    return "\n".join(m.content.strip() for m in messages if m.content.strip())
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

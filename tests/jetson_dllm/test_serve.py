@@ -1,0 +1,224 @@
+"""`dllm serve` as a real server process on localhost: the official openai client, bad input, concurrency, a client
+that leaves mid-stream, SIGTERM during a request, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'jetson-dllm[dev]')")
+pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m jetson_dllm serve BUNDLE` on a free port, waited for until /health answers."""
+
+    def __init__(self, bundle: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "jetson_dllm", "serve", str(bundle), "--port", str(self.port), "--model-name", "tiny",
+                                      "--threads", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server died: {self.proc.stderr.read()}")
+        raise RuntimeError("the server did not start in 60 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    s = Server(bundle_dir, "--max-batch", "16")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+KNOBS = {"steps": 8}
+
+
+def test_completions_chat_models_with_the_openai_client(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, n=3, seed=7, extra_body=KNOBS)
+    assert len(out.choices) == 3 and [c.index for c in out.choices] == [0, 1, 2]
+    assert all(isinstance(c.text, str) and c.finish_reason in ("stop", "length") for c in out.choices)
+    assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens >= 0
+    again = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, n=3, seed=7, extra_body=KNOBS)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seed: reproducible
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Tell me about a dog."}], max_tokens=12,
+                                          seed=1, extra_body=KNOBS)
+    assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
+
+
+def test_streaming_sends_only_what_is_final_and_ends_like_the_whole_text(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, seed=3, extra_body=KNOBS)
+    pieces, reasons = [], []
+    for chunk in client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, seed=3, stream=True, extra_body=KNOBS):
+        pieces.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert "".join(pieces) == whole.choices[0].text and reasons[-1] == whole.choices[0].finish_reason
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A cat"}], max_tokens=8, stream=True,
+                                               extra_body=KNOBS))
+    assert chat[0].choices[0].delta.role == "assistant" and chat[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_suffix_fills_the_gap_between_prompt_and_suffix(client, server):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", suffix="happily ever after.", max_tokens=6, seed=2,
+                                    extra_body={"steps": 6, "canvas": False})
+    assert isinstance(out.choices[0].text, str)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": "Lily", "suffix": "the end.", "max_tokens": 5, "steps": 5,
+                                                                    "stream": True, "canvas": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    views = [e["dllm"] for e in events if "dllm" in e]
+    assert views and views[0]["pieces"].count(None) > views[-1]["pieces"].count(None)  # the gap fills in
+    assert "the end" in "".join(p for p in views[-1]["pieces"] if p)
+
+
+BAD = [
+    ("malformed JSON", {"content": b"{not json"}, 400, "not valid JSON"),
+    ("unknown model", {"json": {"model": "gpt-4", "prompt": "hi"}}, 404, "does not exist"),
+    ("wrong type", {"json": {"prompt": 5}}, 400, "prompt"),
+    ("temperature NaN", {"content": b'{"prompt": "hi", "temperature": NaN}'}, 400, "temperature"),
+    ("max_tokens over the canvas", {"json": {"prompt": "hi", "max_tokens": 5000}}, 400, "longest canvas"),
+    ("n over the cap", {"json": {"prompt": "hi", "n": 40}}, 400, "n"),
+    ("unknown field", {"json": {"prompt": "hi", "frobnicate": 1}}, 400, "frobnicate"),
+    ("oversized body", {"json": {"prompt": "x" * (2 << 20)}}, 413, "larger than"),
+    ("strategy", {"json": {"prompt": "hi", "strategy": "beam"}}, 400, "strategy"),
+    ("empty messages", {"json": {"messages": []}, "path": "/v1/chat/completions"}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("what, request_kw, status, match", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_error_objects_and_the_server_keeps_serving(server, what, request_kw, status, match):
+    path = request_kw.pop("path", "/v1/completions")
+    r = httpx.post(f"{server.url}{path}", headers={"content-type": "application/json"}, timeout=30, **request_kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert match in error["message"] or match == error.get("param"), error
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_api_key(bundle_dir):
+    s = Server(bundle_dir, "--api-key", "sesame")
+    try:
+        for headers, status in [({}, 401), ({"authorization": "Bearer wrong"}, 401), ({"authorization": "Bearer sesame"}, 200)]:
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi", "max_tokens": 4, "steps": 2}, headers=headers, timeout=30)
+            assert r.status_code == status, r.text
+            if status == 401:
+                assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{s.url}/v1/models", timeout=5).status_code == 401
+    finally:
+        s.stop()
+
+
+def test_32_concurrent_clients_all_answered(server):
+    results, lock = [], threading.Lock()
+
+    def one(i):
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 12, "steps": 6, "seed": i}, timeout=120)
+        with lock:
+            results.append((r.status_code, r.headers.get("retry-after"), r.json()))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    assert len(results) == 32  # no request lost
+    for status, retry_after, body in results:
+        assert status == 200 or (status == 429 and retry_after), body
+    assert sum(s == 200 for s, _, _ in results) >= 16
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    rows = [ln for ln in metrics.splitlines() if ln.startswith("dllm_batch_rows_sum")]
+    calls = [ln for ln in metrics.splitlines() if ln.startswith("dllm_batch_rows_count")]
+    assert float(rows[0].split()[-1]) > float(calls[0].split()[-1])  # some network calls served several requests
+    for name in ("dllm_requests_total", "dllm_generated_tokens_total", "dllm_network_evaluations_total", "dllm_step_seconds_bucket", "dllm_queue_depth"):
+        assert name in metrics
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_rows(server):
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 48, "steps": 400, "stream": True,
+                                                                    "canvas": True}, timeout=60) as r:
+        next(r.iter_lines())  # one event, then hang up
+    deadline = time.time() + 30
+    while time.time() < deadline and httpx.get(f"{server.url}/health", timeout=5).json()["active"]:
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health", timeout=5).json()["active"] == 0
+
+
+def test_sigterm_drains_the_request_in_flight_then_exits(bundle_dir):
+    s = Server(bundle_dir)
+    answer = {}
+
+    def slow():
+        answer["r"] = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Once", "max_tokens": 48, "steps": 48}, timeout=120)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(1.0)
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(timeout=120)
+    assert answer["r"].status_code == 200 and answer["r"].json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert s.proc.wait(timeout=60) == 0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_page_shows_the_canvas_filling_in_a_real_browser(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
+        page.fill("#prompt", "Once upon a time")
+        assert int(page.input_value("#max_tokens")) <= 32  # capped by the model's canvas (64)
+        page.fill("#steps", "16")
+        page.click("#go")
+        status = "document.getElementById('status').textContent"
+        page.wait_for_function(f"{status}.startsWith('done') || {status}.startsWith('error')", timeout=90_000)
+        assert page.inner_text("#status").startswith("done"), page.inner_text("#status")
+        assert page.locator("#canvas span").count() > 10 and page.locator("#canvas .mask").count() == 0
+        assert page.inner_text("#text").startswith("Once upon a time")
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 5000
+    if os.environ.get("DLLM_SCREENSHOT"):
+        shutil.copy(shot, os.environ["DLLM_SCREENSHOT"])
