@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from jetson_dllm.bench import Result, plot
+from jetson_dllm.bench import Result
+from jetson_dllm.bench_report import plot
 
 
 def main() -> None:
