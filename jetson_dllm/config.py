@@ -40,6 +40,7 @@ _FIELD_RANGES = (
     ("norm_eps", float, 1e-12, 1e-1),
     ("tie_embeddings", bool, False, True),
     ("causal", bool, False, True),
+    ("block_size", int, 0, 16384),
 )
 
 
@@ -57,6 +58,7 @@ class ModelConfig:
         tie_embeddings: output head shares the token embedding.
         causal: a causal mask and next-token prediction: the autoregressive baseline, the same network
             otherwise, so diffusion and AR compare fairly.
+        block_size: > 0 for a block-diffusion (BD3-LM) model: the same network, trained on blocks of this size.
     """
 
     name: str = "custom"
@@ -71,6 +73,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     causal: bool = False
+    block_size: int = 0  # > 0: a block-diffusion (BD3-LM) model, generating blocks of this many tokens left to right
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -85,6 +88,8 @@ class ModelConfig:
             raise DllmError(f"head dimension {self.head_dim} must be even for rotary positions")
         if not 0 <= self.mask_id < self.vocab_size:
             raise DllmError(f"mask_id {self.mask_id} is outside the vocabulary (size {self.vocab_size})")
+        if self.block_size and (self.causal or self.canvas_len % self.block_size):
+            raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len}), in a non-causal model")
         if self.d_ff == 0:
             self.d_ff = _swiglu_hidden(self.d_model)
 

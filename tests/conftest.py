@@ -24,7 +24,8 @@ def make_data(out: Path, stories: int = 600, vocab_size: int = 512) -> Path:
 def train_small(data: Path, out: Path, steps: int = 20, **overrides) -> dict:
     from rich.console import Console
 
-    from train_host.train import TrainConfig, train
+    from train_host.train import train
+    from train_host.train_config import TrainConfig
 
     settings = dict(SMALL, batch_size=8, steps=steps, eval_every=10, eval_canvases=16, warmup=5, lr=3e-3,
                     log_every=5, threads=1, seed=0)

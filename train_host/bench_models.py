@@ -22,7 +22,7 @@ from jetson_dllm.bench import BENCH_VOCAB
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from train_host.checkpoint import list_checkpoints, read_config, save_checkpoint
+from train_host.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train_host.corpus import stories
 from train_host.data import train_tokenizer
 from train_host.export import export_bundle
@@ -35,7 +35,7 @@ def random_model_dir(name: str, canvas_len: int) -> Path:
     """A checkpoint with random weights for a named config, cached."""
     run = CACHE / "random" / f"{name}-v{BENCH_VOCAB}-c{canvas_len}"
     try:
-        if list_checkpoints(run) and read_config(list_checkpoints(run)[-1]):
+        if list_checkpoints(run) and load_checkpoint(run):
             return run
     except DllmError:  # written by an older jetson-dllm, or damaged: our own cache, so make it again
         shutil.rmtree(run)

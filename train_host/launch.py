@@ -15,7 +15,8 @@ from pathlib import Path
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.generate import UNDERTRAINED  # one threshold for train and run
-from train_host.train import TrainConfig, train
+from train_host.train import train
+from train_host.train_config import TrainConfig
 
 
 def launch(tc: TrainConfig, nproc: int = 1, console=None) -> dict | None:

@@ -70,7 +70,9 @@ class Attention(nn.Module):
         # TensorRT fuses into its attention kernels (the exporter sets it).
         self.impl = "sdpa"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attn_mask` (T, S) bool, True where a query may attend (block diffusion); otherwise full or causal."""
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -79,13 +81,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: attend to everything before; a prefill (T > 1) starts at 0
             k, v = cache.update(layer, k, v)
-        causal = self.causal and T > 1
+        causal = self.causal and T > 1 and attn_mask is None
         if self.impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # the denoiser: no mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # the denoiser: no mask
         else:
             att = (q * (1.0 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, nh, T, S)
             if causal:
                 att = att.masked_fill(torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            if attn_mask is not None:
+                att = att.masked_fill(~attn_mask, float("-inf"))
             y = att.softmax(dim=-1) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.wo(y)
@@ -110,8 +114,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -154,14 +159,19 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             block.attn.impl = impl
 
-    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions."""
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+               rope_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions.
+        `attn_mask` and `rope_positions` (T,) serve block diffusion, whose input holds two copies of the text."""
         start = cache.len if cache is not None else 0
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if rope_positions is not None:
+            cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]
+        else:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, attn_mask)
         if cache is not None:
             cache.len += T
         return self.norm(x)
@@ -170,13 +180,14 @@ class Denoiser(nn.Module):
         """Output head over any (..., d_model) selection of hidden states; the mask token is excluded."""
         return self.head(h) + self.logit_bias
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask.
 
         Selecting positions before the head is what makes training fast: the head over the vocabulary
         is the largest matmul of a small model, and the loss needs it only on masked positions.
         """
-        h = self.hidden(tokens)
+        h = self.hidden(tokens, attn_mask=attn_mask, rope_positions=rope_positions)
         if positions is not None:
             h = h[positions]
         return self.logits_from_hidden(h)

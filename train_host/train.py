@@ -13,14 +13,14 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from jetson_dllm.config import ModelConfig
-from jetson_dllm.errors import DllmError, check_choice, check_range
+from jetson_dllm.errors import DllmError
 from jetson_dllm.files import output_lock
 from jetson_dllm.manifests import check_replaceable
 from jetson_dllm.profiler import check_fits, training_bytes
@@ -28,103 +28,14 @@ from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
 from train_host.autoregressive import ar_loss
+from train_host.bd3 import bd3_loss, noise_range
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
 from train_host.metrics import MetricsLog, log, progress_bar
 from train_host.model import Denoiser
 from train_host.optim import lr_at, param_groups
-
-RUN_FORMAT = "jetson-dllm-run"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved with each checkpoint."""
-
-    data: str
-    out: str
-    config: str = "tiny"
-    objective: str = "mdlm"  # mdlm | ar (the autoregressive baseline: causal mask, next-token loss)
-    d_model: int = 0  # 0: from the named config; set to try custom sizes
-    n_layer: int = 0
-    n_head: int = 0
-    canvas_len: int = 128
-    batch_size: int = 32  # canvases per optimizer step, over all processes and accumulation steps
-    grad_accum: int = 1
-    steps: int = 1000
-    time_budget: float = 0.0  # seconds; 0 = no limit
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    schedule: str = "loglinear"
-    ema: float = 0.0  # e.g. 0.999; 0 = off
-    eval_every: int = 100
-    eval_canvases: int = 128
-    keep_last: int = 3
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    threads: int = 0
-    compile: bool = False
-    resume: bool = False
-    pause_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = off
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> TrainConfig:
-        """A TrainConfig saved as JSON (what the torchrun relaunch reads); unknown keys are refused."""
-        data = json.loads(Path(path).read_text())
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise DllmError(f"{path} is not a training config (unknown keys {sorted(set(data) - known) if isinstance(data, dict) else data!r})")
-        return cls(**data)
-
-    @classmethod
-    def from_options(cls, options: dict) -> TrainConfig:
-        """The config from a mapping that may hold more (the `dllm train` verb's options): unknown keys are ignored."""
-        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
-
-    def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
-        overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)) if v}
-        cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
-                                    causal=self.objective == "ar")
-        if overrides:
-            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
-        return cfg
-
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
-    return out
-
-
-def _validate(tc: TrainConfig) -> None:
-    """Every setting's range and choices, once (NaN is refused everywhere)."""
-    from jetson_dllm.config import SIZES
-
-    for flag, value, low in (("--steps", tc.steps, 1), ("--batch-size", tc.batch_size, 1), ("--grad-accum", tc.grad_accum, 1),
-                             ("--eval-every", tc.eval_every, 1), ("--eval-canvases", tc.eval_canvases, 1), ("--log-every", tc.log_every, 1),
-                             ("--keep-last", tc.keep_last, 1), ("--warmup", tc.warmup, 0), ("--pause-after", tc.pause_after, 0),
-                             ("--seed", tc.seed, 0), ("--threads", tc.threads, 0), ("--d-model", tc.d_model, 0),
-                             ("--n-layer", tc.n_layer, 0), ("--n-head", tc.n_head, 0), ("--time-budget", tc.time_budget, 0),
-                             ("--weight-decay", tc.weight_decay, 0), ("--grad-clip", tc.grad_clip, 0)):
-        check_range(flag, value, low)
-    check_range("--lr", tc.lr, 0, 10, low_open=True)
-    check_range("--min-lr-ratio", tc.min_lr_ratio, 0, 1)
-    check_range("--ema", tc.ema, 0, 1, high_open=True)
-    check_range("--canvas-len", tc.canvas_len, 8, 16384)
-    check_choice("--config", tc.config, SIZES)
-    check_choice("--objective", tc.objective, ("mdlm", "ar"))
-    check_choice("--schedule", tc.schedule, diffusion.SCHEDULES)
-    check_choice("--device", tc.device, ("auto", "cpu", "cuda"))
-    check_choice("--dtype", tc.dtype, ("auto", "fp32", "bf16", "fp16"))
+from train_host.train_config import RUN_FORMAT, TrainConfig, validate
 
 
 @dataclass
@@ -214,7 +125,7 @@ def _train(tc: TrainConfig, d: Dist, console) -> dict:
 
 def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     """Check the settings, read the data, build (or resume) the model, optimizer and EMA."""
-    _validate(tc)
+    validate(tc)
     device = pick_device(tc.device, d)
     amp_dtype = autocast_dtype(tc.dtype, device)
     if device.type == "cpu":
@@ -248,6 +159,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
              torch.compile(model) if tc.compile else model, opt, ema, None)
     if resume_from is not None:
         _restore(r, resume_from)
+    elif tc.init:
+        _initialise(r, tc.init)
     r.last_saved = r.step
     if d.main:
         r.metrics_log = MetricsLog(run, r.step if resume_from else None)
@@ -284,6 +197,20 @@ def _restore(r: _Run, resume_from: Path) -> None:
         r.console.print(f"resuming {r.run} from step {r.step} ({r.samples_seen:,} canvases seen)")
 
 
+def _initialise(r: _Run, source: str) -> None:
+    """Weights from another checkpoint of the same shape (its block size and objective may differ)."""
+    cfg, weights, tokenizer, config = ckpt_io.load_checkpoint(source)
+    mine = {k: v for k, v in r.cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
+    theirs = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
+    if mine != theirs or tokenizer.sha256 != r.tokenizer.sha256:
+        raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's; give a checkpoint trained on the same data and config")
+    ckpt_io.load_weights(r.core, weights, config["path"])
+    if r.ema is not None:
+        r.ema.load_state_dict(r.core.state_dict())
+    if r.d.main:
+        r.console.print(f"starting from the weights of {config['path']}")
+
+
 def train_step(r: _Run) -> tuple[torch.Tensor, float]:
     """One optimizer step over `grad_accum` micro-batches; returns (loss, masked, correct, non-finite) and the lr."""
     tc, cfg, d = r.tc, r.cfg, r.d
@@ -304,6 +231,9 @@ def train_step(r: _Run) -> tuple[torch.Tensor, float]:
                 torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
             if cfg.causal:
                 loss, st = ar_loss(r.fwd, x, r.tokenizer.eot_id, r.tokenizer.pad_id)
+            elif cfg.block_size:
+                low, high = noise_range(tc)
+                loss, st = bd3_loss(r.fwd, x, cfg.mask_id, cfg.block_size, tc.schedule, low, high, g)
             else:
                 loss, st = diffusion.mdlm_loss(r.fwd, x, t_all[rows], cfg.mask_id, tc.schedule, noise=noise_all[rows])
             (loss / tc.grad_accum).backward()
@@ -337,6 +267,14 @@ def _should_stop(r: _Run, stop: StopFlag) -> bool:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         want_stop = bool(flag[0])
     return want_stop
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
 
 
 def run_eval(r: _Run) -> dict:

@@ -51,8 +51,12 @@ def train(
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
-    objective: Annotated[str, typer.Option(help="mdlm (masked diffusion) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
+    objective: Annotated[str, typer.Option(help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
     canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)", min=8, max=16384)] = 128,
+    block_size: Annotated[int, typer.Option(help="--objective bd3: tokens per block (divides --canvas-len; 1 = autoregression, the canvas = MDLM)", min=1, max=16384)] = 16,
+    t_min: Annotated[float, typer.Option(help="--objective bd3: the clipped noise range's low end (0: not clipped)")] = 0.0,
+    t_max: Annotated[float, typer.Option(help="--objective bd3: the clipped noise range's high end (0: not clipped)")] = 0.0,
+    init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data), e.g. BD3 fine-tuned from MDLM")] = None,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -89,9 +93,10 @@ def train(
       dllm train --nproc 2 ...                                  (torchrun DDP; or torchrun -m train_host.launch CONFIG.json)
     """
     from train_host.launch import launch, summary
-    from train_host.train import TrainConfig
+    from train_host.train_config import TrainConfig
 
-    tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget)})
+    tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
+                                   "init": str(init) if init else ""})
     result = launch(tc, nproc=nproc, console=err)
     if result is None:  # not rank 0 of a torchrun job
         return

@@ -182,7 +182,7 @@ def test_warm_up_and_decay_follow_the_same_clock_under_a_time_budget():
     from dataclasses import replace
 
     from train_host.optim import lr_at
-    from train_host.train import TrainConfig
+    from train_host.train_config import TrainConfig
 
     tc = TrainConfig(data="d", out="o", steps=1000, warmup=50, lr=1e-3, min_lr_ratio=0.1, time_budget=240)
     slow = lr_at(tc, step=10, progress=0.1)  # a slow machine: 10 steps done in a tenth of the time

@@ -1,0 +1,121 @@
+"""Block diffusion's vectorised objective: its two limits are the existing objectives, and between them it equals
+running every block on its own (the clean blocks before it, then the noised block)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jetson_dllm.config import ModelConfig
+from jetson_dllm.errors import DllmError
+from train_host.bd3 import bd3_loss, block_attention_mask, block_times
+from train_host.diffusion import alpha, loss_weight, mdlm_loss
+from train_host.model import Denoiser
+
+L, MASK = 16, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=L, mask_id=MASK)).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    torch.manual_seed(1)
+    return torch.randint(3, 64, (3, L))
+
+
+def reference(model, x, block, t, noise):
+    """Each block on its own: [clean blocks before it (block-causal), the noised block (bidirectional, sees them)]."""
+    total = torch.zeros(())
+    for b in range(L // block):
+        s, e = b * block, (b + 1) * block
+        tb = t[:, b : b + 1]
+        masked = noise[:, s:e] < (1.0 - alpha(tb))
+        z = torch.where(masked, torch.full_like(x[:, s:e], MASK), x[:, s:e])
+        tokens = torch.cat([x[:, :s], z], dim=1)
+        blk = torch.arange(e) // block
+        allowed = blk[None, :] <= blk[:, None]  # clean prefix: block-causal; the noised block: itself and all before
+        allowed[s:, s:] = True
+        logits = model(tokens, attn_mask=allowed)[:, s:][masked]
+        ce = F.cross_entropy(logits, x[:, s:e][masked], reduction="none")
+        total = total + (loss_weight(tb.expand(-1, block)[masked]) * ce).sum()
+    return total / x.numel()
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 8, 16])
+def test_the_vectorised_objective_equals_running_each_block(model, x, block):
+    g = torch.Generator().manual_seed(block)
+    t, noise = block_times(3, L // block, 0.3, 0.9, g), torch.rand(x.shape, generator=g)
+    with torch.no_grad():
+        loss, stats = bd3_loss(model, x, MASK, block, t=t, noise=noise)
+        want = reference(model, x, block, t, noise)
+    assert stats["masked"] > 0
+    torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_canvas_is_mdlm(model, x):
+    g = torch.Generator().manual_seed(3)
+    t, noise = block_times(3, 1, generator=g), torch.rand(x.shape, generator=g)
+    with torch.no_grad():
+        bd3, _ = bd3_loss(model, x, MASK, L, t=t, noise=noise)
+        mdlm, _ = mdlm_loss(model, x, t[:, 0], MASK, noise=noise)
+    torch.testing.assert_close(bd3, mdlm, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_one_is_autoregression(model, x):
+    """At block 1 the expected loss is the causal model's next-token cross-entropy (reading a mask token at the
+    predicted position): every position is masked with probability t and weighted 1/t."""
+    with torch.no_grad():
+        ar = 0.0
+        for i in range(L):  # position i predicted from the clean tokens before it, causally
+            tokens = torch.cat([x[:, :i], torch.full_like(x[:, :1], MASK)], dim=1)
+            causal = torch.ones(i + 1, i + 1, dtype=torch.bool).tril()
+            ar += F.cross_entropy(model(tokens, attn_mask=causal)[:, -1], x[:, i], reduction="sum")
+        ar = ar / x.numel()
+        g = torch.Generator().manual_seed(5)
+        draws = [bd3_loss(model, x, MASK, 1, generator=g)[0] for _ in range(400)]
+    assert float(torch.stack(draws).mean()) == pytest.approx(float(ar), rel=0.05)
+
+
+def test_the_mask_is_what_the_paper_draws():
+    m = block_attention_mask(4, 2)
+    noised_to_noised, noised_to_clean, clean_to_noised, clean_to_clean = m[:4, :4], m[:4, 4:], m[4:, :4], m[4:, 4:]
+    assert noised_to_noised.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    assert noised_to_clean.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]
+    assert not clean_to_noised.any()
+    assert clean_to_clean.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_block_times_are_antithetic_and_clipped():
+    t = block_times(4, 8, 0.45, 0.95, torch.Generator().manual_seed(0))
+    assert t.shape == (4, 8) and float(t.min()) >= 0.45 and float(t.max()) <= 0.95
+    gaps = torch.diff(torch.sort(t.flatten()).values)
+    assert float(gaps.max() - gaps.min()) < 1e-5  # evenly spaced over the batch's blocks
+
+
+@pytest.mark.parametrize("block", [0, 3, 17])
+def test_a_block_that_does_not_divide_the_canvas_is_refused(model, x, block):
+    with pytest.raises(DllmError, match="must divide the canvas"):
+        bd3_loss(model, x, MASK, block)
+
+
+def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_run, tmp_path):
+    from conftest import train_small
+
+    from train_host.checkpoint import load_model
+    from train_host.evaluate import evaluate_checkpoint
+
+    result = train_small(data_dir, tmp_path / "bd3", steps=6, eval_every=3, objective="bd3", block_size=16, t_min=0.3, t_max=0.8)
+    assert result["step"] == 6 and result["val_nll"] > 0 and 0 <= result["val_acc"] <= 1
+    model, _, _ = load_model(tmp_path / "bd3")
+    assert model.cfg.block_size == 16 and not model.cfg.causal
+    metrics = evaluate_checkpoint(tmp_path / "bd3", data_dir, canvases=8, n_t=2)
+    assert metrics["val_nll"] > 0 and not any(k.startswith("val_acc@") for k in metrics)  # BD3's own bound
+    tuned = train_small(data_dir, tmp_path / "ft", steps=2, eval_every=100, objective="bd3", block_size=8, init=str(trained_run))
+    assert tuned["step"] == 2
+    with pytest.raises(DllmError, match="another shape"):
+        train_small(data_dir, tmp_path / "bad", steps=2, objective="bd3", block_size=8, init=str(trained_run), d_model=32)
+    with pytest.raises(DllmError, match="must divide the canvas"):
+        train_small(data_dir, tmp_path / "bad2", steps=2, objective="bd3", block_size=24)

@@ -1,0 +1,103 @@
+"""What a training run depends on: `TrainConfig` (saved with each checkpoint, and the torchrun relaunch's JSON)
+and the one check of every setting's range and choices."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from jetson_dllm.config import SIZES, ModelConfig
+from jetson_dllm.errors import DllmError, check_choice, check_range
+from jetson_dllm.tokenizer import TextTokenizer
+from train_host import diffusion
+from train_host.bd3 import check_block, noise_range
+
+RUN_FORMAT = "jetson-dllm-run"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved with each checkpoint."""
+
+    data: str
+    out: str
+    config: str = "tiny"
+    objective: str = "mdlm"  # mdlm | ar (the autoregressive baseline: causal mask, next-token loss) | bd3 (block diffusion)
+    block_size: int = 16  # bd3: tokens per block
+    t_min: float = 0.0  # bd3: the clipped noise range of training; 0 and 0 = the default for the block size
+    t_max: float = 0.0
+    init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
+    d_model: int = 0  # 0: from the named config; set to try custom sizes
+    n_layer: int = 0
+    n_head: int = 0
+    canvas_len: int = 128
+    batch_size: int = 32  # canvases per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    steps: int = 1000
+    time_budget: float = 0.0  # seconds; 0 = no limit
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    schedule: str = "loglinear"
+    ema: float = 0.0  # e.g. 0.999; 0 = off
+    eval_every: int = 100
+    eval_canvases: int = 128
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    threads: int = 0
+    compile: bool = False
+    resume: bool = False
+    pause_after: int = 0  # stop (with a checkpoint) after this many steps in this invocation; 0 = off
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        """A TrainConfig saved as JSON (what the torchrun relaunch reads); unknown keys are refused."""
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise DllmError(f"{path} is not a training config (unknown keys {sorted(set(data) - known) if isinstance(data, dict) else data!r})")
+        return cls(**data)
+
+    @classmethod
+    def from_options(cls, options: dict) -> TrainConfig:
+        """The config from a mapping that may hold more (the `dllm train` verb's options): unknown keys are ignored."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
+
+    def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
+        overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)) if v}
+        cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
+                                    causal=self.objective == "ar", block_size=self.block_size if self.objective == "bd3" else 0)
+        if overrides:
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
+        return cfg
+
+
+def validate(tc: TrainConfig) -> None:
+    """Every setting's range and choices, once (NaN is refused everywhere)."""
+    for flag, value, low in (("--steps", tc.steps, 1), ("--batch-size", tc.batch_size, 1), ("--grad-accum", tc.grad_accum, 1),
+                             ("--eval-every", tc.eval_every, 1), ("--eval-canvases", tc.eval_canvases, 1), ("--log-every", tc.log_every, 1),
+                             ("--keep-last", tc.keep_last, 1), ("--warmup", tc.warmup, 0), ("--pause-after", tc.pause_after, 0),
+                             ("--seed", tc.seed, 0), ("--threads", tc.threads, 0), ("--d-model", tc.d_model, 0),
+                             ("--n-layer", tc.n_layer, 0), ("--n-head", tc.n_head, 0), ("--time-budget", tc.time_budget, 0),
+                             ("--weight-decay", tc.weight_decay, 0), ("--grad-clip", tc.grad_clip, 0)):
+        check_range(flag, value, low)
+    check_range("--lr", tc.lr, 0, 10, low_open=True)
+    check_range("--min-lr-ratio", tc.min_lr_ratio, 0, 1)
+    check_range("--ema", tc.ema, 0, 1, high_open=True)
+    check_range("--canvas-len", tc.canvas_len, 8, 16384)
+    check_choice("--config", tc.config, SIZES)
+    check_choice("--objective", tc.objective, ("mdlm", "ar", "bd3"))
+    if tc.objective == "bd3":
+        check_block(tc.canvas_len, tc.block_size)
+        low, high = noise_range(tc)
+        check_range("--t-min", low, 0, 1)
+        check_range("--t-max", high, low, 1, low_open=True)
+    check_choice("--schedule", tc.schedule, diffusion.SCHEDULES)
+    check_choice("--device", tc.device, ("auto", "cpu", "cuda"))
+    check_choice("--dtype", tc.dtype, ("auto", "fp32", "bf16", "fp16"))
