@@ -112,6 +112,9 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
     """`dllm run`'s generation: the diffusion sampler, or token by token for the autoregressive baseline."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
+    if runner.cfg.block_size:
+        raise DllmError(f"this is a block-diffusion model (block size {runner.cfg.block_size}); block-wise generation with its KV cache "
+                        "is not built yet, and full-canvas sampling would not be the model it was trained to be")
     if not runner.cfg.causal:
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
     if PLACEHOLDER.search(prompt):

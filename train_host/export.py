@@ -223,6 +223,9 @@ def export_bundle(
     int8 = int8 or Int8Options()
     model, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
+    if cfg.block_size:
+        raise DllmError("a block-diffusion model needs its block-step and commit graphs, which export does not write yet; "
+                        "nothing was written")
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
     if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):

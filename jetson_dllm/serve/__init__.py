@@ -22,8 +22,10 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
     from jetson_dllm.generate import open_model
 
     runner = open_model(model, backend=backend, precision=precision, threads=threads)
-    if runner.cfg.causal:
-        raise DllmError("dllm serve takes a diffusion model; the autoregressive baseline is for comparison only")
+    if runner.cfg.causal or runner.cfg.block_size:
+        runner.close()
+        raise DllmError("dllm serve takes a masked-diffusion model; the autoregressive baseline is for comparison only, and "
+                        "block-diffusion models cannot generate until their block-wise sampler exists")
     app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      batching=batching, max_body=max_body, timeout_s=timeout_s)
     # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a

@@ -119,3 +119,11 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
         train_small(data_dir, tmp_path / "bad", steps=2, objective="bd3", block_size=8, init=str(trained_run), d_model=32)
     with pytest.raises(DllmError, match="must divide the canvas"):
         train_small(data_dir, tmp_path / "bad2", steps=2, objective="bd3", block_size=24)
+    from jetson_dllm.generate import complete, open_model
+    from train_host.export import export_bundle
+
+    with pytest.raises(DllmError, match="block-wise generation"), open_model(tmp_path / "bd3") as runner:
+        complete(runner, "Once")
+    with pytest.raises(DllmError, match="block-step"):
+        export_bundle(tmp_path / "bd3", tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
