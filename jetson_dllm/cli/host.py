@@ -84,7 +84,7 @@ def train(
     n_head: Annotated[int, typer.Option(hidden=True, min=0, max=256)] = 0,
     log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
-    """Train a masked-diffusion LM (MDLM objective) on prepared data; resumable, with progress and curves.
+    """Train a diffusion LM (MDLM, or block diffusion with --objective bd3) or the AR baseline; resumable, with progress and curves.
 
     Examples:
       dllm train --data runs/data --out runs/tiny --steps 300
