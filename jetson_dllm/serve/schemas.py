@@ -20,13 +20,12 @@ class Knobs(BaseModel):
     canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")
 
 
-class CompletionRequest(Knobs):
+class _Sampling(Knobs):
+    """The OpenAI fields both endpoints share."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[str] = Field(..., description="text to continue; a list generates for each")
-    suffix: str | None = Field(None, description="text after the completion: the model fills the gap between prompt and suffix")
-    max_tokens: int = Field(64, ge=1, le=16384)
     temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     n: int = Field(1, ge=1, le=64)
@@ -34,10 +33,17 @@ class CompletionRequest(Knobs):
     stop: str | list[str] | None = None
     stream: bool = False
     user: str | None = None
-    echo: bool = False
-    logprobs: int | None = None  # accepted for compatibility; not computed
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # Accepted only at their neutral values, so a client that always sends them works and none is silently ignored.
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: 0 only")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: 0 only")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(..., description="text to continue; a list generates for each")
+    suffix: str | None = Field(None, description="text after the completion: the model fills the gap between prompt and suffix")
+    max_tokens: int = Field(64, ge=1, le=16384)
+    echo: Literal[False] = Field(False, description="not supported: false only")
+    logprobs: None = Field(None, description="not supported: null only")
 
 
 class ChatMessage(BaseModel):
@@ -45,20 +51,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(Knobs):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=16384)
     max_completion_tokens: int | None = Field(None, ge=1, le=16384)
-    temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    n: int = Field(1, ge=1, le=64)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    user: str | None = None
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:

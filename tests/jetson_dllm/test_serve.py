@@ -117,6 +117,7 @@ BAD = [
     ("oversized body", {"json": {"prompt": "x" * (2 << 20)}}, 413, "larger than"),
     ("strategy", {"json": {"prompt": "hi", "strategy": "beam"}}, 400, "strategy"),
     ("empty messages", {"json": {"messages": []}, "path": "/v1/chat/completions"}, 400, "messages"),
+    ("echo is not silently ignored", {"json": {"prompt": "hi", "echo": True}}, 400, "echo"),
 ]
 
 
