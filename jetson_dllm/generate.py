@@ -108,13 +108,12 @@ def generate(
 
 
 def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
-             gap: int = 12, on_step=None) -> Generation | ArGeneration:
+             gap: int = 12, on_step=None) -> Generation | ArGeneration | BlockGeneration:
     """`dllm run`'s generation: the diffusion sampler, or token by token for the autoregressive baseline."""
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if runner.cfg.block_size:
-        raise DllmError(f"this is a block-diffusion model (block size {runner.cfg.block_size}); block-wise generation with its KV cache "
-                        "is not built yet, and full-canvas sampling would not be the model it was trained to be")
+        return complete_blockwise(runner, prompt, length, num_samples, sampler)
     if not runner.cfg.causal:
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
     if PLACEHOLDER.search(prompt):
@@ -126,6 +125,42 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
     result = runner.generate_autoregressive(ids, length or runner.cfg.canvas_len - len(ids), num_samples,
                                             sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)
     return ArGeneration([tok.decode(r) for r in result.tokens], result.tokens, result.new_tokens, result.seconds)
+
+
+@dataclass
+class BlockGeneration:
+    """What a block-diffusion model generated: block by block with an exact KV cache."""
+
+    texts: list[str]
+    tokens: np.ndarray
+    new_tokens: int
+    evaluations: int
+    commits: int
+    seconds: float
+    block: int
+    backend: str = "torch-bd3"
+
+    def to_json(self) -> dict:
+        return {"texts": self.texts, "tokens": self.tokens.tolist(), "backend": self.backend, "block_size": self.block,
+                "new_tokens": self.new_tokens, "evaluations": self.evaluations, "cache_passes": self.commits,
+                "total_ms": self.seconds * 1e3, "tokens_per_s": self.new_tokens * len(self.texts) / max(self.seconds, 1e-9)}
+
+    def summary(self) -> str:
+        return (f"block diffusion (block {self.block}): {self.new_tokens} tokens, {self.evaluations} network evaluations, "
+                f"{self.commits} cache passes, {self.seconds * 1e3:.0f} ms")
+
+
+def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: int, sampler: SamplerConfig) -> BlockGeneration:
+    """A block-diffusion model's generation: `sampler.steps` per block; ends at end-of-text or `length` tokens."""
+    if PLACEHOLDER.search(prompt):
+        raise DllmError("a block-diffusion model writes left to right; for text around a gap use a masked-diffusion (MDLM) model")
+    if not hasattr(runner, "generate_blockwise"):
+        raise DllmError("block diffusion runs on the torch backend for now (its block-step graphs are not exported yet)")
+    tok = runner.tokenizer
+    ids = tok.encode(prompt)
+    r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
+    texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
+    return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size)
 
 
 @dataclass

@@ -51,9 +51,12 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.len = 0  # positions filled
+        self.frozen = False  # block diffusion's denoising steps: attend to the cache and the block, write nothing
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
+        if self.frozen:
+            return torch.cat([self.k[layer, :, :, : self.len], k], dim=2), torch.cat([self.v[layer, :, :, : self.len], v], dim=2)
         self.k[layer, :, :, self.len : self.len + T] = k
         self.v[layer, :, :, self.len : self.len + T] = v
         return self.k[layer, :, :, : self.len + T], self.v[layer, :, :, : self.len + T]
@@ -172,7 +175,7 @@ class Denoiser(nn.Module):
         x = self.tok_emb(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, attn_mask)
-        if cache is not None:
+        if cache is not None and not cache.frozen:
             cache.len += T
         return self.norm(x)
 
@@ -181,13 +184,13 @@ class Denoiser(nn.Module):
         return self.head(h) + self.logit_bias
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
+                rope_positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask.
 
         Selecting positions before the head is what makes training fast: the head over the vocabulary
         is the largest matmul of a small model, and the loss needs it only on masked positions.
         """
-        h = self.hidden(tokens, attn_mask=attn_mask, rope_positions=rope_positions)
+        h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions)
         if positions is not None:
             h = h[positions]
         return self.logits_from_hidden(h)

@@ -25,7 +25,7 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
     if runner.cfg.causal or runner.cfg.block_size:
         runner.close()
         raise DllmError("dllm serve takes a masked-diffusion model; the autoregressive baseline is for comparison only, and "
-                        "block-diffusion models cannot generate until their block-wise sampler exists")
+                        "block-diffusion models are not served yet (dllm run generates with them)")
     app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      batching=batching, max_body=max_body, timeout_s=timeout_s)
     # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a

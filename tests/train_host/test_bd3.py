@@ -122,8 +122,51 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
     from jetson_dllm.generate import complete, open_model
     from train_host.export import export_bundle
 
-    with pytest.raises(DllmError, match="block-wise generation"), open_model(tmp_path / "bd3") as runner:
-        complete(runner, "Once")
+    with open_model(tmp_path / "bd3") as runner:
+        gen = complete(runner, "Once upon a time", length=20, num_samples=2)
+        assert len(gen.texts) == 2 and all(t.startswith("Once upon a time") for t in gen.texts)
+        assert gen.to_json()["cache_passes"] >= 0 and gen.evaluations >= 1
+        with pytest.raises(DllmError, match="writes left to right"):
+            complete(runner, "Once ____ end.")
     with pytest.raises(DllmError, match="block-step"):
         export_bundle(tmp_path / "bd3", tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.fixture(scope="module")
+def bd3_model():
+    torch.manual_seed(2)
+    return Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=L, mask_id=MASK, block_size=4)).eval()
+
+
+@pytest.mark.parametrize("j", [0, 1, 3])
+def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
+    from train_host.bd3_generate import block_step, commit
+    from train_host.model import KVCache, topk_logprobs
+
+    b = 4
+    z = x.clone()
+    z[:, j * b : j * b + 3] = MASK  # block j partly masked
+    with torch.no_grad():
+        full = bd3_model(torch.cat([z, x], 1), attn_mask=block_attention_mask(L, b), rope_positions=torch.arange(L).repeat(2))
+        want = topk_logprobs(full[:, j * b : (j + 1) * b], 8)
+        cache = KVCache(bd3_model.cfg, x.shape[0], L, "cpu")
+        for i in range(j):
+            commit(bd3_model, cache, x[:, i * b : (i + 1) * b])
+        got = block_step(bd3_model, cache, z[:, j * b : (j + 1) * b], 8)
+        again = block_step(bd3_model, cache, z[:, j * b : (j + 1) * b], 8)  # a step writes nothing
+    assert cache.len == j * b
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], want[1]) and torch.equal(again[0], got[0])
+
+
+def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
+    from jetson_dllm.sampler import SamplerConfig, SpecialIds
+    from train_host.bd3_generate import generate_blocks
+
+    special = SpecialIds(mask=MASK, eot=0, pad=1)
+    prompt = [5, 6, 7, 8, 9, 10]  # one whole block and half of the next
+    result = generate_blocks(bd3_model, prompt, 10, special, SamplerConfig(steps=2, temperature=0.0, allow_end=False), num_samples=2, k=8)
+    assert result.tokens.shape == (2, 16) and (result.tokens[:, :6] == prompt).all()
+    assert not (result.tokens == MASK).any() and result.new_tokens == 10
+    assert result.evaluations <= 2 * 3 and result.commits == 1 + 2  # the prompt's block, then every full block but the last
