@@ -8,11 +8,14 @@ head, scores the candidates, and commits some of them:
     margin      ... ordered by top-1 minus top-2 probability
     entropy     ... ordered by low entropy of the (top-K) distribution
     threshold   Fast-dLLM parallel decoding: commit every candidate above --threshold (and at least n)
+    eb          EB-Sampler (arXiv 2505.24857): the most confident candidates while their summed entropy stays
+                within --eb-bound nats (and at least n)
     ancestral   MDLM: commit each masked position with the schedule's probability for the step
 
 n is what the step budget requires: ceil(masked left / steps left), so a run always finishes within
 its steps, and the threshold strategy can only finish sooner. With `block`, the canvas is filled block
-by block, left to right (semi-autoregressive), the steps shared between the blocks that need them.
+by block, left to right (semi-autoregressive), the steps shared between the blocks that need them; blocks
+count from the first position to generate.
 Once an end-of-text (or padding) token is committed, every later free position becomes padding.
 """
 
@@ -27,7 +30,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError, check_choice, check_range
 
-STRATEGIES = ("confidence", "margin", "entropy", "threshold", "ancestral")
+STRATEGIES = ("confidence", "margin", "entropy", "threshold", "eb", "ancestral")
 NEG_INF = np.float32(-np.inf)
 
 
@@ -38,6 +41,7 @@ class SamplerConfig:
     steps: int = 64
     strategy: str = "confidence"
     threshold: float = 0.9
+    eb_bound: float = 0.1  # eb: the entropy (nats) a step may commit in all
     block: int = 0  # 0: the whole canvas is one block
     temperature: float = 0.0
     top_k: int = 0  # 0: the whole head
@@ -52,6 +56,7 @@ class SamplerConfig:
         check_range("--steps", self.steps, 1)
         check_choice("--strategy", self.strategy, STRATEGIES)
         check_range("--threshold", self.threshold, 0, 1, low_open=True)
+        check_range("--eb-bound", self.eb_bound, 0, 100)
         check_range("--top-p", self.top_p, 0, 1, low_open=True)
         check_range("--temperature", self.temperature, 0, 100)
         check_range("--top-k", self.top_k, 0)
@@ -155,8 +160,11 @@ def sample_steps(
     _apply_end(canvas, fixed, special)
 
     block = cfg.block or T
-    block_starts = list(range(0, T, block))
     free = (canvas == special.mask) & ~fixed
+    # Blocks count from where generation starts (the first free position), as LLaDA's semi-autoregressive
+    # sampler does, so a prompt that ends mid-block does not shorten the first block.
+    origin = int(np.argmax(free.any(0))) if free.any() else 0
+    block_starts = list(range(origin, T, block))
     active = [s for s in block_starts if free[:, s : s + block].any()]
     if len(active) > cfg.steps:
         raise DllmError(f"--steps {cfg.steps} is fewer than the {len(active)} blocks to fill; raise --steps or --block")
@@ -192,8 +200,8 @@ def sample_steps(
                 chosen = _best_allowed(logprobs, ids, no_end, special)
                 deadline_hit = True
             else:
-                chosen, score = _candidates(logprobs, ids, no_end, special, cfg, rng)
-                commit = _select(todo, score, k, cfg, rng)
+                chosen, score, entropy = _candidates(logprobs, ids, no_end, special, cfg, rng)
+                commit = _select(todo, score, k, cfg, rng, entropy)
                 if cfg.defer_twins and k > 1:  # never on a block's last step: it must finish
                     commit = _defer_twins(commit, chosen, score)
             before = canvas.copy()
@@ -213,8 +221,9 @@ def sample_steps(
     return SampleResult(canvas, steps, evaluations, deadline_hit, network_s, total - network_s, history)
 
 
-def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, rng) -> tuple[np.ndarray, np.ndarray]:
-    """A token for every position (B, T) and the score that orders commits (higher = sooner)."""
+def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A token for every position (B, T), the score that orders commits (higher = sooner), and the entropy of
+    each position's (top-K) distribution."""
     banned = _banned(ids, no_end, special)
     logits = candidate_distribution(logprobs, cfg.temperature, cfg.top_k, cfg.top_p)
     logits = np.where(banned, NEG_INF, logits)
@@ -225,14 +234,15 @@ def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, 
         pick = np.argmax(logits + gumbel, -1)
     chosen = np.take_along_axis(ids, pick[..., None], -1)[..., 0]
     probs = np.exp(logprobs)  # the model's own probabilities rank the candidates
+    p = probs / probs.sum(-1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-20))).sum(-1)
     if cfg.strategy == "margin":
         score = probs[..., 0] - probs[..., 1]
     elif cfg.strategy == "entropy":
-        p = probs / probs.sum(-1, keepdims=True)
-        score = (p * np.log(np.maximum(p, 1e-20))).sum(-1)  # minus the entropy
+        score = -entropy
     else:
         score = np.take_along_axis(probs, pick[..., None], -1)[..., 0]
-    return chosen.astype(np.int32), score
+    return chosen.astype(np.int32), score, entropy
 
 
 def _banned(ids: np.ndarray, no_end: np.ndarray, special: SpecialIds) -> np.ndarray:
@@ -246,7 +256,7 @@ def _best_allowed(logprobs, ids, no_end, special: SpecialIds) -> np.ndarray:
     return np.take_along_axis(ids, np.argmax(lp, -1)[..., None], -1)[..., 0].astype(np.int32)
 
 
-def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerConfig, rng) -> np.ndarray:
+def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerConfig, rng, entropy: np.ndarray | None = None) -> np.ndarray:
     """Which of the `todo` positions (B, T) to commit this step."""
     n_todo = todo.sum(1)  # (B,)
     if cfg.strategy == "ancestral":
@@ -257,6 +267,10 @@ def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerCo
         need = np.maximum(need, (todo & (score > cfg.threshold)).sum(1))
     masked_score = np.where(todo, score, -np.inf)
     order = np.argsort(-masked_score, axis=1, kind="stable")
+    if cfg.strategy == "eb" and entropy is not None:  # the longest most-confident run within the entropy bound
+        summed = np.cumsum(np.take_along_axis(np.where(todo, entropy, np.inf), order, axis=1), axis=1)
+        need = np.maximum(need, np.maximum(1, (summed <= cfg.eb_bound).sum(1)))
+        need = np.minimum(need, n_todo)
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(todo.shape[1])[None, :].repeat(todo.shape[0], 0), axis=1)
     return todo & (rank < need[:, None])

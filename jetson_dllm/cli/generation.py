@@ -24,9 +24,10 @@ def run(
     precision: Annotated[str, typer.Option(help="bundle precision: fp32 | fp16 | int8 | int8-dynamic")] = "fp32",
     steps: Annotated[int, typer.Option(help="denoising steps (network evaluations at most)", min=1)] = 64,
     length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas", min=0, max=16384)] = 0,
-    strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | ancestral")] = "confidence",
+    strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | eb (entropy-bounded) | ancestral")] = "confidence",
     block: Annotated[int, typer.Option(help="semi-autoregressive block length; 0 = whole canvas", min=0, max=16384)] = 0,
     threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
+    eb_bound: Annotated[float, typer.Option(help="--strategy eb: the entropy (nats) one step may commit in all")] = 0.1,
     temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the README's sampler results)")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample among the k best tokens; 0 = all of the head", min=0, max=3839)] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 1.0,
@@ -52,7 +53,8 @@ def run(
     """
     text = read_prompt(prompt)
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, block=block, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins).validate()
+                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
+                            eb_bound=eb_bound).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
     with (CanvasRecorder(runner) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:

@@ -105,7 +105,7 @@ class Server:
             try:
                 canvas = request_canvas(self.tok, prompt, suffix, max_tokens, self.runner.canvas_lengths)
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, block=knobs.block,
-                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms,
+                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
             except DllmError as e:
                 raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="max_tokens") from None

@@ -68,7 +68,7 @@ def test_sampler_invariants(cfg, B, T, prompt_len, end_at):
     rng = np.random.default_rng(0)
     tokens, fixed = canvas_with_prompt(B, T, prompt_len, rng)
     end_at = end_at if end_at is not None and end_at < T else None
-    n_blocks = len({p // (cfg.block or T) for p in range(prompt_len, T)})
+    n_blocks = len({(p - prompt_len) // (cfg.block or T) for p in range(prompt_len, T)})
     if n_blocks > cfg.steps:
         with pytest.raises(DllmError, match="blocks"):
             sample(FakeNet(end_at=end_at), tokens, fixed, SPECIAL, cfg)
@@ -154,6 +154,17 @@ def test_blocks_fill_left_to_right():
     assert len(blocks) == 16  # 4 steps per block
 
 
+def test_blocks_count_from_where_generation_starts():
+    """As LLaDA's generate: with a 3-token prompt and blocks of 8, the first block is positions 3..10, not 3..7."""
+    tokens, fixed = canvas_with_prompt(1, 32, 3, np.random.default_rng(6))
+    steps = []
+    sample(FakeNet(random_ends=False), tokens, fixed, SPECIAL, SamplerConfig(steps=16, block=8),
+           on_step=lambda c, s: steps.append(np.flatnonzero(s.committed[0])))
+    first_block = np.concatenate(steps[:4])
+    assert sorted(first_block.tolist()) == list(range(3, 11))
+    assert all(((np.asarray(pos) - 3) // 8 == i // 4).all() for i, pos in enumerate(steps))
+
+
 def test_deadline_commits_the_best_tokens_and_returns():
     tokens, fixed = canvas_with_prompt(1, 32, 2, np.random.default_rng(5))
     net = FakeNet(sleep=0.02, random_ends=False)
@@ -228,3 +239,26 @@ def test_defer_twins_in_a_run():
         adjacent_in_one_step = bool((first[1:] & first[:-1]).any())
         assert adjacent_in_one_step != defer
         assert not (result.tokens == SPECIAL.mask).any() and result.steps <= 4
+
+
+def _net(confident: bool, K: int = 8):
+    """A stand-in network: top-1 almost certain (entropy ~0) or the top-K uniform (entropy log K)."""
+    def run(canvas):
+        B, T = canvas.shape
+        lp = np.full((B, T, K), np.log(1e-6 / (K - 1)) if confident else np.log(1.0 / K), dtype=np.float32)
+        if confident:
+            lp[..., 0] = np.log(1 - 1e-6)
+        ids = np.broadcast_to(np.arange(10, 10 + K, dtype=np.int32), (B, T, K)).copy()
+        return lp, ids
+    return run
+
+
+def test_eb_sampler_spends_evaluations_only_where_the_model_is_unsure():
+    tokens, fixed = canvas_with_prompt(1, 16, 0, np.random.default_rng(7))
+    cfg = SamplerConfig(steps=16, strategy="eb", eb_bound=0.5, temperature=0.0, allow_end=False, defer_twins=False)
+    sure = sample(_net(True), tokens, fixed, SPECIAL, cfg)
+    unsure = sample(_net(False), tokens, fixed, SPECIAL, cfg)
+    assert sure.evaluations == 1 and not (sure.tokens == SPECIAL.mask).any()  # everything within the bound at once
+    assert unsure.evaluations == 16  # log 8 = 2.08 nats each: one position per step, as the budget requires
+    with pytest.raises(DllmError, match="--eb-bound"):
+        SamplerConfig(strategy="eb", eb_bound=float("nan")).validate()
