@@ -116,12 +116,8 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
         return complete_blockwise(runner, prompt, length, num_samples, sampler)
     if not runner.cfg.causal:
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
-    if PLACEHOLDER.search(prompt):
-        raise DllmError("an autoregressive model cannot fill gaps; use a diffusion checkpoint for infilling")
-    if not hasattr(runner, "generate_autoregressive"):
-        raise DllmError("the autoregressive baseline runs on the torch backend (its KV cache is not exported)")
-    tok = runner.tokenizer
-    ids = tok.encode(prompt)
+    tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_autoregressive", "the autoregressive baseline",
+                                                "its KV cache is not exported")
     result = runner.generate_autoregressive(ids, length or runner.cfg.canvas_len - len(ids), num_samples,
                                             sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)
     return ArGeneration([tok.decode(r) for r in result.tokens], result.tokens, result.new_tokens, result.seconds)
@@ -152,15 +148,20 @@ class BlockGeneration:
 
 def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: int, sampler: SamplerConfig) -> BlockGeneration:
     """A block-diffusion model's generation: `sampler.steps` per block; ends at end-of-text or `length` tokens."""
-    if PLACEHOLDER.search(prompt):
-        raise DllmError("a block-diffusion model writes left to right; for text around a gap use a masked-diffusion (MDLM) model")
-    if not hasattr(runner, "generate_blockwise"):
-        raise DllmError("block diffusion runs on the torch backend for now (its block-step graphs are not exported yet)")
-    tok = runner.tokenizer
-    ids = tok.encode(prompt)
+    tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_blockwise", "a block-diffusion model",
+                                                "its block-step graphs are not exported yet")
     r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size)
+
+
+def _left_to_right(runner: Runner, prompt: str, method: str, what: str, why_torch: str) -> list[int]:
+    """The prompt's ids for a model that writes left to right (no gaps to fill), on a runner that can."""
+    if PLACEHOLDER.search(prompt):
+        raise DllmError(f"{what} writes left to right and cannot fill gaps; use a masked-diffusion (MDLM) model for infilling")
+    if not hasattr(runner, method):
+        raise DllmError(f"{what} runs on the torch backend for now ({why_torch})")
+    return runner.tokenizer.encode(prompt)
 
 
 @dataclass
