@@ -131,8 +131,9 @@ def _check_consistent(bundle: Bundle) -> None:
     for precision, entry in m["precisions"].items():
         if precision not in PRECISIONS:
             raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")
-        if member(bundle.path, entry["file"]).name not in m["files"]:
-            raise DllmError(f"{where}: the {precision} file {entry['file']} is not hashed in the manifest; re-export the bundle")
+        for name in (entry["file"], *([entry["commit"]] if "commit" in entry else [])):  # block diffusion has two graphs
+            if member(bundle.path, name).name not in m["files"]:
+                raise DllmError(f"{where}: the {precision} file {name} is not hashed in the manifest; re-export the bundle")
     if any(not 1 <= c <= cfg.canvas_len for c in m["canvas_lengths"]):
         raise DllmError(f"{where}: canvas lengths {m['canvas_lengths']} must be within 1..{cfg.canvas_len} (the model's canvas)")
     ids = m["special_ids"]

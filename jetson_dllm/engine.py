@@ -194,7 +194,8 @@ def bundle_report(bundle_dir: str | Path) -> dict:
             "sizes": {n: (bundle.path / n).stat().st_size if (bundle.path / n).is_file() else None for n in files},
             "engines": engine_status(bundle), "engines_dir": str(bundle.engines_dir), "canvas_lengths": bundle.canvas_lengths,
             "topk": bundle.topk, "opset": bundle.manifest.get("opset"), "version": bundle.manifest.get("version"),
-            "parity": bundle.manifest.get("parity"), "calibration": bundle.manifest.get("calibration"),
+            "parity": bundle.manifest.get("parity"), "block_parity": bundle.manifest.get("block_parity"),
+            "calibration": bundle.manifest.get("calibration"),
             "bad": [n for n, state in files.items() if state != "ok"]}
 
 
@@ -231,6 +232,8 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: lis
 
     Every shape is validated before any build. Returns per engine {path, built, device, trt_version}."""
     bundle = load_bundle(bundle_dir)
+    if bundle.config.block_size:
+        raise DllmError(f"{bundle_dir} is a block-diffusion bundle; TensorRT engines for its block graphs are not built yet (run it with --backend onnx)")
     device = detect_device()
     settings = builder_settings(precision, device.total_memory, len(bundle.manifest.get("fp32_nodes", [])), opt_level)
     specs = [engine_spec(bundle, precision, b, c) for b in batches for c in canvases]

@@ -152,7 +152,8 @@ def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: in
                                                 "its block-step graphs are not exported yet")
     r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
-    return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size)
+    return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size,
+                           "torch-bd3" if runner.name.startswith("torch") else runner.name)
 
 
 def _left_to_right(runner: Runner, prompt: str, method: str, what: str, why_torch: str) -> list[int]:

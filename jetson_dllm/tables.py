@@ -53,7 +53,13 @@ def eval_table(metrics: dict) -> Table:
 
 
 def parity_table(manifest: dict) -> Table:
-    """The export's parity with PyTorch, per precision and mask ratio."""
+    """The export's parity with PyTorch, per precision and mask ratio (for block diffusion: its block graphs)."""
+    if "parity" not in manifest and "block_parity" in manifest:
+        bp = manifest["block_parity"]
+        table = _table("block graphs against PyTorch's cache (a canvas of random blocks, half masked)",
+                       ("graphs", "blocks", "max |log-prob diff| (top-K)", "top-1 agreement"))
+        table.add_row("block step + commit (fp32)", str(bp["blocks"]), f"{bp['max_abs_logprob_diff']:.2e}", f"{bp['top1_agreement']:.4f}")
+        return table
     parity = manifest["parity"]
     table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",
                    ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "NLL torch", "NLL onnx", "masked acc"))
@@ -94,6 +100,8 @@ def bundle_tables(report: dict) -> list:
     out = [head, files]
     if m["parity"]:
         out.append(parity_table({"parity": m["parity"], "precisions": [p for p in m["precisions"] if p in m["parity"]]}))
+    elif m.get("block_parity"):
+        out.append(parity_table({"block_parity": m["block_parity"]}))
     if m["calibration"]:
         out.append(calibration_table(m["calibration"]))
     engines = _table(f"engines in {m['engines_dir']}", ("engine", "precision", "batch x canvas", "built with", "fits this device"),
@@ -155,4 +163,7 @@ def export_summary(bundle, out_dir) -> str:
     """What `dllm export` wrote, and which engines of a replaced bundle were kept or dropped."""
     carried = "".join(f"; {k} {len(v)} engine(s) of the old bundle{': ' + ', '.join(v) if k == 'dropped' else ''}"
                       for k, v in bundle.engines_carried.items() if v)
+    if bundle.config.block_size:
+        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} block graphs); run it with onnxruntime: dllm run {out_dir} "
+                "(TensorRT engines for block graphs are not built yet)")
     return f"wrote {out_dir} ({', '.join(bundle.precisions)}); copy it to the Jetson and build: dllm build {out_dir} --precision fp16{carried}"

@@ -94,3 +94,70 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     finally:
         model.set_attention("sdpa")
     return paths
+
+
+def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say):
+    """A bundle of a block-diffusion model: FP32 block-step and commit graphs, the tokenizer, a manifest, and a
+    parity report of the graphs against the torch cache (refused, writing nothing, if they disagree)."""
+    import time as clock
+
+    from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
+    from jetson_dllm.errors import DllmError
+    from train_host.export import OPSET
+
+    cfg = model.cfg
+
+    def build(tmp: Path) -> dict:
+        say("exporting the block-step and commit graphs (FP32)")
+        paths = export_block_graphs(model, tmp, topk, OPSET)
+        paths["block_step"].rename(tmp / "block_step.fp32.onnx")
+        paths["commit"].rename(tmp / "commit.fp32.onnx")
+        tokenizer.save(tmp / "tokenizer.json")
+        say("checking the graphs against PyTorch")
+        parity = block_parity(model, tmp / "block_step.fp32.onnx", tmp / "commit.fp32.onnx", topk)
+        if not (parity["max_abs_logprob_diff"] <= 1e-3 and parity["top1_agreement"] >= 0.999):
+            raise DllmError(f"the block graphs disagree with PyTorch ({parity}); nothing was written")
+        return {
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": clock.strftime("%Y-%m-%dT%H:%M:%S"),
+            "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
+            "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", cfg.block_size]}, "k_cache": {"dtype": "float32"},
+                       "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
+            "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
+            "canvas_lengths": [cfg.canvas_len], "opset": OPSET,
+            "precisions": {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx"}}, "fp32_nodes": [],
+            "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
+            "block_parity": parity,
+        }
+
+    return write_bundle(out_dir, build, overwrite=overwrite)
+
+
+def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, batch: int = 2, seed: int = 0) -> dict:
+    """The graphs against the torch cache over a whole canvas of random tokens, block by block, half of each masked."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from train_host.bd3_generate import block_step, commit
+    from train_host.model import KVCache
+
+    cfg, b = model.cfg, model.cfg.block_size
+    step, add = ort.InferenceSession(str(step_path)), ort.InferenceSession(str(commit_path))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g)
+    shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    k_cache, v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    worst, agree, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        cache = KVCache(cfg, batch, cfg.canvas_len, "cpu")
+        for j in range(cfg.canvas_len // b):
+            block = x[:, j * b : (j + 1) * b]
+            z = torch.where(torch.rand(block.shape, generator=g) < 0.5, torch.full_like(block, cfg.mask_id), block)
+            feeds = {"tokens": z.numpy().astype(np.int32), "k_cache": k_cache, "v_cache": v_cache, "valid_len": np.array(j * b, np.int32)}
+            lp, ids = step.run(None, feeds)
+            want_lp, want_ids = block_step(model, cache, z, k)
+            worst = max(worst, float(np.abs(lp - want_lp.numpy()).max()))
+            agree, n = agree + float((ids[..., 0] == want_ids.numpy()[..., 0]).mean()), n + 1
+            k_new, v_new = add.run(None, {**feeds, "tokens": block.numpy().astype(np.int32)})
+            k_cache[:, :, :, j * b : (j + 1) * b], v_cache[:, :, :, j * b : (j + 1) * b] = k_new, v_new
+            commit(model, cache, block)
+    return {"max_abs_logprob_diff": worst, "top1_agreement": agree / n, "blocks": n}

@@ -223,9 +223,12 @@ def export_bundle(
     int8 = int8 or Int8Options()
     model, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
-    if cfg.block_size:
-        raise DllmError("a block-diffusion model needs its block-step and commit graphs, which export does not write yet; "
-                        "nothing was written")
+    if cfg.block_size:  # block diffusion: the block-step and commit graphs (FP32 so far)
+        if "int8" in precisions:
+            raise DllmError("a block-diffusion model exports FP32 block graphs only so far (no INT8 yet); drop --int8")
+        from train_host.bd3_export import export_bd3_bundle
+
+        return export_bd3_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say)
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
     if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):

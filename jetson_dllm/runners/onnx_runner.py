@@ -10,6 +10,7 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.manifests import member
 from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -147,6 +148,11 @@ def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers
     if any(isinstance(p, tuple) for p in resolved):
         cache.mkdir(parents=True, exist_ok=True)
     session = session_from_onnx(path, resolved, threads)
+    if bundle.config.block_size:  # block diffusion: the block-step graph and its commit graph
+        from jetson_dllm.runners.onnx_blocks import BlockOnnxRunner
+
+        commit = session_from_onnx(member(bundle.path, bundle.manifest["precisions"][precision]["commit"]), resolved, threads)
+        return BlockOnnxRunner(bundle, session, commit, precision)
     runner = OnnxRunner(session, bundle.config, precision, tokenizer, bundle.canvas_lengths, path.stat().st_size)
     if runner.topk != bundle.topk:
         raise DllmError(f"{path.name} has a top-{runner.topk} head but the manifest says {bundle.topk}; re-export the bundle")

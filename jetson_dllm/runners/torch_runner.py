@@ -68,7 +68,7 @@ class TorchRunner(RunnerBase):
     def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler):
         """Block after block with an exact KV cache: only for a block-diffusion model (cfg.block_size)."""
         from jetson_dllm.sampler import SpecialIds
-        from train_host.bd3_generate import generate_blocks
+        from train_host.bd3_generate import generate_blocks_torch as generate_blocks
 
         tok = self.tokenizer
         special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)

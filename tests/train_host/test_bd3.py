@@ -120,6 +120,7 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
     with pytest.raises(DllmError, match="must divide the canvas"):
         train_small(data_dir, tmp_path / "bad2", steps=2, objective="bd3", block_size=24)
     from jetson_dllm.generate import complete, open_model
+    from jetson_dllm.sampler import SamplerConfig
     from train_host.export import export_bundle
 
     with open_model(tmp_path / "bd3") as runner:
@@ -128,9 +129,17 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
         assert gen.to_json()["cache_passes"] >= 0 and gen.evaluations >= 1
         with pytest.raises(DllmError, match="writes left to right"):
             complete(runner, "Once ____ end.")
-    with pytest.raises(DllmError, match="block-step"):
-        export_bundle(tmp_path / "bd3", tmp_path / "bundle")
+    with pytest.raises(DllmError, match="no INT8 yet"):
+        export_bundle(tmp_path / "bd3", tmp_path / "bundle", precisions=("fp32", "fp16", "int8"))
     assert not (tmp_path / "bundle").exists()
+    bundle = export_bundle(tmp_path / "bd3", tmp_path / "bundle")  # the block-step and commit graphs, checked
+    assert bundle.precisions == ["fp32"] and bundle.manifest["block_parity"]["top1_agreement"] >= 0.999
+    greedy = SamplerConfig(steps=4, temperature=0.0)
+    with open_model(tmp_path / "bd3") as torch_runner, open_model(tmp_path / "bundle") as onnx_runner:
+        on_torch = complete(torch_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
+        on_onnx = complete(onnx_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
+    assert onnx_runner.name.endswith("-bd3") and (on_onnx.tokens == on_torch.tokens).all()  # the same text, block by block
+    assert on_onnx.commits == on_torch.commits and on_onnx.evaluations == on_torch.evaluations
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +171,7 @@ def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
 
 def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
     from jetson_dllm.sampler import SamplerConfig, SpecialIds
-    from train_host.bd3_generate import generate_blocks
+    from train_host.bd3_generate import generate_blocks_torch as generate_blocks
 
     special = SpecialIds(mask=MASK, eot=0, pad=1)
     prompt = [5, 6, 7, 8, 9, 10]  # one whole block and half of the next
