@@ -87,6 +87,7 @@ def _quiet_exporter():
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|onnxscript|copyreg)")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|onnxscript)")
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")  # the exporter's notes on its own axes
             yield
     finally:
         registration.setLevel(level)
