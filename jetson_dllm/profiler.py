@@ -188,20 +188,24 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     """Where a run's memory goes (bytes), for running and for building an engine: the one estimator of the
     project (`dllm profile`, the Orin Nano verdict and bench's memory check all use it).
 
-    `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process."""
+    `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process. A
+    block-diffusion model (cfg.block_size) runs b positions per call over a key/value cache of the whole canvas,
+    allocated once: the cache is part of the plan."""
     record = precision_record(precision)
     weights = cfg.weight_bytes(precision)
     act_bytes = record.activation_bytes
     B, T = batch, canvas
+    Q = cfg.block_size or T  # positions per network call
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
-    activations = 2 * B * T * widest * act_bytes + B * cfg.n_head * T * T * act_bytes
-    io = B * T * (4 + 8 * k)
+    activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cfg.block_size else 0)) * act_bytes
+    cache = 2 * cfg.n_layer * B * cfg.n_head * T * cfg.head_dim * 4 if cfg.block_size else 0  # keys and values, FP32
+    io = B * Q * (4 + 8 * k)
     runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
-    run = weights + activations + io + runtime
+    run = weights + activations + cache + io + runtime
     onnx_bytes = cfg.weight_bytes("fp32" if precision == "fp32" else "fp16")
     build = 3 * onnx_bytes + workspace + runtime
-    return {"weights": weights, "activations": activations, "io": io, "runtime": runtime,
+    return {"weights": weights, "activations": activations, "kv_cache": cache, "io": io, "runtime": runtime,
             "run_total": run, "build_total": build}
 
 

@@ -141,20 +141,23 @@ def bench_summary(results: list, repeats: int, seconds: float, paths: dict) -> s
 def profile_table(rows: list[dict], batch: int, canvas: int) -> Table:
     """`dllm profile`: where memory goes (MiB) and the Orin Nano 8GB verdict."""
     measured = any("host_rss_measured" in r for r in rows)
-    cols = ["config", "precision", "weights", "activations", "runtime", "run total", "fits?", "headroom", "build peak", "builds?"]
+    cached = any(r.get("kv_cache") for r in rows)  # block diffusion
+    cols = ["config", "precision", "weights", "activations", *(["kv cache"] if cached else []), "runtime", "run total", "fits?",
+            "headroom", "build peak", "builds?"]
     if measured:
-        cols.insert(6, "host RSS here (onnx)")
+        cols.insert(7 if cached else 6, "host RSS here (onnx)")
     usable = (ORIN_NANO_VISIBLE - ORIN_NANO_SYSTEM) >> 20
     table = _table(f"memory for batch {batch} x canvas {canvas} (MiB) and the Orin Nano 8GB verdict "
                    f"(usable ~{usable:,} MiB: {ORIN_NANO_VISIBLE >> 20} visible - {ORIN_NANO_SYSTEM >> 20} for a headless JetPack 6)",
                    cols, left=("config", "precision"))
     mib = lambda v: f"{v / 2**20:,.0f}"  # noqa: E731
     for r in rows:
-        cells = [r["config"], r["precision"], mib(r["weights"]), mib(r["activations"]), mib(r["runtime"]), mib(r["run_total"]),
+        cells = [r["config"], r["precision"], mib(r["weights"]), mib(r["activations"]), *([mib(r["kv_cache"])] if cached else []),
+                 mib(r["runtime"]), mib(r["run_total"]),
                  "[green]yes[/]" if r["fits"] else "[red]no[/]", mib(r["headroom"]), mib(r["build_total"]),
                  "[green]yes[/]" if r["builds"] else "[red]no: add swap[/]"]
         if measured:
-            cells.insert(6, mib(r["host_rss_measured"]))
+            cells.insert(7 if cached else 6, mib(r["host_rss_measured"]))
         table.add_row(*cells)
     return table
 

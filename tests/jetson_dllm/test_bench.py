@@ -218,3 +218,10 @@ def test_profile_command(capsys, bundle_dir):
     assert main(["profile", str(bundle_dir), "--canvas", "32", "--measure"]) == 0
     assert "host RSS here" in capsys.readouterr().out
     assert main(["profile", str(bundle_dir), "--canvas", "4096"]) == 1
+
+
+def test_the_plan_of_a_block_diffusion_model_counts_its_cache():
+    mdlm = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256), "fp32", 1, 256)
+    bd3 = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, block_size=16), "fp32", 1, 256)
+    assert mdlm["kv_cache"] == 0 and bd3["kv_cache"] == 2 * 6 * 1 * 6 * 256 * 64 * 4  # keys and values, every layer, FP32
+    assert bd3["activations"] < mdlm["activations"] / 4  # 16 positions per call, not 256
