@@ -55,10 +55,10 @@ def eval_table(metrics: dict) -> Table:
 def parity_table(manifest: dict) -> Table:
     """The export's parity with PyTorch, per precision and mask ratio (for block diffusion: its block graphs)."""
     if "parity" not in manifest and "block_parity" in manifest:
-        bp = manifest["block_parity"]
         table = _table("block graphs against PyTorch's cache (a canvas of random blocks, half masked)",
                        ("graphs", "blocks", "max |log-prob diff| (top-K)", "top-1 agreement"))
-        table.add_row("block step + commit (fp32)", str(bp["blocks"]), f"{bp['max_abs_logprob_diff']:.2e}", f"{bp['top1_agreement']:.4f}")
+        for precision, bp in manifest["block_parity"].items():
+            table.add_row(f"block step + commit ({precision})", str(bp["blocks"]), f"{bp['max_abs_logprob_diff']:.2e}", f"{bp['top1_agreement']:.4f}")
         return table
     parity = manifest["parity"]
     table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",

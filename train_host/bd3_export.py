@@ -96,7 +96,22 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     return paths
 
 
-def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say):
+def fp16_block_graphs(folder: Path) -> dict[str, str]:
+    """FP16 copies of the two graphs, with the same FP32 islands as the canvas graph's; inputs and outputs stay FP32."""
+    import onnx
+
+    from train_host.export import check_graph, convert_fp16
+
+    entry = {}
+    for key, name in (("file", "block_step"), ("commit", "commit")):
+        fp16 = convert_fp16(onnx.load(str(folder / f"{name}.fp32.onnx")))
+        check_graph(fp16, f"{name}.fp16.onnx")
+        onnx.save(fp16, str(folder / f"{name}.fp16.onnx"))
+        entry[key] = f"{name}.fp16.onnx"
+    return entry
+
+
+def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",)):
     """A bundle of a block-diffusion model: FP32 block-step and commit graphs, the tokenizer, a manifest, and a
     parity report of the graphs against the torch cache (refused, writing nothing, if they disagree)."""
     import time as clock
@@ -113,10 +128,14 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
         paths["block_step"].rename(tmp / "block_step.fp32.onnx")
         paths["commit"].rename(tmp / "commit.fp32.onnx")
         tokenizer.save(tmp / "tokenizer.json")
+        entries = {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx"}}
+        if "fp16" in precisions:
+            say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
+            entries["fp16"] = fp16_block_graphs(tmp)
         say("checking the graphs against PyTorch")
-        parity = block_parity(model, tmp / "block_step.fp32.onnx", tmp / "commit.fp32.onnx", topk)
-        if not (parity["max_abs_logprob_diff"] <= 1e-3 and parity["top1_agreement"] >= 0.999):
-            raise DllmError(f"the block graphs disagree with PyTorch ({parity}); nothing was written")
+        parity = {p: block_parity(model, tmp / e["file"], tmp / e["commit"], topk) for p, e in entries.items()}
+        if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
+            raise DllmError(f"the FP32 block graphs disagree with PyTorch ({parity['fp32']}); nothing was written")
         return {
             "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": clock.strftime("%Y-%m-%dT%H:%M:%S"),
             "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
@@ -124,7 +143,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
                        "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
             "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
             "canvas_lengths": [cfg.canvas_len], "opset": OPSET,
-            "precisions": {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx"}}, "fp32_nodes": [],
+            "precisions": entries, "fp32_nodes": [],
             "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
             "block_parity": parity,
         }

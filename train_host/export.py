@@ -123,7 +123,7 @@ def fp32_nodes(proto) -> list[str]:
             keep.append(node.name)
         elif module.endswith("model.Block") and node.op_type == "Add":  # x + attn(...), x + mlp(...)
             keep.append(node.name)
-        elif module.endswith("export.ExportedDenoiser"):  # top-K, logsumexp, the log-probabilities
+        elif module.endswith(("export.ExportedDenoiser", "bd3_export.BlockStep", "bd3_export.Commit")):  # the head; BD3's cache plumbing
             keep.append(node.name)
     return keep
 
@@ -229,7 +229,7 @@ def export_bundle(
             raise DllmError("a block-diffusion model exports FP32 block graphs only so far (no INT8 yet); drop --int8")
         from train_host.bd3_export import export_bd3_bundle
 
-        return export_bd3_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say)
+        return export_bd3_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say, precisions)
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
     if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):

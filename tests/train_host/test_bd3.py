@@ -133,13 +133,17 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
         export_bundle(tmp_path / "bd3", tmp_path / "bundle", precisions=("fp32", "fp16", "int8"))
     assert not (tmp_path / "bundle").exists()
     bundle = export_bundle(tmp_path / "bd3", tmp_path / "bundle")  # the block-step and commit graphs, checked
-    assert bundle.precisions == ["fp32"] and bundle.manifest["block_parity"]["top1_agreement"] >= 0.999
+    assert bundle.precisions == ["fp32", "fp16"] and bundle.manifest["block_parity"]["fp32"]["top1_agreement"] >= 0.999
+    assert bundle.manifest["block_parity"]["fp16"]["max_abs_logprob_diff"] < 0.1  # the FP16 graphs, with their FP32 islands
     greedy = SamplerConfig(steps=4, temperature=0.0)
     with open_model(tmp_path / "bd3") as torch_runner, open_model(tmp_path / "bundle") as onnx_runner:
         on_torch = complete(torch_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
         on_onnx = complete(onnx_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
     assert onnx_runner.name.endswith("-bd3") and (on_onnx.tokens == on_torch.tokens).all()  # the same text, block by block
     assert on_onnx.commits == on_torch.commits and on_onnx.evaluations == on_torch.evaluations
+    with open_model(tmp_path / "bundle", precision="fp16") as fp16:
+        half = complete(fp16, "Once upon a time", length=40, num_samples=2, sampler=greedy)
+    assert (half.tokens != on_torch.tokens).mean() < 0.25  # FP16 mostly agrees, greedily
 
 
 @pytest.fixture(scope="module")
