@@ -59,7 +59,7 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _, restore = _terminate_as_exception()
+    restore = _terminate_as_exception()
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -85,15 +85,15 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
 
 def _terminate_as_exception():
     """While a folder is being written, SIGTERM raises SystemExit(143) so the cleanup runs (as Ctrl-C does);
-    returns (None, a function that puts the old handler back). Only the main thread can install handlers."""
+    returns the function that puts the old handler back. Only the main thread can install handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return None, lambda: None
+        return lambda: None
 
     def handle(signum, frame):
         raise SystemExit(128 + signum)
 
     old = signal.signal(signal.SIGTERM, handle)
-    return None, lambda: signal.signal(signal.SIGTERM, old)
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager

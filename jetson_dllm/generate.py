@@ -13,7 +13,7 @@ import numpy as np
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import PLACEHOLDER, Canvas, build_canvas
-from jetson_dllm.runners import SAMPLING_OUTPUTS, Runner, open_runner, sampling_fn
+from jetson_dllm.runners import SAMPLING_OUTPUTS, Runner, is_bundle, open_runner, sampling_fn
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -71,7 +71,7 @@ class ArGeneration:
 def open_model(path: str | Path, backend: str = "auto", precision: str = "fp32", device: str = "cpu", providers: str = "",
                threads: int = 0) -> Runner:
     """The runner for a checkpoint (torch) or a bundle (onnx, trt); `auto` picks torch or onnx by what `path` holds."""
-    kind = backend if backend != "auto" else ("onnx" if (Path(path) / "manifest.json").is_file() else "torch")
+    kind = backend if backend != "auto" else ("onnx" if is_bundle(path) else "torch")
     options: dict = {}
     if kind == "torch":
         options = {"device": device, "threads": threads}

@@ -65,6 +65,7 @@ class _Run:
     t_start: float = field(default_factory=time.perf_counter)
     last_saved: int = 0
     last_metrics: dict = field(default_factory=dict)
+    unigram_nll: float = 0.0  # the word-frequency baseline of the validation text (computed once)
     eval_seconds: float | None = None  # how long the last evaluation took
     step_seconds: float = 0.0  # a running mean of a training step's time
     window: list = field(default_factory=lambda: [time.perf_counter(), 0, 0.0])  # start, steps, loss sum
@@ -162,6 +163,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     elif tc.init:
         _initialise(r, tc.init)
     r.last_saved = r.step
+    r.unigram_nll = unigram_nll(train_ds, val_ds) if d.main else 0.0
     if d.main:
         r.metrics_log = MetricsLog(run, r.step if resume_from else None)
         (run / "train_config.json").write_text(json.dumps({"format": RUN_FORMAT, "train": asdict(tc), "model": cfg.to_dict(), "data": manifest}, indent=2))
@@ -281,7 +283,7 @@ def run_eval(r: _Run) -> dict:
     t0 = time.perf_counter()
     try:
         # with the word-frequency baseline beside it, so a checkpoint says whether it learned more than that
-        return {**_run_eval(r), "unigram_nll": unigram_nll(r.train_ds, r.val_ds)}
+        return {**_run_eval(r), "unigram_nll": r.unigram_nll}
     finally:
         r.eval_seconds = time.perf_counter() - t0
 

@@ -85,7 +85,7 @@ def is_bundle(path: str | Path) -> bool:
 
 def open_runner(kind: str, path: str | Path, precision: str = "fp32", **options) -> Runner:
     """The runner `kind` over a checkpoint (torch) or a bundle (onnx, trt); `auto` picks by what `path` is."""
-    if kind == "auto":
+    if kind == "auto":  # what `generate.open_model` also decides, with the options each runner takes
         kind = "onnx" if is_bundle(path) else "torch"
     if kind not in RUNNERS:
         raise DllmError(f"unknown backend {kind!r}; choose one of: auto, {', '.join(RUNNERS)}")

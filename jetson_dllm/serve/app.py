@@ -150,8 +150,8 @@ class Server:
         for r in range(result.tokens.shape[0]):
             text, ended = generated(result.tokens[r], entry["fixed"][r], self.tok, True, entry["max_tokens"])
             text, stopped = cut_at_stop(text, entry["stop"])
-            rows.append({"text": text, "finish_reason": "stop" if ended or stopped else "length"})
-        self.metrics.tokens.inc(sum(len(self.tok.encode(c["text"])) for c in rows) if rows else 0)
+            rows.append({"text": text, "finish_reason": "stop" if ended or stopped else "length", "tokens": len(self.tok.encode(text))})
+        self.metrics.tokens.inc(sum(c["tokens"] for c in rows))
         return rows
 
     async def collect(self, request: Request, entries, events) -> dict:
@@ -170,7 +170,7 @@ class Server:
         n = entries[0]["job"].rows
         flat = [(i * n + r, c) for i in range(len(entries)) for r, c in enumerate(choices[i])]
         prompt_tokens = sum(int(e["fixed"][0].sum()) for e in entries)
-        completion_tokens = sum(len(self.tok.encode(c["text"])) for _, c in flat)
+        completion_tokens = sum(c["tokens"] for _, c in flat)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
         if chat:
             body = {"id": ident, "object": "chat.completion", "created": created, "model": self.model_name, "usage": usage,
