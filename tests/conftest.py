@@ -34,6 +34,26 @@ def train_small(data: Path, out: Path, steps: int = 20, **overrides) -> dict:
     return train(tc, console=Console(stderr=True, quiet=True))
 
 
+def weights(run, which="latest"):
+    """A run's checkpoint weights (the run's own, EMA when it keeps one)."""
+    from safetensors.torch import load_file
+
+    from train_host import checkpoint as ck
+
+    return load_file(str(ck.resolve_checkpoint(run, which) / "model.safetensors"))
+
+
+def assert_same(a, b, exact=True):
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("data") / "data")

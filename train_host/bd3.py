@@ -7,8 +7,8 @@ side (2L tokens, both copies at the same rotary positions) under one boolean att
     clean block b   ->  the clean copies of blocks 0..b   (block-causal)
 
 One noise level per block (antithetic over the batch and the blocks), drawn from [t_min, t_max] (BD3-LM's
-clipped schedule, which cuts the variance of the gradient; the paper searches the clipping per block size, here
-it is a setting), and MDLM's weighted cross-entropy on the masked positions of the noised copy. The mask logit is
+clipped schedule, which cuts the variance of the gradient; `clip_search` picks it from the data as BD3-LM's
+reference code does, or --t-min/--t-max fix it), and MDLM's weighted cross-entropy on the masked positions of the noised copy. The mask logit is
 excluded as everywhere. Block size = L is exactly MDLM's objective (no clean copy is visible); block size 1 is
 autoregression: the model predicts token i from the clean tokens before it, reading a mask token at i.
 """
@@ -75,9 +75,11 @@ def bd3_loss(
     logits = model(tokens, select, attn_mask=block_attention_mask(L, block, x.device), rope_positions=rope)
     targets = x[masked]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    loss = (loss_weight(t_pos[masked], schedule) * ce).sum() / x.numel()
+    weighted = loss_weight(t_pos[masked], schedule) * ce
+    loss = weighted.sum() / x.numel()
     hit = (logits.argmax(-1) == targets).detach()
-    stats = {"masked": masked.sum().detach(), "ce_sum": ce.sum().detach(), "correct": hit.sum(), "hit": hit, "masked_at": masked}
+    stats = {"masked": masked.sum().detach(), "ce_sum": ce.sum().detach(), "correct": hit.sum(), "hit": hit, "masked_at": masked,
+             "weighted": weighted.detach()}
     return loss, stats
 
 
@@ -112,10 +114,56 @@ def bd3_nll_bound(
     return {"nll": float(total), "tokens": int(text.sum()), "masked": masked_n, "correct": correct}
 
 
-def noise_range(tc) -> tuple[float, float]:
-    """(t_min, t_max) of a training config: its own when set, else the whole (0, 1].
+# BD3-LM's search grid (kuleshov-group/bd3lms, `algo.clip_search_widths` [0.5 ... 0.9]); the reference steps the
+# window's start by 0.05, here by 0.1 (21 ranges instead of 36: the search runs on a CPU inside the time budget).
+CLIP_WIDTHS = (0.5, 0.6, 0.7, 0.8, 0.9)
+CLIP_STRIDE = 0.1
 
-    BD3-LM clips t to a narrower range to cut the gradient's variance; its reference code (kuleshov-group/bd3lms)
-    searches the range during training over widths 0.5 ... 0.9 (`algo.clip_search_widths`). That search, and
-    per-block-size defaults from the paper, are not here yet: set --t-min / --t-max to clip."""
+
+def clip_candidates() -> list[tuple[float, float]]:
+    """The unclipped range and every window of the search grid inside (0, 1]."""
+    out = [(T_EPS, 1.0)]
+    for width in CLIP_WIDTHS:
+        for k in range(int(round((1.0 - width) / CLIP_STRIDE)) + 1):
+            low = round(k * CLIP_STRIDE, 6)
+            out.append((max(low, T_EPS), round(low + width, 6)))
+    return out
+
+
+@torch.no_grad()
+def clip_search(model: torch.nn.Module, batches: list[torch.Tensor], mask_id: int, block: int, schedule: str = "loglinear",
+                seed: int = 0) -> tuple[tuple[float, float], dict[tuple[float, float], float]]:
+    """The noise range whose loss varies least, as BD3-LM's `_clipped_schedule_search` picks it: for each candidate,
+    the variance over a batch's blocks of each block's mean weighted loss, summed over the batches; the lowest wins.
+    Every candidate sees the same uniform draws and masking noise (common random numbers), so the ranges compare
+    on the schedule, not on the luck of the draw. Returns the winner and the whole table."""
+    was_training = model.training
+    model.eval()
+    table = {}
+    try:
+        for low, high in clip_candidates():
+            total = 0.0
+            for i, x in enumerate(batches):
+                g = torch.Generator().manual_seed(seed * 7919 + i)
+                B, L = x.shape
+                t = block_times(B, L // block, low, high, g)
+                noise = torch.rand(x.shape, generator=g)
+                _, st = bd3_loss(model, x, mask_id, block, schedule, t=t, noise=noise)
+                per_pos = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                per_pos[st["masked_at"]] = st["weighted"].float()
+                total += float(per_pos.view(B, L // block, block).mean(-1).var())
+            table[(low, high)] = total
+    finally:
+        model.train(was_training)
+    return min(table, key=table.get), table
+
+
+def noise_range(tc) -> tuple[float, float]:
+    """(t_min, t_max) of a training config: its own when set, else the whole (0, 1] (which `clip_search` then
+    narrows during training unless --t-min/--t-max are given; `searches_clip` says which)."""
     return (tc.t_min or T_EPS, tc.t_max or 1.0)
+
+
+def searches_clip(tc) -> bool:
+    """A BD3 run with blocks smaller than the canvas and no --t-min/--t-max searches its range at each evaluation."""
+    return tc.objective == "bd3" and tc.block_size < tc.canvas_len and not (tc.t_min or tc.t_max)

@@ -28,7 +28,7 @@ from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
 from train_host.autoregressive import ar_loss
-from train_host.bd3 import bd3_loss, noise_range
+from train_host.bd3 import bd3_loss, clip_search, noise_range, searches_clip
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
@@ -69,6 +69,7 @@ class _Run:
     eval_seconds: float | None = None  # how long the last evaluation took
     step_seconds: float = 0.0  # a running mean of a training step's time
     window: list = field(default_factory=lambda: [time.perf_counter(), 0, 0.0])  # start, steps, loss sum
+    t_range: tuple = (0.0, 1.0)  # bd3: the noise range training draws from (searched at each evaluation)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -163,6 +164,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     elif tc.init:
         _initialise(r, tc.init)
     r.last_saved = r.step
+    if resume_from is None:
+        r.t_range = noise_range(tc)
     r.unigram_nll = unigram_nll(train_ds, val_ds) if d.main else 0.0
     if d.main:
         r.metrics_log = MetricsLog(run, r.step if resume_from else None)
@@ -195,6 +198,7 @@ def _restore(r: _Run, resume_from: Path) -> None:
     r.opt.load_state_dict(meta["optimizer_state"])
     torch.set_rng_state(tensors["rng.torch"])
     r.step, r.samples_seen, r.elapsed_before = meta["step"], meta["samples_seen"], meta["elapsed"]
+    r.t_range = tuple(meta.get("t_range") or noise_range(r.tc))
     if r.d.main:
         r.console.print(f"resuming {r.run} from step {r.step} ({r.samples_seen:,} canvases seen)")
 
@@ -234,8 +238,7 @@ def train_step(r: _Run) -> tuple[torch.Tensor, float]:
             if cfg.causal:
                 loss, st = ar_loss(r.fwd, x, r.tokenizer.eot_id, r.tokenizer.pad_id)
             elif cfg.block_size:
-                low, high = noise_range(tc)
-                loss, st = bd3_loss(r.fwd, x, cfg.mask_id, cfg.block_size, tc.schedule, low, high, g)
+                loss, st = bd3_loss(r.fwd, x, cfg.mask_id, cfg.block_size, tc.schedule, *r.t_range, g)
             else:
                 loss, st = diffusion.mdlm_loss(r.fwd, x, t_all[rows], cfg.mask_id, tc.schedule, noise=noise_all[rows])
             (loss / tc.grad_accum).backward()
@@ -283,7 +286,8 @@ def run_eval(r: _Run) -> dict:
     t0 = time.perf_counter()
     try:
         # with the word-frequency baseline beside it, so a checkpoint says whether it learned more than that
-        return {**_run_eval(r), "unigram_nll": r.unigram_nll}
+        clip = {"t_min": r.t_range[0], "t_max": r.t_range[1]} if r.cfg.block_size else {}  # the range training drew from
+        return {**_run_eval(r), "unigram_nll": r.unigram_nll, **clip}
     finally:
         r.eval_seconds = time.perf_counter() - t0
 
@@ -297,7 +301,7 @@ def save(r: _Run, metrics: dict) -> Path:
     trainer_tensors = _rng_tensors()
     if r.ema is not None:
         trainer_tensors.update({f"raw.{k}": v for k, v in ckpt_io.state_dict_for_save(r.core).items()})
-    meta = {"step": r.step, "samples_seen": r.samples_seen, "elapsed": r.elapsed(), "train": asdict(r.tc)}
+    meta = {"step": r.step, "samples_seen": r.samples_seen, "elapsed": r.elapsed(), "train": asdict(r.tc), "t_range": list(r.t_range)}
     path = ckpt_io.save_checkpoint(
         r.run, r.step, r.core, r.cfg, r.tokenizer, metrics,
         trainer_tensors=trainer_tensors, trainer_meta=meta, optimizer=r.opt,
@@ -307,14 +311,32 @@ def save(r: _Run, metrics: dict) -> Path:
     return path
 
 
+def search_noise_range(r: _Run) -> None:
+    """BD3: narrow the training noise range to the one whose loss varies least on validation canvases (rank 0
+    searches, every rank follows)."""
+    if r.d.main:
+        n = min(len(r.val_ds), 4 * min(r.tc.batch_size, 16))
+        size = min(r.tc.batch_size, 16)
+        batches = [torch.from_numpy(r.val_ds.batch(list(range(i, min(i + size, n))))).to(r.device) for i in range(0, n, size)]
+        (low, high), _ = clip_search(r.ema if r.ema is not None else r.core, batches, r.cfg.mask_id, r.cfg.block_size, r.tc.schedule, r.step)
+        r.t_range = (low, high)
+    if r.d.world > 1:
+        shared = torch.tensor(r.t_range, dtype=torch.float64, device=r.device)
+        dist.broadcast(shared, 0)
+        r.t_range = tuple(float(v) for v in shared)
+
+
 def evaluate_and_save(r: _Run) -> None:
+    if searches_clip(r.tc):
+        search_noise_range(r)
     if r.d.main:
         r.last_metrics = run_eval(r)
         r.metrics_log.write({"step": r.step, **r.last_metrics})
         path = save(r, r.last_metrics)
         what = ("val NLL", "next-token acc") if r.cfg.causal else ("val NLL bound", "masked acc")
+        clip = f", noise range [{r.t_range[0]:.3g}, {r.t_range[1]:.3g}]" if r.cfg.block_size else ""
         r.console.print(f"step {r.step}: {what[0]} {r.last_metrics['val_nll']:.3f} nats/token, "
-                        f"{what[1]} {r.last_metrics['val_acc']:.3f}  [dim]saved {path.name}[/]")
+                        f"{what[1]} {r.last_metrics['val_acc']:.3f}{clip}  [dim]saved {path.name}[/]")
         r.last_saved = r.step
     if r.d.world > 1:
         dist.barrier()

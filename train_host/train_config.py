@@ -25,7 +25,7 @@ class TrainConfig:
     config: str = "tiny"
     objective: str = "mdlm"  # mdlm | ar (the autoregressive baseline: causal mask, next-token loss) | bd3 (block diffusion)
     block_size: int = 16  # bd3: tokens per block
-    t_min: float = 0.0  # bd3: the clipped noise range of training; 0 and 0 = the default for the block size
+    t_min: float = 0.0  # bd3: a fixed clipped noise range; 0 and 0 = searched at each evaluation
     t_max: float = 0.0
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
     d_model: int = 0  # 0: from the named config; set to try custom sizes

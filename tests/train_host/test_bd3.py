@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from train_host.bd3 import bd3_loss, block_attention_mask, block_times
+from train_host.bd3 import bd3_loss, block_attention_mask, block_times, clip_candidates, clip_search
 from train_host.diffusion import alpha, loss_weight, mdlm_loss
 from train_host.model import Denoiser
 
@@ -99,6 +99,34 @@ def test_block_times_are_antithetic_and_clipped():
 def test_a_block_that_does_not_divide_the_canvas_is_refused(model, x, block):
     with pytest.raises(DllmError, match="must divide the canvas"):
         bd3_loss(model, x, MASK, block)
+
+
+def test_the_clip_search_grid_is_the_reference_codes():
+    ranges = clip_candidates()
+    assert ranges[0] == (1e-3, 1.0) and len(ranges) == 21 and len(set(ranges)) == 21
+    widths = {round(hi - max(lo, 0.0) if lo > 1e-3 else hi, 6) for lo, hi in ranges[1:]}
+    assert widths == {0.5, 0.6, 0.7, 0.8, 0.9} and all(0 < lo < hi <= 1.0 for lo, hi in ranges)
+
+
+def test_the_clip_search_picks_the_range_whose_loss_varies_least(model, x):
+    """An untrained model's cross-entropy is about the same everywhere, so the weight 1/t sets the variance: the
+    unclipped range (weights up to 1000) loses to the window furthest from t = 0."""
+    batches = [x, x.flip(0)]
+    best, table = clip_search(model, batches, MASK, block=4)
+    again, _ = clip_search(model, batches, MASK, block=4)
+    assert best == again == min(table, key=table.get)  # the same draws for every range, and for every call
+    assert best == (0.5, 1.0) and table[best] < table[(1e-3, 1.0)] / 3
+
+
+def test_a_bd3_run_searches_its_noise_range_and_resumes_on_it(data_dir, tmp_path):
+    from conftest import assert_same, train_small, weights
+
+    straight = train_small(data_dir, tmp_path / "straight", steps=8, eval_every=4, objective="bd3", block_size=8)
+    assert (straight["t_min"], straight["t_max"]) in clip_candidates() and straight["t_min"] > 1e-3  # narrowed at step 4
+    first = train_small(data_dir, tmp_path / "split", steps=8, eval_every=4, objective="bd3", block_size=8, pause_after=4)
+    assert first["stop"] == "paused"
+    train_small(data_dir, tmp_path / "split", steps=8, eval_every=4, objective="bd3", block_size=8, resume=True)
+    assert_same(weights(tmp_path / "straight"), weights(tmp_path / "split"))  # steps 5-8 drew from the saved range
 
 
 def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_run, tmp_path):

@@ -7,25 +7,12 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL, train_small
+from conftest import SMALL, assert_same, train_small, weights
 from safetensors.torch import load_file
 
 from jetson_dllm.errors import DllmError
 from train_host import checkpoint as ck
 from train_host import diffusion
-
-
-def weights(run, which="latest"):
-    return load_file(str(ck.resolve_checkpoint(run, which) / "model.safetensors"))
-
-
-def assert_same(a, b, exact=True):
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
 
 
 def test_run_writes_checkpoints_metrics_and_curves(trained_run):
