@@ -26,7 +26,7 @@ import numpy as np
 from jetson_dllm.bench_report import check_writable, environment, write_outputs
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.generate import generate
+from jetson_dllm.generate import complete, generate
 from jetson_dllm.precisions import PRECISIONS, RUNNERS, for_runner, parse_precisions
 from jetson_dllm.profiler import PeakRSS, PowerMonitor, memory_plan, read_meminfo, unified_memory
 from jetson_dllm.runners import open_runner, sampling_fn
@@ -81,6 +81,9 @@ class Result:
     gen_ppl: float | None = None  # --quality: generative perplexity under the judge
     repetition: float | None = None  # --quality
     distinct2: float | None = None  # --quality
+    block_size: int = 0  # a block-diffusion model: its block; `steps` is then steps per block, `canvas` tokens generated
+    cache_passes: float = 0.0  # block diffusion: commits of finished blocks to the KV cache, per generation
+    commit_ms_median: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -160,6 +163,8 @@ def measure_group(group: Group) -> list[Result]:
 
 def measure_point(runner, group: Group, p: dict) -> Result:
     """One (batch, canvas, steps, strategy) point: warm-up, then `repeats` timed generations."""
+    if runner.cfg.block_size:
+        return measure_blocks_point(runner, group, p)
     tok = runner.tokenizer
     name = Path(group.model).name if group.model not in SIZES else group.model
     if p["canvas"] not in runner.canvas_lengths:
@@ -179,6 +184,10 @@ def measure_point(runner, group: Group, p: dict) -> Result:
             totals.append(r.total_s)
             sampler_s.append(r.sampler_s)
             evals.append(r.evaluations)
+    return _result(runner, group, p, name, step_ms, totals, sampler_s, evals, rss, power)
+
+
+def _result(runner, group: Group, p: dict, name: str, step_ms, totals, sampler_s, evals, rss, power, **more) -> Result:
     gen = float(np.median(totals))
     generated = p["batch"] * p["canvas"]
     mem, unified = runner.memory(), unified_memory()
@@ -192,7 +201,7 @@ def measure_point(runner, group: Group, p: dict) -> Result:
         device_mb=mem["device_used"] / 2**20 if "device_used" in mem else None,
         memory_available_mb=unified.get("available", 0) / 2**20 or None,
         gpu_nvmap_mb=unified["gpu_nvmap"] / 2**20 if "gpu_nvmap" in unified else None,
-        repeats=group.repeats,
+        repeats=group.repeats, **more,
     )
     if power.mean_mw is not None:
         result.power_mw = power.mean_mw
@@ -203,11 +212,37 @@ def measure_point(runner, group: Group, p: dict) -> Result:
     return result
 
 
+def measure_blocks_point(runner, group: Group, p: dict) -> Result:
+    """A block-diffusion point: `canvas` tokens generated block by block from an empty prompt, `steps` per block,
+    ends banned (so every generation runs the same blocks); per-step latency, cache passes, tokens per second."""
+    name = Path(group.model).name
+    if p["canvas"] > runner.cfg.canvas_len:
+        raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {p['canvas']}")
+    cfg = SamplerConfig(steps=p["steps"], strategy=p["strategy"], seed=0, allow_end=False)
+    for _ in range(group.warmup):
+        runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
+    step_ms, commit_ms, totals, sampler_s, evals, commits = [], [], [], [], [], []
+    with PeakRSS() as rss, PowerMonitor() as power:
+        for _ in range(group.repeats):
+            r = runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
+            step_ms += r.step_ms
+            commit_ms += r.commit_ms
+            totals.append(r.seconds)
+            sampler_s.append(r.sampler_s)
+            evals.append(r.evaluations)
+            commits.append(r.commits)
+    return _result(runner, group, p, name, step_ms, totals, sampler_s, evals, rss, power, block_size=runner.cfg.block_size,
+                   cache_passes=float(np.mean(commits)), commit_ms_median=float(np.median(commit_ms)) if commit_ms else None)
+
+
 def quality_samples(result: Result, runner, point: dict, group: Group) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed); repetition and distinct-2
     here, the texts kept for the judge (who runs in the parent process, after every group)."""
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
-    texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts
+    if runner.cfg.block_size:  # block by block, as many tokens as the point generates
+        texts = complete(runner, QUALITY_PROMPT, length=point["canvas"], num_samples=group.quality_samples, sampler=cfg).texts
+    else:
+        texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts
     result.repetition = float(np.mean([repetition(t) for t in texts])) if texts else 0.0
     result.distinct2 = distinct(texts, 2)
     result.extra["samples"] = texts

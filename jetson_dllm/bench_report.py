@@ -101,12 +101,15 @@ COLUMNS = ["model", "backend", "precision", "batch", "canvas", "steps", "strateg
            "step_ms_p90", "generation_ms", "generation_ms_spread", "tokens_per_s", "sampler_share", "peak_rss_mb",
            "weights_mb", "device_mb", "memory_available_mb", "gpu_nvmap_mb", "power_mw", "energy_mj_per_token", "repeats"]
 QUALITY_COLUMNS = ["gen_ppl", "repetition", "distinct2"]
+BLOCK_COLUMNS = ["block_size", "cache_passes", "commit_ms_median"]
 
 
 def columns(results: list) -> list[str]:
-    """The table's columns; the quality ones only when the sweep measured quality (--quality)."""
+    """The table's columns; the block-diffusion ones only when a BD3 model was measured, the quality ones only
+    when the sweep measured quality (--quality)."""
     has_quality = any(r.repetition is not None for r in results)
-    return COLUMNS + (QUALITY_COLUMNS if has_quality else [])
+    has_blocks = any(r.block_size for r in results)
+    return COLUMNS + (BLOCK_COLUMNS if has_blocks else []) + (QUALITY_COLUMNS if has_quality else [])
 
 
 def write_outputs(results: list, env: dict, out_dir: Path) -> dict[str, Path]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
+from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample
+
+OnStep = Callable[[np.ndarray, Step], None]
 
 
 @dataclass
@@ -25,17 +27,51 @@ class BlockResult:
     evaluations: int  # denoising network calls
     commits: int  # cache passes (one per committed block)
     seconds: float
+    step_ms: list[float] = field(default_factory=list)  # each network evaluation's time
+    commit_ms: list[float] = field(default_factory=list)  # each cache pass's time
+    sampler_s: float = 0.0  # the sampler's own time, all blocks
+
+
+class _Timed:
+    """A commit callable that keeps each call's time."""
+
+    def __init__(self, commit: Callable[[np.ndarray, int], None]):
+        self.commit, self.ms = commit, []
+
+    def __call__(self, tokens: np.ndarray, valid: int) -> None:
+        t0 = time.perf_counter()
+        self.commit(tokens, valid)
+        self.ms.append((time.perf_counter() - t0) * 1e3)
+
+
+def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int) -> OnStep | None:
+    """The sampler's per-step callback for one block, shown on the whole text so far (the stream grows block by
+    block: earlier blocks final, this one denoising, later ones not there yet)."""
+    if on_step is None:
+        return None
+
+    def relay(canvas: np.ndarray, step: Step) -> None:
+        view = out[:, :e].copy()
+        view[:, s:e] = canvas[:, : e - s]
+        committed = np.zeros(view.shape, dtype=bool)
+        committed[:, s:e] = step.committed[:, : e - s]
+        on_step(view, replace(step, committed=committed))
+
+    return relay
 
 
 def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], commit: Callable[[np.ndarray, int], None],
                     prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
-                    num_samples: int = 1) -> BlockResult:
+                    num_samples: int = 1, on_step: OnStep | None = None) -> BlockResult:
     """`step(tokens (B, b), valid_len)` returns the block's top-K (log-probabilities, ids) over the cache's first
-    `valid_len` positions; `commit(tokens, valid_len)` appends a final block's keys and values at `valid_len`."""
+    `valid_len` positions; `commit(tokens, valid_len)` appends a final block's keys and values at `valid_len`.
+    `on_step(text so far, Step)` sees every denoising step (the live view)."""
     total = min(len(prompt) + max_new, max_len)
     if len(prompt) >= total:
         raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {max_len}, leaving no room to generate")
     t0 = time.perf_counter()
+    commit = _Timed(commit)
+    step_ms, sampler_s = [], 0.0
     out = np.full((num_samples, total), special.pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
     first = len(prompt) // block
@@ -50,12 +86,15 @@ def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarr
         canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
         fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
         canvas[:, e - s :] = special.pad
-        result = sample(lambda z, valid=s: step(z, valid), canvas, fixed, special, replace(sampler, seed=sampler.seed + j))
+        result = sample(lambda z, valid=s: step(z, valid), canvas, fixed, special, replace(sampler, seed=sampler.seed + j),
+                        on_step=_relay(on_step, out, s, e))
         evaluations += result.evaluations
+        step_ms += [h.network_ms for h in result.history if h.evaluated]
+        sampler_s += result.sampler_s
         out[:, s:e] = result.tokens[:, : e - s]
         ended = ((result.tokens == special.eot) | (result.tokens == special.pad)) & ~fixed
         if ended.any(axis=1).all() or e == total:
             break
         commit(out[:, s:e], s)
         commits += 1
-    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0)
+    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit.ms, sampler_s)

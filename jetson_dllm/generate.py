@@ -113,7 +113,7 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
     sampler = sampler or SamplerConfig()
     sampler.validate()
     if runner.cfg.block_size:
-        return complete_blockwise(runner, prompt, length, num_samples, sampler)
+        return complete_blockwise(runner, prompt, length, num_samples, sampler, on_step)
     if not runner.cfg.causal:
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_autoregressive", "the autoregressive baseline",
@@ -146,11 +146,12 @@ class BlockGeneration:
                 f"{self.commits} cache passes, {self.seconds * 1e3:.0f} ms")
 
 
-def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: int, sampler: SamplerConfig) -> BlockGeneration:
-    """A block-diffusion model's generation: `sampler.steps` per block; ends at end-of-text or `length` tokens."""
+def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: int, sampler: SamplerConfig, on_step=None) -> BlockGeneration:
+    """A block-diffusion model's generation: `sampler.steps` per block; ends at end-of-text or `length` tokens;
+    `on_step` sees the text grow block by block."""
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_blockwise", "a block-diffusion model",
                                                 "its block-step graphs are not exported yet")
-    r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
+    r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step=on_step)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size,
                            "torch-bd3" if runner.name.startswith("torch") else runner.name)

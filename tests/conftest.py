@@ -97,3 +97,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "jetson" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bd3_run(data_dir, tmp_path_factory) -> Path:
+    """A small block-diffusion model (block 16 of the 64-token canvas), briefly trained on a fixed noise range."""
+    out = tmp_path_factory.mktemp("bd3") / "bd3"
+    train_small(data_dir, out, steps=6, eval_every=3, objective="bd3", block_size=16, t_min=0.3, t_max=0.8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bd3_bundle(bd3_run, tmp_path_factory) -> Path:
+    """The block-diffusion model exported: FP32 and FP16 block-step and commit graphs, checked against torch."""
+    from train_host.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bd3-bundle") / "bundle"
+    export_bundle(bd3_run, out)
+    return out
+

@@ -36,7 +36,7 @@ def block_step(model: Denoiser, cache: KVCache, block: torch.Tensor, k: int) -> 
 
 @torch.no_grad()
 def generate_blocks_torch(model: Denoiser, prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig,
-                          num_samples: int = 1, k: int = 64) -> BlockResult:
+                          num_samples: int = 1, k: int = 64, on_step=None) -> BlockResult:
     """`jetson_dllm.blocks.generate_blocks` over this model with a torch KV cache."""
     cfg = model.cfg
     if not cfg.block_size:
@@ -53,4 +53,4 @@ def generate_blocks_torch(model: Denoiser, prompt: list[int], max_new: int, spec
         cache.len = valid
         commit(model, cache, torch.from_numpy(tokens).long().to(device))
 
-    return generate_blocks(step, add, prompt, max_new, special, sampler, cfg.block_size, cfg.canvas_len, num_samples)
+    return generate_blocks(step, add, prompt, max_new, special, sampler, cfg.block_size, cfg.canvas_len, num_samples, on_step)

@@ -45,11 +45,12 @@ class BlockOnnxRunner(RunnerBase):
         b = tokens.shape[1]
         k[:, :, :, valid : valid + b], v[:, :, :, valid : valid + b] = k_new, v_new  # in place
 
-    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig) -> BlockResult:
+    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
+                           on_step=None) -> BlockResult:
         tok = self.tokenizer
         special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
         return generate_blocks(self.step, self.commit, prompt_ids, max_new, special, sampler, self.cfg.block_size,
-                               self.cfg.canvas_len, num_samples)
+                               self.cfg.canvas_len, num_samples, on_step)
 
     def run(self, feeds, outputs=("topk_logprobs", "topk_ids")):
         raise DllmError("a block-diffusion bundle runs block by block (generate_blockwise), not on a whole canvas")

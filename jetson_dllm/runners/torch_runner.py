@@ -65,14 +65,14 @@ class TorchRunner(RunnerBase):
         return ar_generate(self.model, prompt_ids, max_new, tok.eot_id, tok.eot_id, tok.pad_id, num_samples=num_samples,
                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
-    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler):
+    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler, on_step=None):
         """Block after block with an exact KV cache: only for a block-diffusion model (cfg.block_size)."""
         from jetson_dllm.sampler import SpecialIds
         from train_host.bd3_generate import generate_blocks_torch as generate_blocks
 
         tok = self.tokenizer
         special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-        return generate_blocks(self.model, prompt_ids, max_new, special, sampler, num_samples=num_samples, k=self.topk)
+        return generate_blocks(self.model, prompt_ids, max_new, special, sampler, num_samples=num_samples, k=self.topk, on_step=on_step)
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

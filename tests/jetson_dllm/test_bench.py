@@ -225,3 +225,21 @@ def test_the_plan_of_a_block_diffusion_model_counts_its_cache():
     bd3 = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, block_size=16), "fp32", 1, 256)
     assert mdlm["kv_cache"] == 0 and bd3["kv_cache"] == 2 * 6 * 1 * 6 * 256 * 64 * 4  # keys and values, every layer, FP32
     assert bd3["activations"] < mdlm["activations"] / 4  # 16 positions per call, not 256
+
+
+def test_bench_measures_a_block_diffusion_bundle(bd3_bundle, tmp_path):
+    """`canvas` tokens block by block (16 per block), `steps` per block: the counts follow from the schedule."""
+    results, _, paths = bench.run_sweep([str(bd3_bundle)], ["onnx"], ["fp32"], steps=[2, 8], canvases=[48], batches=[1],
+                                        strategies=["confidence"], repeats=2, warmup=0, out_dir=tmp_path / "b", isolate=False,
+                                        quality=True, quality_samples=2, judge=lambda texts: 42.0 + len(texts))
+    two, eight = results
+    assert two.block_size == eight.block_size == 16 and (two.steps, eight.steps) == (2, 8)
+    assert two.evaluations == 3 * 2 and eight.evaluations == 3 * 8  # three blocks of 16
+    assert two.cache_passes == eight.cache_passes == 2  # the last block is never committed
+    assert two.commit_ms_median > 0 and two.step_ms_median > 0 and two.tokens_per_s > 0
+    assert two.gen_ppl == 44.0 and two.repetition is not None and 0 <= two.distinct2 <= 1
+    rows = list(csv.DictReader(open(paths["csv"])))
+    assert rows[0]["block_size"] == "16" and float(rows[1]["cache_passes"]) == 2.0
+    with pytest.raises(DllmError, match="at most 64 tokens"):
+        bench.run_sweep([str(bd3_bundle)], ["onnx"], ["fp32"], steps=[2], canvases=[128], batches=[1], strategies=["confidence"],
+                        repeats=1, warmup=0, out_dir=tmp_path / "c", isolate=False)

@@ -211,3 +211,20 @@ def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
     assert result.tokens.shape == (2, 16) and (result.tokens[:, :6] == prompt).all()
     assert not (result.tokens == MASK).any() and result.new_tokens == 10
     assert result.evaluations <= 2 * 3 and result.commits == 1 + 2  # the prompt's block, then every full block but the last
+
+
+def test_the_live_view_sees_the_text_grow_block_by_block(bd3_run):
+    from jetson_dllm.generate import complete, open_model
+    from jetson_dllm.sampler import SamplerConfig
+
+    seen = []
+    with open_model(bd3_run) as runner:
+        n_prompt = len(runner.tokenizer.encode("Once upon a time"))
+        gen = complete(runner, "Once upon a time", length=40, sampler=SamplerConfig(steps=4, allow_end=False),
+                       on_step=lambda view, step: seen.append((view.copy(), step.committed.copy())))
+    widths = [v.shape[1] for v, _ in seen]
+    assert widths == sorted(widths) and widths[-1] == n_prompt + 40 and len(set(widths)) == -(-(n_prompt + 40) // 16)
+    for view, new in seen:  # each step commits only inside the block being denoised
+        block_start = (view.shape[1] - 1) // 16 * 16
+        assert not new[:, :block_start].any() and new.any()
+    assert (seen[-1][0] == gen.tokens).all() and gen.evaluations == len(seen)
