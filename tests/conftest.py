@@ -108,11 +108,13 @@ def bd3_run(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bd3_bundle(bd3_run, tmp_path_factory) -> Path:
-    """The block-diffusion model exported: FP32 and FP16 block-step and commit graphs, checked against torch."""
+def bd3_bundle(bd3_run, data_dir, tmp_path_factory) -> Path:
+    """The block-diffusion model exported: FP32, FP16 and INT8 block-step and commit graphs, checked against torch."""
+    from calibration.quantize import Int8Options
     from train_host.export import export_bundle
 
     out = tmp_path_factory.mktemp("bd3-bundle") / "bundle"
-    export_bundle(bd3_run, out)
+    export_bundle(bd3_run, out, precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir),
+                  int8=Int8Options(n_canvases=16, eval_canvases=16, budget=100.0))
     return out
 

@@ -111,9 +111,11 @@ def fp16_block_graphs(folder: Path) -> dict[str, str]:
     return entry
 
 
-def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",)):
-    """A bundle of a block-diffusion model: FP32 block-step and commit graphs, the tokenizer, a manifest, and a
-    parity report of the graphs against the torch cache (refused, writing nothing, if they disagree)."""
+def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",),
+                      calibration_canvases=None, int8=None):
+    """A bundle of a block-diffusion model: block-step and commit graphs (FP32, FP16, INT8 Q/DQ), the tokenizer, a
+    manifest, and a parity report of every precision against the torch cache (refused, writing nothing, if FP32
+    disagrees). INT8 calibrates on `calibration_canvases(n)` (calibration.blocks)."""
     import time as clock
 
     from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
@@ -132,6 +134,13 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
             entries["fp16"] = fp16_block_graphs(tmp)
+        calibration = None
+        if "int8" in precisions:
+            from calibration.blocks import quantize_block_graphs
+
+            canvases, source = calibration_canvases(int8.n_canvases + int8.eval_canvases)
+            calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
+            entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)"}
         say("checking the graphs against PyTorch")
         parity = {p: block_parity(model, tmp / e["file"], tmp / e["commit"], topk) for p, e in entries.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
@@ -146,6 +155,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
             "precisions": entries, "fp32_nodes": [],
             "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
             "block_parity": parity,
+            **({"calibration": calibration} if calibration else {}),
         }
 
     return write_bundle(out_dir, build, overwrite=overwrite)

@@ -224,14 +224,13 @@ def export_bundle(
     int8 = int8 or Int8Options()
     model, tokenizer, ckpt = load_model(checkpoint)
     cfg = model.cfg
-    if cfg.block_size:  # block diffusion: the block-step and commit graphs (FP32 so far)
-        if "int8" in precisions:
-            raise DllmError("a block-diffusion model exports FP32 block graphs only so far (no INT8 yet); drop --int8")
-        from train_host.bd3_export import export_bd3_bundle
-
-        return export_bd3_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say, precisions)
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
+    if cfg.block_size:  # block diffusion: the block-step and commit graphs
+        from train_host.bd3_export import export_bd3_bundle
+
+        calib = (lambda n: validation_canvases(tokenizer, cfg.canvas_len, n, data_dir)) if "int8" in precisions else None
+        return export_bd3_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say, precisions, calib, int8)
     if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):
         raise DllmError(f"--topk must be in 1..{min(MAX_TOPK, cfg.vocab_size - 1)} (TensorRT's TopK takes K < 3840), got {topk}")
 

@@ -157,9 +157,6 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
         assert gen.to_json()["cache_passes"] >= 0 and gen.evaluations >= 1
         with pytest.raises(DllmError, match="writes left to right"):
             complete(runner, "Once ____ end.")
-    with pytest.raises(DllmError, match="no INT8 yet"):
-        export_bundle(tmp_path / "bd3", tmp_path / "bundle", precisions=("fp32", "fp16", "int8"))
-    assert not (tmp_path / "bundle").exists()
     bundle = export_bundle(tmp_path / "bd3", tmp_path / "bundle")  # the block-step and commit graphs, checked
     assert bundle.precisions == ["fp32", "fp16"] and bundle.manifest["block_parity"]["fp32"]["top1_agreement"] >= 0.999
     assert bundle.manifest["block_parity"]["fp16"]["max_abs_logprob_diff"] < 0.1  # the FP16 graphs, with their FP32 islands

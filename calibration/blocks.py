@@ -1,0 +1,196 @@
+"""INT8 for block diffusion's two graphs: calibration that matches what they see, the same quantizer and rules as
+the canvas graph, and an accuracy report per noise level.
+
+The block step never runs on a whole canvas: it runs on one noised block over a cache of the clean blocks before
+it. So a calibration feed is a validation canvas cut at a block position j (drawn over the blocks that hold text),
+its first j blocks committed into a cache by the FP32 commit graph, and block j masked at a ratio stratified over
+(0, 1] across the feeds: every noise level and every cache length is covered. The commit graph is calibrated on the
+clean blocks at the same positions. A cache per feed is megabytes, so feeds are computed as the calibrator asks for
+them, never held together.
+
+The accuracy that decides which layers stay FP32 is the block step's masked-token accuracy at each noise level,
+with the cache built by the commit graph of the same precision (errors in the cache count), against FP32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import MIN_CANVASES
+from calibration.quantize import Int8Options, _quiet, qdq_problems, quantizable_nodes, quantize, search_exclusions
+from calibration.report import BUCKETS, mean_accuracy_drop
+from jetson_dllm.config import ModelConfig
+from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import mask_at_ratios
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class BlockGraphs:
+    """A (block step, commit) pair of onnxruntime sessions with the cache they fill, for one batch size."""
+
+    def __init__(self, step_path: Path, commit_path: Path, cfg: ModelConfig):
+        self.step_session, self.commit_session, self.cfg = _session(step_path), _session(commit_path), cfg
+
+    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cfg
+        shape = (c.n_layer, batch, c.n_head, c.canvas_len, c.head_dim)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def feeds(self, tokens: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> dict[str, np.ndarray]:
+        return {"tokens": tokens.astype(np.int32), "k_cache": k, "v_cache": v, "valid_len": np.array(valid, np.int32)}
+
+    def commit(self, block: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> None:
+        k_new, v_new = self.commit_session.run(None, self.feeds(block, k, v, valid))
+        b = block.shape[1]
+        k[:, :, :, valid : valid + b], v[:, :, :, valid : valid + b] = k_new, v_new
+
+    def step(self, block: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
+        lp, ids = self.step_session.run(None, self.feeds(block, k, v, valid))
+        return lp, ids
+
+
+def text_blocks(canvas: np.ndarray, block: int, pad_id: int) -> int:
+    """How many blocks of a canvas hold text (at least one)."""
+    return max(1, -(-int((canvas != pad_id).sum()) // block))
+
+
+class BlockFeeds:
+    """onnxruntime's CalibrationDataReader (get_next / rewind) over block-step or commit feeds, made on demand."""
+
+    def __init__(self, canvases: np.ndarray, reference: BlockGraphs, mask_id: int, pad_id: int, which: str, seed: int = 0):
+        if len(canvases) < MIN_CANVASES:
+            raise DllmError(f"only {len(canvases)} calibration canvases; at least {MIN_CANVASES} are needed "
+                            "(raise --calib-canvases, or give --data with a larger validation split)")
+        rng = np.random.default_rng(seed)
+        n, b = len(canvases), reference.cfg.block_size
+        ratios = (rng.permutation(n) + 1 - rng.random(n)) / n  # canvas i's ratio in the i-th of n strata of (0, 1]
+        self.items = [(canvases[i], int(rng.integers(text_blocks(canvases[i], b, pad_id))), float(ratios[i])) for i in range(n)]
+        self.reference, self.mask_id, self.pad_id, self.which, self.seed = reference, mask_id, pad_id, which, seed
+        self._it: Iterator | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        ref, b = self.reference, self.reference.cfg.block_size
+        rng = np.random.default_rng(self.seed + 1)
+        for canvas, j, ratio in self.items:
+            k, v = ref.empty_cache(1)
+            for i in range(j):
+                ref.commit(canvas[None, i * b : (i + 1) * b], k, v, i * b)
+            block = canvas[None, j * b : (j + 1) * b]
+            if self.which == "step":
+                block = mask_at_ratios(block, ratio, self.mask_id, self.pad_id, rng)[0]
+            yield ref.feeds(block, k, v, j * b)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def block_report(reference: BlockGraphs, others: dict[str, BlockGraphs], canvases: np.ndarray, mask_id: int, pad_id: int,
+                 seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Per graph pair and noise bucket: masked-token top-1 accuracy against the reference's, their top-1 agreement
+    and the largest log-probability difference. Every text block of every canvas, each pair filling its own cache."""
+    b, n = reference.cfg.block_size, len(canvases)
+    pairs = {"ref": reference, **others}
+    caches = {name: g.empty_cache(n) for name, g in pairs.items()}
+    tally = {name: {f"{lo:g}-{hi:g}": np.zeros(5) for lo, hi in BUCKETS} for name in others}  # hits, ref hits, agree, n, worst
+    rng = np.random.default_rng(seed)
+    for j in range(max(text_blocks(c, b, pad_id) for c in canvases)):
+        clean = canvases[:, j * b : (j + 1) * b]
+        for lo, hi in BUCKETS:
+            z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
+            outs = {name: g.step(z, *caches[name], j * b) for name, g in pairs.items()}
+            want = clean[masked]
+            ref_lp, ref_ids = outs["ref"]
+            for name in others:
+                lp, ids = outs[name]
+                row = tally[name][f"{lo:g}-{hi:g}"]
+                row[:4] += [(ids[..., 0][masked] == want).sum(), (ref_ids[..., 0][masked] == want).sum(),
+                            (ids[..., 0][masked] == ref_ids[..., 0][masked]).sum(), masked.sum()]
+                same = ids == ref_ids  # log-probabilities compare where the two heads name the same token
+                row[4] = max(row[4], float(np.abs(lp - ref_lp)[same].max(initial=0.0)))
+        for name, g in pairs.items():
+            g.commit(clean, *caches[name], j * b)
+    return {name: {label: {"accuracy": t[0] / max(t[3], 1), "accuracy_ref": t[1] / max(t[3], 1), "top1_agreement": t[2] / max(t[3], 1),
+                           "positions": int(t[3]), "max_abs_logprob_diff": float(t[4])} for label, t in rows.items()}
+            for name, rows in tally.items()}
+
+
+def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, mask_id: int, pad_id: int, source: str,
+                          options: Int8Options, progress=None) -> dict:
+    """Write block_step.int8.onnx and commit.int8.onnx beside the FP32 graphs in `folder`; returns the report.
+
+    `canvases`: clean validation canvases, the first `options.n_canvases` calibrate, the rest measure the drop.
+    The commit graph is quantized whole; the block step keeps in FP32 the layers the search finds (the canvas
+    graph's `search_exclusions`, against the same budget)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    say = progress or (lambda msg: None)
+    options.validate(cfg.canvas_len)
+    t0 = time.time()
+    calib, held_out = canvases[: options.n_canvases], canvases[options.n_canvases :]
+    overlap = len(held_out) == 0
+    held_out = held_out if len(held_out) else calib
+    work = folder / ".int8-work"
+    work.mkdir(exist_ok=True)
+    reference = BlockGraphs(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
+    pre = {}
+    with _quiet():
+        for name in ("block_step", "commit"):
+            pre[name] = work / f"{name}.pre.onnx"
+            quant_pre_process(str(folder / f"{name}.fp32.onnx"), str(pre[name]), skip_optimization=False, skip_symbolic_shape=True)
+    import onnx
+
+    nodes = quantizable_nodes(onnx.load(str(pre["block_step"])))
+    say(f"INT8: calibrating the commit graph ({len(calib)} clean blocks over cached prefixes)")
+    commit_path = folder / "commit.int8.onnx"
+    quantize(pre["commit"], commit_path, BlockFeeds(calib, reference, mask_id, pad_id, "commit", options.seed),
+             options.method, [], work / "commit-ranges.json")
+    step_feeds = BlockFeeds(calib, reference, mask_id, pad_id, "step", options.seed)
+
+    def drop_of(exclude: list[str], tag: str) -> float:
+        path = work / f"{tag}.onnx"
+        quantize(pre["block_step"], path, step_feeds, options.method, exclude, work / "step-ranges.json")
+        rows = block_report(reference, {"q": BlockGraphs(path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 1)
+        return mean_accuracy_drop(rows["q"])
+
+    say(f"INT8: calibrating the block step ({len(calib)} noised blocks, noise levels stratified) and quantizing {len(nodes)} matmuls")
+    search = search_exclusions(nodes, drop_of, options.budget, progress=say)
+    step_path = folder / "block_step.int8.onnx"
+    quantize(pre["block_step"], step_path, step_feeds, options.method, search["excluded"], work / "step-ranges.json")
+    for path in (step_path, commit_path):
+        onnx.checker.check_model(str(path), full_check=True)
+        problems = qdq_problems(onnx.load(str(path)))
+        if problems:
+            raise DllmError(f"the INT8 graph {path.name} breaks TensorRT's Q/DQ rules: {problems[0]}")
+    report = block_report(reference, {"int8": BlockGraphs(step_path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 2)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    drop = mean_accuracy_drop(report["int8"])
+    return {
+        "method": options.method, "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)",
+        "source": source, "calibration_canvases": len(calib), "calibration": "one block per canvas, at a random text block, noise stratified over (0, 1]",
+        "eval_canvases": int(len(held_out)), "calibration_overlaps_eval": overlap, "quantizable": len(nodes),
+        "quantized": len(nodes) - len(search["excluded"]), "excluded": search["excluded"], "sensitivity_points": search["sensitivity"],
+        "trajectory": search["trajectory"], "accuracy_drop_points": drop, "search_drop_points": search["drop"],
+        "budget_points": options.budget, "within_budget": bool(drop <= options.budget), "allow_over_budget": options.allow_over_budget,
+        "seconds": round(time.time() - t0, 1), "report": report["int8"],
+    }

@@ -1,0 +1,79 @@
+"""INT8 for block diffusion: calibration feeds cover every noise level and cache length, both graphs are quantized
+by TensorRT's rules, and the accuracy report sees errors that reach the block step through the cache."""
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration.blocks import BlockFeeds, BlockGraphs, block_report, text_blocks
+from calibration.quantize import qdq_problems
+from jetson_dllm.bundle import load_bundle
+from train_host.export import validation_canvases
+
+
+@pytest.fixture(scope="module")
+def graphs(bd3_bundle):
+    cfg = load_bundle(bd3_bundle).config
+    return BlockGraphs(bd3_bundle / "block_step.fp32.onnx", bd3_bundle / "commit.fp32.onnx", cfg)
+
+
+@pytest.fixture(scope="module")
+def canvases(bd3_bundle, data_dir):
+    bundle = load_bundle(bd3_bundle)
+    return validation_canvases(bundle.tokenizer(), bundle.config.canvas_len, 16, str(data_dir))[0]
+
+
+def test_feeds_cover_the_noise_levels_and_the_cache_lengths(graphs, canvases):
+    tok_mask, pad = graphs.cfg.mask_id, int(canvases[0, -1])
+    steps = list(BlockFeeds(canvases, graphs, tok_mask, pad, "step", seed=3))
+    commits = list(BlockFeeds(canvases, graphs, tok_mask, pad, "commit", seed=3))
+    assert len(steps) == len(commits) == len(canvases)
+    shares, positions = [], set()
+    for canvas, feed, clean in zip(canvases, steps, commits):
+        valid = int(feed["valid_len"])
+        assert valid % 16 == 0 and valid // 16 < text_blocks(canvas, 16, pad) and int(clean["valid_len"]) == valid
+        assert np.abs(feed["k_cache"][:, :, :, :valid]).sum() > 0 or valid == 0  # the clean prefix is cached ...
+        assert not feed["k_cache"][:, :, :, valid:].any()  # ... and nothing past it
+        assert not (clean["tokens"] == tok_mask).any()  # the commit graph sees clean blocks
+        text = canvas[valid : valid + 16] != pad
+        shares.append((feed["tokens"][0][text] == tok_mask).mean() if text.any() else np.nan)
+        positions.add(valid)
+    assert len(positions) > 1  # more than one cache length
+    shares = np.array(shares)[~np.isnan(shares)]
+    assert shares.min() < 0.3 and shares.max() > 0.7  # light and heavy noise both
+
+
+def test_the_report_sees_a_broken_cache(graphs, canvases):
+    class ForgetfulCommit(BlockGraphs):
+        def commit(self, block, k, v, valid):  # writes nothing: the block step attends to zeros
+            pass
+
+    broken = ForgetfulCommit.__new__(ForgetfulCommit)
+    broken.__dict__.update(graphs.__dict__)
+    rows = block_report(graphs, {"same": graphs, "broken": broken}, canvases, graphs.cfg.mask_id, int(canvases[0, -1]))
+    assert all(r["top1_agreement"] == 1.0 and r["accuracy"] == r["accuracy_ref"] for r in rows["same"].values())
+    assert all(r["positions"] > 0 and r["max_abs_logprob_diff"] == 0.0 for r in rows["same"].values())
+    # a barely trained model leans little on its context, but the log-probabilities move and top-1 picks change
+    assert min(r["max_abs_logprob_diff"] for r in rows["broken"].values()) > 1e-2
+    assert np.mean([r["top1_agreement"] for r in rows["broken"].values()]) < 1.0
+
+
+def test_both_graphs_are_int8_by_tensorrts_rules(bd3_bundle):
+    bundle = load_bundle(bd3_bundle)
+    entry, c = bundle.manifest["precisions"]["int8"], bundle.manifest["calibration"]
+    for name in (entry["file"], entry["commit"]):
+        model = onnx.load(str(bd3_bundle / name))
+        assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0 and qdq_problems(model) == []
+    assert c["quantized"] > 0 and set(c["report"]) == {"0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1"}
+    assert all(r["positions"] > 0 for r in c["report"].values())
+    assert bundle.manifest["block_parity"]["int8"]["top1_agreement"] >= 0.9  # against the torch cache
+
+
+def test_generation_runs_on_the_int8_graphs(bd3_bundle):
+    from jetson_dllm.generate import complete, open_model
+    from jetson_dllm.sampler import SamplerConfig
+
+    with open_model(bd3_bundle, precision="int8") as runner:
+        gen = complete(runner, "Once upon a time", length=30, num_samples=2, sampler=SamplerConfig(steps=4, temperature=0.0))
+    assert runner.precision == "int8" and gen.new_tokens == 30 and gen.commits >= 1
+    assert all(t.startswith("Once upon a time") for t in gen.texts)
