@@ -133,6 +133,28 @@ def block_report(reference: BlockGraphs, others: dict[str, BlockGraphs], canvase
             for name, rows in tally.items()}
 
 
+def _prepared(folder: Path, work: Path) -> dict[str, Path]:
+    """onnxruntime's pre-processing of both FP32 graphs (shape inference, basic portable optimizations)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = {}
+    with _quiet():
+        for name in ("block_step", "commit"):
+            pre[name] = work / f"{name}.pre.onnx"
+            quant_pre_process(str(folder / f"{name}.fp32.onnx"), str(pre[name]), skip_optimization=False, skip_symbolic_shape=True)
+    return pre
+
+
+def _check_qdq(*paths: Path) -> None:
+    import onnx
+
+    for path in paths:
+        onnx.checker.check_model(str(path), full_check=True)
+        problems = qdq_problems(onnx.load(str(path)))
+        if problems:
+            raise DllmError(f"the INT8 graph {path.name} breaks TensorRT's Q/DQ rules: {problems[0]}")
+
+
 def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, mask_id: int, pad_id: int, source: str,
                           options: Int8Options, progress=None) -> dict:
     """Write block_step.int8.onnx and commit.int8.onnx beside the FP32 graphs in `folder`; returns the report.
@@ -140,7 +162,7 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     `canvases`: clean validation canvases, the first `options.n_canvases` calibrate, the rest measure the drop.
     The commit graph is quantized whole; the block step keeps in FP32 the layers the search finds (the canvas
     graph's `search_exclusions`, against the same budget)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
 
     say = progress or (lambda msg: None)
     options.validate(cfg.canvas_len)
@@ -151,13 +173,7 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     work = folder / ".int8-work"
     work.mkdir(exist_ok=True)
     reference = BlockGraphs(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
-    pre = {}
-    with _quiet():
-        for name in ("block_step", "commit"):
-            pre[name] = work / f"{name}.pre.onnx"
-            quant_pre_process(str(folder / f"{name}.fp32.onnx"), str(pre[name]), skip_optimization=False, skip_symbolic_shape=True)
-    import onnx
-
+    pre = _prepared(folder, work)
     nodes = quantizable_nodes(onnx.load(str(pre["block_step"])))
     say(f"INT8: calibrating the commit graph ({len(calib)} clean blocks over cached prefixes)")
     commit_path = folder / "commit.int8.onnx"
@@ -175,11 +191,7 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     search = search_exclusions(nodes, drop_of, options.budget, progress=say)
     step_path = folder / "block_step.int8.onnx"
     quantize(pre["block_step"], step_path, step_feeds, options.method, search["excluded"], work / "step-ranges.json")
-    for path in (step_path, commit_path):
-        onnx.checker.check_model(str(path), full_check=True)
-        problems = qdq_problems(onnx.load(str(path)))
-        if problems:
-            raise DllmError(f"the INT8 graph {path.name} breaks TensorRT's Q/DQ rules: {problems[0]}")
+    _check_qdq(step_path, commit_path)
     report = block_report(reference, {"int8": BlockGraphs(step_path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 2)
     import shutil
 

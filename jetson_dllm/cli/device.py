@@ -12,7 +12,8 @@ import typer
 from jetson_dllm.bench import run_sweep
 from jetson_dllm.cli.common import Bar, app, err, int_list, names, out
 from jetson_dllm.config import SIZES
-from jetson_dllm.engine import build_engines, bundle_report
+from jetson_dllm.engine import bundle_report
+from jetson_dllm.engine_build import build_engines
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import memory_rows
 from jetson_dllm.tables import bench_summary, bench_tables, bundle_tables, configs_table, profile_table

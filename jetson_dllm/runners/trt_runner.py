@@ -15,7 +15,8 @@ import threading
 import numpy as np
 
 from jetson_dllm.bundle import Bundle, load_bundle
-from jetson_dllm.engine import detect_device, find_or_build, io_buffers
+from jetson_dllm.engine import detect_device, io_buffers
+from jetson_dllm.engine_build import find_or_build
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import unified_memory
 from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
