@@ -58,15 +58,16 @@ class Bundle:
     def engines_dir(self) -> Path:
         return self.path / ENGINES
 
-    def onnx_path(self, precision: str) -> Path:
-        """The ONNX file of a precision; a clear error when the bundle does not have it."""
+    def onnx_path(self, precision: str, graph: str = "") -> Path:
+        """The ONNX file of a precision (a block-diffusion bundle's `graph="commit"`: its commit graph); a clear error
+        when the bundle does not have it."""
         entry = self.manifest["precisions"].get(precision)
         if entry is None:
             raise DllmError(f"{self.path} has no {precision} model (it has {', '.join(self.precisions)}); export it with `dllm export --{precision.split('-')[0]}`")
-        return member(self.path, entry["file"])
+        return member(self.path, entry[_entry_key(graph)])
 
-    def onnx_sha256(self, precision: str) -> str:
-        return self.manifest["files"][self.manifest["precisions"][precision]["file"]]
+    def onnx_sha256(self, precision: str, graph: str = "") -> str:
+        return self.manifest["files"][self.manifest["precisions"][precision][_entry_key(graph)]]
 
     def tokenizer(self):
         tok = TextTokenizer.from_file(self.path / "tokenizer.json")
@@ -97,6 +98,11 @@ class Bundle:
         for name, state in self.verify(names).items():
             if state != "ok":
                 raise DllmError(f"{self.path / name} is {state} (sha256 mismatch with the manifest); copy the bundle again or re-export it")
+
+
+def _entry_key(graph: str) -> str:
+    """Which file of a precision's entry a graph is: the commit graph, or the main one (canvas graph, block step)."""
+    return "commit" if graph == "commit" else "file"
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -51,8 +51,13 @@ class Device:
 class EngineSpec:
     precision: str
     batch: int
-    canvas: int
+    canvas: int  # a block-diffusion graph's: the cache length
     onnx_sha256: str
+    graph: str = ""  # "" the canvas graph; a block-diffusion bundle's "block_step" or "commit"
+
+
+BLOCK_GRAPHS = ("block_step", "commit")
+COMMIT_OUTPUTS = ("k_new", "v_new")
 
 
 def check_trt_version(version: str) -> None:
@@ -83,23 +88,42 @@ def read_l4t_release(path: Path = L4T_RELEASE) -> str:
 def engine_key(spec: EngineSpec, device: Device, settings: dict) -> str:
     record = {"format": ENGINE_FORMAT, "spec": asdict(spec), "device": asdict(device), "settings": settings}
     record["device"].pop("total_memory")  # the same board with more free memory builds the same engine
+    if not spec.graph:
+        record["spec"].pop("graph")  # canvas engines keep the keys they had before block graphs existed
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def engine_path(bundle: Bundle, spec: EngineSpec, device: Device, settings: dict) -> Path:
-    return bundle.engines_dir / f"{spec.precision}-b{spec.batch}-c{spec.canvas}-{engine_key(spec, device, settings)}.plan"
+    graph = f"-{spec.graph}" if spec.graph else ""
+    return bundle.engines_dir / f"{spec.precision}{graph}-b{spec.batch}-c{spec.canvas}-{engine_key(spec, device, settings)}.plan"
 
 
-def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int) -> EngineSpec:
+def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: str = "") -> EngineSpec:
     if canvas not in bundle.canvas_lengths:
         raise DllmError(f"canvas {canvas} is not one of the bundle's shapes ({', '.join(map(str, bundle.canvas_lengths))})")
     if batch < 1:
         raise DllmError(f"batch must be at least 1, got {batch}")
-    bundle.onnx_path(precision)  # a clear error when the bundle lacks the precision
-    return EngineSpec(precision, batch, canvas, bundle.onnx_sha256(precision))
+    if bool(graph) != bool(bundle.config.block_size) or graph not in ("", *BLOCK_GRAPHS):
+        raise DllmError(f"{bundle.path} has no {graph or 'canvas'} graph")
+    bundle.onnx_path(precision, graph)  # a clear error when the bundle lacks the precision
+    return EngineSpec(precision, batch, canvas, bundle.onnx_sha256(precision, graph), graph)
 
 
-def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3) -> dict:
+def input_shapes(cfg, spec: EngineSpec) -> dict[str, tuple[int, ...]]:
+    """The fixed shapes of an engine's batch-dependent inputs (its optimization profile)."""
+    if not spec.graph:
+        return {"tokens": (spec.batch, spec.canvas)}
+    cache = (cfg.n_layer, spec.batch, cfg.n_head, spec.canvas, cfg.head_dim)
+    return {"tokens": (spec.batch, cfg.block_size), "k_cache": cache, "v_cache": cache}
+
+
+def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:
+    """The nodes an INT8 build pins to FP32: the manifest's list, or for a block-diffusion bundle, the graph's own."""
+    nodes = bundle.manifest.get("fp32_nodes", [])
+    return nodes.get(graph, []) if isinstance(nodes, dict) else nodes
+
+
+def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3, graph: str = "") -> dict:
     """The builder configuration for a precision on a device with `total_memory` bytes (shared on a Jetson)."""
     if precision not in for_runner("trt"):
         raise DllmError(f"unknown precision {precision!r} for TensorRT; choose {', '.join(for_runner('trt'))}")
@@ -116,7 +140,7 @@ def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, op
         "tactic_dram": int(total_memory // 2),
         "optimization_level": optimization_level,
         "max_aux_streams": 0,  # one stream: less memory, and capturable in a CUDA graph
-        "outputs": list(SAMPLING_OUTPUTS),  # logits stay internal
+        "outputs": list(COMMIT_OUTPUTS if graph == "commit" else SAMPLING_OUTPUTS),  # logits stay internal
     }
 
 
@@ -139,15 +163,27 @@ def check_build_memory(needed: int, meminfo: dict[str, int]) -> None:
 
 def io_buffers(batch: int, canvas: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """I/O tensors of a sampling engine: name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
-    def size(shape, itemsize):
-        n = itemsize
-        for d in shape:
-            n *= d
-        return -(-n // ALIGNMENT) * ALIGNMENT
+    specs = {"tokens": ((batch, canvas), "int32"), "topk_logprobs": ((batch, canvas, k), "float32"),
+             "topk_ids": ((batch, canvas, k), "int32")}
+    return {name: (shape, dtype, _aligned(shape, 4)) for name, (shape, dtype) in specs.items()}
 
-    specs = {"tokens": ((batch, canvas), "int32", 4), "topk_logprobs": ((batch, canvas, k), "float32", 4),
-             "topk_ids": ((batch, canvas, k), "int32", 4)}
-    return {name: (shape, dtype, size(shape, item)) for name, (shape, dtype, item) in specs.items()}
+
+def block_io_buffers(cfg, batch: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """I/O tensors of a block-diffusion model's two engines (they share the cache, its valid length and the block's
+    tokens): name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
+    cache = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    new = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+    specs = {"tokens": ((batch, cfg.block_size), "int32"), "valid_len": ((), "int32"), "k_cache": (cache, "float32"),
+             "v_cache": (cache, "float32"), "topk_logprobs": ((batch, cfg.block_size, k), "float32"),
+             "topk_ids": ((batch, cfg.block_size, k), "int32"), "k_new": (new, "float32"), "v_new": (new, "float32")}
+    return {name: (shape, dtype, _aligned(shape, 4)) for name, (shape, dtype) in specs.items()}
+
+
+def _aligned(shape: tuple[int, ...], itemsize: int) -> int:
+    n = itemsize
+    for d in shape:
+        n *= d
+    return -(-n // ALIGNMENT) * ALIGNMENT
 
 
 def write_engine(path: Path, plan: bytes, metadata: dict) -> None:
@@ -170,8 +206,8 @@ def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
             rows.append({"file": plan.name, "verdict": "no: metadata missing or unreadable, rebuild"})
             continue
         row = {"file": plan.name, **meta.get("spec", {}), **meta.get("device", {})}
-        precision = meta.get("spec", {}).get("precision")
-        if precision not in bundle.precisions or meta["spec"].get("onnx_sha256") != bundle.onnx_sha256(precision):
+        precision, graph = meta.get("spec", {}).get("precision"), meta.get("spec", {}).get("graph", "")
+        if precision not in bundle.precisions or meta["spec"].get("onnx_sha256") != bundle.onnx_sha256(precision, graph):
             row["verdict"] = "no: built from another ONNX, rebuild"
         elif device is None:
             row["verdict"] = "unknown: no TensorRT GPU on this machine"

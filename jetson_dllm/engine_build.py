@@ -13,6 +13,7 @@ from pathlib import Path
 
 from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.engine import (
+    BLOCK_GRAPHS,
     ENGINE_FORMAT,
     Device,
     EngineSpec,
@@ -22,6 +23,8 @@ from jetson_dllm.engine import (
     detect_device,
     engine_path,
     engine_spec,
+    fp32_layers,
+    input_shapes,
     write_engine,
 )
 from jetson_dllm.errors import DllmError
@@ -34,13 +37,14 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: lis
 
     Every shape is validated before any build. Returns per engine {path, built, device, trt_version}."""
     bundle = load_bundle(bundle_dir)
-    if bundle.config.block_size:
-        raise DllmError(f"{bundle_dir} is a block-diffusion bundle; TensorRT engines for its block graphs are not built yet (run it with --backend onnx)")
     device = detect_device()
-    settings = builder_settings(precision, device.total_memory, len(bundle.manifest.get("fp32_nodes", [])), opt_level)
-    specs = [engine_spec(bundle, precision, b, c) for b in batches for c in canvases]
+    if bundle.config.block_size:  # a block step and a commit engine per batch, over the whole cache
+        shapes = [(b, bundle.config.canvas_len, g) for b in batches for g in BLOCK_GRAPHS]
+    else:
+        shapes = [(b, c, "") for b in batches for c in canvases]
+    planned = [(engine_spec(bundle, precision, b, c, g), _settings(bundle, precision, device, g, opt_level)) for b, c, g in shapes]
     done = []
-    for spec in specs:
+    for spec, settings in planned:
         path = engine_path(bundle, spec, device, settings)
         built = not path.is_file()
         if built:
@@ -49,17 +53,22 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: lis
     return done
 
 
-def find_or_build(bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None) -> Path:
-    """The engine for (precision, batch, canvas) on this device, built when missing and `build` is set."""
+def _settings(bundle: Bundle, precision: str, device: Device, graph: str, opt_level: int = 3) -> dict:
+    return builder_settings(precision, device.total_memory, len(fp32_layers(bundle, graph)), opt_level, graph)
+
+
+def find_or_build(bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None, graph: str = "") -> Path:
+    """The engine for (precision, batch, canvas[, block graph]) on this device, built when missing and `build` is set."""
     device = detect_device()
-    spec = engine_spec(bundle, precision, batch, canvas)
-    settings = builder_settings(precision, device.total_memory, len(bundle.manifest.get("fp32_nodes", [])))
+    spec = engine_spec(bundle, precision, batch, canvas, graph)
+    settings = _settings(bundle, precision, device, graph)
     path = engine_path(bundle, spec, device, settings)
     if path.is_file() and path.with_suffix(".json").is_file():
         return path
     if not build:
-        raise DllmError(f"no {precision} engine for batch {batch} x canvas {canvas} on this device; "
-                        f"build it: dllm build {bundle.path} --precision {precision} --batch {batch} --canvas {canvas}")
+        shape = "" if graph else f" --canvas {canvas}"
+        raise DllmError(f"no {precision} {graph or 'canvas'} engine for batch {batch} on this device; "
+                        f"build it: dllm build {bundle.path} --precision {precision} --batch {batch}{shape}")
     return build_engine(bundle, spec, device, settings, progress=progress)
 
 
@@ -67,7 +76,7 @@ def build_engine(bundle: Bundle, spec: EngineSpec, device: Device, settings: dic
     """Parse the ONNX and build a serialized engine with TensorRT; returns the plan's path."""
     import tensorrt as trt
 
-    onnx_path = bundle.onnx_path(spec.precision)
+    onnx_path = bundle.onnx_path(spec.precision, spec.graph)
     bundle.check([onnx_path.name])
     check_build_memory(build_memory_needed(onnx_path.stat().st_size, settings), read_meminfo())
     logger = trt.Logger(trt.Logger.WARNING)
@@ -84,7 +93,7 @@ def build_engine(bundle: Bundle, spec: EngineSpec, device: Device, settings: dic
         if tensor.name not in settings["outputs"]:
             network.unmark_output(tensor)
     if spec.precision == "int8":
-        keep = set(bundle.manifest.get("fp32_nodes", []))
+        keep = set(fp32_layers(bundle, spec.graph))
         for i in range(network.num_layers):
             layer = network.get_layer(i)
             if layer.name in keep:
@@ -101,8 +110,8 @@ def build_engine(bundle: Bundle, spec: EngineSpec, device: Device, settings: dic
     config.max_aux_streams = settings["max_aux_streams"]
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
-    shape = (spec.batch, spec.canvas)
-    profile.set_shape("tokens", shape, shape, shape)  # fixed shapes: one engine per (batch, canvas)
+    for name, shape in input_shapes(bundle.config, spec).items():
+        profile.set_shape(name, shape, shape, shape)  # fixed shapes: one engine per (batch, canvas)
     config.add_optimization_profile(profile)
     cache_path = bundle.engines_dir / f"timing-{device.name.replace(' ', '_')}-trt{device.trt_version}.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")

@@ -168,5 +168,5 @@ class BundleManifest(_Strict):
     canvas_lengths: list[int] = Field(min_length=1)
     opset: int
     precisions: dict[str, Precision] = Field(min_length=1)
-    fp32_nodes: list[str]
+    fp32_nodes: list[str] | dict[str, list[str]]  # a block-diffusion bundle: per graph (block_step, commit)
     files: dict[str, Hex] = Field(min_length=1)

@@ -118,9 +118,11 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     disagrees). INT8 calibrates on `calibration_canvases(n)` (calibration.blocks)."""
     import time as clock
 
+    import onnx
+
     from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
     from jetson_dllm.errors import DllmError
-    from train_host.export import OPSET
+    from train_host.export import OPSET, fp32_nodes
 
     cfg = model.cfg
 
@@ -152,7 +154,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
                        "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
             "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
             "canvas_lengths": [cfg.canvas_len], "opset": OPSET,
-            "precisions": entries, "fp32_nodes": [],
+            "precisions": entries, "fp32_nodes": {g: fp32_nodes(onnx.load(str(tmp / f"{g}.fp32.onnx"))) for g in ("block_step", "commit")},
             "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
             "block_parity": parity,
             **({"calibration": calibration} if calibration else {}),

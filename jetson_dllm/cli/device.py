@@ -56,7 +56,7 @@ def inspect(
 def build(
     bundle_dir: Annotated[Path, typer.Argument(help="bundle folder (copied from the host)")],
     precision: Annotated[str, typer.Option(help="fp16 | int8 | fp32")] = "fp16",
-    canvas: Annotated[str, typer.Option(help="canvas lengths, comma-separated; one engine each")] = "128",
+    canvas: Annotated[str, typer.Option(help="canvas lengths, comma-separated; one engine each (a block-diffusion bundle: not used, its two engines per batch span the whole cache)")] = "128",
     batch: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1",
     opt_level: Annotated[int, typer.Option(help="TensorRT builder optimization level 0-5 (higher: slower build, maybe faster engine)", min=0, max=5)] = 3,
 ) -> None:

@@ -191,5 +191,11 @@ class TrtRunner(RunnerBase):
 
 
 def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None) -> TrtRunner:
-    """A bundle on TensorRT: one engine per (batch, canvas), found in `engines/` or built on first use."""
-    return TrtRunner(load_bundle(bundle_path), precision, build=build, cuda_graph=cuda_graph, progress=progress)
+    """A bundle on TensorRT: one engine per (batch, canvas), found in `engines/` or built on first use; a
+    block-diffusion bundle: a block-step and a commit engine per batch (runners/trt_blocks.py)."""
+    bundle = load_bundle(bundle_path)
+    if bundle.config.block_size:
+        from jetson_dllm.runners.trt_blocks import TrtBlockRunner
+
+        return TrtBlockRunner(bundle, precision, build=build, progress=progress)
+    return TrtRunner(bundle, precision, build=build, cuda_graph=cuda_graph, progress=progress)

@@ -1,0 +1,163 @@
+"""The TensorRT runner of a block-diffusion bundle, driven by pycuda: a block-step and a commit engine over one KV
+cache that never leaves the GPU.
+
+Buffers are allocated once per batch size and bound to both engines once. The cache (n_layer, B, heads, max_len,
+head_dim, keys and values) and the commit's output (the finished block's keys and values) live in device memory:
+every step re-reads the cache, and the GPU caches device memory where it does not cache mapped pinned memory
+(tensorrt-jetson.md 5.5). The cache is zeroed when allocated: positions past the valid length are masked out of
+attention, but a masked weight of 0 times a NaN of uninitialised memory would still be NaN. After a commit engine
+runs, one 2-D device-to-device copy per tensor on the same stream writes the block into the cache at its valid
+length, in place (n_layer x B x heads rows of b x head_dim floats, into rows of max_len x head_dim). The block's
+tokens, its valid length and the top-K outputs are small: zero-copy mapped pinned memory on an integrated GPU
+(the Jetson), pinned host memory and async copies elsewhere. Engines come from jetson_dllm.engine_build, one block
+step and one commit per (precision, batch), over the whole cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jetson_dllm.blocks import BlockResult, generate_blocks
+from jetson_dllm.bundle import Bundle
+from jetson_dllm.engine import COMMIT_OUTPUTS, EngineSpec, block_io_buffers, input_shapes
+from jetson_dllm.engine_build import find_or_build
+from jetson_dllm.errors import DllmError
+from jetson_dllm.runners import SAMPLING_OUTPUTS
+from jetson_dllm.runners.trt_runner import TrtRunner
+from jetson_dllm.sampler import SamplerConfig, SpecialIds
+
+ON_DEVICE = ("k_cache", "v_cache", "k_new", "v_new")  # GPU-only tensors, never mapped to the host
+SMALL_INPUTS = ("tokens", "valid_len")
+
+
+class _BlockSession:
+    """One batch size's buffers, the two engines' execution contexts bound to them, and the stream they share."""
+
+    def __init__(self, cuda, cfg, engines: dict, batch: int, k: int, integrated: bool):
+        self.cuda, self.cfg, self.integrated = cuda, cfg, integrated
+        self.stream = cuda.Stream()
+        self.host, self.device, address = {}, {}, {}
+        self.nbytes = {}
+        for name, (shape, dtype, nbytes) in block_io_buffers(cfg, batch, k).items():
+            self.nbytes[name] = nbytes
+            if name in ON_DEVICE:
+                self.device[name] = cuda.mem_alloc(nbytes)
+                cuda.memset_d32(self.device[name], 0, nbytes // 4)  # zeros, not NaN, past the valid length
+                address[name] = int(self.device[name])
+            elif integrated:  # zero-copy: the GPU works on the pinned pages themselves
+                self.host[name] = cuda.pagelocked_empty(shape or (1,), dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
+                address[name] = self.host[name].base.get_device_pointer()
+            else:
+                self.host[name] = cuda.pagelocked_empty(shape or (1,), dtype)
+                self.device[name] = cuda.mem_alloc(nbytes)
+                address[name] = int(self.device[name])
+        self.contexts = {}
+        for graph, engine in engines.items():
+            context = engine.create_execution_context()
+            spec = EngineSpec("", batch, cfg.canvas_len, "", graph)
+            for name, shape in input_shapes(cfg, spec).items():
+                if not context.set_input_shape(name, shape):
+                    raise DllmError(f"the {graph} engine does not take {name} shaped {shape}; rebuild it (dllm build)")
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                if not context.set_tensor_address(name, address[name]):
+                    raise DllmError(f"TensorRT refused the buffer for {name}; rebuild the {graph} engine")
+            self.contexts[graph] = context
+        self.start, self.end = cuda.Event(), cuda.Event()
+        self.gpu_ms = 0.0
+
+    def _enqueue(self, graph: str, tokens: np.ndarray, valid: int) -> None:
+        cuda = self.cuda
+        np.copyto(self.host["tokens"], tokens)
+        self.host["valid_len"][0] = valid
+        if not self.integrated:
+            for name in SMALL_INPUTS:
+                cuda.memcpy_htod_async(self.device[name], self.host[name], self.stream)
+        self.start.record(self.stream)
+        if not self.contexts[graph].execute_async_v3(self.stream.handle):
+            raise DllmError(f"TensorRT failed to enqueue the {graph} engine; rebuild it or check the messages above")
+        self.end.record(self.stream)
+
+    def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
+        self._enqueue("block_step", tokens, valid)
+        if not self.integrated:
+            for name in SAMPLING_OUTPUTS:
+                self.cuda.memcpy_dtoh_async(self.host[name], self.device[name], self.stream)
+        self.stream.synchronize()
+        self.gpu_ms = self.end.time_since(self.start)
+        return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS)
+
+    def commit(self, tokens: np.ndarray, valid: int) -> None:
+        """Run the commit engine, then write its keys and values into the cache at `valid`, on the GPU."""
+        self._enqueue("commit", tokens, valid)
+        c, b = self.cfg, tokens.shape[1]
+        row = 4 * c.head_dim  # bytes of one position's key (float32)
+        for new, cache in zip(COMMIT_OUTPUTS, ("k_cache", "v_cache")):
+            copy = self.cuda.Memcpy2D()
+            copy.set_src_device(self.device[new])
+            copy.src_pitch = b * row
+            copy.set_dst_device(self.device[cache])
+            copy.dst_pitch = c.canvas_len * row
+            copy.dst_x_in_bytes = valid * row
+            copy.width_in_bytes = b * row
+            copy.height = c.n_layer * tokens.shape[0] * c.n_head
+            copy(self.stream)
+        self.stream.synchronize()  # the next call rewrites the tokens the engine read
+
+    def cache_bytes(self) -> int:
+        return sum(self.nbytes[name] for name in ON_DEVICE)
+
+
+class TrtBlockRunner(TrtRunner):
+    """A block-diffusion bundle on TensorRT: `generate_blockwise` as on onnxruntime, with the cache on the GPU."""
+
+    def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, progress=None):
+        super().__init__(bundle, precision, build=build, cuda_graph=False, progress=progress)
+        import pycuda.driver as cuda  # noqa: F401  (checked names: this module drives pycuda too)
+
+        bundle.onnx_path(precision, "commit")
+        self.name = f"trt-{precision}-bd3"
+        self.sessions: dict[int, _BlockSession] = {}
+
+    def _session(self, batch: int) -> _BlockSession:
+        if batch not in self.sessions:
+            engines = {}
+            for graph in ("block_step", "commit"):
+                if (batch, graph) not in self.engines:
+                    path = find_or_build(self.bundle, self.precision, batch, self.cfg.canvas_len, build=self.build,
+                                         progress=self.progress, graph=graph)
+                    data = path.read_bytes()
+                    engine = self.runtime.deserialize_cuda_engine(data)
+                    if engine is None:
+                        raise DllmError(f"{path.name} cannot be loaded by this TensorRT; delete it and run dllm build again")
+                    self.plan_bytes += len(data)
+                    self.engines[(batch, graph)] = engine
+                engines[graph] = self.engines[(batch, graph)]
+            self.sessions = {batch: _BlockSession(self.cuda, self.cfg, engines, batch, self.topk, self.device.integrated)}
+        return self.sessions[batch]
+
+    def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
+        session = self._session(tokens.shape[0])
+        result = session.step(tokens, valid)
+        self.last_gpu_ms = session.gpu_ms
+        return result
+
+    def commit(self, tokens: np.ndarray, valid: int) -> None:
+        self._session(tokens.shape[0]).commit(tokens, valid)
+
+    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
+                           on_step=None) -> BlockResult:
+        tok = self.tokenizer
+        special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
+        return generate_blocks(self.step, self.commit, prompt_ids, max_new, special, sampler, self.cfg.block_size,
+                               self.cfg.canvas_len, num_samples, on_step)
+
+    def run(self, feeds, outputs=SAMPLING_OUTPUTS):
+        raise DllmError("a block-diffusion bundle runs block by block (generate_blockwise), not on a whole canvas")
+
+    def memory(self) -> dict[str, int]:
+        return {**super().memory(), "cache": sum(s.cache_bytes() for s in self.sessions.values())}
+
+    def close(self) -> None:
+        self.sessions.clear()
+        super().close()
