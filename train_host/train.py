@@ -315,7 +315,7 @@ def search_noise_range(r: _Run) -> None:
     """BD3: narrow the training noise range to the one whose loss varies least on validation canvases (rank 0
     searches, every rank follows)."""
     if r.d.main:
-        n = min(len(r.val_ds), 4 * min(r.tc.batch_size, 16))
+        n = min(len(r.val_ds), 2 * min(r.tc.batch_size, 16))  # two batches: the search costs 42 forward passes
         size = min(r.tc.batch_size, 16)
         batches = [torch.from_numpy(r.val_ds.batch(list(range(i, min(i + size, n))))).to(r.device) for i in range(0, n, size)]
         (low, high), _ = clip_search(r.ema if r.ema is not None else r.core, batches, r.cfg.mask_id, r.cfg.block_size, r.tc.schedule, r.step)

@@ -1,7 +1,11 @@
 """The onnxruntime runner of a block-diffusion bundle: the block-step and commit graphs over a cache allocated once.
 
-The cache (n_layer, batch, heads, max_len, head_dim) lives in host buffers handed to every call; a commit's new keys
-and values are written into them in place at the valid length, so nothing is reallocated between steps.
+Every buffer is allocated once per batch size and bound to both sessions through I/O binding: the cache
+(n_layer, batch, heads, max_len, head_dim), the block's tokens and valid length, the top-K outputs and the commit's
+new keys and values. A call writes the block into its bound buffer and runs; a commit's keys and values are then
+copied into the cache at the valid length, in place. Nothing is allocated or converted between steps. The buffers are
+host memory: on the CPU provider that is where the graphs run; with the CUDA provider onnxruntime would copy the
+bound cache to the GPU on each call, which is why the GPU path for block diffusion is TensorRT (trt_blocks.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,35 @@ from jetson_dllm.runners import RunnerBase
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 
 
+class _Bound:
+    """One batch size's buffers, bound once to the block-step and the commit session (CPU memory)."""
+
+    def __init__(self, step_session, commit_session, cfg, batch: int, k: int):
+        cache = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+        new = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+        self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
+        self.tokens, self.valid = np.zeros((batch, cfg.block_size), np.int32), np.zeros((), np.int32)
+        self.out = {"topk_logprobs": np.zeros((batch, cfg.block_size, k), np.float32),
+                    "topk_ids": np.zeros((batch, cfg.block_size, k), np.int32),
+                    "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32)}
+        inputs = {"tokens": self.tokens, "k_cache": self.k, "v_cache": self.v, "valid_len": self.valid}
+        self.step = self._binding(step_session, inputs, ("topk_logprobs", "topk_ids"))
+        self.commit = self._binding(commit_session, inputs, ("k_new", "v_new"))
+
+    def _binding(self, session, inputs: dict, outputs: tuple[str, ...]):
+        io = session.io_binding()
+        for name, a in inputs.items():
+            io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        for name in outputs:
+            a = self.out[name]
+            io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+        return io
+
+    def load(self, tokens: np.ndarray, valid: int) -> None:
+        np.copyto(self.tokens, tokens, casting="unsafe")
+        self.valid[...] = valid
+
+
 class BlockOnnxRunner(RunnerBase):
     def __init__(self, bundle: Bundle, step_session, commit_session, precision: str = "fp32"):
         self.bundle, self.step_session, self.commit_session = bundle, step_session, commit_session
@@ -23,27 +56,26 @@ class BlockOnnxRunner(RunnerBase):
         self.topk, self.canvas_lengths = bundle.topk, bundle.canvas_lengths
         self.metrics = bundle.manifest.get("source", {}).get("metrics", {})
         self.name = f"onnx-{step_session.get_providers()[0].replace('ExecutionProvider', '').lower()}-bd3"
-        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch -> (keys, values), allocated once
+        self.buffers: dict[int, _Bound] = {}  # batch -> buffers and bindings, allocated once
 
-    def _cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        if batch not in self.cache:
-            c = self.cfg
-            shape = (c.n_layer, batch, c.n_head, c.canvas_len, c.head_dim)
-            self.cache = {batch: (np.zeros(shape, np.float32), np.zeros(shape, np.float32))}
-        return self.cache[batch]
+    def _bound(self, batch: int) -> _Bound:
+        if batch not in self.buffers:
+            self.buffers = {batch: _Bound(self.step_session, self.commit_session, self.cfg, batch, self.topk)}
+        return self.buffers[batch]
 
     def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
-        k, v = self._cache(tokens.shape[0])
-        lp, ids = self.step_session.run(None, {"tokens": tokens.astype(np.int32), "k_cache": k, "v_cache": v,
-                                               "valid_len": np.array(valid, np.int32)})
-        return lp, ids
+        bound = self._bound(tokens.shape[0])
+        bound.load(tokens, valid)
+        self.step_session.run_with_iobinding(bound.step)
+        return bound.out["topk_logprobs"].copy(), bound.out["topk_ids"].copy()
 
     def commit(self, tokens: np.ndarray, valid: int) -> None:
-        k, v = self._cache(tokens.shape[0])
-        k_new, v_new = self.commit_session.run(None, {"tokens": tokens.astype(np.int32), "k_cache": k, "v_cache": v,
-                                                      "valid_len": np.array(valid, np.int32)})
+        bound = self._bound(tokens.shape[0])
+        bound.load(tokens, valid)
+        self.commit_session.run_with_iobinding(bound.commit)
         b = tokens.shape[1]
-        k[:, :, :, valid : valid + b], v[:, :, :, valid : valid + b] = k_new, v_new  # in place
+        bound.k[:, :, :, valid : valid + b] = bound.out["k_new"]  # in place
+        bound.v[:, :, :, valid : valid + b] = bound.out["v_new"]
 
     def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
                            on_step=None) -> BlockResult:
@@ -57,9 +89,9 @@ class BlockOnnxRunner(RunnerBase):
 
     def memory(self) -> dict[str, int]:
         files = [member(self.bundle.path, e) for e in self.bundle.manifest["precisions"][self.precision].values()]
-        cache = sum(a.nbytes for pair in self.cache.values() for a in pair)
+        cache = sum(b.k.nbytes + b.v.nbytes for b in self.buffers.values())
         return {"weights": sum(f.stat().st_size for f in files), "cache": cache}
 
     def close(self) -> None:
-        self.cache.clear()
+        self.buffers.clear()
         self.step_session = self.commit_session = None
