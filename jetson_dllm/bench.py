@@ -165,6 +165,8 @@ def measure_point(runner, group: Group, p: dict) -> Result:
     """One (batch, canvas, steps, strategy) point: warm-up, then `repeats` timed generations."""
     if runner.cfg.block_size:
         return measure_blocks_point(runner, group, p)
+    if runner.cfg.causal:
+        return measure_decode_point(runner, group, p)
     tok = runner.tokenizer
     name = Path(group.model).name if group.model not in SIZES else group.model
     if p["canvas"] not in runner.canvas_lengths:
@@ -235,11 +237,33 @@ def measure_blocks_point(runner, group: Group, p: dict) -> Result:
                    cache_passes=float(np.mean(commits)), commit_ms_median=float(np.median(commit_ms)) if commit_ms else None)
 
 
+def measure_decode_point(runner, group: Group, p: dict) -> Result:
+    """The autoregressive baseline: `canvas` tokens one by one from the start token, end-of-text banned; `steps`
+    does not apply (a network call per token)."""
+    name = Path(group.model).name
+    if p["canvas"] > runner.cfg.canvas_len:
+        raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {p['canvas']}")
+
+    def once():
+        return runner.generate_autoregressive([], p["canvas"], p["batch"], 0.0, 0, 1.0, 0, stop_at_end=False)
+
+    for _ in range(group.warmup):
+        once()
+    step_ms, totals, evals = [], [], []
+    with PeakRSS() as rss, PowerMonitor() as power:
+        for _ in range(group.repeats):
+            r = once()
+            step_ms += r.step_ms
+            totals.append(r.seconds)
+            evals.append(len(r.step_ms))
+    return _result(runner, group, p, name, step_ms, totals, [0.0] * len(totals), evals, rss, power)
+
+
 def quality_samples(result: Result, runner, point: dict, group: Group) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed); repetition and distinct-2
     here, the texts kept for the judge (who runs in the parent process, after every group)."""
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
-    if runner.cfg.block_size:  # block by block, as many tokens as the point generates
+    if runner.cfg.block_size or runner.cfg.causal:  # block by block, or token by token: as many tokens as the point
         texts = complete(runner, QUALITY_PROMPT, length=point["canvas"], num_samples=group.quality_samples, sampler=cfg).texts
     else:
         texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts

@@ -27,7 +27,7 @@ from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import SAMPLING_OUTPUTS
+from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
@@ -57,7 +57,6 @@ class EngineSpec:
 
 
 BLOCK_GRAPHS = ("block_step", "commit")
-COMMIT_OUTPUTS = ("k_new", "v_new")
 
 
 def check_trt_version(version: str) -> None:

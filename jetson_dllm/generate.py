@@ -117,7 +117,7 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
     if not runner.cfg.causal:
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_autoregressive", "the autoregressive baseline",
-                                                "its KV cache is not exported")
+                                                "its decode graph runs on onnxruntime; TensorRT engines for it are not built yet")
     result = runner.generate_autoregressive(ids, length or runner.cfg.canvas_len - len(ids), num_samples,
                                             sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)
     return ArGeneration([tok.decode(r) for r in result.tokens], result.tokens, result.new_tokens, result.seconds)
@@ -150,7 +150,7 @@ def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: in
     """A block-diffusion model's generation: `sampler.steps` per block; ends at end-of-text or `length` tokens;
     `on_step` sees the text grow block by block."""
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_blockwise", "a block-diffusion model",
-                                                "its block-step graphs are not exported yet")
+                                                "its block-step graphs run on onnxruntime and TensorRT")
     r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step=on_step)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size,

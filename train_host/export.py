@@ -123,7 +123,7 @@ def fp32_nodes(proto) -> list[str]:
             keep.append(node.name)
         elif module.endswith("model.Block") and node.op_type == "Add":  # x + attn(...), x + mlp(...)
             keep.append(node.name)
-        elif module.endswith(("export.ExportedDenoiser", "bd3_export.BlockStep", "bd3_export.Commit")):  # the head; BD3's cache plumbing
+        elif module.endswith(("export.ExportedDenoiser", "bd3_export.BlockStep", "bd3_export.Commit", "ar_export.Decode")):  # the head; the cache plumbing
             keep.append(node.name)
     return keep
 
@@ -226,6 +226,12 @@ def export_bundle(
     cfg = model.cfg
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
+    if cfg.causal:  # the autoregressive baseline: its decode graph with a KV cache
+        if "int8" in precisions:
+            raise DllmError("the autoregressive baseline exports FP32 and FP16 decode graphs; drop --int8")
+        from train_host.ar_export import export_ar_bundle
+
+        return export_ar_bundle(model, tokenizer, ckpt, out_dir, topk, overwrite, say, precisions)
     if cfg.block_size:  # block diffusion: the block-step and commit graphs
         from train_host.bd3_export import export_bd3_bundle
 

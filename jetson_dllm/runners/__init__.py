@@ -21,6 +21,7 @@ from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
 SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
+COMMIT_OUTPUTS = ("k_new", "v_new")  # a block-diffusion commit / an AR decode step: the keys and values it wrote
 
 
 class Runner(Protocol):

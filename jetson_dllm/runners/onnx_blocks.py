@@ -16,24 +16,23 @@ from jetson_dllm.blocks import BlockResult, generate_blocks
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.manifests import member
-from jetson_dllm.runners import RunnerBase
+from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 
 
-class _Bound:
-    """One batch size's buffers, bound once to the block-step and the commit session (CPU memory)."""
+class Bound:
+    """One batch size's buffers, bound once to each session (CPU memory): the cache, the block's tokens (`block`
+    of them) and valid length, the top-K outputs and the new keys and values. `sessions`: name -> (session, outputs)."""
 
-    def __init__(self, step_session, commit_session, cfg, batch: int, k: int):
+    def __init__(self, sessions: dict, cfg, batch: int, k: int, block: int):
         cache = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
-        new = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+        new = (cfg.n_layer, batch, cfg.n_head, block, cfg.head_dim)
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
-        self.tokens, self.valid = np.zeros((batch, cfg.block_size), np.int32), np.zeros((), np.int32)
-        self.out = {"topk_logprobs": np.zeros((batch, cfg.block_size, k), np.float32),
-                    "topk_ids": np.zeros((batch, cfg.block_size, k), np.int32),
+        self.tokens, self.valid = np.zeros((batch, block), np.int32), np.zeros((), np.int32)
+        self.out = {"topk_logprobs": np.zeros((batch, block, k), np.float32), "topk_ids": np.zeros((batch, block, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32)}
         inputs = {"tokens": self.tokens, "k_cache": self.k, "v_cache": self.v, "valid_len": self.valid}
-        self.step = self._binding(step_session, inputs, ("topk_logprobs", "topk_ids"))
-        self.commit = self._binding(commit_session, inputs, ("k_new", "v_new"))
+        self.bindings = {name: self._binding(session, inputs, outputs) for name, (session, outputs) in sessions.items()}
 
     def _binding(self, session, inputs: dict, outputs: tuple[str, ...]):
         io = session.io_binding()
@@ -48,6 +47,12 @@ class _Bound:
         np.copyto(self.tokens, tokens, casting="unsafe")
         self.valid[...] = valid
 
+    def write_new(self, valid: int) -> None:
+        """The new keys and values into the cache at `valid`, in place."""
+        b = self.tokens.shape[1]
+        self.k[:, :, :, valid : valid + b] = self.out["k_new"]
+        self.v[:, :, :, valid : valid + b] = self.out["v_new"]
+
 
 class BlockOnnxRunner(RunnerBase):
     def __init__(self, bundle: Bundle, step_session, commit_session, precision: str = "fp32"):
@@ -56,26 +61,25 @@ class BlockOnnxRunner(RunnerBase):
         self.topk, self.canvas_lengths = bundle.topk, bundle.canvas_lengths
         self.metrics = bundle.manifest.get("source", {}).get("metrics", {})
         self.name = f"onnx-{step_session.get_providers()[0].replace('ExecutionProvider', '').lower()}-bd3"
-        self.buffers: dict[int, _Bound] = {}  # batch -> buffers and bindings, allocated once
+        self.buffers: dict[int, Bound] = {}  # batch -> buffers and bindings, allocated once
 
-    def _bound(self, batch: int) -> _Bound:
+    def _bound(self, batch: int) -> Bound:
         if batch not in self.buffers:
-            self.buffers = {batch: _Bound(self.step_session, self.commit_session, self.cfg, batch, self.topk)}
+            sessions = {"step": (self.step_session, SAMPLING_OUTPUTS), "commit": (self.commit_session, COMMIT_OUTPUTS)}
+            self.buffers = {batch: Bound(sessions, self.cfg, batch, self.topk, self.cfg.block_size)}
         return self.buffers[batch]
 
     def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
         bound = self._bound(tokens.shape[0])
         bound.load(tokens, valid)
-        self.step_session.run_with_iobinding(bound.step)
+        self.step_session.run_with_iobinding(bound.bindings["step"])
         return bound.out["topk_logprobs"].copy(), bound.out["topk_ids"].copy()
 
     def commit(self, tokens: np.ndarray, valid: int) -> None:
         bound = self._bound(tokens.shape[0])
         bound.load(tokens, valid)
-        self.commit_session.run_with_iobinding(bound.commit)
-        b = tokens.shape[1]
-        bound.k[:, :, :, valid : valid + b] = bound.out["k_new"]  # in place
-        bound.v[:, :, :, valid : valid + b] = bound.out["v_new"]
+        self.commit_session.run_with_iobinding(bound.bindings["commit"])
+        bound.write_new(valid)
 
     def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
                            on_step=None) -> BlockResult:

@@ -153,6 +153,10 @@ def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers
 
         commit = session_from_onnx(member(bundle.path, bundle.manifest["precisions"][precision]["commit"]), resolved, threads)
         return BlockOnnxRunner(bundle, session, commit, precision)
+    if bundle.config.causal:  # the autoregressive baseline: its decode graph
+        from jetson_dllm.runners.onnx_ar import ArOnnxRunner
+
+        return ArOnnxRunner(bundle, session, precision)
     runner = OnnxRunner(session, bundle.config, precision, tokenizer, bundle.canvas_lengths, path.stat().st_size)
     if runner.topk != bundle.topk:
         raise DllmError(f"{path.name} has a top-{runner.topk} head but the manifest says {bundle.topk}; re-export the bundle")

@@ -57,13 +57,13 @@ class TorchRunner(RunnerBase):
         return result
 
     def generate_autoregressive(self, prompt_ids: list[int], max_new: int, num_samples: int, temperature: float,
-                                top_k: int, top_p: float, seed: int):
+                                top_k: int, top_p: float, seed: int, stop_at_end: bool = True):
         """Token by token with a KV cache: only for the autoregressive baseline (cfg.causal)."""
         from train_host.autoregressive import ar_generate
 
         tok = self.tokenizer
         return ar_generate(self.model, prompt_ids, max_new, tok.eot_id, tok.eot_id, tok.pad_id, num_samples=num_samples,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_end=stop_at_end)
 
     def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler, on_step=None):
         """Block after block with an exact KV cache: only for a block-diffusion model (cfg.block_size)."""

@@ -19,10 +19,10 @@ import numpy as np
 
 from jetson_dllm.blocks import BlockResult, generate_blocks
 from jetson_dllm.bundle import Bundle
-from jetson_dllm.engine import COMMIT_OUTPUTS, EngineSpec, block_io_buffers, input_shapes
+from jetson_dllm.engine import EngineSpec, block_io_buffers, input_shapes
 from jetson_dllm.engine_build import find_or_build
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import SAMPLING_OUTPUTS
+from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
 from jetson_dllm.runners.trt_runner import TrtRunner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 

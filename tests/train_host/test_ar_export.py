@@ -1,0 +1,58 @@
+"""The autoregressive baseline on the runtime: its decode graph with a KV cache agrees with torch, token by token,
+and `dllm bench` measures it next to the diffusion models."""
+
+import numpy as np
+import pytest
+
+from jetson_dllm.decode import decode_tokens
+from jetson_dllm.errors import DllmError
+
+
+def test_decoding_reads_each_token_once_at_its_position_and_stops_at_the_end():
+    """A stand-in network that always ranks end-of-text (id 1) first, then ids 5 and 6."""
+    seen = []
+
+    def step(tokens, valid):
+        seen.append((tokens[:, 0].tolist(), valid))
+        B = tokens.shape[0]
+        return np.tile(np.log([[0.6, 0.3, 0.1]]), (B, 1, 1)).astype(np.float32), np.tile([[1, 5, 6]], (B, 1, 1))
+
+    free = decode_tokens(step, [7, 8], 4, bos=1, eot=1, pad=0, max_len=32, num_samples=2)
+    assert free.new_tokens == 1 and free.tokens.tolist() == [[7, 8, 1, 0, 0, 0]] * 2  # greedy: the end at once, padding after
+    assert seen == [([1, 1], 0), ([7, 7], 1), ([8, 8], 2)]  # start token, then the prompt, one position each
+    seen.clear()
+    fixed = decode_tokens(step, [7], 4, bos=1, eot=1, pad=0, max_len=32, stop_at_end=False)
+    assert fixed.new_tokens == 4 and fixed.tokens.tolist() == [[7, 5, 5, 5, 5]]  # end-of-text banned: the next best
+    assert [v for _, v in seen] == [0, 1, 2, 3, 4] and len(fixed.step_ms) == 5  # 2 reads of the prompt, 3 of new tokens
+    with pytest.raises(DllmError, match="the model takes 2"):
+        decode_tokens(step, [7, 8], 4, bos=1, eot=1, pad=0, max_len=2)
+
+
+def test_the_decode_graph_runs_the_baseline_as_torch_does(ar_run, ar_bundle, tmp_path):
+    from jetson_dllm.bundle import load_bundle
+    from jetson_dllm.generate import complete, open_model
+    from jetson_dllm.sampler import SamplerConfig
+    from train_host.export import export_bundle
+
+    parity = load_bundle(ar_bundle).manifest["decode_parity"]
+    assert parity["fp32"]["max_abs_logprob_diff"] < 1e-3 and parity["fp16"]["top1_agreement"] > 0.9
+    greedy = SamplerConfig(temperature=0.0)
+    with open_model(ar_run) as on_torch, open_model(ar_bundle) as on_onnx:
+        a = complete(on_torch, "Once upon a time", length=24, num_samples=2, sampler=greedy)
+        b = complete(on_onnx, "Once upon a time", length=24, num_samples=2, sampler=greedy)
+        assert on_onnx.name.endswith("-ar") and on_onnx.memory()["cache"] > 0
+    assert (a.tokens == b.tokens).all() and a.new_tokens == b.new_tokens
+    with pytest.raises(DllmError, match="drop --int8"):
+        export_bundle(ar_run, tmp_path / "int8", precisions=("fp32", "int8"))
+    assert not (tmp_path / "int8").exists()
+
+
+def test_bench_measures_the_baseline_token_by_token(ar_bundle, tmp_path):
+    from jetson_dllm import bench
+
+    results, _, _ = bench.run_sweep([str(ar_bundle)], ["onnx"], ["fp32"], steps=[8], canvases=[40], batches=[1],
+                                    strategies=["confidence"], repeats=2, warmup=0, out_dir=tmp_path / "b", isolate=False,
+                                    quality=True, quality_samples=2, judge=lambda texts: 7.0)
+    (r,) = results
+    assert r.evaluations == 40 and r.step_ms_median > 0 and r.tokens_per_s > 0  # one call per token
+    assert r.gen_ppl == 7.0 and r.repetition is not None

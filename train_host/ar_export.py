@@ -1,0 +1,117 @@
+"""The autoregressive baseline's graph: one *decode* step with its KV cache, so the baseline runs on the same runtime
+(onnxruntime, TensorRT) as the diffusion models it is compared with.
+
+    decode  tokens (B, 1) int32, k_cache and v_cache (n_layer, B, heads, max_len, head_dim) float32, valid_len () int32
+            ->  topk_logprobs, topk_ids (B, 1, K) of the next token, and k_new, v_new (n_layer, B, heads, 1, head_dim)
+            of the token read: one pass per token, its keys and values written into the cache at valid_len by the
+            runner, in place (what block diffusion's block-step and commit graphs do in two passes, fused).
+
+The prompt is read through the same graph, one token per pass. The same layers as the model's (bd3_export._hidden).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from train_host.bd3_export import _hidden, example_inputs
+from train_host.model import Denoiser, topk_logprobs
+
+
+class Decode(torch.nn.Module):
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, tokens, k_cache, v_cache, valid_len):
+        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+        lp, ids = topk_logprobs(self.model.logits_from_hidden(h), self.k)
+        return lp, ids, torch.stack(cache.new_k), torch.stack(cache.new_v)
+
+
+def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None:
+    from train_host.export import _quiet_exporter
+
+    model = model.eval()
+    model.set_attention("math")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {}}
+    _, k_cache, v_cache, valid = example_inputs(model)
+    tokens = torch.full((k_cache.shape[1], 1), 3, dtype=torch.int32)  # one token per pass (the model's block size is 0)
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(Decode(model, k).eval(), (tokens, k_cache, v_cache, valid), str(path),
+                              input_names=["tokens", "k_cache", "v_cache", "valid_len"],
+                              output_names=["topk_logprobs", "topk_ids", "k_new", "v_new"], opset_version=opset, dynamo=True,
+                              external_data=False, dynamic_shapes=dynamic)
+    finally:
+        model.set_attention("sdpa")
+
+
+def decode_parity(model: Denoiser, path: Path, k: int, bos_id: int, batch: int = 2, seed: int = 0) -> dict:
+    """The graph, token by token over its own cache, against the model's causal forward pass over the whole text."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from train_host.autoregressive import shift_right
+
+    cfg = model.cfg
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    x = shift_right(torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g), bos_id)
+    with torch.no_grad():
+        want_lp, want_ids = topk_logprobs(model(x), k)
+    shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    k_cache, v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    worst, agree = 0.0, 0.0
+    for i in range(cfg.canvas_len):
+        lp, ids, k_new, v_new = session.run(None, {"tokens": x[:, i : i + 1].numpy().astype(np.int32), "k_cache": k_cache,
+                                                   "v_cache": v_cache, "valid_len": np.array(i, np.int32)})
+        k_cache[:, :, :, i : i + 1], v_cache[:, :, :, i : i + 1] = k_new, v_new
+        worst = max(worst, float(np.abs(lp[:, 0] - want_lp[:, i].numpy()).max()))
+        agree += float((ids[:, 0, 0] == want_ids[:, i, 0].numpy()).mean())
+    return {"max_abs_logprob_diff": worst, "top1_agreement": agree / cfg.canvas_len, "tokens": cfg.canvas_len}
+
+
+def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",)):
+    """A bundle of the autoregressive baseline: the decode graph (FP32, and FP16 with the usual FP32 islands), the
+    tokenizer, a manifest and the graph's parity with the torch model (refused, writing nothing, if FP32 disagrees)."""
+    import time as clock
+
+    import onnx
+
+    from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
+    from jetson_dllm.errors import DllmError
+    from train_host.export import OPSET, check_graph, convert_fp16, fp32_nodes
+
+    cfg = model.cfg
+
+    def build(tmp: Path) -> dict:
+        say("exporting the decode graph (FP32): one token per pass, its keys and values out")
+        export_decode_graph(model, tmp / "decode.fp32.onnx", topk, OPSET)
+        tokenizer.save(tmp / "tokenizer.json")
+        entries = {"fp32": {"file": "decode.fp32.onnx"}}
+        fp32 = onnx.load(str(tmp / "decode.fp32.onnx"))
+        if "fp16" in precisions:
+            say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
+            fp16 = convert_fp16(fp32)
+            check_graph(fp16, "decode.fp16.onnx")
+            onnx.save(fp16, str(tmp / "decode.fp16.onnx"))
+            entries["fp16"] = {"file": "decode.fp16.onnx"}
+        say("checking the graph against PyTorch")
+        parity = {p: decode_parity(model, tmp / e["file"], topk, tokenizer.eot_id) for p, e in entries.items()}
+        if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
+            raise DllmError(f"the FP32 decode graph disagrees with PyTorch ({parity['fp32']}); nothing was written")
+        return {
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": clock.strftime("%Y-%m-%dT%H:%M:%S"),
+            "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
+            "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", 1]}, "k_cache": {"dtype": "float32"},
+                       "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
+            "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
+            "canvas_lengths": [cfg.canvas_len], "opset": OPSET, "precisions": entries, "fp32_nodes": fp32_nodes(fp32),
+            "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
+            "decode_parity": parity,
+        }
+
+    return write_bundle(out_dir, build, overwrite=overwrite)
