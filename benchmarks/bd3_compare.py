@@ -1,0 +1,89 @@
+"""MDLM, block diffusion at several block sizes and the autoregressive baseline, trained the same way, on one table:
+held-out NLL, tokens per second, network evaluations, generative perplexity, repetition and distinct-2.
+
+Every model is exported (FP32) and run on onnxruntime, batch 1, generating `--tokens` tokens from nothing through
+`dllm bench` (jetson_dllm.bench.run_sweep): MDLM over its whole canvas at several step counts, BD3 block by block at
+several steps per block (confidence and the entropy-bounded sampler), AR token by token with its KV cache. The NLL
+is `dllm eval` on the whole validation split (diffusion: the bound; AR: exact). The judge, an AR model that is not
+among the judged, scores `--samples` stories per row (temperature 0.8) for the quality columns.
+
+    python benchmarks/bd3_compare.py --data runs/ts --judge runs/cmp/judge --out runs/readme/bd3_compare \
+        mdlm=runs/cmp/mdlm bd3-4=runs/cmp/bd3-4 bd3-8=runs/cmp/bd3-8 bd3-16=runs/cmp/bd3-16 bd3-32=runs/cmp/bd3-32 ar=runs/cmp/ar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from jetson_dllm.bench import run_sweep
+from train_host.checkpoint import load_model
+from train_host.evaluate import evaluate_checkpoint
+from train_host.export import export_bundle
+from train_host.judge import Judge
+
+
+def settings(cfg, tokens: int) -> tuple[list[int], list[str]]:
+    """(steps, strategies) for a model: MDLM steps over the canvas, BD3 steps per block (up to one per token), AR none."""
+    if cfg.causal:
+        return [1], ["confidence"]
+    if cfg.block_size:
+        b = cfg.block_size
+        return sorted({max(1, b // 4), max(1, b // 2), b}), ["confidence", "eb"]
+    return [tokens // 4, tokens // 2, tokens], ["confidence"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="name=RUN_FOLDER")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--judge", required=True)
+    ap.add_argument("--out", default="runs/readme/bd3_compare")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = Judge(args.judge)
+    rows = []
+    for spec in args.models:
+        name, run = spec.split("=", 1)
+        model, _, config = load_model(run)
+        cfg = model.cfg
+        metrics = evaluate_checkpoint(run, args.data, canvases=10_000, n_t=8)
+        bundle = out / f"{name}-bundle"
+        if not (bundle / "manifest.json").is_file():
+            export_bundle(run, bundle, precisions=("fp32",), data_dir=args.data)
+        steps, strategies = settings(cfg, args.tokens)
+        results, env, _ = run_sweep([str(bundle)], ["onnx"], ["fp32"], steps, [args.tokens], [1], strategies, repeats=args.repeats,
+                                    threads=args.threads, out_dir=out / name, quality=True, quality_samples=args.samples,
+                                    judge=judge.perplexity)
+        for r in results:
+            rows.append({"model": name, "objective": "ar" if cfg.causal else (f"bd3 b={cfg.block_size}" if cfg.block_size else "mdlm"),
+                         "train_steps": config.get("step"), "val_nll": metrics["val_nll"], **asdict(r)})
+        print(f"{name}: NLL {metrics['val_nll']:.3f}, " + ", ".join(f"{r.steps}/{r.strategy}: {r.tokens_per_s:.0f} tok/s, "
+                                                                  f"ppl {r.gen_ppl:.1f}" for r in results), flush=True)
+    (out / "bd3_compare.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    (out / "bd3_compare.md").write_text(table(rows))
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    ar = next((r for r in rows if r["objective"] == "ar"), None)
+    lines = ["| model | train steps | held-out NLL | steps | strategy | network evals | cache passes | tokens/s | x AR | gen. ppl | repetition | distinct-2 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        steps = "-" if r["objective"] == "ar" else (f"{r['steps']}/block" if r["block_size"] else str(r["steps"]))
+        speed = f"{r['tokens_per_s'] / ar['tokens_per_s']:.2f}" if ar else "-"
+        lines.append(f"| {r['objective']} | {r['train_steps']} | {r['val_nll']:.3f} | {steps} | {r['strategy'] if r['objective'] != 'ar' else '-'} | "
+                     f"{r['evaluations']:.0f} | {r['cache_passes']:.0f} | {r['tokens_per_s']:.0f} | {speed} | {r['gen_ppl']:.1f} | "
+                     f"{r['repetition']:.3f} | {r['distinct2']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
