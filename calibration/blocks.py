@@ -204,5 +204,5 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
         "quantized": len(nodes) - len(search["excluded"]), "excluded": search["excluded"], "sensitivity_points": search["sensitivity"],
         "trajectory": search["trajectory"], "accuracy_drop_points": drop, "search_drop_points": search["drop"],
         "budget_points": options.budget, "within_budget": bool(drop <= options.budget), "allow_over_budget": options.allow_over_budget,
-        "seconds": round(time.time() - t0, 1), "report": report["int8"],
+        "seconds": round(time.time() - t0, 1), "report": report,
     }

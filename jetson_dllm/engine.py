@@ -102,6 +102,8 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: 
         raise DllmError(f"canvas {canvas} is not one of the bundle's shapes ({', '.join(map(str, bundle.canvas_lengths))})")
     if batch < 1:
         raise DllmError(f"batch must be at least 1, got {batch}")
+    if bundle.config.causal:
+        raise DllmError(f"{bundle.path} is the autoregressive baseline; TensorRT engines for its decode graph are not built yet (run it with --backend onnx)")
     if bool(graph) != bool(bundle.config.block_size) or graph not in ("", *BLOCK_GRAPHS):
         raise DllmError(f"{bundle.path} has no {graph or 'canvas'} graph")
     bundle.onnx_path(precision, graph)  # a clear error when the bundle lacks the precision
@@ -227,6 +229,7 @@ def bundle_report(bundle_dir: str | Path) -> dict:
             "engines": engine_status(bundle), "engines_dir": str(bundle.engines_dir), "canvas_lengths": bundle.canvas_lengths,
             "topk": bundle.topk, "opset": bundle.manifest.get("opset"), "version": bundle.manifest.get("version"),
             "parity": bundle.manifest.get("parity"), "block_parity": bundle.manifest.get("block_parity"),
+            "decode_parity": bundle.manifest.get("decode_parity"),
             "calibration": bundle.manifest.get("calibration"),
             "bad": [n for n, state in files.items() if state != "ok"]}
 

@@ -60,6 +60,12 @@ def parity_table(manifest: dict) -> Table:
         for precision, bp in manifest["block_parity"].items():
             table.add_row(f"block step + commit ({precision})", str(bp["blocks"]), f"{bp['max_abs_logprob_diff']:.2e}", f"{bp['top1_agreement']:.4f}")
         return table
+    if "parity" not in manifest and "decode_parity" in manifest:
+        table = _table("decode graph against PyTorch (random text, token by token over its own cache)",
+                       ("graph", "tokens", "max |log-prob diff| (top-K)", "top-1 agreement"))
+        for precision, dp in manifest["decode_parity"].items():
+            table.add_row(f"decode ({precision})", str(dp["tokens"]), f"{dp['max_abs_logprob_diff']:.2e}", f"{dp['top1_agreement']:.4f}")
+        return table
     parity = manifest["parity"]
     table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",
                    ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "NLL torch", "NLL onnx", "masked acc"))
@@ -79,11 +85,14 @@ def calibration_table(calibration: dict) -> Table:
              + ("" if calibration["within_budget"] else "  [red]OVER BUDGET[/]"))
     table = _table(title, ("mask ratio", "acc fp32", "acc fp16", "acc int8", "int8 - fp32", "NLL fp32", "NLL fp16", "NLL int8",
                            "top-1 agree int8/fp32"))
+    def nll(row, key):  # the block graphs' report has top-K heads only: no NLL
+        return f"{row[key]:.4f}" if row and key in row else "-"
+
     for label in levels["int8"]:
         f32, f16, i8 = levels["int8"][label], levels.get("fp16", {}).get(label), levels["int8"][label]
         table.add_row(label, f"{f32['accuracy_ref']:.4f}", f"{f16['accuracy']:.4f}" if f16 else "-", f"{i8['accuracy']:.4f}",
-                      f"{100 * (i8['accuracy'] - f32['accuracy_ref']):+.2f} pt", f"{f32['nll_ref']:.4f}",
-                      f"{f16['nll']:.4f}" if f16 else "-", f"{i8['nll']:.4f}", f"{i8['top1_agreement']:.4f}")
+                      f"{100 * (i8['accuracy'] - f32['accuracy_ref']):+.2f} pt", nll(f32, "nll_ref"), nll(f16, "nll"), nll(i8, "nll"),
+                      f"{i8['top1_agreement']:.4f}")
     return table
 
 
@@ -102,6 +111,8 @@ def bundle_tables(report: dict) -> list:
         out.append(parity_table({"parity": m["parity"], "precisions": [p for p in m["precisions"] if p in m["parity"]]}))
     elif m.get("block_parity"):
         out.append(parity_table({"block_parity": m["block_parity"]}))
+    elif m.get("decode_parity"):
+        out.append(parity_table({"decode_parity": m["decode_parity"]}))
     if m["calibration"]:
         out.append(calibration_table(m["calibration"]))
     engines = _table(f"engines in {m['engines_dir']}", ("engine", "precision", "batch x canvas", "built with", "fits this device"),

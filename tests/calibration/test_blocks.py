@@ -64,8 +64,8 @@ def test_both_graphs_are_int8_by_tensorrts_rules(bd3_bundle):
     for name in (entry["file"], entry["commit"]):
         model = onnx.load(str(bd3_bundle / name))
         assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0 and qdq_problems(model) == []
-    assert c["quantized"] > 0 and set(c["report"]) == {"0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1"}
-    assert all(r["positions"] > 0 for r in c["report"].values())
+    assert c["quantized"] > 0 and set(c["report"]["int8"]) == {"0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1"}
+    assert all(r["positions"] > 0 for r in c["report"]["int8"].values())
     assert bundle.manifest["block_parity"]["int8"]["top1_agreement"] >= 0.9  # against the torch cache
 
 
@@ -77,3 +77,16 @@ def test_generation_runs_on_the_int8_graphs(bd3_bundle):
         gen = complete(runner, "Once upon a time", length=30, num_samples=2, sampler=SamplerConfig(steps=4, temperature=0.0))
     assert runner.precision == "int8" and gen.new_tokens == 30 and gen.commits >= 1
     assert all(t.startswith("Once upon a time") for t in gen.texts)
+
+
+def test_inspect_shows_the_block_parity_and_the_int8_report(bd3_bundle):
+    from rich.console import Console
+
+    from jetson_dllm.engine import bundle_report
+    from jetson_dllm.tables import bundle_tables
+
+    console = Console(record=True, width=200)
+    for t in bundle_tables(bundle_report(bd3_bundle)):
+        console.print(t)
+    text = console.export_text()
+    assert "block step + commit (int8)" in text and "0.8-1" in text and "accuracy drop" in text

@@ -56,3 +56,19 @@ def test_bench_measures_the_baseline_token_by_token(ar_bundle, tmp_path):
     (r,) = results
     assert r.evaluations == 40 and r.step_ms_median > 0 and r.tokens_per_s > 0  # one call per token
     assert r.gen_ppl == 7.0 and r.repetition is not None
+
+
+def test_inspect_shows_the_decode_parity_and_build_refuses(ar_bundle):
+    from rich.console import Console
+
+    from jetson_dllm import engine as eng
+    from jetson_dllm.bundle import load_bundle
+    from jetson_dllm.tables import bundle_tables
+
+    console = Console(record=True, width=200)
+    for t in bundle_tables(eng.bundle_report(ar_bundle)):
+        console.print(t)
+    text = console.export_text()
+    assert "decode (fp32)" in text and "decode (fp16)" in text
+    with pytest.raises(DllmError, match="autoregressive baseline; TensorRT engines"):
+        eng.engine_spec(load_bundle(ar_bundle), "fp16", 1, 64)
