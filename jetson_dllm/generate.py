@@ -118,6 +118,7 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
         return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_autoregressive", "the autoregressive baseline",
                                                 "its decode graph runs on onnxruntime; TensorRT engines for it are not built yet")
+    _check_context(runner, [runner.tokenizer.eot_id, *ids], length and length - 1)  # the start token, the last token never read
     result = runner.generate_autoregressive(ids, length or runner.cfg.canvas_len - len(ids), num_samples,
                                             sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)
     return ArGeneration([tok.decode(r) for r in result.tokens], result.tokens, result.new_tokens, result.seconds)
@@ -151,10 +152,19 @@ def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: in
     `on_step` sees the text grow block by block."""
     tok, ids = runner.tokenizer, _left_to_right(runner, prompt, "generate_blockwise", "a block-diffusion model",
                                                 "its block-step graphs run on onnxruntime and TensorRT")
+    _check_context(runner, ids, length)
     r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step=on_step)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size,
                            "torch-bd3" if runner.name.startswith("torch") else runner.name)
+
+
+def _check_context(runner: Runner, ids: list[int], length: int) -> None:
+    """A left-to-right model's cache (its context) holds the prompt and the tokens it generates, no more."""
+    limit = runner.cfg.canvas_len
+    if len(ids) + length > limit or len(ids) >= limit:
+        raise DllmError(f"the prompt ({len(ids)} tokens) and --length {length} need {len(ids) + length} positions; "
+                        f"this model's context (its cache) holds {limit}: shorten the prompt or --length")
 
 
 def _left_to_right(runner: Runner, prompt: str, method: str, what: str, why_torch: str) -> list[int]:

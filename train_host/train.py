@@ -145,6 +145,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     train_ds = CanvasDataset(data_dir, "train", cfg.canvas_len, tokenizer.pad_id)
     val_ds = CanvasDataset(data_dir, "val", cfg.canvas_len, tokenizer.pad_id)
     resume_from = _resume_point(tc, run, cfg, tokenizer)
+    init = _init_weights(tc.init, cfg, tokenizer) if tc.init and resume_from is None else None  # checked before writing
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_partial(run)
@@ -161,8 +162,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
              torch.compile(model) if tc.compile else model, opt, ema, None)
     if resume_from is not None:
         _restore(r, resume_from)
-    elif tc.init:
-        _initialise(r, tc.init)
+    elif init is not None:
+        _initialise(r, *init)
     r.last_saved = r.step
     if resume_from is None:
         r.t_range = noise_range(tc)
@@ -203,18 +204,24 @@ def _restore(r: _Run, resume_from: Path) -> None:
         r.console.print(f"resuming {r.run} from step {r.step} ({r.samples_seen:,} canvases seen)")
 
 
-def _initialise(r: _Run, source: str) -> None:
-    """Weights from another checkpoint of the same shape (its block size and objective may differ)."""
-    cfg, weights, tokenizer, config = ckpt_io.load_checkpoint(source)
-    mine = {k: v for k, v in r.cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
-    theirs = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
-    if mine != theirs or tokenizer.sha256 != r.tokenizer.sha256:
+def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[dict, str]:
+    """The weights of --init, refused unless they are of this run's shape and tokenizer (block size and objective
+    may differ). Returns (weights, the checkpoint's path)."""
+    theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
+    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
+    if mine != theirs or theirs_tok.sha256 != tokenizer.sha256:
         raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's; give a checkpoint trained on the same data and config")
-    ckpt_io.load_weights(r.core, weights, config["path"])
+    return weights, config["path"]
+
+
+def _initialise(r: _Run, weights: dict, path: str) -> None:
+    """Start from --init's weights (checked by `_init_weights`)."""
+    ckpt_io.load_weights(r.core, weights, path)
     if r.ema is not None:
         r.ema.load_state_dict(r.core.state_dict())
     if r.d.main:
-        r.console.print(f"starting from the weights of {config['path']}")
+        r.console.print(f"starting from the weights of {path}")
 
 
 def train_step(r: _Run) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,34 @@
+"""Block diffusion's refusals through the real `dllm` entry point: a block size that does not fit the canvas, gaps to
+fill with a left-to-right model, more tokens than the cache holds, an --init checkpoint of another shape. Each is one
+line, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+from refusal import assert_clean_failure, run, snapshot
+
+
+def test_block_sizes_that_do_not_fit_the_canvas(data_dir, tmp_path):
+    for block in ("24", "128"):
+        out = tmp_path / f"b{block}"
+        code, _, err = run("train", "--data", data_dir, "--out", out, "--objective", "bd3", "--canvas-len", "64",
+                           "--block-size", block, "--steps", "2")
+        assert_clean_failure(code, err, "must divide the canvas")
+        assert not out.exists()
+
+
+def test_an_init_checkpoint_of_another_shape(data_dir, trained_run, tmp_path):
+    before = snapshot(trained_run)
+    out = tmp_path / "ft"
+    code, _, err = run("train", "--data", data_dir, "--out", out, "--objective", "bd3", "--canvas-len", "64",
+                       "--block-size", "16", "--init", trained_run, "--steps", "2")  # tiny at full width; the run is narrowed
+    assert_clean_failure(code, err, "another shape or tokenizer")
+    assert not out.exists() and snapshot(trained_run) == before
+
+
+def test_infilling_and_an_overlong_generation_on_a_block_diffusion_bundle(bd3_bundle):
+    before = snapshot(bd3_bundle)
+    code, _, err = run("run", bd3_bundle, "-p", "Once ____ happily ever after.")
+    assert_clean_failure(code, err, "use a masked-diffusion (MDLM) model")
+    code, _, err = run("run", bd3_bundle, "-p", "Once upon a time", "--length", "500")
+    assert_clean_failure(code, err, "its cache) holds 64")
+    assert snapshot(bd3_bundle) == before
