@@ -25,14 +25,13 @@ from train_host.export import export_bundle
 from train_host.judge import Judge
 
 
-def settings(cfg, tokens: int) -> tuple[list[int], list[str]]:
-    """(steps, strategies) for a model: MDLM steps over the canvas, BD3 steps per block (up to one per token), AR none."""
+def settings(cfg, tokens: int) -> list[tuple[list[int], str]]:
+    """The sweeps for a model, (steps, strategy) each: confidence at several step counts (MDLM over the canvas, BD3 per
+    block, up to one per token), then the entropy-bounded sampler with one step per token as its cap; AR: one."""
     if cfg.causal:
-        return [1], ["confidence"]
-    if cfg.block_size:
-        b = cfg.block_size
-        return sorted({max(1, b // 4), max(1, b // 2), b}), ["confidence", "eb"]
-    return [tokens // 4, tokens // 2, tokens], ["confidence"]
+        return [([1], "confidence")]
+    most = cfg.block_size or tokens
+    return [(sorted({max(1, most // 4), max(1, most // 2), most}), "confidence"), ([most], "eb")]
 
 
 def main() -> None:
@@ -58,10 +57,12 @@ def main() -> None:
         bundle = out / f"{name}-bundle"
         if not (bundle / "manifest.json").is_file():
             export_bundle(run, bundle, precisions=("fp32",), data_dir=args.data)
-        steps, strategies = settings(cfg, args.tokens)
-        results, env, _ = run_sweep([str(bundle)], ["onnx"], ["fp32"], steps, [args.tokens], [1], strategies, repeats=args.repeats,
-                                    threads=args.threads, out_dir=out / name, quality=True, quality_samples=args.samples,
-                                    judge=judge.perplexity)
+        results = []
+        for steps, strategy in settings(cfg, args.tokens):
+            done, env, _ = run_sweep([str(bundle)], ["onnx"], ["fp32"], steps, [args.tokens], [1], [strategy], repeats=args.repeats,
+                                     threads=args.threads, out_dir=out / f"{name}-{strategy}", quality=True,
+                                     quality_samples=args.samples, judge=judge.perplexity)
+            results += done
         for r in results:
             rows.append({"model": name, "objective": "ar" if cfg.causal else (f"bd3 b={cfg.block_size}" if cfg.block_size else "mdlm"),
                          "train_steps": config.get("step"), "val_nll": metrics["val_nll"], **asdict(r)})
