@@ -190,16 +190,18 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
 
     `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process. A
     block-diffusion model (cfg.block_size) runs b positions per call over a key/value cache of the whole canvas,
-    allocated once: the cache is part of the plan."""
+    allocated once: the cache is part of the plan; the autoregressive baseline (cfg.causal) likewise, one position
+    per call."""
     record = precision_record(precision)
     weights = cfg.weight_bytes(precision)
     act_bytes = record.activation_bytes
     B, T = batch, canvas
-    Q = cfg.block_size or T  # positions per network call
+    cached = bool(cfg.block_size or cfg.causal)
+    Q = 1 if cfg.causal else (cfg.block_size or T)  # positions per network call
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
-    activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cfg.block_size else 0)) * act_bytes
-    cache = 2 * cfg.n_layer * B * cfg.n_head * T * cfg.head_dim * 4 if cfg.block_size else 0  # keys and values, FP32
+    activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cached else 0)) * act_bytes
+    cache = 2 * cfg.n_layer * B * cfg.n_head * T * cfg.head_dim * 4 if cached else 0  # keys and values, FP32
     io = B * Q * (4 + 8 * k)
     runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
     run = weights + activations + cache + io + runtime

@@ -178,6 +178,9 @@ def export_summary(bundle, out_dir) -> str:
     carried = "".join(f"; {k} {len(v)} engine(s) of the old bundle{': ' + ', '.join(v) if k == 'dropped' else ''}"
                       for k, v in bundle.engines_carried.items() if v)
     if bundle.config.block_size:
-        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} block graphs); run it with onnxruntime: dllm run {out_dir} "
-                "(TensorRT engines for block graphs are not built yet)")
+        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} block-step and commit graphs){carried}; run it here: dllm run {out_dir}; "
+                f"on the Jetson: dllm build {out_dir} --precision fp16")
+    if bundle.config.causal:
+        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} decode graph){carried}; run it with onnxruntime: dllm run {out_dir} "
+                "(TensorRT engines for the baseline are not built yet)")
     return f"wrote {out_dir} ({', '.join(bundle.precisions)}); copy it to the Jetson and build: dllm build {out_dir} --precision fp16{carried}"
