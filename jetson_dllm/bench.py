@@ -82,7 +82,8 @@ class Result:
     repetition: float | None = None  # --quality
     distinct2: float | None = None  # --quality
     block_size: int = 0  # a block-diffusion model: its block; `steps` is then steps per block, `canvas` tokens generated
-    cache_passes: float = 0.0  # block diffusion: commits of finished blocks to the KV cache, per generation
+    cache_passes: float = 0.0  # block diffusion: commits of finished blocks to the KV cache, per generation (calls of their own)
+    folded_commits: float = 0.0  # block diffusion: commits done inside the next block's first step
     commit_ms_median: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -223,7 +224,7 @@ def measure_blocks_point(runner, group: Group, p: dict) -> Result:
     cfg = SamplerConfig(steps=p["steps"], strategy=p["strategy"], seed=0, allow_end=False)
     for _ in range(group.warmup):
         runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
-    step_ms, commit_ms, totals, sampler_s, evals, commits = [], [], [], [], [], []
+    step_ms, commit_ms, totals, sampler_s, evals, commits, folded = [], [], [], [], [], [], []
     with PeakRSS() as rss, PowerMonitor() as power:
         for _ in range(group.repeats):
             r = runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
@@ -233,8 +234,10 @@ def measure_blocks_point(runner, group: Group, p: dict) -> Result:
             sampler_s.append(r.sampler_s)
             evals.append(r.evaluations)
             commits.append(r.commits)
+            folded.append(r.folded)
     return _result(runner, group, p, name, step_ms, totals, sampler_s, evals, rss, power, block_size=runner.cfg.block_size,
-                   cache_passes=float(np.mean(commits)), commit_ms_median=float(np.median(commit_ms)) if commit_ms else None)
+                   cache_passes=float(np.mean(commits)), folded_commits=float(np.mean(folded)),
+                   commit_ms_median=float(np.median(commit_ms)) if commit_ms else None)
 
 
 def measure_decode_point(runner, group: Group, p: dict) -> Result:

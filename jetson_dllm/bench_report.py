@@ -101,7 +101,7 @@ COLUMNS = ["model", "backend", "precision", "batch", "canvas", "steps", "strateg
            "step_ms_p90", "generation_ms", "generation_ms_spread", "tokens_per_s", "sampler_share", "peak_rss_mb",
            "weights_mb", "device_mb", "memory_available_mb", "gpu_nvmap_mb", "power_mw", "energy_mj_per_token", "repeats"]
 QUALITY_COLUMNS = ["gen_ppl", "repetition", "distinct2"]
-BLOCK_COLUMNS = ["block_size", "cache_passes", "commit_ms_median"]
+BLOCK_COLUMNS = ["block_size", "cache_passes", "folded_commits", "commit_ms_median"]
 
 
 def columns(results: list) -> list[str]:

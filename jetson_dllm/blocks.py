@@ -3,7 +3,9 @@ before it sit in an exact KV cache that the runner keeps (torch tensors, or buff
 
 Blocks are aligned to position 0, as the model was trained: the prompt's complete blocks are committed first, the
 prompt's tail becomes fixed tokens of the first noised block, and each block, once final, is committed (its keys
-and values appended at the cache's valid length). Generation ends at an end-of-text or after `max_new` tokens.
+and values appended at the cache's valid length). A runner with a commit-step graph folds that commit into the next
+block's first network call instead (the same keys and values, one call fewer per block). Generation ends at an
+end-of-text or after `max_new` tokens.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ class BlockResult:
     step_ms: list[float] = field(default_factory=list)  # each network evaluation's time
     commit_ms: list[float] = field(default_factory=list)  # each cache pass's time
     sampler_s: float = 0.0  # the sampler's own time, all blocks
+    folded: int = 0  # commits done inside the next block's first step (no cache pass of their own)
+
+
+class _Steps:
+    """The sampler's network for one block: the block step, or for its first call, when a finished block is pending,
+    the commit step (that block's commit and this block's step in one call)."""
+
+    def __init__(self, step, commit_step, valid: int, pending: tuple[np.ndarray, int] | None):
+        self.step, self.commit_step, self.valid, self.pending = step, commit_step, valid, pending
+        self.folded = 0
+
+    def __call__(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.pending is None:
+            return self.step(z, self.valid)
+        (prev, start), self.pending = self.pending, None
+        self.folded += 1
+        return self.commit_step(prev, z, start)
 
 
 class _Timed:
@@ -62,9 +81,10 @@ def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int) -> OnStep | 
 
 def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], commit: Callable[[np.ndarray, int], None],
                     prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
-                    num_samples: int = 1, on_step: OnStep | None = None) -> BlockResult:
+                    num_samples: int = 1, on_step: OnStep | None = None, commit_step=None) -> BlockResult:
     """`step(tokens (B, b), valid_len)` returns the block's top-K (log-probabilities, ids) over the cache's first
-    `valid_len` positions; `commit(tokens, valid_len)` appends a final block's keys and values at `valid_len`.
+    `valid_len` positions; `commit(tokens, valid_len)` appends a final block's keys and values at `valid_len`;
+    `commit_step(previous block, tokens, its start)`, when the runner has it, does both in one call.
     `on_step(text so far, Step)` sees every denoising step (the live view)."""
     total = min(len(prompt) + max_new, max_len)
     if len(prompt) >= total:
@@ -77,7 +97,7 @@ def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarr
     first = len(prompt) // block
     for j in range(first):  # the prompt's complete blocks
         commit(out[:, j * block : (j + 1) * block], j * block)
-    evaluations, commits, e = 0, first, 0
+    evaluations, commits, e, folded, pending = 0, first, 0, 0, None
     for j in range(first, -(-total // block)):
         s, e = j * block, min((j + 1) * block, total)
         canvas = np.full((num_samples, block), special.mask, dtype=np.int32)
@@ -86,8 +106,12 @@ def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarr
         canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
         fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
         canvas[:, e - s :] = special.pad
-        result = sample(lambda z, valid=s: step(z, valid), canvas, fixed, special, replace(sampler, seed=sampler.seed + j),
-                        on_step=_relay(on_step, out, s, e))
+        network = _Steps(step, commit_step, s, pending)
+        result = sample(network, canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e))
+        folded += network.folded
+        if network.pending is not None:  # no network call in this block (nothing to denoise): commit on its own
+            commit(*network.pending)
+            commits += 1
         evaluations += result.evaluations
         step_ms += [h.network_ms for h in result.history if h.evaluated]
         sampler_s += result.sampler_s
@@ -95,6 +119,10 @@ def generate_blocks(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarr
         ended = ((result.tokens == special.eot) | (result.tokens == special.pad)) & ~fixed
         if ended.any(axis=1).all() or e == total:
             break
-        commit(out[:, s:e], s)
-        commits += 1
-    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit.ms, sampler_s)
+        if commit_step is not None:
+            pending = (out[:, s:e].copy(), s)
+        else:
+            commit(out[:, s:e], s)
+            commits += 1
+    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit.ms,
+                       sampler_s, folded)

@@ -136,15 +136,16 @@ class BlockGeneration:
     seconds: float
     block: int
     backend: str = "torch-bd3"
+    folded: int = 0  # commits done inside the next block's first step
 
     def to_json(self) -> dict:
         return {"texts": self.texts, "tokens": self.tokens.tolist(), "backend": self.backend, "block_size": self.block,
-                "new_tokens": self.new_tokens, "evaluations": self.evaluations, "cache_passes": self.commits,
+                "new_tokens": self.new_tokens, "evaluations": self.evaluations, "cache_passes": self.commits, "folded_commits": self.folded,
                 "total_ms": self.seconds * 1e3, "tokens_per_s": self.new_tokens * len(self.texts) / max(self.seconds, 1e-9)}
 
     def summary(self) -> str:
         return (f"block diffusion (block {self.block}): {self.new_tokens} tokens, {self.evaluations} network evaluations, "
-                f"{self.commits} cache passes, {self.seconds * 1e3:.0f} ms")
+                f"{self.commits} cache passes ({self.folded} more folded into steps), {self.seconds * 1e3:.0f} ms")
 
 
 def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: int, sampler: SamplerConfig, on_step=None) -> BlockGeneration:
@@ -156,7 +157,7 @@ def complete_blockwise(runner: Runner, prompt: str, length: int, num_samples: in
     r = runner.generate_blockwise(ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step=on_step)
     texts = [tok.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r.tokens, r.new_tokens, r.evaluations, r.commits, r.seconds, runner.cfg.block_size,
-                           "torch-bd3" if runner.name.startswith("torch") else runner.name)
+                           "torch-bd3" if runner.name.startswith("torch") else runner.name, r.folded)
 
 
 def _check_context(runner: Runner, ids: list[int], length: int) -> None:

@@ -120,14 +120,6 @@ def bd3_bundle(bd3_run, data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ar_run(data_dir, tmp_path_factory) -> Path:
-    """A small autoregressive baseline, briefly trained."""
-    out = tmp_path_factory.mktemp("ar") / "ar"
-    train_small(data_dir, out, steps=10, eval_every=100, objective="ar")
-    return out
-
-
-@pytest.fixture(scope="session")
 def ar_bundle(ar_run, tmp_path_factory) -> Path:
     """The baseline exported: its decode graph with a KV cache, FP32 and FP16."""
     from train_host.export import export_bundle

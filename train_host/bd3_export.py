@@ -5,6 +5,10 @@
                 valid_len cached positions and to the block itself; the vocabulary-sized work covers b positions only.
     commit      the same inputs  ->  k_new, v_new (n_layer, B, heads, b, head_dim): the keys and values of a final
                 (clean) block, which the runner writes into its cache at valid_len, in place.
+    commit_step prev_tokens (B, b), then the block step's inputs with valid_len at the *previous* block  ->  the
+                block step's top-K for the new block and the commit's keys and values for the previous one: the
+                commit folded into the next block's first pass (2b positions under training's mask: the clean block
+                block-causal, the noised block seeing it), one network call fewer per block, exactly.
 
 The cache is allocated once per run at its largest length; positions past valid_len are masked out, so its
 contents there never matter. Both graphs reuse the model's own layers (no second implementation).
@@ -56,6 +60,29 @@ class BlockStep(torch.nn.Module):
         return topk_logprobs(self.model.logits_from_hidden(h), self.k)
 
 
+def fused_mask(b: int, device=None) -> torch.Tensor:
+    """(2b, 2b) attention among [clean block j-1, noised block j]: clean sees clean, noised sees both."""
+    ones = torch.ones(b, b, dtype=torch.bool, device=device)
+    return torch.cat([torch.cat([ones, ~ones], 1), torch.cat([ones, ones], 1)], 0)
+
+
+class CommitStep(torch.nn.Module):
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, prev_tokens, tokens, k_cache, v_cache, valid_len):
+        b, max_len = tokens.shape[1], k_cache.shape[3]
+        cache = TensorCache(k_cache, v_cache)
+        valid_len = valid_len.to(torch.int64)
+        positions = valid_len + torch.arange(2 * b, device=tokens.device)
+        past = (torch.arange(max_len, device=tokens.device) < valid_len).unsqueeze(0).expand(2 * b, max_len)
+        mask = torch.cat([past, fused_mask(b, tokens.device)], dim=1)
+        h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
+        lp, ids = topk_logprobs(self.model.logits_from_hidden(h[:, b:]), self.k)
+        return lp, ids, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
+
+
 class Commit(torch.nn.Module):
     def __init__(self, model: Denoiser):
         super().__init__()
@@ -74,7 +101,8 @@ def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
 
 
 def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) -> dict[str, Path]:
-    """Write block_step.onnx and commit.onnx (FP32) for a block-diffusion model; static block and cache shapes."""
+    """Write block_step.onnx, commit.onnx and commit_step.onnx (FP32) for a block-diffusion model; static block and
+    cache shapes."""
     from train_host.export import _quiet_exporter
 
     model = model.eval()
@@ -82,7 +110,7 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     names = ["tokens", "k_cache", "v_cache", "valid_len"]
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {}}
-    paths = {"block_step": Path(folder) / "block_step.onnx", "commit": Path(folder) / "commit.onnx"}
+    paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
     try:
         with _quiet_exporter(), torch.no_grad():
             torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model), str(paths["block_step"]), input_names=names,
@@ -91,6 +119,10 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
             torch.onnx.export(Commit(model).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
                               output_names=["k_new", "v_new"], opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
+            tokens = example_inputs(model)[0]
+            torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),
+                              input_names=["prev_tokens", *names], output_names=["topk_logprobs", "topk_ids", "k_new", "v_new"],
+                              opset_version=opset, dynamo=True, external_data=False, dynamic_shapes={"prev_tokens": {0: batch}, **dynamic})
     finally:
         model.set_attention("sdpa")
     return paths
@@ -103,7 +135,7 @@ def fp16_block_graphs(folder: Path) -> dict[str, str]:
     from train_host.export import check_graph, convert_fp16
 
     entry = {}
-    for key, name in (("file", "block_step"), ("commit", "commit")):
+    for key, name in (("file", "block_step"), ("commit", "commit"), ("commit_step", "commit_step")):
         fp16 = convert_fp16(onnx.load(str(folder / f"{name}.fp32.onnx")))
         check_graph(fp16, f"{name}.fp16.onnx")
         onnx.save(fp16, str(folder / f"{name}.fp16.onnx"))
@@ -129,10 +161,10 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     def build(tmp: Path) -> dict:
         say("exporting the block-step and commit graphs (FP32)")
         paths = export_block_graphs(model, tmp, topk, OPSET)
-        paths["block_step"].rename(tmp / "block_step.fp32.onnx")
-        paths["commit"].rename(tmp / "commit.fp32.onnx")
+        for graph, path in paths.items():
+            path.rename(tmp / f"{graph}.fp32.onnx")
         tokenizer.save(tmp / "tokenizer.json")
-        entries = {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx"}}
+        entries = {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx", "commit_step": "commit_step.fp32.onnx"}}
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
             entries["fp16"] = fp16_block_graphs(tmp)
@@ -144,7 +176,8 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
             calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
             entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)"}
         say("checking the graphs against PyTorch")
-        parity = {p: block_parity(model, tmp / e["file"], tmp / e["commit"], topk) for p, e in entries.items()}
+        parity = {p: block_parity(model, tmp / e["file"], tmp / e["commit"], topk, fused_path=tmp / e["commit_step"] if "commit_step" in e else None)
+                  for p, e in entries.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 block graphs disagree with PyTorch ({parity['fp32']}); nothing was written")
         return {
@@ -163,8 +196,10 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     return write_bundle(out_dir, build, overwrite=overwrite)
 
 
-def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, batch: int = 2, seed: int = 0) -> dict:
-    """The graphs against the torch cache over a whole canvas of random tokens, block by block, half of each masked."""
+def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, batch: int = 2, seed: int = 0,
+                 fused_path: Path | None = None) -> dict:
+    """The graphs against the torch cache over a whole canvas of random tokens, block by block, half of each masked
+    (and the folded commit-step graph, from the second block on, against the same)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -173,11 +208,12 @@ def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, ba
 
     cfg, b = model.cfg, model.cfg.block_size
     step, add = ort.InferenceSession(str(step_path)), ort.InferenceSession(str(commit_path))
+    fused = ort.InferenceSession(str(fused_path)) if fused_path else None
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g)
     shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
     k_cache, v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    worst, agree, n = 0.0, 0.0, 0
+    worst, agree, n, fused_worst = 0.0, 0.0, 0, 0.0
     with torch.no_grad():
         cache = KVCache(cfg, batch, cfg.canvas_len, "cpu")
         for j in range(cfg.canvas_len // b):
@@ -188,7 +224,16 @@ def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, ba
             want_lp, want_ids = block_step(model, cache, z, k)
             worst = max(worst, float(np.abs(lp - want_lp.numpy()).max()))
             agree, n = agree + float((ids[..., 0] == want_ids.numpy()[..., 0]).mean()), n + 1
+            if fused is not None and j > 0:  # the previous block's commit folded into this step, over the cache before it
+                prev = x[:, (j - 1) * b : j * b].numpy().astype(np.int32)
+                f_lp, f_ids, f_k, _ = fused.run(None, {**feeds, "prev_tokens": prev, "valid_len": np.array((j - 1) * b, np.int32)})
+                same = f_ids == want_ids.numpy()
+                fused_worst = max(fused_worst, float(np.abs(f_lp - want_lp.numpy())[same].max(initial=0.0)),
+                                  float(np.abs(f_k - cache.k[:, :, :, (j - 1) * b : j * b].numpy()).max()))
             k_new, v_new = add.run(None, {**feeds, "tokens": block.numpy().astype(np.int32)})
             k_cache[:, :, :, j * b : (j + 1) * b], v_cache[:, :, :, j * b : (j + 1) * b] = k_new, v_new
             commit(model, cache, block)
-    return {"max_abs_logprob_diff": worst, "top1_agreement": agree / n, "blocks": n}
+    out = {"max_abs_logprob_diff": worst, "top1_agreement": agree / n, "blocks": n}
+    if fused is not None:
+        out["fused_max_abs_diff"] = fused_worst  # log-probabilities and keys of the commit-step graph
+    return out

@@ -34,6 +34,19 @@ def block_step(model: Denoiser, cache: KVCache, block: torch.Tensor, k: int) -> 
         cache.frozen = False
 
 
+def commit_step(model: Denoiser, cache: KVCache, prev: torch.Tensor, block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The finished block `prev` committed and the noised `block` after it stepped, in one forward pass under
+    training's mask (the clean block block-causal, the noised one seeing it); the cache keeps `prev` only."""
+    from train_host.bd3_export import fused_mask
+
+    start, b = cache.len, block.shape[1]
+    past = torch.ones(2 * b, start, dtype=torch.bool, device=block.device)
+    cache.frozen = False
+    logits = model(torch.cat([prev, block], dim=1), cache=cache, attn_mask=torch.cat([past, fused_mask(b, block.device)], dim=1))
+    cache.len = start + b  # the noised block's keys were written past it: masked, and overwritten later
+    return topk_logprobs(logits[:, b:], k)
+
+
 @torch.no_grad()
 def generate_blocks_torch(model: Denoiser, prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig,
                           num_samples: int = 1, k: int = 64, on_step=None) -> BlockResult:
@@ -53,4 +66,9 @@ def generate_blocks_torch(model: Denoiser, prompt: list[int], max_new: int, spec
         cache.len = valid
         commit(model, cache, torch.from_numpy(tokens).long().to(device))
 
-    return generate_blocks(step, add, prompt, max_new, special, sampler, cfg.block_size, cfg.canvas_len, num_samples, on_step)
+    def fused(prev: np.ndarray, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        cache.len = start
+        lp, ids = commit_step(model, cache, torch.from_numpy(prev).long().to(device), torch.from_numpy(tokens).long().to(device), k)
+        return lp.cpu().numpy(), ids.cpu().numpy()
+
+    return generate_blocks(step, add, prompt, max_new, special, sampler, cfg.block_size, cfg.canvas_len, num_samples, on_step, fused)

@@ -29,10 +29,12 @@ class Bound:
         new = (cfg.n_layer, batch, cfg.n_head, block, cfg.head_dim)
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
         self.tokens, self.valid = np.zeros((batch, block), np.int32), np.zeros((), np.int32)
+        self.prev = np.zeros((batch, block), np.int32)  # the commit step's finished block
         self.out = {"topk_logprobs": np.zeros((batch, block, k), np.float32), "topk_ids": np.zeros((batch, block, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32)}
         inputs = {"tokens": self.tokens, "k_cache": self.k, "v_cache": self.v, "valid_len": self.valid}
-        self.bindings = {name: self._binding(session, inputs, outputs) for name, (session, outputs) in sessions.items()}
+        self.bindings = {name: self._binding(session, {"prev_tokens": self.prev, **inputs} if name == "commit_step" else inputs, outputs)
+                         for name, (session, outputs) in sessions.items()}
 
     def _binding(self, session, inputs: dict, outputs: tuple[str, ...]):
         io = session.io_binding()
@@ -55,8 +57,9 @@ class Bound:
 
 
 class BlockOnnxRunner(RunnerBase):
-    def __init__(self, bundle: Bundle, step_session, commit_session, precision: str = "fp32"):
+    def __init__(self, bundle: Bundle, step_session, commit_session, precision: str = "fp32", commit_step_session=None):
         self.bundle, self.step_session, self.commit_session = bundle, step_session, commit_session
+        self.commit_step_session = commit_step_session  # the commit folded into the next block's first step, when exported
         self.cfg, self.tokenizer, self.precision = bundle.config, bundle.tokenizer(), precision
         self.topk, self.canvas_lengths = bundle.topk, bundle.canvas_lengths
         self.metrics = bundle.manifest.get("source", {}).get("metrics", {})
@@ -66,6 +69,8 @@ class BlockOnnxRunner(RunnerBase):
     def _bound(self, batch: int) -> Bound:
         if batch not in self.buffers:
             sessions = {"step": (self.step_session, SAMPLING_OUTPUTS), "commit": (self.commit_session, COMMIT_OUTPUTS)}
+            if self.commit_step_session is not None:
+                sessions["commit_step"] = (self.commit_step_session, SAMPLING_OUTPUTS + COMMIT_OUTPUTS)
             self.buffers = {batch: Bound(sessions, self.cfg, batch, self.topk, self.cfg.block_size)}
         return self.buffers[batch]
 
@@ -81,12 +86,22 @@ class BlockOnnxRunner(RunnerBase):
         self.commit_session.run_with_iobinding(bound.bindings["commit"])
         bound.write_new(valid)
 
+    def commit_step(self, prev: np.ndarray, tokens: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """The finished block at `start` committed and the next block stepped, in one call."""
+        bound = self._bound(tokens.shape[0])
+        bound.load(tokens, start)
+        np.copyto(bound.prev, prev, casting="unsafe")
+        self.commit_step_session.run_with_iobinding(bound.bindings["commit_step"])
+        bound.write_new(start)
+        return bound.out["topk_logprobs"].copy(), bound.out["topk_ids"].copy()
+
     def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
                            on_step=None) -> BlockResult:
         tok = self.tokenizer
         special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
+        fold = self.commit_step if self.commit_step_session is not None else None
         return generate_blocks(self.step, self.commit, prompt_ids, max_new, special, sampler, self.cfg.block_size,
-                               self.cfg.canvas_len, num_samples, on_step)
+                               self.cfg.canvas_len, num_samples, on_step, fold)
 
     def run(self, feeds, outputs=("topk_logprobs", "topk_ids")):
         raise DllmError("a block-diffusion bundle runs block by block (generate_blockwise), not on a whole canvas")
@@ -98,4 +113,4 @@ class BlockOnnxRunner(RunnerBase):
 
     def close(self) -> None:
         self.buffers.clear()
-        self.step_session = self.commit_session = None
+        self.step_session = self.commit_session = self.commit_step_session = None

@@ -151,8 +151,10 @@ def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers
     if bundle.config.block_size:  # block diffusion: the block-step graph and its commit graph
         from jetson_dllm.runners.onnx_blocks import BlockOnnxRunner
 
-        commit = session_from_onnx(member(bundle.path, bundle.manifest["precisions"][precision]["commit"]), resolved, threads)
-        return BlockOnnxRunner(bundle, session, commit, precision)
+        entry = bundle.manifest["precisions"][precision]
+        commit = session_from_onnx(member(bundle.path, entry["commit"]), resolved, threads)
+        fused = session_from_onnx(member(bundle.path, entry["commit_step"]), resolved, threads) if "commit_step" in entry else None
+        return BlockOnnxRunner(bundle, session, commit, precision, fused)
     if bundle.config.causal:  # the autoregressive baseline: its decode graph
         from jetson_dllm.runners.onnx_ar import ArOnnxRunner
 

@@ -165,7 +165,12 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
         on_torch = complete(torch_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
         on_onnx = complete(onnx_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
     assert onnx_runner.name.endswith("-bd3") and (on_onnx.tokens == on_torch.tokens).all()  # the same text, block by block
-    assert on_onnx.commits == on_torch.commits and on_onnx.evaluations == on_torch.evaluations
+    assert on_onnx.commits == on_torch.commits and on_onnx.evaluations == on_torch.evaluations and on_onnx.folded > 0
+    with open_model(tmp_path / "bundle") as unfolded_runner:
+        unfolded_runner.commit_step_session = None  # a commit pass per block instead of the folded commit step
+        unfolded = complete(unfolded_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
+    assert (unfolded.tokens == on_onnx.tokens).all() and unfolded.commits == on_onnx.commits + on_onnx.folded  # the same text
+    assert bundle.manifest["block_parity"]["fp32"]["fused_max_abs_diff"] < 1e-3
     with open_model(tmp_path / "bundle", precision="fp16") as fp16:
         half = complete(fp16, "Once upon a time", length=40, num_samples=2, sampler=greedy)
     assert (half.tokens != on_torch.tokens).mean() < 0.25  # FP16 mostly agrees, greedily
@@ -207,7 +212,8 @@ def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
     result = generate_blocks(bd3_model, prompt, 10, special, SamplerConfig(steps=2, temperature=0.0, allow_end=False), num_samples=2, k=8)
     assert result.tokens.shape == (2, 16) and (result.tokens[:, :6] == prompt).all()
     assert not (result.tokens == MASK).any() and result.new_tokens == 10
-    assert result.evaluations <= 2 * 3 and result.commits == 1 + 2  # the prompt's block, then every full block but the last
+    assert result.evaluations <= 2 * 3 and result.commits == 1  # the prompt's block; every later full block but the last
+    assert result.folded == 2  # is committed inside the next block's first step
 
 
 def test_the_live_view_sees_the_text_grow_block_by_block(bd3_run):

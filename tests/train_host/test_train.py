@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 from conftest import SMALL, assert_same, train_small, weights
-from safetensors.torch import load_file
 
 from jetson_dllm.errors import DllmError
 from train_host import checkpoint as ck
