@@ -27,11 +27,12 @@ from train_host.judge import Judge
 
 def settings(cfg, tokens: int) -> list[tuple[list[int], str]]:
     """The sweeps for a model, (steps, strategy) each: confidence at several step counts (MDLM over the canvas, BD3 per
-    block, up to one per token), then the entropy-bounded sampler with one step per token as its cap; AR: one."""
+    block, up to one per token), then the entropy-bounded and the threshold samplers (their defaults: 0.1 nats, 0.9)
+    with one step per token as their cap; AR: one."""
     if cfg.causal:
         return [([1], "confidence")]
     most = cfg.block_size or tokens
-    return [(sorted({max(1, most // 4), max(1, most // 2), most}), "confidence"), ([most], "eb")]
+    return [(sorted({max(1, most // 4), max(1, most // 2), most}), "confidence"), ([most], "eb"), ([most], "threshold")]
 
 
 def main() -> None:
