@@ -266,8 +266,9 @@ def quality_samples(result: Result, runner, point: dict, group: Group) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed); repetition and distinct-2
     here, the texts kept for the judge (who runs in the parent process, after every group)."""
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
-    if runner.cfg.block_size or runner.cfg.causal:  # block by block, or token by token: as many tokens as the point
-        texts = complete(runner, QUALITY_PROMPT, length=point["canvas"], num_samples=group.quality_samples, sampler=cfg).texts
+    if runner.cfg.block_size or runner.cfg.causal:  # block by block, or token by token: the point's tokens, as the cache allows
+        room = runner.cfg.canvas_len - len(runner.tokenizer.encode(QUALITY_PROMPT))
+        texts = complete(runner, QUALITY_PROMPT, length=min(point["canvas"], room), num_samples=group.quality_samples, sampler=cfg).texts
     else:
         texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts
     result.repetition = float(np.mean([repetition(t) for t in texts])) if texts else 0.0

@@ -230,18 +230,19 @@ def test_the_plan_of_a_block_diffusion_model_counts_its_cache():
 
 
 def test_bench_measures_a_block_diffusion_bundle(bd3_bundle, tmp_path):
-    """`canvas` tokens block by block (16 per block), `steps` per block: the counts follow from the schedule."""
-    results, _, paths = bench.run_sweep([str(bd3_bundle)], ["onnx"], ["fp32"], steps=[2, 8], canvases=[48], batches=[1],
+    """`canvas` tokens block by block (16 per block), `steps` per block: the counts follow from the schedule; each
+    finished block's commit rides on the next block's first step."""
+    results, _, paths = bench.run_sweep([str(bd3_bundle)], ["onnx"], ["fp32"], steps=[2, 8], canvases=[64], batches=[1],
                                         strategies=["confidence"], repeats=2, warmup=0, out_dir=tmp_path / "b", isolate=False,
                                         quality=True, quality_samples=2, judge=lambda texts: 42.0 + len(texts))
     two, eight = results
     assert two.block_size == eight.block_size == 16 and (two.steps, eight.steps) == (2, 8)
-    assert two.evaluations == 3 * 2 and eight.evaluations == 3 * 8  # three blocks of 16
-    assert two.cache_passes == 0 and two.folded_commits == eight.folded_commits == 2  # folded into the next block's first
+    assert two.evaluations == 4 * 2 and eight.evaluations == 4 * 8  # four blocks of 16: the whole cache (quality samples
+    assert two.cache_passes == 0 and two.folded_commits == eight.folded_commits == 3  # fit it after their prompt too)
     assert two.step_ms_median > 0 and two.tokens_per_s > 0  # step; the last block is never committed
     assert two.gen_ppl == 44.0 and two.repetition is not None and 0 <= two.distinct2 <= 1
     rows = list(csv.DictReader(open(paths["csv"])))
-    assert rows[0]["block_size"] == "16" and float(rows[1]["folded_commits"]) == 2.0
+    assert rows[0]["block_size"] == "16" and float(rows[1]["folded_commits"]) == 3.0
     with pytest.raises(DllmError, match="at most 64 tokens"):
         bench.run_sweep([str(bd3_bundle)], ["onnx"], ["fp32"], steps=[2], canvases=[128], batches=[1], strategies=["confidence"],
                         repeats=1, warmup=0, out_dir=tmp_path / "c", isolate=False)
