@@ -14,33 +14,28 @@ with the cache built by the commit graph of the same precision (errors in the ca
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from calibration.data import MIN_CANVASES
+from calibration.data import MIN_CANVASES, FeedReader
 from calibration.quantize import Int8Options, _quiet, qdq_problems, quantizable_nodes, quantize, search_exclusions
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import mask_at_ratios
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+from jetson_dllm.runners.onnx_runner import session_from_onnx
 
 
 class BlockGraphs:
     """A (block step, commit) pair of onnxruntime sessions with the cache they fill, for one batch size."""
 
     def __init__(self, step_path: Path, commit_path: Path, cfg: ModelConfig):
-        self.step_session, self.commit_session, self.cfg = _session(step_path), _session(commit_path), cfg
+        self.step_session, self.commit_session = session_from_onnx(step_path), session_from_onnx(commit_path)
+        self.cfg = cfg
 
     def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         c = self.cfg
@@ -65,7 +60,7 @@ def text_blocks(canvas: np.ndarray, block: int, pad_id: int) -> int:
     return max(1, -(-int((canvas != pad_id).sum()) // block))
 
 
-class BlockFeeds:
+class BlockFeeds(FeedReader):
     """onnxruntime's CalibrationDataReader (get_next / rewind) over block-step or commit feeds, made on demand."""
 
     def __init__(self, canvases: np.ndarray, reference: BlockGraphs, mask_id: int, pad_id: int, which: str, seed: int = 0):
@@ -77,7 +72,6 @@ class BlockFeeds:
         ratios = (rng.permutation(n) + 1 - rng.random(n)) / n  # canvas i's ratio in the i-th of n strata of (0, 1]
         self.items = [(canvases[i], int(rng.integers(text_blocks(canvases[i], b, pad_id))), float(ratios[i])) for i in range(n)]
         self.reference, self.mask_id, self.pad_id, self.which, self.seed = reference, mask_id, pad_id, which, seed
-        self._it: Iterator | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -93,14 +87,6 @@ class BlockFeeds:
             if self.which == "step":
                 block = mask_at_ratios(block, ratio, self.mask_id, self.pad_id, rng)[0]
             yield ref.feeds(block, k, v, j * b)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._it is None:
-            self._it = iter(self)
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = None
 
 
 def block_report(reference: BlockGraphs, others: dict[str, BlockGraphs], canvases: np.ndarray, mask_id: int, pad_id: int,
@@ -162,8 +148,6 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     `canvases`: clean validation canvases, the first `options.n_canvases` calibrate, the rest measure the drop.
     The commit graph is quantized whole; the block step keeps in FP32 the layers the search finds (the canvas
     graph's `search_exclusions`, against the same budget)."""
-    import onnx
-
     say = progress or (lambda msg: None)
     options.validate(cfg.canvas_len)
     t0 = time.time()
@@ -172,6 +156,27 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     held_out = held_out if len(held_out) else calib
     work = folder / ".int8-work"
     work.mkdir(exist_ok=True)
+    try:
+        search, nodes, report = _quantize_both(folder, work, cfg, calib, held_out, mask_id, pad_id, options, say)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    drop = mean_accuracy_drop(report["int8"])
+    return {
+        "method": options.method, "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)",
+        "source": source, "calibration_canvases": len(calib), "calibration": "one block per canvas, at a random text block, noise stratified over (0, 1]",
+        "eval_canvases": int(len(held_out)), "calibration_overlaps_eval": overlap, "quantizable": len(nodes),
+        "quantized": len(nodes) - len(search["excluded"]), "excluded": search["excluded"], "sensitivity_points": search["sensitivity"],
+        "trajectory": search["trajectory"], "accuracy_drop_points": drop, "search_drop_points": search["drop"],
+        "budget_points": options.budget, "within_budget": bool(drop <= options.budget), "allow_over_budget": options.allow_over_budget,
+        "seconds": round(time.time() - t0, 1), "report": report,
+    }
+
+
+def _quantize_both(folder: Path, work: Path, cfg: ModelConfig, calib: np.ndarray, held_out: np.ndarray, mask_id: int, pad_id: int,
+                   options: Int8Options, say) -> tuple[dict, list[str], dict]:
+    """Quantize the commit graph whole and the block step with the exclusion search; (search, nodes, final report)."""
+    import onnx
+
     reference = BlockGraphs(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
     pre = _prepared(folder, work)
     nodes = quantizable_nodes(onnx.load(str(pre["block_step"])))
@@ -193,16 +198,4 @@ def quantize_block_graphs(folder: Path, cfg: ModelConfig, canvases: np.ndarray, 
     quantize(pre["block_step"], step_path, step_feeds, options.method, search["excluded"], work / "step-ranges.json")
     _check_qdq(step_path, commit_path)
     report = block_report(reference, {"int8": BlockGraphs(step_path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 2)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    drop = mean_accuracy_drop(report["int8"])
-    return {
-        "method": options.method, "quantizer": "onnxruntime.quantization.quantize_static (QDQ, symmetric, per-channel weights)",
-        "source": source, "calibration_canvases": len(calib), "calibration": "one block per canvas, at a random text block, noise stratified over (0, 1]",
-        "eval_canvases": int(len(held_out)), "calibration_overlaps_eval": overlap, "quantizable": len(nodes),
-        "quantized": len(nodes) - len(search["excluded"]), "excluded": search["excluded"], "sensitivity_points": search["sensitivity"],
-        "trajectory": search["trajectory"], "accuracy_drop_points": drop, "search_drop_points": search["drop"],
-        "budget_points": options.budget, "within_budget": bool(drop <= options.budget), "allow_over_budget": options.allow_over_budget,
-        "seconds": round(time.time() - t0, 1), "report": report,
-    }
+    return search, nodes, report

@@ -49,22 +49,10 @@ def load_recorded(path: str | Path, tokenizer_sha256: str, vocab_size: int, canv
     return tokens.astype(np.int32)
 
 
-class CalibrationReader:
-    """Iterable of {"tokens": (1, T) int32}; also an onnxruntime CalibrationDataReader (get_next/rewind)."""
+class FeedReader:
+    """onnxruntime's CalibrationDataReader (get_next / rewind) over any iterable of feeds (a subclass's __iter__)."""
 
-    def __init__(self, canvases: list[np.ndarray] | np.ndarray):
-        self.canvases = [np.asarray(c, dtype=np.int32).reshape(1, -1) for c in canvases]
-        if len(self.canvases) < MIN_CANVASES:
-            raise DllmError(f"only {len(self.canvases)} calibration canvases; at least {MIN_CANVASES} are needed "
-                            "(raise --calib-canvases, or give --data with a larger validation split)")
-        self._it: Iterator | None = None
-
-    def __len__(self) -> int:
-        return len(self.canvases)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for c in self.canvases:
-            yield {"tokens": c}
+    _it: Iterator | None = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:
@@ -73,3 +61,20 @@ class CalibrationReader:
 
     def rewind(self) -> None:
         self._it = None
+
+
+class CalibrationReader(FeedReader):
+    """Iterable of {"tokens": (1, T) int32}; also an onnxruntime CalibrationDataReader (get_next/rewind)."""
+
+    def __init__(self, canvases: list[np.ndarray] | np.ndarray):
+        self.canvases = [np.asarray(c, dtype=np.int32).reshape(1, -1) for c in canvases]
+        if len(self.canvases) < MIN_CANVASES:
+            raise DllmError(f"only {len(self.canvases)} calibration canvases; at least {MIN_CANVASES} are needed "
+                            "(raise --calib-canvases, or give --data with a larger validation split)")
+
+    def __len__(self) -> int:
+        return len(self.canvases)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for c in self.canvases:
+            yield {"tokens": c}

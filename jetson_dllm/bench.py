@@ -252,14 +252,15 @@ def measure_decode_point(runner, group: Group, p: dict) -> Result:
 
     for _ in range(group.warmup):
         once()
-    step_ms, totals, evals = [], [], []
+    step_ms, totals, outside, evals = [], [], [], []
     with PeakRSS() as rss, PowerMonitor() as power:
         for _ in range(group.repeats):
             r = once()
             step_ms += r.step_ms
             totals.append(r.seconds)
+            outside.append(r.seconds - sum(r.step_ms) / 1e3)  # choosing tokens, between the network calls
             evals.append(len(r.step_ms))
-    return _result(runner, group, p, name, step_ms, totals, [0.0] * len(totals), evals, rss, power)
+    return _result(runner, group, p, name, step_ms, totals, outside, evals, rss, power)
 
 
 def quality_samples(result: Result, runner, point: dict, group: Group) -> None:

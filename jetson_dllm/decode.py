@@ -61,12 +61,12 @@ def decode_tokens(step: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
     out = np.full((B, len(prompt) + max_new), pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
     done = np.zeros(B, dtype=bool)
-    for i in range(max_new):
-        nxt = _pick(lp[:, 0], ids[:, 0], () if stop_at_end else (eot, pad), temperature, top_k, top_p, rng)
-        nxt = np.where(done, pad, nxt)
+    i = 0
+    while True:
+        nxt = np.where(done, pad, _pick(lp[:, 0], ids[:, 0], () if stop_at_end else (eot, pad), temperature, top_k, top_p, rng))
         out[:, len(prompt) + i] = nxt
         done |= nxt == eot
         if done.all() or i == max_new - 1:
             return DecodeResult(out, i + 1, time.perf_counter() - t0, times)
-        lp, ids = timed(nxt, 1 + len(prompt) + i)
-    raise AssertionError("unreachable")
+        lp, ids = timed(nxt, 1 + len(prompt) + i)  # the token just chosen is read by the call that predicts the next
+        i += 1

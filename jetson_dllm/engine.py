@@ -110,12 +110,13 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: 
     return EngineSpec(precision, batch, canvas, bundle.onnx_sha256(precision, graph), graph)
 
 
-def input_shapes(cfg, spec: EngineSpec) -> dict[str, tuple[int, ...]]:
-    """The fixed shapes of an engine's batch-dependent inputs (its optimization profile)."""
-    if not spec.graph:
-        return {"tokens": (spec.batch, spec.canvas)}
-    cache = (cfg.n_layer, spec.batch, cfg.n_head, spec.canvas, cfg.head_dim)
-    return {"tokens": (spec.batch, cfg.block_size), "k_cache": cache, "v_cache": cache}
+def input_shapes(cfg, batch: int, canvas: int, graph: str = "") -> dict[str, tuple[int, ...]]:
+    """The fixed shapes of an engine's batch-dependent inputs (its optimization profile); a block graph's `canvas`
+    is its cache length."""
+    if not graph:
+        return {"tokens": (batch, canvas)}
+    cache = (cfg.n_layer, batch, cfg.n_head, canvas, cfg.head_dim)
+    return {"tokens": (batch, cfg.block_size), "k_cache": cache, "v_cache": cache}
 
 
 def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:

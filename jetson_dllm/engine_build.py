@@ -110,7 +110,7 @@ def build_engine(bundle: Bundle, spec: EngineSpec, device: Device, settings: dic
     config.max_aux_streams = settings["max_aux_streams"]
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profile = builder.create_optimization_profile()
-    for name, shape in input_shapes(bundle.config, spec).items():
+    for name, shape in input_shapes(bundle.config, spec.batch, spec.canvas, spec.graph).items():
         profile.set_shape(name, shape, shape, shape)  # fixed shapes: one engine per (batch, canvas)
     config.add_optimization_profile(profile)
     cache_path = bundle.engines_dir / f"timing-{device.name.replace(' ', '_')}-trt{device.trt_version}.cache"

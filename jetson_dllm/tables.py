@@ -54,18 +54,15 @@ def eval_table(metrics: dict) -> Table:
 
 def parity_table(manifest: dict) -> Table:
     """The export's parity with PyTorch, per precision and mask ratio (for block diffusion: its block graphs)."""
-    if "parity" not in manifest and "block_parity" in manifest:
-        table = _table("block graphs against PyTorch's cache (a canvas of random blocks, half masked)",
-                       ("graphs", "blocks", "max |log-prob diff| (top-K)", "top-1 agreement"))
-        for precision, bp in manifest["block_parity"].items():
-            table.add_row(f"block step + commit ({precision})", str(bp["blocks"]), f"{bp['max_abs_logprob_diff']:.2e}", f"{bp['top1_agreement']:.4f}")
-        return table
-    if "parity" not in manifest and "decode_parity" in manifest:
-        table = _table("decode graph against PyTorch (random text, token by token over its own cache)",
-                       ("graph", "tokens", "max |log-prob diff| (top-K)", "top-1 agreement"))
-        for precision, dp in manifest["decode_parity"].items():
-            table.add_row(f"decode ({precision})", str(dp["tokens"]), f"{dp['max_abs_logprob_diff']:.2e}", f"{dp['top1_agreement']:.4f}")
-        return table
+    for key, title, label, count in (("block_parity", "block graphs against PyTorch's cache (a canvas of random blocks, half masked)",
+                                      "block step + commit", "blocks"),
+                                     ("decode_parity", "decode graph against PyTorch (random text, token by token over its own cache)",
+                                      "decode", "tokens")):
+        if "parity" not in manifest and key in manifest:  # the left-to-right models' graphs: top-K heads only
+            table = _table(title, ("graphs", count, "max |log-prob diff| (top-K)", "top-1 agreement"))
+            for precision, row in manifest[key].items():
+                table.add_row(f"{label} ({precision})", str(row[count]), f"{row['max_abs_logprob_diff']:.2e}", f"{row['top1_agreement']:.4f}")
+            return table
     parity = manifest["parity"]
     table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",
                    ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "NLL torch", "NLL onnx", "masked acc"))
@@ -109,10 +106,8 @@ def bundle_tables(report: dict) -> list:
     out = [head, files]
     if m["parity"]:
         out.append(parity_table({"parity": m["parity"], "precisions": [p for p in m["precisions"] if p in m["parity"]]}))
-    elif m.get("block_parity"):
-        out.append(parity_table({"block_parity": m["block_parity"]}))
-    elif m.get("decode_parity"):
-        out.append(parity_table({"decode_parity": m["decode_parity"]}))
+    elif m.get("block_parity") or m.get("decode_parity"):
+        out.append(parity_table({k: m[k] for k in ("block_parity", "decode_parity") if m.get(k)}))
     if m["calibration"]:
         out.append(calibration_table(m["calibration"]))
     engines = _table(f"engines in {m['engines_dir']}", ("engine", "precision", "batch x canvas", "built with", "fits this device"),

@@ -52,12 +52,12 @@ def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None
 def decode_parity(model: Denoiser, path: Path, k: int, bos_id: int, batch: int = 2, seed: int = 0) -> dict:
     """The graph, token by token over its own cache, against the model's causal forward pass over the whole text."""
     import numpy as np
-    import onnxruntime as ort
 
+    from jetson_dllm.runners.onnx_runner import session_from_onnx
     from train_host.autoregressive import shift_right
 
     cfg = model.cfg
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = session_from_onnx(path)
     g = torch.Generator().manual_seed(seed)
     x = shift_right(torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g), bos_id)
     with torch.no_grad():

@@ -201,14 +201,14 @@ def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, ba
     """The graphs against the torch cache over a whole canvas of random tokens, block by block, half of each masked
     (and the folded commit-step graph, from the second block on, against the same)."""
     import numpy as np
-    import onnxruntime as ort
 
+    from jetson_dllm.runners.onnx_runner import session_from_onnx
     from train_host.bd3_generate import block_step, commit
     from train_host.model import KVCache
 
     cfg, b = model.cfg, model.cfg.block_size
-    step, add = ort.InferenceSession(str(step_path)), ort.InferenceSession(str(commit_path))
-    fused = ort.InferenceSession(str(fused_path)) if fused_path else None
+    step, add = session_from_onnx(step_path), session_from_onnx(commit_path)
+    fused = session_from_onnx(fused_path) if fused_path else None
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g)
     shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)

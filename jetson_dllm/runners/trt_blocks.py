@@ -19,7 +19,7 @@ import numpy as np
 
 from jetson_dllm.blocks import BlockResult, generate_blocks
 from jetson_dllm.bundle import Bundle
-from jetson_dllm.engine import EngineSpec, block_io_buffers, input_shapes
+from jetson_dllm.engine import block_io_buffers, input_shapes
 from jetson_dllm.engine_build import find_or_build
 from jetson_dllm.errors import DllmError
 from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
@@ -54,8 +54,7 @@ class _BlockSession:
         self.contexts = {}
         for graph, engine in engines.items():
             context = engine.create_execution_context()
-            spec = EngineSpec("", batch, cfg.canvas_len, "", graph)
-            for name, shape in input_shapes(cfg, spec).items():
+            for name, shape in input_shapes(cfg, batch, cfg.canvas_len, graph).items():
                 if not context.set_input_shape(name, shape):
                     raise DllmError(f"the {graph} engine does not take {name} shaped {shape}; rebuild it (dllm build)")
             for i in range(engine.num_io_tensors):

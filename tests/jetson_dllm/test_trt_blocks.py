@@ -31,7 +31,7 @@ def test_block_engines_have_their_own_specs_names_and_settings(bd3_bundle, bundl
     with pytest.raises(DllmError, match="no commit graph"):
         eng.engine_spec(load_bundle(bundle_dir), "fp16", 1, 32, "commit")
     cfg = bundle.config
-    assert eng.input_shapes(cfg, step) == {"tokens": (1, 16), "k_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim),
+    assert eng.input_shapes(cfg, step.batch, step.canvas, step.graph) == {"tokens": (1, 16), "k_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim),
                                            "v_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim)}
 
 
