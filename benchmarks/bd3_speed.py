@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from jetson_dllm.config import ModelConfig
+from jetson_dllm.families.bd3 import generate_blocks
 from jetson_dllm.runners import open_runner, sampling_fn
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
 from train_host.checkpoint import save_checkpoint
@@ -70,7 +71,7 @@ def main() -> None:
             ms = median_ms(lambda cfg=cfg: sample(sampling_fn(r), canvas, np.zeros_like(canvas, bool), special, cfg), args.repeats)
             rows.append(("MDLM, whole canvas", "-", steps, steps, 0, ms))
     for b in map(int, args.blocks.split(",")):
-        path = bundle(work, f"{args.config}-bd3-b{b}", ModelConfig.from_name(args.config, block_size=b, **base), tokenizer)
+        path = bundle(work, f"{args.config}-bd3-b{b}", ModelConfig.from_name(args.config, family="bd3", block_size=b, **base), tokenizer)
         with open_runner("onnx", path, threads=args.threads) as r:
             for per_block in map(int, args.block_steps.split(",")):
                 if per_block > b:
@@ -79,7 +80,7 @@ def main() -> None:
                 result = {}
 
                 def go(cfg=cfg, r=r, result=result):
-                    result["r"] = r.generate_blockwise([tokenizer.eot_id], args.tokens - 1, 1, cfg)
+                    result["r"] = generate_blocks(r, [tokenizer.eot_id], args.tokens - 1, 1, cfg)
 
                 ms = median_ms(go, args.repeats)
                 label = "AR (BD3, block 1: token by token)" if b == 1 else "BD3"

@@ -15,7 +15,7 @@ import time
 import torch
 
 from jetson_dllm.config import ModelConfig
-from train_host.bd3_generate import block_step, commit
+from train_host.cached_graphs import block_step, commit
 from train_host.model import Denoiser, KVCache, topk_logprobs
 
 
@@ -42,8 +42,8 @@ def main() -> None:
     torch.manual_seed(0)
     base = dict(vocab_size=args.vocab, canvas_len=args.canvas, mask_id=2)
     mdlm = Denoiser(ModelConfig.from_name(args.config, **base)).eval()
-    bd3 = Denoiser(ModelConfig.from_name(args.config, block_size=args.block, **base)).eval()
-    ar = Denoiser(ModelConfig.from_name(args.config, causal=True, **base)).eval()
+    bd3 = Denoiser(ModelConfig.from_name(args.config, family="bd3", block_size=args.block, **base)).eval()
+    ar = Denoiser(ModelConfig.from_name(args.config, family="ar", **base)).eval()
     canvas = torch.randint(3, args.vocab, (1, args.canvas))
     full_ms = timed(lambda: topk_logprobs(mdlm(canvas), 64), args.repeats)
     cache = KVCache(bd3.cfg, 1, args.canvas, "cpu")

@@ -64,7 +64,7 @@ def main() -> None:
     fixed = np.zeros_like(canvas, dtype=bool)
 
     def run(c):
-        out = diff.run({"tokens": c})
+        out = diff.run("canvas", {"tokens": c})
         return out["topk_logprobs"], out["topk_ids"]
 
     print(f"validation: {len(ds)} canvases of {args.data}, {dm['val_tokens']:,} tokens\n")

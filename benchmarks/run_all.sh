@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every table and figure in the README, from scratch, on this machine.
+# Regenerate every table and figure in docs/results.md (and the pages it links), from scratch, on this machine.
 #
 #   bash benchmarks/run_all.sh [OUT]      (default runs/readme; about 2.5 hours on a 2-core CPU)
 #

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from jetson_dllm.generate import generate
+from jetson_dllm.families.mdlm import generate
 from jetson_dllm.runners import open_runner
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, doubled, repetition

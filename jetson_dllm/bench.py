@@ -26,11 +26,12 @@ import numpy as np
 from jetson_dllm.bench_report import check_writable, environment, write_outputs
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.generate import complete, generate
+from jetson_dllm.families import family_of
+from jetson_dllm.generate import complete
 from jetson_dllm.precisions import PRECISIONS, RUNNERS, for_runner, parse_precisions
 from jetson_dllm.profiler import PeakRSS, PowerMonitor, memory_plan, read_meminfo, unified_memory
-from jetson_dllm.runners import open_runner, sampling_fn
-from jetson_dllm.sampler import STRATEGIES, SamplerConfig, SpecialIds, sample
+from jetson_dllm.runners import open_runner
+from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
 
 BENCH_VOCAB = 8192
@@ -163,31 +164,26 @@ def measure_group(group: Group) -> list[Result]:
 
 
 def measure_point(runner, group: Group, p: dict) -> Result:
-    """One (batch, canvas, steps, strategy) point: warm-up, then `repeats` timed generations."""
-    if runner.cfg.block_size:
-        return measure_blocks_point(runner, group, p)
-    if runner.cfg.causal:
-        return measure_decode_point(runner, group, p)
-    tok = runner.tokenizer
+    """One (batch, canvas, steps, strategy) point: warm-up, then `repeats` timed generations of `canvas` tokens at
+    fixed length (ends banned), each through the model family's loop (`bench_generate`)."""
+    family = family_of(runner.cfg).runtime_module()
     name = Path(group.model).name if group.model not in SIZES else group.model
-    if p["canvas"] not in runner.canvas_lengths:
-        raise DllmError(f"canvas {p['canvas']} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
-    special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-    tokens = np.full((p["batch"], p["canvas"]), tok.mask_id, dtype=np.int32)
-    fixed = np.zeros_like(tokens, dtype=bool)
     cfg = SamplerConfig(steps=p["steps"], strategy=p["strategy"], seed=0, allow_end=False)
-    run = sampling_fn(runner)
     for _ in range(group.warmup):
-        sample(run, tokens, fixed, special, cfg)
-    step_ms, totals, sampler_s, evals = [], [], [], []
+        family.bench_generate(runner, name, p["batch"], p["canvas"], cfg)
+    runs = []
     with PeakRSS() as rss, PowerMonitor() as power:
         for _ in range(group.repeats):
-            r = sample(run, tokens, fixed, special, cfg)
-            step_ms += [s.network_ms for s in r.history if s.evaluated]
-            totals.append(r.total_s)
-            sampler_s.append(r.sampler_s)
-            evals.append(r.evaluations)
-    return _result(runner, group, p, name, step_ms, totals, sampler_s, evals, rss, power)
+            runs.append(family.bench_generate(runner, name, p["batch"], p["canvas"], cfg))
+    step_ms = [ms for r in runs for ms in r.call_ms]
+    more = {}
+    if "commits" in runs[0].extra:  # a cached family's cache passes (block diffusion)
+        commit_ms = [ms for r in runs for ms in r.extra["commit_ms"]]
+        more = {"block_size": runs[0].extra["block_size"], "cache_passes": float(np.mean([r.extra["commits"] for r in runs])),
+                "folded_commits": float(np.mean([r.extra["folded"] for r in runs])),
+                "commit_ms_median": float(np.median(commit_ms)) if commit_ms else None}
+    return _result(runner, group, p, name, step_ms, [r.seconds for r in runs], [r.sampler_s for r in runs],
+                   [r.evaluations for r in runs], rss, power, **more)
 
 
 def _result(runner, group: Group, p: dict, name: str, step_ms, totals, sampler_s, evals, rss, power, **more) -> Result:
@@ -215,63 +211,12 @@ def _result(runner, group: Group, p: dict, name: str, step_ms, totals, sampler_s
     return result
 
 
-def measure_blocks_point(runner, group: Group, p: dict) -> Result:
-    """A block-diffusion point: `canvas` tokens generated block by block from an empty prompt, `steps` per block,
-    ends banned (so every generation runs the same blocks); per-step latency, cache passes, tokens per second."""
-    name = Path(group.model).name
-    if p["canvas"] > runner.cfg.canvas_len:
-        raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {p['canvas']}")
-    cfg = SamplerConfig(steps=p["steps"], strategy=p["strategy"], seed=0, allow_end=False)
-    for _ in range(group.warmup):
-        runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
-    step_ms, commit_ms, totals, sampler_s, evals, commits, folded = [], [], [], [], [], [], []
-    with PeakRSS() as rss, PowerMonitor() as power:
-        for _ in range(group.repeats):
-            r = runner.generate_blockwise([], p["canvas"], p["batch"], cfg)
-            step_ms += r.step_ms
-            commit_ms += r.commit_ms
-            totals.append(r.seconds)
-            sampler_s.append(r.sampler_s)
-            evals.append(r.evaluations)
-            commits.append(r.commits)
-            folded.append(r.folded)
-    return _result(runner, group, p, name, step_ms, totals, sampler_s, evals, rss, power, block_size=runner.cfg.block_size,
-                   cache_passes=float(np.mean(commits)), folded_commits=float(np.mean(folded)),
-                   commit_ms_median=float(np.median(commit_ms)) if commit_ms else None)
-
-
-def measure_decode_point(runner, group: Group, p: dict) -> Result:
-    """The autoregressive baseline: `canvas` tokens one by one from the start token, end-of-text banned; `steps`
-    does not apply (a network call per token)."""
-    name = Path(group.model).name
-    if p["canvas"] > runner.cfg.canvas_len:
-        raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {p['canvas']}")
-
-    def once():
-        return runner.generate_autoregressive([], p["canvas"], p["batch"], 0.0, 0, 1.0, 0, stop_at_end=False)
-
-    for _ in range(group.warmup):
-        once()
-    step_ms, totals, outside, evals = [], [], [], []
-    with PeakRSS() as rss, PowerMonitor() as power:
-        for _ in range(group.repeats):
-            r = once()
-            step_ms += r.step_ms
-            totals.append(r.seconds)
-            outside.append(r.seconds - sum(r.step_ms) / 1e3)  # choosing tokens, between the network calls
-            evals.append(len(r.step_ms))
-    return _result(runner, group, p, name, step_ms, totals, outside, evals, rss, power)
-
-
 def quality_samples(result: Result, runner, point: dict, group: Group) -> None:
     """Generate `quality_samples` stories at the point's settings (ends allowed); repetition and distinct-2
     here, the texts kept for the judge (who runs in the parent process, after every group)."""
     cfg = SamplerConfig(steps=point["steps"], strategy=point["strategy"], temperature=0.8, seed=1)
-    if runner.cfg.block_size or runner.cfg.causal:  # block by block, or token by token: the point's tokens, as the cache allows
-        room = runner.cfg.canvas_len - len(runner.tokenizer.encode(QUALITY_PROMPT))
-        texts = complete(runner, QUALITY_PROMPT, length=min(point["canvas"], room), num_samples=group.quality_samples, sampler=cfg).texts
-    else:
-        texts = generate(runner, runner.tokenizer, QUALITY_PROMPT, length=point["canvas"] - 8, num_samples=group.quality_samples, sampler=cfg).texts
+    length = family_of(runner.cfg).runtime_module().quality_length(runner, runner.tokenizer.encode(QUALITY_PROMPT), point["canvas"])
+    texts = complete(runner, QUALITY_PROMPT, length=length, num_samples=group.quality_samples, sampler=cfg).texts
     result.repetition = float(np.mean([repetition(t) for t in texts])) if texts else 0.0
     result.distinct2 = distinct(texts, 2)
     result.extra["samples"] = texts

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import Family, family_of
 from jetson_dllm.files import atomic_folder, output_lock, sha256_file
 from jetson_dllm.manifests import BundleManifest, check_replaceable, member, read_manifest, write_manifest
 from jetson_dllm.precisions import PRECISIONS
@@ -58,16 +59,37 @@ class Bundle:
     def engines_dir(self) -> Path:
         return self.path / ENGINES
 
-    def onnx_path(self, precision: str, graph: str = "") -> Path:
-        """The ONNX file of a precision (a block-diffusion bundle's `graph="commit"`: its commit graph); a clear error
-        when the bundle does not have it."""
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
+
+    def _entry(self, precision: str) -> dict:
         entry = self.manifest["precisions"].get(precision)
         if entry is None:
             raise DllmError(f"{self.path} has no {precision} model (it has {', '.join(self.precisions)}); export it with `dllm export --{precision.split('-')[0]}`")
-        return member(self.path, entry[_entry_key(graph)])
+        return entry
+
+    def _entry_key(self, graph: str) -> str:
+        """Which file of a precision's entry a graph is: the family's first graph is `file`, the others by name."""
+        return "file" if graph in ("", self.family.graphs[0]) else graph
+
+    def onnx_path(self, precision: str, graph: str = "") -> Path:
+        """The ONNX file of a precision's graph (`""`: the family's first graph); a clear error when the bundle does
+        not have it."""
+        entry, key = self._entry(precision), self._entry_key(graph)
+        if key not in entry:
+            raise DllmError(f"{self.path} has no {precision} {graph} graph; re-export the bundle")
+        if entry[key] not in self.manifest["files"]:  # every file that runs is hashed: none is optional
+            raise DllmError(f"{self.path}: {entry[key]} is not listed in the manifest's hashes; re-export the bundle")
+        return member(self.path, entry[key])
+
+    def graph_paths(self, precision: str) -> dict[str, Path]:
+        """The precision's ONNX file of each graph of the family that the bundle carries."""
+        entry = self._entry(precision)
+        return {g: self.onnx_path(precision, g) for g in self.family.graphs if self._entry_key(g) in entry}
 
     def onnx_sha256(self, precision: str, graph: str = "") -> str:
-        return self.manifest["files"][self.manifest["precisions"][precision][_entry_key(graph)]]
+        return self.manifest["files"][self._entry(precision)[self._entry_key(graph)]]
 
     def tokenizer(self):
         tok = TextTokenizer.from_file(self.path / "tokenizer.json")
@@ -98,11 +120,6 @@ class Bundle:
         for name, state in self.verify(names).items():
             if state != "ok":
                 raise DllmError(f"{self.path / name} is {state} (sha256 mismatch with the manifest); copy the bundle again or re-export it")
-
-
-def _entry_key(graph: str) -> str:
-    """Which file of a precision's entry a graph is: the commit graph, or the main one (canvas graph, block step)."""
-    return "commit" if graph == "commit" else "file"
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
@@ -137,7 +154,12 @@ def _check_consistent(bundle: Bundle) -> None:
     for precision, entry in m["precisions"].items():
         if precision not in PRECISIONS:
             raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")
-        for name in (entry["file"], *([entry["commit"]] if "commit" in entry else [])):  # block diffusion has two graphs
+        graphs = {"file", *family_of(cfg).graphs[1:]}  # the entry's files: the family's first graph, then by name
+        for key, name in entry.items():
+            if key == "target":
+                continue
+            if key not in graphs:
+                raise DllmError(f"{where}: the {precision} entry names {key[:30]!r}, which is no graph of a {cfg.family} model; re-export the bundle")
             if member(bundle.path, name).name not in m["files"]:
                 raise DllmError(f"{where}: the {precision} file {name} is not hashed in the manifest; re-export the bundle")
     if any(not 1 <= c <= cfg.canvas_len for c in m["canvas_lengths"]):

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import FAMILIES, family_of, infer_family
 from jetson_dllm.precisions import PRECISIONS, weight_format
 
 # d_model, n_head, n_layer: the sizes of the seed project.
@@ -39,7 +40,7 @@ _FIELD_RANGES = (
     ("rope_theta", float, 1.0, 1e9),
     ("norm_eps", float, 1e-12, 1e-1),
     ("tie_embeddings", bool, False, True),
-    ("causal", bool, False, True),
+    ("family", str, "", "~"),
     ("block_size", int, 0, 16384),
 )
 
@@ -56,9 +57,10 @@ class ModelConfig:
         mask_id: the token id of the mask; its logit is never predicted.
         d_ff: SwiGLU hidden width; 0 means derived from d_model.
         tie_embeddings: output head shares the token embedding.
-        causal: a causal mask and next-token prediction: the autoregressive baseline, the same network
-            otherwise, so diffusion and AR compare fairly.
-        block_size: > 0 for a block-diffusion (BD3-LM) model: the same network, trained on blocks of this size.
+        family: the model family (jetson_dllm.families): "mdlm", "bd3" (block diffusion) or "ar" (the
+            autoregressive baseline: a causal mask and next-token prediction, the same network otherwise, so
+            diffusion and AR compare fairly).
+        block_size: block diffusion's block (the tokens generated per block, left to right); 0 for other families.
     """
 
     name: str = "custom"
@@ -72,8 +74,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    causal: bool = False
-    block_size: int = 0  # > 0: a block-diffusion (BD3-LM) model, generating blocks of this many tokens left to right
+    family: str = "mdlm"
+    block_size: int = 0  # block diffusion (BD3-LM): generates blocks of this many tokens left to right
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -88,10 +90,20 @@ class ModelConfig:
             raise DllmError(f"head dimension {self.head_dim} must be even for rotary positions")
         if not 0 <= self.mask_id < self.vocab_size:
             raise DllmError(f"mask_id {self.mask_id} is outside the vocabulary (size {self.vocab_size})")
-        if self.block_size and (self.causal or self.canvas_len % self.block_size):
-            raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len}), in a non-causal model")
+        if self.family not in FAMILIES:
+            raise DllmError(f"model config: unknown family {self.family[:20]!r}; choose one of: {', '.join(FAMILIES)}")
+        if (family_of(self).attention == "block") != (self.block_size > 0):
+            need = "needs a block size > 0" if self.block_size == 0 else f"takes no block size (block_size {self.block_size})"
+            raise DllmError(f"model config: a {self.family} model {need}")
+        if self.block_size and self.canvas_len % self.block_size:
+            raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len})")
         if self.d_ff == 0:
             self.d_ff = _swiglu_hidden(self.d_model)
+
+    @property
+    def attention(self) -> str:
+        """The network's mask: "bidirectional", "causal" or "block" (its family's)."""
+        return family_of(self).attention
 
     @property
     def head_dim(self) -> int:
@@ -110,6 +122,8 @@ class ModelConfig:
         """A config read from a file; every field checked (types and ranges), a clear error naming `where`."""
         if not isinstance(data, dict):
             raise DllmError(f"{where}: the model config must be an object")
+        if "family" not in data and "causal" in data:  # written before configs recorded the family
+            data = {k: v for k, v in data.items() if k != "causal"} | {"family": infer_family(data)}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:

@@ -27,7 +27,7 @@ from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
+from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
@@ -56,7 +56,12 @@ class EngineSpec:
     graph: str = ""  # "" the canvas graph; a block-diffusion bundle's "block_step" or "commit"
 
 
-BLOCK_GRAPHS = ("block_step", "commit")
+
+
+def engine_graphs(bundle: Bundle) -> tuple[str, ...]:
+    """The graphs TensorRT builds an engine of, per batch: a cached family's (block step and commit, over the whole
+    cache), or "" for the canvas graph, one engine per canvas length (its keys as they were before graphs had names)."""
+    return bundle.family.trt_graphs if bundle.family.cached else ("",)
 
 
 def check_trt_version(version: str) -> None:
@@ -102,10 +107,11 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: 
         raise DllmError(f"canvas {canvas} is not one of the bundle's shapes ({', '.join(map(str, bundle.canvas_lengths))})")
     if batch < 1:
         raise DllmError(f"batch must be at least 1, got {batch}")
-    if bundle.config.causal:
-        raise DllmError(f"{bundle.path} is the autoregressive baseline; TensorRT engines for its decode graph are not built yet (run it with --backend onnx)")
-    if bool(graph) != bool(bundle.config.block_size) or graph not in ("", *BLOCK_GRAPHS):
-        raise DllmError(f"{bundle.path} has no {graph or 'canvas'} graph")
+    family = bundle.family
+    if not family.trt_graphs:
+        raise DllmError(f"{bundle.path} holds the {family.title}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+    if graph not in engine_graphs(bundle):
+        raise DllmError(f"{bundle.path} has no {graph or 'canvas'} graph to build an engine of")
     bundle.onnx_path(precision, graph)  # a clear error when the bundle lacks the precision
     return EngineSpec(precision, batch, canvas, bundle.onnx_sha256(precision, graph), graph)
 
@@ -125,6 +131,11 @@ def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:
     return nodes.get(graph, []) if isinstance(nodes, dict) else nodes
 
 
+def _engine_outputs(graph: str) -> tuple[str, ...]:
+    spec = GRAPHS[graph or "canvas"]
+    return spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ())
+
+
 def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3, graph: str = "") -> dict:
     """The builder configuration for a precision on a device with `total_memory` bytes (shared on a Jetson)."""
     if precision not in for_runner("trt"):
@@ -142,7 +153,7 @@ def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, op
         "tactic_dram": int(total_memory // 2),
         "optimization_level": optimization_level,
         "max_aux_streams": 0,  # one stream: less memory, and capturable in a CUDA graph
-        "outputs": list(COMMIT_OUTPUTS if graph == "commit" else SAMPLING_OUTPUTS),  # logits stay internal
+        "outputs": list(_engine_outputs(graph)),  # logits stay internal
     }
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.engine import (
-    BLOCK_GRAPHS,
     ENGINE_FORMAT,
     Device,
     EngineSpec,
@@ -21,6 +20,7 @@ from jetson_dllm.engine import (
     builder_settings,
     check_build_memory,
     detect_device,
+    engine_graphs,
     engine_path,
     engine_spec,
     fp32_layers,
@@ -38,10 +38,11 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: lis
     Every shape is validated before any build. Returns per engine {path, built, device, trt_version}."""
     bundle = load_bundle(bundle_dir)
     device = detect_device()
-    if bundle.config.block_size:  # a block step and a commit engine per batch, over the whole cache
-        shapes = [(b, bundle.config.canvas_len, g) for b in batches for g in BLOCK_GRAPHS]
+    graphs = engine_graphs(bundle)
+    if bundle.family.cached:  # an engine per graph and batch, over the whole cache
+        shapes = [(b, bundle.config.canvas_len, g) for b in batches for g in graphs]
     else:
-        shapes = [(b, c, "") for b in batches for c in canvases]
+        shapes = [(b, c, g) for b in batches for c in canvases for g in graphs]
     planned = [(engine_spec(bundle, precision, b, c, g), _settings(bundle, precision, device, g, opt_level)) for b, c, g in shapes]
     done = []
     for spec, settings in planned:

@@ -121,7 +121,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
-class SpecialIds(_Strict):
+class SpecialIdsSchema(_Strict):
     mask: int = Field(ge=0, lt=1 << 20)
     eot: int = Field(ge=0, lt=1 << 20)
     pad: int = Field(ge=0, lt=1 << 20)
@@ -134,7 +134,7 @@ class Split(_Strict):
 
 class DataManifest(_Strict):
     vocab_size: int = Field(ge=4, le=65536)
-    special_ids: SpecialIds
+    special_ids: SpecialIdsSchema
     tokenizer_sha256: str = Field(pattern=HEX64)
     splits: dict[str, Split]
     files: dict[str, Hex]
@@ -144,11 +144,11 @@ class CheckpointConfig(_Strict):
     model: dict
     step: int = Field(ge=0)
     metrics: dict
-    special_ids: SpecialIds
+    special_ids: SpecialIdsSchema
     files: dict[str, Hex]
 
 
-class Precision(_Strict):
+class PrecisionEntry(_Strict):
     file: str
 
 
@@ -162,11 +162,11 @@ class Heads(_Strict):
 
 class BundleManifest(_Strict):
     model: dict
-    special_ids: SpecialIds
+    special_ids: SpecialIdsSchema
     tokenizer_sha256: str = Field(pattern=HEX64)
     heads: Heads
     canvas_lengths: list[int] = Field(min_length=1)
     opset: int
-    precisions: dict[str, Precision] = Field(min_length=1)
+    precisions: dict[str, PrecisionEntry] = Field(min_length=1)
     fp32_nodes: list[str] | dict[str, list[str]]  # a block-diffusion bundle: per graph (block_step, commit)
     files: dict[str, Hex] = Field(min_length=1)

@@ -59,7 +59,7 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray, score:
 
 def logits_of(runner, tokens: np.ndarray, batch: int = 16) -> np.ndarray:
     """The full head's logits of a runner, `batch` canvases per call."""
-    return np.concatenate([runner.run({"tokens": tokens[i : i + batch]}, outputs=("logits",))["logits"]
+    return np.concatenate([runner.run("canvas", {"tokens": tokens[i : i + batch]}, outputs=("logits",))["logits"]
                            for i in range(0, len(tokens), batch)])
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 from jetson_dllm.precisions import parse_precisions
 from jetson_dllm.precisions import precision as precision_record
 
@@ -188,16 +189,16 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     """Where a run's memory goes (bytes), for running and for building an engine: the one estimator of the
     project (`dllm profile`, the Orin Nano verdict and bench's memory check all use it).
 
-    `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process. A
-    block-diffusion model (cfg.block_size) runs b positions per call over a key/value cache of the whole canvas,
-    allocated once: the cache is part of the plan; the autoregressive baseline (cfg.causal) likewise, one position
-    per call."""
+    `device` adds a CUDA context (an engine on a GPU); without it the estimate is for a host process. The model's
+    family says how many positions one call computes (the canvas, a block, one token) and whether it runs over a
+    key/value cache of the whole context, allocated once, which is then part of the plan."""
     record = precision_record(precision)
     weights = cfg.weight_bytes(precision)
     act_bytes = record.activation_bytes
     B, T = batch, canvas
-    cached = bool(cfg.block_size or cfg.causal)
-    Q = 1 if cfg.causal else (cfg.block_size or T)  # positions per network call
+    family = family_of(cfg)
+    cached = family.cached
+    Q = family.positions_per_call(cfg, T)  # positions per network call
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
     activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cached else 0)) * act_bytes
@@ -250,7 +251,7 @@ def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int
             "from jetson_dllm.runners import open_runner\n"
             "from jetson_dllm.profiler import peak_rss_ever\n"
             f"be = open_runner('onnx', {str(bundle_dir)!r}, precision={precision!r})\n"
-            f"be.run({{'tokens': np.full(({batch}, {canvas}), be.cfg.mask_id, dtype=np.int32)}})\n"
+            f"be.run('canvas', {{'tokens': np.full(({batch}, {canvas}), be.cfg.mask_id, dtype=np.int32)}})\n"
             "print(json.dumps(peak_rss_ever()))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -6,6 +6,7 @@ from rich.table import Table
 
 from jetson_dllm.bench_report import headline
 from jetson_dllm.config import SIZES, ModelConfig
+from jetson_dllm.families import family_of
 from jetson_dllm.precisions import WEIGHT_PRECISIONS
 from jetson_dllm.profiler import ORIN_NANO_SYSTEM, ORIN_NANO_VISIBLE
 
@@ -37,7 +38,7 @@ EVAL_LABELS = {"judge_val_nll": "judge's exact NLL on the same validation text",
 def eval_table(metrics: dict) -> Table:
     """`dllm eval`: NLL (a bound for diffusion, exact for AR), perplexity, accuracy, and the judged samples."""
     table = _table(f"{metrics['checkpoint']} on {metrics['scored']} ({metrics['val_tokens']:,} tokens)", ("metric", "value"), left=("metric",))
-    if metrics["causal"]:
+    if metrics["nll_kind"] == "exact":
         rows = [("NLL (nats/token, exact)", "val_nll", 4), ("perplexity", "val_ppl", 2), ("next-token accuracy", "val_acc", 4)]
     else:
         rows = [("NLL bound (nats/token)", "val_nll", 4), ("perplexity bound", "val_ppl", 2),
@@ -96,7 +97,7 @@ def calibration_table(calibration: dict) -> Table:
 def bundle_tables(report: dict) -> list:
     """`dllm inspect`: a headline, the files and their hashes, parity, calibration, the engines."""
     m, cfg = report, ModelConfig.from_dict(report["model"])
-    head = (f"[bold]{m['bundle']}[/]: {cfg.name} model, {cfg.num_params() / 1e6:.2f} M parameters, vocabulary {cfg.vocab_size:,}, "
+    head = (f"[bold]{m['bundle']}[/]: {cfg.name} {family_of(cfg).title} model, {cfg.num_params() / 1e6:.2f} M parameters, vocabulary {cfg.vocab_size:,}, "
             f"canvas up to {cfg.canvas_len} (shapes {', '.join(map(str, m['canvas_lengths']))}), sampling head K={m['topk']}, "
             f"opset {m['opset']}, format v{m['version']}")
     files = _table("files", ("file", "bytes", "sha256"), left=("file", "bytes", "sha256"))
@@ -172,10 +173,8 @@ def export_summary(bundle, out_dir) -> str:
     """What `dllm export` wrote, and which engines of a replaced bundle were kept or dropped."""
     carried = "".join(f"; {k} {len(v)} engine(s) of the old bundle{': ' + ', '.join(v) if k == 'dropped' else ''}"
                       for k, v in bundle.engines_carried.items() if v)
-    if bundle.config.block_size:
-        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} block-step and commit graphs){carried}; run it here: dllm run {out_dir}; "
-                f"on the Jetson: dllm build {out_dir} --precision fp16")
-    if bundle.config.causal:
-        return (f"wrote {out_dir} ({', '.join(bundle.precisions)} decode graph){carried}; run it with onnxruntime: dllm run {out_dir} "
-                "(TensorRT engines for the baseline are not built yet)")
-    return f"wrote {out_dir} ({', '.join(bundle.precisions)}); copy it to the Jetson and build: dllm build {out_dir} --precision fp16{carried}"
+    family = bundle.family
+    graphs = f"{', '.join(bundle.precisions)} {', '.join(g for g in family.graphs if g in bundle.graph_paths('fp32'))} graph(s)"
+    where = (f"copy it to the Jetson and build: dllm build {out_dir} --precision fp16" if family.trt_graphs else
+             "TensorRT engines for it are not built yet")
+    return f"wrote {out_dir} ({graphs}){carried}; run it here: dllm run {out_dir}; {where}"

@@ -1,4 +1,4 @@
-"""The scripts behind the README's tables run (on tiny fixtures) and print their tables."""
+"""The scripts behind the tables in docs/ run (on tiny fixtures) and print their tables."""
 
 import subprocess
 import sys

@@ -72,9 +72,18 @@ def test_every_cli_command_body_is_at_most_15_lines():
     assert not too_long, too_long
 
 
-def test_no_import_circles():
+@pytest.mark.parametrize("top_level_only", [True, False], ids=["module level", "any level"])
+def test_no_import_circles(top_level_only):
+    """Arrows only go down, counting imports made inside functions too (a lazy import is still a dependency)."""
+    from jetson_dllm.families import FAMILIES
+
     modules = {module_name(p): p for p in python_files(*PACKAGES)}
-    graph = {m: {i for i in imports(p, top_level_only=True) if i in modules and i != m} for m, p in modules.items()}
+    graph = {m: {i for i in imports(p, top_level_only=top_level_only) if i in modules and i != m} for m, p in modules.items()}
+    if not top_level_only:  # the registry imports family modules by name: a caller of host_module() depends on each
+        for m, p in modules.items():
+            text = p.read_text()
+            graph[m] |= {f.host for f in FAMILIES.values() if "host_module()" in text} - {m}
+            graph[m] |= {f.runtime for f in FAMILIES.values() if "runtime_module()" in text} - {m}
     # a package's __init__ importing its own submodules is how a package exposes them, not a circle
     graph = {m: {i for i in deps if not (i.startswith(m + ".") and modules[m].name == "__init__.py")} for m, deps in graph.items()}
     state: dict[str, int] = {}
@@ -93,6 +102,57 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
+
+
+# Where a family may be named: the registry, the families' own modules (runtime and host) and the maths and export
+# modules each family's host module builds on; jetson_dllm/config.py checks a config against its family's record.
+FAMILY_MODULES = ("jetson_dllm/families/", "train_host/families/", "train_host/bd3.py", "train_host/bd3_export.py",
+                  "train_host/ar_export.py", "train_host/autoregressive.py", "train_host/diffusion.py", "calibration/blocks.py",
+                  "jetson_dllm/config.py")
+FAMILY_NAMES = {"mdlm", "bd3", "ar"}
+
+
+def family_branches(path: Path) -> list[str]:
+    """Conditionals that decide by the family instead of asking its record: a test on `causal` / `block_size`,
+    a comparison with a family's name or with a `family` / `objective` field, and `hasattr` on a runner."""
+    found = []
+    for n in ast.walk(ast.parse(path.read_text())):
+        tests = [n.test] if isinstance(n, (ast.If, ast.IfExp, ast.While)) else list(n.ifs) if isinstance(n, ast.comprehension) else []
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr" and "runner" in ast.unparse(n.args[0]):
+            found.append(f"line {n.lineno}: {ast.unparse(n)}")
+        for t in tests:
+            truths = [t] + (t.values if isinstance(t, ast.BoolOp) else []) + ([t.operand] if isinstance(t, ast.UnaryOp) else [])
+            for m in ast.walk(t):
+                named = isinstance(m, ast.Compare) and any(
+                    (isinstance(o, ast.Constant) and o.value in FAMILY_NAMES) or (isinstance(o, ast.Attribute) and o.attr in ("family", "objective"))
+                    for o in [m.left, *m.comparators])
+                bare = m in truths and isinstance(m, ast.Attribute) and m.attr in ("causal", "block_size")
+                if named or bare:
+                    found.append(f"line {m.lineno}: {ast.unparse(t)}")
+    return found
+
+
+def test_no_code_branches_on_the_family_outside_the_registry_and_family_modules():
+    offenders = {rel(p): b for p in python_files(*PACKAGES) if not rel(p).startswith(FAMILY_MODULES) and (b := family_branches(p))}
+    assert not offenders, offenders
+
+
+def test_the_branch_check_sees_a_branch(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("if cfg.causal:\n    pass\nx = 1 if cfg.family == 'bd3' else 2\nif hasattr(runner, 'step'):\n    pass\n"
+                     "if family.cached and 'canvas' in runner.graphs:\n    pass\n")
+    assert [b.split(":")[0] for b in family_branches(probe)] == ["line 1", "line 3", "line 4"]
+
+
+def test_no_runner_derives_from_another_runner():
+    """One base (RunnerBase: closing as a context manager); no runner class inherits another's behaviour."""
+    bases = {}
+    for p in python_files("jetson_dllm/runners"):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.ClassDef) and n.name.endswith("Runner") and n.name != "Runner":  # the Protocol itself
+                bases[n.name] = [ast.unparse(b) for b in n.bases]
+    assert {"TorchRunner", "OnnxRunner", "TrtRunner", "TrtBlockRunner"} <= set(bases)
+    assert all(b == ["RunnerBase"] for b in bases.values()), bases
 
 
 def test_the_runtime_imports_no_host_package_at_any_level():

@@ -31,7 +31,7 @@ class Decode(torch.nn.Module):
 
 
 def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None:
-    from train_host.export import _quiet_exporter
+    from train_host.onnx_tools import quiet_exporter
 
     model = model.eval()
     model.set_attention("math")
@@ -40,7 +40,7 @@ def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None
     _, k_cache, v_cache, valid = example_inputs(model)
     tokens = torch.full((k_cache.shape[1], 1), 3, dtype=torch.int32)  # one token per pass (the model's block size is 0)
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             torch.onnx.export(Decode(model, k).eval(), (tokens, k_cache, v_cache, valid), str(path),
                               input_names=["tokens", "k_cache", "v_cache", "valid_len"],
                               output_names=["topk_logprobs", "topk_ids", "k_new", "v_new"], opset_version=opset, dynamo=True,
@@ -83,7 +83,7 @@ def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int,
 
     from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
     from jetson_dllm.errors import DllmError
-    from train_host.export import OPSET, check_graph, convert_fp16, fp32_nodes
+    from train_host.onnx_tools import OPSET, check_graph, convert_fp16, fp32_nodes
 
     cfg = model.cfg
 

@@ -1,6 +1,6 @@
 """The autoregressive baseline: next-token loss, exact NLL, and sampling with a KV cache.
 
-The same network as the denoiser with a causal mask (ModelConfig.causal), trained by the same loop on the
+The same network as the denoiser with a causal mask (the `ar` family), trained by the same loop on the
 same canvases: the input is the canvas shifted right behind an end-of-text token (which doubles as the
 beginning of a story), the target is the canvas itself, padding is never a target. So the AR model pays
 for every text token and the end-of-text, exactly the tokens the diffusion NLL bound is counted over.
@@ -71,7 +71,7 @@ def ar_generate(
     """Sample continuations of `prompt` token by token with a KV cache; rows stop at end-of-text
     (`stop_at_end=False`: exactly `max_new` tokens, end-of-text never chosen, as for timing and infilling)."""
     cfg = model.cfg
-    if not cfg.causal:
+    if cfg.attention != "causal":
         raise DllmError("this is a diffusion model; it is sampled with the diffusion sampler, not token by token")
     # The network sees the start token, the prompt and all but the last new token: at most canvas_len positions.
     max_new = min(max_new, cfg.canvas_len - len(prompt))

@@ -167,3 +167,9 @@ def noise_range(tc) -> tuple[float, float]:
 def searches_clip(tc) -> bool:
     """A BD3 run with blocks smaller than the canvas and no --t-min/--t-max searches its range at each evaluation."""
     return tc.objective == "bd3" and tc.block_size < tc.canvas_len and not (tc.t_min or tc.t_max)
+
+
+def fused_mask(b: int, device=None) -> torch.Tensor:
+    """(2b, 2b) attention among [clean block j-1, noised block j]: clean sees clean, noised sees both."""
+    ones = torch.ones(b, b, dtype=torch.bool, device=device)
+    return torch.cat([torch.cat([ones, ~ones], 1), torch.cat([ones, ones], 1)], 0)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from train_host.bd3 import fused_mask
 from train_host.model import Denoiser, topk_logprobs
 
 
@@ -60,12 +61,6 @@ class BlockStep(torch.nn.Module):
         return topk_logprobs(self.model.logits_from_hidden(h), self.k)
 
 
-def fused_mask(b: int, device=None) -> torch.Tensor:
-    """(2b, 2b) attention among [clean block j-1, noised block j]: clean sees clean, noised sees both."""
-    ones = torch.ones(b, b, dtype=torch.bool, device=device)
-    return torch.cat([torch.cat([ones, ~ones], 1), torch.cat([ones, ones], 1)], 0)
-
-
 class CommitStep(torch.nn.Module):
     def __init__(self, model: Denoiser, k: int):
         super().__init__()
@@ -103,7 +98,7 @@ def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
 def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) -> dict[str, Path]:
     """Write block_step.onnx, commit.onnx and commit_step.onnx (FP32) for a block-diffusion model; static block and
     cache shapes."""
-    from train_host.export import _quiet_exporter
+    from train_host.onnx_tools import quiet_exporter
 
     model = model.eval()
     model.set_attention("math")
@@ -112,7 +107,7 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {}}
     paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
     try:
-        with _quiet_exporter(), torch.no_grad():
+        with quiet_exporter(), torch.no_grad():
             torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model), str(paths["block_step"]), input_names=names,
                               output_names=["topk_logprobs", "topk_ids"], opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
@@ -132,7 +127,7 @@ def fp16_block_graphs(folder: Path) -> dict[str, str]:
     """FP16 copies of the two graphs, with the same FP32 islands as the canvas graph's; inputs and outputs stay FP32."""
     import onnx
 
-    from train_host.export import check_graph, convert_fp16
+    from train_host.onnx_tools import check_graph, convert_fp16
 
     entry = {}
     for key, name in (("file", "block_step"), ("commit", "commit"), ("commit_step", "commit_step")):
@@ -154,7 +149,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
 
     from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
     from jetson_dllm.errors import DllmError
-    from train_host.export import OPSET, fp32_nodes
+    from train_host.onnx_tools import OPSET, fp32_nodes
 
     cfg = model.cfg
 
@@ -203,7 +198,7 @@ def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, ba
     import numpy as np
 
     from jetson_dllm.runners.onnx_runner import session_from_onnx
-    from train_host.bd3_generate import block_step, commit
+    from train_host.cached_graphs import block_step, commit
     from train_host.model import KVCache
 
     cfg, b = model.cfg, model.cfg.block_size

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from jetson_dllm.errors import DllmError
-from train_host.autoregressive import ar_nll
-from train_host.bd3 import bd3_nll_bound
+from jetson_dllm.families import family_of
 from train_host.checkpoint import load_model
 from train_host.data import CanvasDataset, load_manifest
-from train_host.diffusion import masked_accuracy, nll_bound
+from train_host.diffusion import masked_accuracy
+from train_host.families import EvalContext
 from train_host.judge import Judge, judge_generations
 from train_host.sources import Source
 
@@ -41,28 +41,25 @@ def evaluate(
     Deterministic for a seed, so numbers from different steps and runs compare. `progress(phase, done, total)`
     is called after every batch of canvases.
     Diffusion: `val_nll` is an upper bound on nats/token, `val_ppl` = exp(val_nll) bounds the perplexity,
-    accuracies are of masked tokens. Autoregressive (cfg.causal; `bos_id` needed): the exact NLL and
+    accuracies are of masked tokens. Autoregressive (the `ar` family; `bos_id` needed): the exact NLL and
     next-token accuracy over the same tokens.
     """
-    if model.cfg.causal:
-        return _evaluate_ar(model, dataset, n_canvases, batch_size, bos_id, device, progress)
+    family = family_of(model.cfg).host_module()
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
+    ev = EvalContext(dataset.pad_id, mask_id, bos_id, n_t, schedule, g)
     n = min(n_canvases, len(dataset))
     nll = tokens = masked = correct = 0.0
-    fixed = {r: [0, 0] for r in ratios}
+    fixed = {r: [0, 0] for r in (ratios if family.FIXED_RATIO_ACCURACY else ())}
     for start in range(0, n, batch_size):
         x = torch.from_numpy(dataset.batch(np.arange(start, min(n, start + batch_size)))).to(device)
-        if model.cfg.block_size:  # block diffusion: its own bound; the fixed-ratio accuracies are MDLM's
-            out = bd3_nll_bound(model, x, dataset.pad_id, mask_id, model.cfg.block_size, n_t=n_t, schedule=schedule, generator=g)
-        else:
-            out = nll_bound(model, x, dataset.pad_id, mask_id, n_t=n_t, schedule=schedule, generator=g)
+        out = family.nll_batch(model, x, ev)
         nll += out["nll"]
         tokens += out["tokens"]
         masked += out["masked"]
         correct += out["correct"]
-        for r in ratios if not model.cfg.block_size else ():
+        for r in fixed:
             c, t = masked_accuracy(model, x, r, dataset.pad_id, mask_id, generator=g)
             fixed[r][0] += c
             fixed[r][1] += t
@@ -82,25 +79,6 @@ def evaluate(
     return metrics
 
 
-@torch.no_grad()
-def _evaluate_ar(model, dataset: CanvasDataset, n_canvases: int, batch_size: int, bos_id: int | None, device, progress=None) -> dict[str, float]:
-    if bos_id is None:
-        raise ValueError("evaluating an autoregressive model needs bos_id (the end-of-text id)")
-    was_training = model.training
-    model.eval()
-    n = min(n_canvases, len(dataset))
-    nll = tokens = correct = 0.0
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(dataset.batch(np.arange(start, min(n, start + batch_size)))).to(device)
-        out = ar_nll(model, x, bos_id, dataset.pad_id)
-        nll, tokens, correct = nll + out["nll"], tokens + out["tokens"], correct + out["correct"]
-        if progress:
-            progress("evaluate", min(n, start + batch_size), n)
-    model.train(was_training)
-    per_token = nll / max(tokens, 1)
-    return {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 50.0)), "val_acc": correct / max(tokens, 1), "val_tokens": int(tokens)}
-
-
 def unigram_nll(train: CanvasDataset, val: CanvasDataset, max_tokens: int = 50_000_000) -> float:
     """NLL (nats/token) of the validation text under the training text's token frequencies (add-one smoothed):
     the score of a model that learned nothing but word frequencies. A diffusion bound or an AR NLL near it means
@@ -115,7 +93,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
                         generation: dict | None = None, text: str | Path | None = None, progress=None) -> dict:
     """`dllm eval`: a checkpoint's metrics on its data's validation split (or on every story of a `text` file,
     tokenized with the checkpoint's tokenizer), and with `generation` (the options of `judge_generations`) its
-    samples judged. Returns the metrics with `checkpoint`, `causal` and what was scored."""
+    samples judged. Returns the metrics with `checkpoint`, `family`, `nll_kind` (bound or exact) and what was scored."""
     if canvases < 1 or n_t < 1:
         raise DllmError(f"--canvases and --n-t must be positive, got {canvases} and {n_t}")
     if generation is not None and generation.get("samples", 1) < 1:
@@ -141,7 +119,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
             with torch.inference_mode():
                 metrics["judge_val_nll"] = evaluate(scorer.model, judge_ds, scorer.model.cfg.mask_id, n_canvases=canvases,
                                                     bos_id=scorer.tokenizer.eot_id)["val_nll"]
-    return {"checkpoint": config["path"], "causal": model.cfg.causal, "scored": scored, **metrics}
+    family = family_of(model.cfg)
+    return {"checkpoint": config["path"], "family": family.name, "nll_kind": family.nll, "scored": scored, **metrics}
 
 
 def text_dataset(path: str | Path, tokenizer, canvas_len: int) -> CanvasDataset:

@@ -26,7 +26,7 @@ from train_host.checkpoint import load_model
 class Judge:
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
         self.model, self.tokenizer, self.config = load_model(checkpoint, device=device)
-        if not self.model.cfg.causal:
+        if self.model.cfg.attention != "causal":
             raise DllmError(f"{checkpoint} is a diffusion model; the judge must be autoregressive (dllm train --objective ar)")
         self.device = device
 

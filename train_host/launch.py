@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import get_family
 from jetson_dllm.generate import UNDERTRAINED  # one threshold for train and run
 from train_host.train import train
 from train_host.train_config import TrainConfig
@@ -47,7 +48,7 @@ def summary(result: dict, tc: TrainConfig) -> str:
     """The line `dllm train` ends with."""
     if result["stop"] == "interrupted":
         return f"interrupted at step {result['step']}; checkpoint saved in {tc.out}. Continue with the same command and --resume."
-    kind = ("val NLL", "next-token accuracy") if tc.objective == "ar" else ("val NLL bound", "masked accuracy")
+    kind = ("val NLL", "next-token accuracy") if get_family(tc.objective).nll == "exact" else ("val NLL bound", "masked accuracy")
     nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
     line = f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
     baseline = result.get("unigram_nll")

@@ -65,7 +65,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.causal = cfg.causal
+        self.causal = cfg.attention == "causal"
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -124,7 +124,7 @@ class Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Predicts the clean token at every position of a partially masked canvas (or, with `cfg.causal`,
+    """Predicts the clean token at every position of a partially masked canvas (or, for the autoregressive family's causal attention,
     the next token: the autoregressive baseline).
 
     Input `tokens` (B, T) int32 or int64 with masked positions holding `cfg.mask_id`.

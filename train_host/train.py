@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 from jetson_dllm.files import output_lock
 from jetson_dllm.manifests import check_replaceable
 from jetson_dllm.profiler import check_fits, training_bytes
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
-from train_host.autoregressive import ar_loss
-from train_host.bd3 import bd3_loss, clip_search, noise_range, searches_clip
+from train_host.bd3 import clip_search, noise_range, searches_clip
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
@@ -70,6 +70,11 @@ class _Run:
     step_seconds: float = 0.0  # a running mean of a training step's time
     window: list = field(default_factory=lambda: [time.perf_counter(), 0, 0.0])  # start, steps, loss sum
     t_range: tuple = (0.0, 1.0)  # bd3: the noise range training draws from (searched at each evaluation)
+
+    @property
+    def family(self):
+        """The model family's host module (train_host/families): its loss and evaluation extras."""
+        return family_of(self.cfg).host_module()
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
@@ -208,8 +213,8 @@ def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tu
     """The weights of --init, refused unless they are of this run's shape and tokenizer (block size and objective
     may differ). Returns (weights, the checkpoint's path)."""
     theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
-    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in ("block_size", "causal", "name")}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "family", "name")}
+    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in ("block_size", "family", "name")}
     if mine != theirs or theirs_tok.sha256 != tokenizer.sha256:
         raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's; give a checkpoint trained on the same data and config")
     return weights, config["path"]
@@ -242,12 +247,7 @@ def train_step(r: _Run) -> tuple[torch.Tensor, float]:
         sync = m == tc.grad_accum - 1 or d.world == 1
         with (r.model.no_sync() if not sync else contextlib.nullcontext()), \
                 torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
-            if cfg.causal:
-                loss, st = ar_loss(r.fwd, x, r.tokenizer.eot_id, r.tokenizer.pad_id)
-            elif cfg.block_size:
-                loss, st = bd3_loss(r.fwd, x, cfg.mask_id, cfg.block_size, tc.schedule, *r.t_range, g)
-            else:
-                loss, st = diffusion.mdlm_loss(r.fwd, x, t_all[rows], cfg.mask_id, tc.schedule, noise=noise_all[rows])
+            loss, st = r.family.train_loss(r.fwd, x, r, t_all[rows], noise_all[rows], g)
             (loss / tc.grad_accum).backward()
         stats += torch.tensor([float(loss.detach()) / tc.grad_accum, float(st["masked"]), float(st["correct"]),
                                float(not torch.isfinite(loss.detach()))], dtype=torch.float64)
@@ -293,8 +293,7 @@ def run_eval(r: _Run) -> dict:
     t0 = time.perf_counter()
     try:
         # with the word-frequency baseline beside it, so a checkpoint says whether it learned more than that
-        clip = {"t_min": r.t_range[0], "t_max": r.t_range[1]} if r.cfg.block_size else {}  # the range training drew from
-        return {**_run_eval(r), "unigram_nll": r.unigram_nll, **clip}
+        return {**_run_eval(r), "unigram_nll": r.unigram_nll, **r.family.eval_extra(r)}
     finally:
         r.eval_seconds = time.perf_counter() - t0
 
@@ -340,8 +339,9 @@ def evaluate_and_save(r: _Run) -> None:
         r.last_metrics = run_eval(r)
         r.metrics_log.write({"step": r.step, **r.last_metrics})
         path = save(r, r.last_metrics)
-        what = ("val NLL", "next-token acc") if r.cfg.causal else ("val NLL bound", "masked acc")
-        clip = f", noise range [{r.t_range[0]:.3g}, {r.t_range[1]:.3g}]" if r.cfg.block_size else ""
+        what = ("val NLL", "next-token acc") if family_of(r.cfg).nll == "exact" else ("val NLL bound", "masked acc")
+        extra = r.family.eval_extra(r)
+        clip = f", noise range [{extra['t_min']:.3g}, {extra['t_max']:.3g}]" if "t_min" in extra else ""
         r.console.print(f"step {r.step}: {what[0]} {r.last_metrics['val_nll']:.3f} nats/token, "
                         f"{what[1]} {r.last_metrics['val_acc']:.3f}{clip}  [dim]saved {path.name}[/]")
         r.last_saved = r.step

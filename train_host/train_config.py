@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError, check_choice, check_range
+from jetson_dllm.families import FAMILIES, get_family
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import diffusion
 from train_host.bd3 import check_block, noise_range
@@ -72,7 +73,7 @@ class TrainConfig:
     def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
         overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
-                                    causal=self.objective == "ar", block_size=self.block_size if self.objective == "bd3" else 0)
+                                    family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0)
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
         return cfg
@@ -92,8 +93,8 @@ def validate(tc: TrainConfig) -> None:
     check_range("--ema", tc.ema, 0, 1, high_open=True)
     check_range("--canvas-len", tc.canvas_len, 8, 16384)
     check_choice("--config", tc.config, SIZES)
-    check_choice("--objective", tc.objective, ("mdlm", "ar", "bd3"))
-    if tc.objective == "bd3":
+    check_choice("--objective", tc.objective, tuple(FAMILIES))
+    if get_family(tc.objective).attention == "block":
         check_block(tc.canvas_len, tc.block_size)
         low, high = noise_range(tc)
         check_range("--t-min", low, 0, 1)

@@ -89,3 +89,9 @@ class Bar:
         if phase not in self.tasks:
             self.tasks[phase] = self.progress.add_task(phase, total=total)
         self.progress.update(self.tasks[phase], completed=done, total=total)
+
+
+def given_options(ctx) -> set[str]:
+    """The parameters the user set on the command line (not left at their defaults). Matched by the source's name:
+    typer may carry its own copy of click, so its enum is not necessarily click's."""
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}

@@ -10,37 +10,38 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from jetson_dllm.cli.common import app, err, out
-from jetson_dllm.generate import CanvasRecorder, complete, open_model, read_prompt, undertrained_note
+from jetson_dllm.cli.common import app, err, given_options, out
+from jetson_dllm.generate import CallRecorder, complete, open_model, read_prompt, undertrained_note
 from jetson_dllm.live import live_view
 from jetson_dllm.sampler import SamplerConfig
 
 
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="training run / checkpoint (torch backend) or bundle (onnx, trt)")] = Path("runs/tiny"),
     prompt: Annotated[str, typer.Option("--prompt", "-p", help='start of the text, or a template with ____ gaps / [MASK] tokens; "-" reads stdin')] = "Once upon a time",
     backend: Annotated[str, typer.Option(help="auto | torch | onnx | trt (auto: torch for a checkpoint, onnx for a bundle)")] = "auto",
     precision: Annotated[str, typer.Option(help="bundle precision: fp32 | fp16 | int8 | int8-dynamic")] = "fp32",
-    steps: Annotated[int, typer.Option(help="denoising steps (network evaluations at most)", min=1)] = 64,
+    steps: Annotated[int, typer.Option(help="denoising steps, network calls at most: for the whole canvas (mdlm), per block (bd3); ar models take none", min=1)] = 64,
     length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas", min=0, max=16384)] = 0,
     strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | eb (entropy-bounded) | ancestral")] = "confidence",
     block: Annotated[int, typer.Option(help="semi-autoregressive block length; 0 = whole canvas", min=0, max=16384)] = 0,
     threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
     eb_bound: Annotated[float, typer.Option(help="--strategy eb: the entropy (nats) one step may commit in all")] = 0.1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the README's sampler results)")] = 0.8,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the sampler results in docs/results.md)")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample among the k best tokens; 0 = all of the head", min=0, max=3839)] = 0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass, in (0, 1]")] = 1.0,
     seed: Annotated[int, typer.Option(min=0, max=4294967295)] = 0,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="samples generated together as one batch", min=1, max=4096)] = 1,
     deadline_ms: Annotated[float, typer.Option(help="stop refining after this long and commit the best tokens; 0 = none")] = 0.0,
-    defer_twins: Annotated[bool, typer.Option("--defer-twins/--no-defer-twins", help="neighbours picked in one step with the same token: commit one, re-predict the other (against 'play play'; see the README's sampler results)")] = True,
+    defer_twins: Annotated[bool, typer.Option("--defer-twins/--no-defer-twins", help="neighbours picked in one step with the same token: commit one, re-predict the other (against 'play play'; see the sampler results in docs/results.md)")] = True,
     gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template", min=1, max=16384)] = 12,
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
-    save_canvases: Annotated[Optional[Path], typer.Option(help="save every canvas the network ran on (.npz) for INT8 calibration (dllm export --calib-file)")] = None,
+    save_canvases: Annotated[Optional[Path], typer.Option(help="save the inputs of every network call (.npz), any model family; a masked-diffusion model's canvases feed INT8 calibration (dllm export --calib-file)")] = None,
 ) -> None:
     """Generate text with the diffusion sampler, showing the canvas denoise step by step.
 
@@ -56,11 +57,11 @@ def run(
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
                             eb_bound=eb_bound).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
-    with (CanvasRecorder(runner) if save_canvases is not None else runner) as runner, \
+    with (CallRecorder(runner) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
-        gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view)
+        gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view, given=given_options(ctx))
         if save_canvases is not None:
-            err.print(f"saved {runner.save(save_canvases)} canvases to {save_canvases}")
+            err.print(runner.save_message(save_canvases))
     print_generation(gen, json_out, undertrained_note(runner))
 
 

@@ -1,17 +1,26 @@
 """Runners: one interface over torch, onnxruntime and TensorRT (+pycuda), in the shape of Polygraphy's runners.
 
-A runner takes name-keyed numpy arrays and returns name-keyed numpy arrays, so a parity check between
-runners is one loop over the same inputs (`jetson_dllm.parity.compare_runners`). Input `tokens` (B, T)
-int32; outputs `topk_logprobs` (B, T, K) float32 and `topk_ids` (B, T, K) int32 (the sampling head), or
-`logits` (B, T, vocab). Each runner lives in its own module and imports its library there; loaders are
-plain functions (`runner_from_checkpoint`, `onnx_runner_from_bundle`, `onnx_runner_from_file`,
-`trt_runner_from_bundle`). Every runner is a context manager that closes itself.
+A runner executes named graphs (`run(graph, feeds)`): name-keyed numpy arrays in, name-keyed numpy arrays out,
+so a parity check between runners is one loop over the same inputs (`jetson_dllm.parity.compare_runners`). The
+graphs (`GRAPHS`) are the same for every runner; a bundle carries those of its family (jetson_dllm.families), a
+runner says which it runs (`graphs`). A graph that reads or writes the key/value cache does so on a cache the runner
+allocates once per batch size and owns (numpy buffers bound once to onnxruntime, device memory on TensorRT, tensors
+on torch); the caller passes only tokens and the cache's valid length, never the cache. Outputs are `topk_logprobs`
+(B, T, K) float32 and `topk_ids` (B, T, K) int32 (the sampling head), or `logits` (B, T, vocab) from the canvas
+graph; they may be the runner's own buffers, valid until its next call.
+
+A family's generation loop is a generator of `Call`s; `drive` runs one on a runner (the server interleaves many).
+Each runner lives in its own module and imports its library there; loaders are plain functions
+(`runner_from_checkpoint`, `onnx_runner_from_bundle`, `onnx_runner_from_file`, `trt_runner_from_bundle`). Every
+runner is a context manager that closes itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -21,7 +30,50 @@ from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
 SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
-COMMIT_OUTPUTS = ("k_new", "v_new")  # a block-diffusion commit / an AR decode step: the keys and values it wrote
+COMMIT_OUTPUTS = ("k_new", "v_new")  # inside a runner: the keys and values a cache-writing graph computed
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """A graph's interface as its callers see it: what they feed, what comes back, and what it does to the cache.
+
+    `cache`: "" (none), "read" (attends to the first valid_len positions), "write" (its tokens' keys and values go
+    into the cache at valid_len; it reads the positions before). `writes_prev`: the commit step writes `prev_tokens`
+    (the finished block) and steps `tokens` (the next)."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    cache: str = ""
+
+
+GRAPHS: dict[str, GraphSpec] = {
+    "canvas": GraphSpec(("tokens",), SAMPLING_OUTPUTS),  # a whole canvas, bidirectional; also `logits`
+    "block_step": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "read"),  # a noised block over the cache
+    "commit": GraphSpec(("tokens", "valid_len"), (), "write"),  # a finished block's keys and values into the cache
+    "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # commit + next step
+    "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
+}
+
+
+@dataclass
+class Call:
+    """One network call a generation loop asks for: a graph and its feeds."""
+
+    graph: str
+    feeds: dict[str, np.ndarray]
+
+
+R = TypeVar("R")
+
+
+def drive(runner: Runner, loop: Generator[Call, dict[str, np.ndarray], R]) -> R:
+    """Run a generation loop (a generator of Calls, sent each call's outputs) on one runner; its return value."""
+    try:
+        call = next(loop)
+        while True:
+            call = loop.send(runner.run(call.graph, call.feeds))
+    except StopIteration as done:
+        return done.value
 
 
 class Runner(Protocol):
@@ -31,9 +83,10 @@ class Runner(Protocol):
     tokenizer: TextTokenizer | None  # None for a bare ONNX file
     topk: int  # K of the sampling head
     canvas_lengths: list[int]  # canvas lengths the runner accepts
+    graphs: tuple[str, ...]  # the graphs it runs (GRAPHS' names)
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
-        """Run the network; `outputs` names what to return."""
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Run a graph; `outputs` names what to return (default: the graph's outputs)."""
         ...
 
     def memory(self) -> dict[str, int]:
@@ -62,13 +115,29 @@ class RunnerBase:
 
 
 def sampling_fn(runner: Runner):
-    """The sampler's view of a runner: canvas in, (top-K log-probabilities, ids) out."""
+    """The sampler's view of a runner's canvas graph: canvas in, (top-K log-probabilities, ids) out."""
 
     def run(canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = runner.run({"tokens": canvas})
+        out = runner.run("canvas", {"tokens": canvas})
         return out["topk_logprobs"], out["topk_ids"]
 
     return run
+
+
+def check_graph(runner: Runner, graph: str) -> GraphSpec:
+    """The graph's spec, or a clear error when this runner (its model's family) has no such graph."""
+    if graph not in runner.graphs:
+        raise DllmError(f"{runner.name} runs the {', '.join(runner.graphs)} graph{'s' if len(runner.graphs) > 1 else ''} of this model, "
+                        f"not {graph!r}")
+    return GRAPHS[graph]
+
+
+def valid_length(feeds: dict[str, np.ndarray], limit: int) -> int:
+    """A cached graph's valid length, checked against the cache's."""
+    valid = feeds.get("valid_len")
+    if valid is None or np.ndim(valid) != 0 or not 0 <= int(valid) < limit:
+        raise DllmError(f"valid_len must be a scalar in 0..{limit - 1}, got {valid!r}"[:200])
+    return int(valid)
 
 
 def check_tokens(feeds: dict[str, np.ndarray], canvas_lengths: list[int], vocab_size: int) -> np.ndarray:
@@ -99,6 +168,22 @@ def open_runner(kind: str, path: str | Path, precision: str = "fp32", **options)
         from jetson_dllm.runners.onnx_runner import onnx_runner_from_bundle
 
         return onnx_runner_from_bundle(str(path), precision=precision, **options)
-    from jetson_dllm.runners.trt_runner import trt_runner_from_bundle
-
     return trt_runner_from_bundle(str(path), precision=precision, **options)
+
+
+def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None) -> Runner:
+    """A bundle on TensorRT: a canvas graph's engine per (batch, canvas) (runners/trt_runner.py), or a cached
+    family's block-step and commit engines per batch over a cache on the GPU (runners/trt_blocks.py); engines are
+    found in `engines/` or built on first use."""
+    from jetson_dllm.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    if not bundle.family.trt_graphs:
+        raise DllmError(f"{bundle.path} holds the {bundle.family.title}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+    if bundle.family.cached:
+        from jetson_dllm.runners.trt_blocks import TrtBlockRunner
+
+        return TrtBlockRunner(bundle, precision, build=build, progress=progress)
+    from jetson_dllm.runners.trt_runner import TrtRunner
+
+    return TrtRunner(bundle, precision, build=build, cuda_graph=cuda_graph, progress=progress)

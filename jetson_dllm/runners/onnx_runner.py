@@ -10,8 +10,8 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.manifests import member
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
+from jetson_dllm.runners import GRAPHS, RunnerBase, check_graph, check_tokens, valid_length
+from jetson_dllm.runners.onnx_cache import CacheBuffers
 from jetson_dllm.tokenizer import TextTokenizer
 
 PROVIDER_ALIASES = {
@@ -77,24 +77,28 @@ def _ort():
 
 
 class OnnxRunner(RunnerBase):
-    """An onnxruntime session behind the runner interface.
+    """onnxruntime sessions, one per graph of the bundle, behind the runner interface.
 
     For sampling, only the top-K outputs are bound, so the vocabulary-sized logits never leave the session;
-    inputs and outputs are bound (I/O binding) to buffers allocated once per canvas shape, so a denoising
-    step allocates nothing on the Python side. Returned arrays are those buffers: they stay valid until the
-    next call with the same shape (copy them to keep them longer)."""
+    inputs and outputs are bound (I/O binding) to buffers allocated once per shape, so a call allocates nothing on
+    the Python side. Cached graphs share one cache per batch size (onnx_cache.CacheBuffers). Returned arrays are
+    those buffers: they stay valid until the next call (copy them to keep them longer)."""
 
-    def __init__(self, session, cfg: ModelConfig, precision: str = "fp32", tokenizer: TextTokenizer | None = None,
+    def __init__(self, sessions: dict, cfg: ModelConfig, precision: str = "fp32", tokenizer: TextTokenizer | None = None,
                  canvas_lengths: list[int] | None = None, weight_bytes: int = 0):
-        self.session, self.cfg, self.precision, self.tokenizer = session, cfg, precision, tokenizer
+        self.sessions, self.cfg, self.precision, self.tokenizer = sessions, cfg, precision, tokenizer
+        self.graphs = tuple(sessions)
         self.canvas_lengths = canvas_lengths or cfg.canvas_buckets()
         self.weight_bytes = weight_bytes
-        outputs = {o.name: o.shape for o in session.get_outputs()}
+        first = next(iter(sessions.values()))
+        outputs = {o.name: o.shape for o in first.get_outputs()}
         if "topk_ids" not in outputs or not isinstance(outputs["topk_ids"][-1], int):
             raise DllmError("the ONNX graph has no static top-K head (topk_logprobs / topk_ids); export it with dllm export")
         self.topk = int(outputs["topk_ids"][-1])
-        self.name = f"onnx-{session.get_providers()[0].replace('ExecutionProvider', '').lower()}"
+        self.width = {s.name: s.shape for s in first.get_inputs()}["tokens"][1]  # a cached graph's tokens per call
+        self.name = f"onnx-{first.get_providers()[0].replace('ExecutionProvider', '').lower()}"
         self._bound: dict[tuple[int, int], tuple] = {}
+        self.cache: dict[int, CacheBuffers] = {}  # batch -> the cache and its bindings, allocated once
 
     def _binding(self, shape: tuple[int, int]):
         """Input and output buffers for a canvas shape, bound once and reused by every later step."""
@@ -105,63 +109,74 @@ class OnnxRunner(RunnerBase):
             tokens = np.zeros(shape, dtype=np.int32)
             outs = {"topk_logprobs": np.zeros((B, T, self.topk), dtype=np.float32),
                     "topk_ids": np.zeros((B, T, self.topk), dtype=np.int32)}
-            binding = self.session.io_binding()
+            binding = self.sessions["canvas"].io_binding()
             binding.bind_input("tokens", "cpu", 0, np.int32, list(shape), tokens.ctypes.data)
             for name, arr in outs.items():
                 binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             self._bound[shape] = (binding, tokens, outs)
         return self._bound[shape]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        spec = check_graph(self, graph)
+        outputs = outputs or spec.outputs
+        if spec.cache:
+            return self._run_cached(graph, feeds, outputs)
         tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)
         if "logits" in outputs:
-            return dict(zip(outputs, self.session.run(list(outputs), {"tokens": tokens})))
+            return dict(zip(outputs, self.sessions[graph].run(list(outputs), {"tokens": tokens})))
         binding, buf, outs = self._binding(tokens.shape)
         np.copyto(buf, tokens)
-        self.session.run_with_iobinding(binding)
+        self.sessions[graph].run_with_iobinding(binding)
         return {name: outs[name] for name in outputs}
 
+    def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        tokens = feeds.get("tokens")
+        if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
+            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
+        valid_length(feeds, self.cfg.canvas_len - self.width + 1)
+        batch = tokens.shape[0]
+        if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache
+            cached = {g: s for g, s in self.sessions.items() if GRAPHS[g].cache}
+            self.cache = {batch: CacheBuffers(cached, self.cfg, batch, self.topk, self.width)}
+        buffers = self.cache[batch]
+        buffers.load(graph, feeds)
+        self.sessions[graph].run_with_iobinding(buffers.bindings[graph])
+        if GRAPHS[graph].cache == "write":
+            buffers.write_new()
+        return {name: buffers.out[name] for name in outputs}
+
     def memory(self) -> dict[str, int]:
-        return {"weights": self.weight_bytes}
+        return {"weights": self.weight_bytes, "cache": sum(b.nbytes for b in self.cache.values())}
 
     def close(self) -> None:
         self._bound.clear()
-        self.session = None
+        self.cache.clear()
+        self.sessions = {}
 
 
 def onnx_runner_from_file(path: str | Path, cfg: ModelConfig, precision: str = "fp32", threads: int = 0,
-                          tokenizer: TextTokenizer | None = None) -> OnnxRunner:
+                          tokenizer: TextTokenizer | None = None, graph: str = "canvas") -> OnnxRunner:
     """A bare ONNX file (no bundle around it) on the CPU: what export parity and the INT8 search run."""
     session = session_from_onnx(path, threads=threads)
-    return OnnxRunner(session, cfg, precision, tokenizer, weight_bytes=Path(path).stat().st_size)
+    return OnnxRunner({graph: session}, cfg, precision, tokenizer, weight_bytes=Path(path).stat().st_size)
 
 
 def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers: str = "cpu", threads: int = 0,
                             verify_files: bool = True) -> OnnxRunner:
-    """A bundle's graph of `precision`, its file checked against the manifest's hash first."""
+    """A bundle's graphs of `precision` (those of its family it carries), each file checked against the manifest's
+    hash first."""
     ort = _ort()
     bundle = load_bundle(bundle_path, verify=verify_files)
     tokenizer = bundle.tokenizer()
-    path = bundle.onnx_path(precision)  # every file was checked against its hash by load_bundle
+    paths = bundle.graph_paths(precision)  # every file was checked against its hash by load_bundle
     cache = bundle.engines_dir / "ort-trt"
     resolved = resolve_providers(providers, ort.get_available_providers(), str(cache), fp16=precision != "fp32")
     if any(isinstance(p, tuple) for p in resolved):
         cache.mkdir(parents=True, exist_ok=True)
-    session = session_from_onnx(path, resolved, threads)
-    if bundle.config.block_size:  # block diffusion: the block-step graph and its commit graph
-        from jetson_dllm.runners.onnx_blocks import BlockOnnxRunner
-
-        entry = bundle.manifest["precisions"][precision]
-        commit = session_from_onnx(member(bundle.path, entry["commit"]), resolved, threads)
-        fused = session_from_onnx(member(bundle.path, entry["commit_step"]), resolved, threads) if "commit_step" in entry else None
-        return BlockOnnxRunner(bundle, session, commit, precision, fused)
-    if bundle.config.causal:  # the autoregressive baseline: its decode graph
-        from jetson_dllm.runners.onnx_ar import ArOnnxRunner
-
-        return ArOnnxRunner(bundle, session, precision)
-    runner = OnnxRunner(session, bundle.config, precision, tokenizer, bundle.canvas_lengths, path.stat().st_size)
+    sessions = {graph: session_from_onnx(path, resolved, threads) for graph, path in paths.items()}
+    runner = OnnxRunner(sessions, bundle.config, precision, tokenizer, bundle.canvas_lengths, sum(p.stat().st_size for p in paths.values()))
     if runner.topk != bundle.topk:
-        raise DllmError(f"{path.name} has a top-{runner.topk} head but the manifest says {bundle.topk}; re-export the bundle")
+        raise DllmError(f"{paths[runner.graphs[0]].name} has a top-{runner.topk} head but the manifest says {bundle.topk}; re-export the bundle")
     runner.bundle = bundle
     runner.metrics = bundle.manifest.get("source", {}).get("metrics", {})  # the checkpoint's, at export
     return runner

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
+from jetson_dllm.families import family_of
+from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens, valid_length
 
 DEFAULT_TOPK = 64
 MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840; the same bound everywhere
@@ -39,40 +40,50 @@ class TorchRunner(RunnerBase):
         self.cfg, self.topk, self.precision = cfg, topk, "fp32"
         self.name = f"torch-{device}"
         self.canvas_lengths = cfg.canvas_buckets()
+        self.graphs = family_of(cfg).graphs
+        self.cache: dict = {}  # batch -> KVCache, for the cached graphs
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        spec = check_graph(self, graph)
+        outputs = outputs or spec.outputs
+        if spec.cache:
+            return self._run_cached(graph, feeds, outputs)
         torch = self.torch
         tokens = torch.from_numpy(check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)).to(self.device)
         with torch.inference_mode():
-            logits = self.model(tokens)
-            result = {}
-            if "logits" in outputs:
-                result["logits"] = logits.float().cpu().numpy()
-            if any(o in outputs for o in SAMPLING_OUTPUTS):
-                from train_host.model import topk_logprobs
+            return self._heads(self.model(tokens), outputs)
 
-                values, ids = topk_logprobs(logits, self.topk)
-                result["topk_logprobs"] = values.cpu().numpy()
-                result["topk_ids"] = ids.cpu().numpy()
+    def _heads(self, logits, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        result = {}
+        if "logits" in outputs:
+            result["logits"] = logits.float().cpu().numpy()
+        if any(o in outputs for o in SAMPLING_OUTPUTS):
+            from train_host.model import topk_logprobs
+
+            values, ids = topk_logprobs(logits, self.topk)
+            result["topk_logprobs"] = values.cpu().numpy()
+            result["topk_ids"] = ids.cpu().numpy()
         return result
 
-    def generate_autoregressive(self, prompt_ids: list[int], max_new: int, num_samples: int, temperature: float,
-                                top_k: int, top_p: float, seed: int, stop_at_end: bool = True):
-        """Token by token with a KV cache: only for the autoregressive baseline (cfg.causal)."""
-        from train_host.autoregressive import ar_generate
+    def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """A cached graph over this runner's KV cache (one per batch size, the model's whole context): the same
+        computation the exported graph does (train_host.cached_graphs)."""
+        from train_host.cached_graphs import run_cached
+        from train_host.model import KVCache
 
-        tok = self.tokenizer
-        return ar_generate(self.model, prompt_ids, max_new, tok.eot_id, tok.eot_id, tok.pad_id, num_samples=num_samples,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_end=stop_at_end)
-
-    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler, on_step=None):
-        """Block after block with an exact KV cache: only for a block-diffusion model (cfg.block_size)."""
-        from jetson_dllm.sampler import SpecialIds
-        from train_host.bd3_generate import generate_blocks_torch as generate_blocks
-
-        tok = self.tokenizer
-        special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-        return generate_blocks(self.model, prompt_ids, max_new, special, sampler, num_samples=num_samples, k=self.topk, on_step=on_step)
+        torch = self.torch
+        tokens = feeds.get("tokens")
+        if tokens is None or np.ndim(tokens) != 2:
+            raise DllmError(f"the {graph} graph takes tokens shaped (batch, positions)")
+        valid = valid_length(feeds, self.cfg.canvas_len - tokens.shape[1] + 1)
+        batch = tokens.shape[0]
+        if batch not in self.cache:
+            self.cache = {batch: KVCache(self.cfg, batch, self.cfg.canvas_len, self.device)}
+        as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
+        inputs = {name: as_tensor(feeds[name]) for name in ("tokens", "prev_tokens") if name in feeds}
+        with torch.inference_mode():
+            logits = run_cached(self.model, self.cache[batch], graph, valid, **inputs)
+            return self._heads(logits, outputs) if logits is not None else {}
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -82,6 +93,7 @@ class TorchRunner(RunnerBase):
         return mem
 
     def close(self) -> None:
+        self.cache.clear()
         self.model = None
 
 

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from jetson_dllm.blocks import BlockResult, generate_blocks
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.engine import block_io_buffers, input_shapes
-from jetson_dllm.engine_build import find_or_build
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
-from jetson_dllm.runners.trt_runner import TrtRunner
-from jetson_dllm.sampler import SamplerConfig, SpecialIds
+from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase, check_graph, valid_length
+from jetson_dllm.runners.trt_common import TrtEngines
 
 ON_DEVICE = ("k_cache", "v_cache", "k_new", "v_new")  # GPU-only tensors, never mapped to the host
 SMALL_INPUTS = ("tokens", "valid_len")
@@ -107,56 +104,47 @@ class _BlockSession:
         return sum(self.nbytes[name] for name in ON_DEVICE)
 
 
-class TrtBlockRunner(TrtRunner):
-    """A block-diffusion bundle on TensorRT: `generate_blockwise` as on onnxruntime, with the cache on the GPU."""
+class TrtBlockRunner(RunnerBase):
+    """A cached family's bundle on TensorRT: the block-step and commit engines per batch, with the cache on the GPU."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, progress=None):
-        super().__init__(bundle, precision, build=build, cuda_graph=False, progress=progress)
-        import pycuda.driver as cuda  # noqa: F401  (checked names: this module drives pycuda too)
+        self.bundle, self.tokenizer = bundle, bundle.tokenizer()
+        self.trt_engines = TrtEngines(bundle, precision, build, progress)
+        import pycuda.driver as cuda  # (checked names: this module drives pycuda)
 
-        bundle.onnx_path(precision, "commit")
-        self.name = f"trt-{precision}-bd3"
+        self.cuda, self.device = cuda, self.trt_engines.device
+        self.precision, self.cfg, self.topk, self.canvas_lengths = precision, bundle.config, bundle.topk, bundle.canvas_lengths
+        self.graphs = bundle.family.trt_graphs
+        for graph in self.graphs:
+            bundle.onnx_path(precision, graph)  # the bundle must have each graph at this precision
+        self.name = f"trt-{precision}"
         self.sessions: dict[int, _BlockSession] = {}
 
     def _session(self, batch: int) -> _BlockSession:
         if batch not in self.sessions:
-            engines = {}
-            for graph in ("block_step", "commit"):
-                if (batch, graph) not in self.engines:
-                    path = find_or_build(self.bundle, self.precision, batch, self.cfg.canvas_len, build=self.build,
-                                         progress=self.progress, graph=graph)
-                    data = path.read_bytes()
-                    engine = self.runtime.deserialize_cuda_engine(data)
-                    if engine is None:
-                        raise DllmError(f"{path.name} cannot be loaded by this TensorRT; delete it and run dllm build again")
-                    self.plan_bytes += len(data)
-                    self.engines[(batch, graph)] = engine
-                engines[graph] = self.engines[(batch, graph)]
+            engines = {graph: self.trt_engines.engine(batch, self.cfg.canvas_len, graph) for graph in self.graphs}
             self.sessions = {batch: _BlockSession(self.cuda, self.cfg, engines, batch, self.topk, self.device.integrated)}
         return self.sessions[batch]
 
-    def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """A block step or a commit over the cache on the GPU (the commit step is not built for TensorRT: the family
+        loop commits on its own when a runner lacks it)."""
+        outputs = outputs or check_graph(self, graph).outputs
+        tokens = feeds.get("tokens")
+        if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.cfg.block_size:
+            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.cfg.block_size})")
+        valid = valid_length(feeds, self.cfg.canvas_len - self.cfg.block_size + 1)
         session = self._session(tokens.shape[0])
-        result = session.step(tokens, valid)
+        if graph == "commit":
+            session.commit(tokens, valid)
+            return {}
+        lp, ids = session.step(tokens, valid)
         self.last_gpu_ms = session.gpu_ms
-        return result
-
-    def commit(self, tokens: np.ndarray, valid: int) -> None:
-        self._session(tokens.shape[0]).commit(tokens, valid)
-
-    def generate_blockwise(self, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
-                           on_step=None) -> BlockResult:
-        tok = self.tokenizer
-        special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-        return generate_blocks(self.step, self.commit, prompt_ids, max_new, special, sampler, self.cfg.block_size,
-                               self.cfg.canvas_len, num_samples, on_step)
-
-    def run(self, feeds, outputs=SAMPLING_OUTPUTS):
-        raise DllmError("a block-diffusion bundle runs block by block (generate_blockwise), not on a whole canvas")
+        return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
 
     def memory(self) -> dict[str, int]:
-        return {**super().memory(), "cache": sum(s.cache_bytes() for s in self.sessions.values())}
+        return {**self.trt_engines.memory(), "cache": sum(s.cache_bytes() for s in self.sessions.values())}
 
     def close(self) -> None:
         self.sessions.clear()
-        super().close()
+        self.trt_engines.close()

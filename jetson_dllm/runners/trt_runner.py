@@ -1,6 +1,6 @@
 """The TensorRT runner, driven by pycuda: the Jetson's fast path.
 
-One engine per (batch, canvas), found or built by jetson_dllm.engine. Per thread, one execution context,
+One engine per (batch, canvas), found or built by jetson_dllm.engine_build (runners/trt_common.py). Per thread, one execution context,
 one non-default stream and I/O buffers allocated once: on an integrated GPU (the Jetson) mapped pinned
 memory that the GPU reads and writes in place (zero-copy), elsewhere pinned host memory plus device
 buffers and async copies. CUDA events time every step on the GPU. When cuda-python is installed the
@@ -14,12 +14,11 @@ import threading
 
 import numpy as np
 
-from jetson_dllm.bundle import Bundle, load_bundle
-from jetson_dllm.engine import detect_device, io_buffers
-from jetson_dllm.engine_build import find_or_build
+from jetson_dllm.bundle import Bundle
+from jetson_dllm.engine import io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.profiler import unified_memory
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_tokens
+from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens
+from jetson_dllm.runners.trt_common import TrtEngines
 
 
 def _cudart():
@@ -109,47 +108,24 @@ class _EngineRun:
         return {name: self.host[name] for name in SAMPLING_OUTPUTS}
 
 
-def engine_from_bundle(runtime, bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None):
-    """The deserialized engine for (precision, batch, canvas) on this device, found in or built into the bundle.
-    Returns (engine, plan bytes)."""
-    path = find_or_build(bundle, precision, batch, canvas, build=build, progress=progress)
-    data = path.read_bytes()
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is None:
-        raise DllmError(f"{path.name} cannot be loaded by this TensorRT; delete it and run dllm build again")
-    return engine, len(data)
-
-
 class TrtRunner(RunnerBase):
+    """A canvas graph's engines on TensorRT, one per (batch, canvas)."""
+
     def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None):
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer()
-        self.device = detect_device()  # a clear error without TensorRT, pycuda or a GPU
-        import pycuda.autoprimaryctx  # noqa: F401  (the primary context, shared with TensorRT)
-        import pycuda.driver as cuda
+        self.trt_engines = TrtEngines(bundle, precision, build, progress)  # a clear error without TensorRT, pycuda or a GPU
+        import pycuda.driver as cuda  # this module drives pycuda and TensorRT itself (their names are checked here)
         import tensorrt as trt
 
-        self.trt, self.cuda = trt, cuda
+        self.trt, self.cuda, self.device = trt, cuda, self.trt_engines.device
         self.precision, self.cfg, self.topk = precision, bundle.config, bundle.topk
         self.canvas_lengths = bundle.canvas_lengths
-        self.build, self.cuda_graph, self.progress = build, cuda_graph, progress
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engines: dict[tuple[int, int], object] = {}
-        self.plan_bytes = 0
+        self.cuda_graph = cuda_graph
         self._local = threading.local()
-        self._lock = threading.Lock()
         bundle.onnx_path(precision)  # the bundle must have the precision asked for
+        self.graphs = bundle.family.trt_graphs
         self.name = f"trt-{precision}"
-
-    def _engine(self, shape: tuple[int, int]):
-        with self._lock:
-            if shape not in self.engines:
-                engine, size = engine_from_bundle(self.runtime, self.bundle, self.precision, shape[0], shape[1],
-                                                  build=self.build, progress=self.progress)
-                self.plan_bytes += size
-                self.engines[shape] = engine
-            return self.engines[shape]
 
     def _runner(self, shape: tuple[int, int]) -> _EngineRun:
         runners = getattr(self._local, "runners", None)
@@ -159,11 +135,12 @@ class TrtRunner(RunnerBase):
                 self._local.context = self.cuda.Device(0).retain_primary_context()
                 self._local.context.push()
         if shape not in runners:
-            runners[shape] = _EngineRun(self.trt, self.cuda, self._engine(shape), shape[0], shape[1], self.topk,
+            runners[shape] = _EngineRun(self.trt, self.cuda, self.trt_engines.engine(shape[0], shape[1]), shape[0], shape[1], self.topk,
                                         self.device.integrated, self.cuda_graph)
         return runners[shape]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] = SAMPLING_OUTPUTS) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        outputs = outputs or check_graph(self, graph).outputs
         if "logits" in outputs:
             raise DllmError("TensorRT engines carry the sampling head only; use the onnx backend for logits")
         tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)
@@ -173,29 +150,8 @@ class TrtRunner(RunnerBase):
         return {name: result[name] for name in outputs}
 
     def memory(self) -> dict[str, int]:
-        activations = sum(int(e.device_memory_size_v2) for e in self.engines.values())
-        mem = {"weights": self.plan_bytes, "activations": activations}
-        if self.device.integrated:
-            # Unified memory: cudaMemGetInfo ignores swap and counts page cache; NvMap is what the GPU holds.
-            unified = unified_memory()
-            if "gpu_nvmap" in unified:
-                mem["device_used"] = unified["gpu_nvmap"]
-        else:
-            free, total = self.cuda.mem_get_info()
-            mem["device_used"] = int(total - free)
-        return mem
+        return self.trt_engines.memory()
 
     def close(self) -> None:
         self._local = threading.local()
-        self.engines.clear()
-
-
-def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None) -> TrtRunner:
-    """A bundle on TensorRT: one engine per (batch, canvas), found in `engines/` or built on first use; a
-    block-diffusion bundle: a block-step and a commit engine per batch (runners/trt_blocks.py)."""
-    bundle = load_bundle(bundle_path)
-    if bundle.config.block_size:
-        from jetson_dllm.runners.trt_blocks import TrtBlockRunner
-
-        return TrtBlockRunner(bundle, precision, build=build, progress=progress)
-    return TrtRunner(bundle, precision, build=build, cuda_graph=cuda_graph, progress=progress)
+        self.trt_engines.close()

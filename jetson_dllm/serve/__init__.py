@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 
 
 def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", host: str = "127.0.0.1", port: int = 8000,
@@ -22,10 +23,10 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
     from jetson_dllm.generate import open_model
 
     runner = open_model(model, backend=backend, precision=precision, threads=threads)
-    if runner.cfg.causal or runner.cfg.block_size:
+    if "canvas" not in runner.graphs:  # the batcher steps whole canvases; cached families' loops are not batched yet
         runner.close()
-        raise DllmError("dllm serve takes a masked-diffusion model; the autoregressive baseline is for comparison only, and "
-                        "block-diffusion models are not served yet (dllm run generates with them)")
+        raise DllmError(f"dllm serve takes a masked-diffusion (MDLM) model for now; {family_of(runner.cfg).title} models are "
+                        "not served yet (dllm run generates with them)")
     app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      batching=batching, max_body=max_body, timeout_s=timeout_s)
     # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a

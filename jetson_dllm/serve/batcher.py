@@ -128,7 +128,7 @@ class Batcher:
         group = [j for j in self.active if j.pending.shape[1] == length] if self.batching else self.active[:1]
         stacked = np.concatenate([j.pending for j in group])
         t0 = time.perf_counter()
-        out = self.runner.run({"tokens": stacked})
+        out = self.runner.run("canvas", {"tokens": stacked})
         self.observe(batch_rows=len(stacked), step_seconds=time.perf_counter() - t0, evaluations=1)
         start = 0
         for job in group:

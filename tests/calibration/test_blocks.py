@@ -8,7 +8,7 @@ import pytest
 from calibration.blocks import BlockFeeds, BlockGraphs, block_report, text_blocks
 from calibration.quantize import qdq_problems
 from jetson_dllm.bundle import load_bundle
-from train_host.export import validation_canvases
+from train_host.onnx_tools import validation_canvases
 
 
 @pytest.fixture(scope="module")

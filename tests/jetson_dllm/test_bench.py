@@ -222,10 +222,10 @@ def test_profile_command(capsys, bundle_dir):
 
 def test_the_plan_of_a_block_diffusion_model_counts_its_cache():
     mdlm = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256), "fp32", 1, 256)
-    bd3 = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, block_size=16), "fp32", 1, 256)
+    bd3 = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, family="bd3", block_size=16), "fp32", 1, 256)
     assert mdlm["kv_cache"] == 0 and bd3["kv_cache"] == 2 * 6 * 1 * 6 * 256 * 64 * 4  # keys and values, every layer, FP32
     assert bd3["activations"] < mdlm["activations"] / 4  # 16 positions per call, not 256
-    ar = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, causal=True), "fp32", 1, 256)
+    ar = memory_plan(ModelConfig.from_name("small", vocab_size=8192, canvas_len=256, family="ar"), "fp32", 1, 256)
     assert ar["kv_cache"] == bd3["kv_cache"] and ar["activations"] < bd3["activations"]  # the baseline: its cache, 1 position
 
 

@@ -131,7 +131,7 @@ def test_recorded_canvases_feed_int8_calibration(capsys, trained_run, data_dir, 
 
     code, _, err = dllm(capsys, "run", trained_run, "-p", "Once upon a time", "--steps", 6, "-n", 2, "--no-live",
                         "--save-canvases", tmp_path / "c.npz")
-    assert code == 0 and "saved 12 canvases" in err
+    assert code == 0 and "saved 6 network calls (canvas 6)" in err
     data = np.load(tmp_path / "c.npz")
     assert data["tokens"].shape[0] == 12 and (data["tokens"][0] == data["tokens"][0, -1]).sum() > 10  # the first canvas is mostly masks
     code, out, err = dllm(capsys, "export", trained_run, "-o", tmp_path / "b", "--int8", "--data", data_dir, "--calib-canvases", 8,
@@ -139,6 +139,33 @@ def test_recorded_canvases_feed_int8_calibration(capsys, trained_run, data_dir, 
     assert code == 0, err
     cal = json.loads((tmp_path / "b" / "manifest.json").read_text())["calibration"]
     assert cal["recorded_canvases"] == 12 and cal["calibration_canvases"] == 8 + 12
+
+
+@pytest.mark.parametrize("family", ["bd3", "ar"])
+def test_save_canvases_records_every_network_call_of_a_cached_family(family, bd3_bundle, ar_bundle, tmp_path):
+    """Block diffusion and the AR baseline record each graph call's inputs (tokens and the cache's valid length), in a
+    real `dllm run` process, as many as the run reports."""
+    import numpy as np
+
+    bundle = {"bd3": bd3_bundle, "ar": ar_bundle}[family]
+    out = tmp_path / "calls.npz"
+    steps = ["--steps", "4"] if family == "bd3" else []
+    done = subprocess.run([sys.executable, "-m", "jetson_dllm", "run", str(bundle), "-p", "Once upon a time", "--length", "24",
+                           *steps, "-n", "2", "--no-live", "--temperature", "0", "--json", "--save-canvases", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    data = np.load(out)
+    graphs = {"bd3": ("block_step", "commit_step", "commit"), "ar": ("decode",)}[family]
+    counts = {g: len(data[f"{g}.tokens"]) // 2 for g in graphs if f"{g}.tokens" in data}  # two rows a call
+    assert f"saved {sum(counts.values())} network calls" in done.stderr
+    if family == "ar":
+        assert counts["decode"] == report["evaluations"] > report["new_tokens"]  # the prompt is read one call a token
+        assert data["decode.tokens"].shape[1] == 1 and data["decode.valid_len"].tolist()[:4] == [0, 0, 1, 1]
+    else:
+        assert counts["block_step"] + counts.get("commit_step", 0) == report["evaluations"]
+        assert counts.get("commit", 0) == report["cache_passes"] and counts.get("commit_step", 0) == report["folded_commits"]
+        assert data["block_step.tokens"].shape[1] == 16 and (data["block_step.valid_len"] % 16 == 0).all()
 
 
 def test_parse_duration():

@@ -22,22 +22,22 @@ def test_bound_buffers_are_reused_and_results_stay_right(bundle_dir):
     first = None
     for seed in range(3):
         x = canvases(be.bundle, 2, T, seed)
-        out = be.run({"tokens": x})
+        out = be.run("canvas", {"tokens": x})
         ref = dict(zip(["logits", *SAMPLING_OUTPUTS], plain.run(None, {"tokens": x})))
         np.testing.assert_allclose(out["topk_logprobs"], ref["topk_logprobs"], atol=1e-4)
         assert np.array_equal(out["topk_ids"], ref["topk_ids"])
         if first is None:
             first = out["topk_ids"]
         assert out["topk_ids"] is first  # the same preallocated buffer, refilled: no per-step allocation
-    assert be.run({"tokens": canvases(be.bundle, 1, 32, 9)})["topk_ids"].shape == (1, 32, be.topk)
-    logits = be.run({"tokens": x}, outputs=("logits",))["logits"]
+    assert be.run("canvas", {"tokens": canvases(be.bundle, 1, 32, 9)})["topk_ids"].shape == (1, 32, be.topk)
+    logits = be.run("canvas", {"tokens": x}, outputs=("logits",))["logits"]
     assert logits.shape == (2, T, be.cfg.vocab_size)
 
 
 def test_a_sampling_step_binds_no_logits(bundle_dir):
     be = open_backend("onnx", str(bundle_dir))
     x = canvases(be.bundle, 1, 32, 0)
-    assert set(be.run({"tokens": x})) == set(SAMPLING_OUTPUTS)
+    assert set(be.run("canvas", {"tokens": x})) == set(SAMPLING_OUTPUTS)
     binding = be._bound[x.shape][0]
     # only the top-K outputs leave the session; the vocabulary-sized logits stay an internal tensor
     assert [v.shape() for v in binding.get_outputs()] == [[1, 32, be.topk], [1, 32, be.topk]]
@@ -54,9 +54,9 @@ def test_cpu_int8_variant_runs_and_mostly_agrees(bundle_dir, data_dir):
     real = CanvasDataset(data_dir, "val", T, fp32.tokenizer.pad_id).batch(np.arange(8))
     x = stratified_masking(real, fp32.cfg.mask_id, fp32.tokenizer.pad_id, seed=3)
     masked = x == fp32.cfg.mask_id
-    ref = fp32.run({"tokens": x})["topk_ids"][..., 0].copy()
+    ref = fp32.run("canvas", {"tokens": x})["topk_ids"][..., 0].copy()
     for be in (dyn, static):
-        top1 = be.run({"tokens": x})["topk_ids"][..., 0]
+        top1 = be.run("canvas", {"tokens": x})["topk_ids"][..., 0]
         assert (top1 == ref)[masked].mean() > 0.9  # on real canvases at every noise level
 
 
@@ -83,6 +83,6 @@ def test_sampler_over_onnx_finishes(bundle_dir):
 def test_wrong_inputs(bundle_dir):
     be = open_backend("onnx", str(bundle_dir))
     with pytest.raises(DllmError, match="longer than"):
-        be.run({"tokens": np.zeros((1, be.canvas_lengths[-1] + 1), dtype=np.int32)})
+        be.run("canvas", {"tokens": np.zeros((1, be.canvas_lengths[-1] + 1), dtype=np.int32)})
     with pytest.raises(DllmError, match="one input"):
-        be.run({"ids": np.zeros((1, 8), dtype=np.int32)})
+        be.run("canvas", {"ids": np.zeros((1, 8), dtype=np.int32)})

@@ -36,8 +36,8 @@ def test_every_runner_agrees_with_pytorch(kind, precision, trained_run, bundle_d
         canvases = _canvases(reference)
         if kind == "trt":  # engines carry the sampling head only: compare the top-1 ids
             for _, z, score in masked_views(canvases, (0.5,), reference.cfg.mask_id, reference.tokenizer.pad_id):
-                want = reference.run({"tokens": z})["topk_ids"][..., 0][score]
-                got = runner.run({"tokens": z})["topk_ids"][..., 0][score]
+                want = reference.run("canvas", {"tokens": z})["topk_ids"][..., 0][score]
+                got = runner.run("canvas", {"tokens": z})["topk_ids"][..., 0][score]
                 assert (want == got).mean() >= min_top1
             return
         row = summarize(compare_runners(reference, {"r": runner}, canvases, (0.15, 0.5, 0.9), reference.cfg.mask_id,
@@ -52,8 +52,8 @@ def test_a_non_finite_runner_fails_every_gate(trained_run):
         def __init__(self, inner):
             self.inner = inner
 
-        def run(self, feeds, outputs):
-            out = self.inner.run(feeds, outputs)
+        def run(self, graph, feeds, outputs=None):
+            out = self.inner.run(graph, feeds, outputs)
             return {k: np.full_like(v, np.nan) for k, v in out.items()}
 
     with open_runner("torch", trained_run) as reference:

@@ -126,7 +126,7 @@ class _Engine:
 
 def test_a_commit_writes_the_block_into_the_cache_in_place():
     """Discrete-GPU buffers (the Jetson's zero-copy inputs differ only in where the small tensors live)."""
-    cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, block_size=8)
+    cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
     memory = _Memory()
     engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
                "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}

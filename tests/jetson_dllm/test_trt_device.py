@@ -28,7 +28,7 @@ def test_trt_greedy_tokens_match_onnxruntime(bundle_dir, tmp_path, precision):
     import shutil
 
     _needs_trt()
-    from jetson_dllm.generate import generate
+    from jetson_dllm.families.mdlm import generate
     from jetson_dllm.runners import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
@@ -55,7 +55,7 @@ def test_trt_outputs_are_sorted_topk(bundle_dir, tmp_path):
     shutil.copytree(bundle_dir, copy)
     be = open_backend("trt", str(copy), precision="fp16")
     x = np.full((1, be.canvas_lengths[0]), be.cfg.mask_id, dtype=np.int32)
-    out = be.run({"tokens": x})
+    out = be.run("canvas", {"tokens": x})
     lp = out["topk_logprobs"]
     assert (np.diff(lp, axis=-1) <= 1e-6).all() and (lp <= 0).all()
     assert not (out["topk_ids"] == be.cfg.mask_id).any()

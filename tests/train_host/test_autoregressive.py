@@ -17,7 +17,7 @@ from train_host.model import Denoiser, KVCache
 
 def causal_model(seed=0):
     torch.manual_seed(seed)
-    return Denoiser(ModelConfig(d_model=64, n_head=2, n_layer=2, vocab_size=100, canvas_len=32, causal=True)).eval()
+    return Denoiser(ModelConfig(d_model=64, n_head=2, n_layer=2, vocab_size=100, canvas_len=32, family="ar")).eval()
 
 
 def test_kv_cache_decoding_equals_the_full_forward():

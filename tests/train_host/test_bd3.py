@@ -138,7 +138,7 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
     result = train_small(data_dir, tmp_path / "bd3", steps=6, eval_every=3, objective="bd3", block_size=16, t_min=0.3, t_max=0.8)
     assert result["step"] == 6 and result["val_nll"] > 0 and 0 <= result["val_acc"] <= 1
     model, _, _ = load_model(tmp_path / "bd3")
-    assert model.cfg.block_size == 16 and not model.cfg.causal
+    assert model.cfg.block_size == 16 and model.cfg.family == "bd3"
     metrics = evaluate_checkpoint(tmp_path / "bd3", data_dir, canvases=8, n_t=2)
     assert metrics["val_nll"] > 0 and not any(k.startswith("val_acc@") for k in metrics)  # BD3's own bound
     tuned = train_small(data_dir, tmp_path / "ft", steps=2, eval_every=100, objective="bd3", block_size=8, init=str(trained_run))
@@ -164,10 +164,10 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
     with open_model(tmp_path / "bd3") as torch_runner, open_model(tmp_path / "bundle") as onnx_runner:
         on_torch = complete(torch_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
         on_onnx = complete(onnx_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
-    assert onnx_runner.name.endswith("-bd3") and (on_onnx.tokens == on_torch.tokens).all()  # the same text, block by block
+    assert "block_step" in onnx_runner.graphs and (on_onnx.tokens == on_torch.tokens).all()  # the same text, block by block
     assert on_onnx.commits == on_torch.commits and on_onnx.evaluations == on_torch.evaluations and on_onnx.folded > 0
     with open_model(tmp_path / "bundle") as unfolded_runner:
-        unfolded_runner.commit_step_session = None  # a commit pass per block instead of the folded commit step
+        unfolded_runner.graphs = ("block_step", "commit")  # a commit pass per block instead of the folded commit step
         unfolded = complete(unfolded_runner, "Once upon a time", length=40, num_samples=2, sampler=greedy)
     assert (unfolded.tokens == on_onnx.tokens).all() and unfolded.commits == on_onnx.commits + on_onnx.folded  # the same text
     assert bundle.manifest["block_parity"]["fp32"]["fused_max_abs_diff"] < 1e-3
@@ -179,12 +179,12 @@ def test_train_and_eval_a_bd3_model_then_fine_tune_from_mdlm(data_dir, trained_r
 @pytest.fixture(scope="module")
 def bd3_model():
     torch.manual_seed(2)
-    return Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=L, mask_id=MASK, block_size=4)).eval()
+    return Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=L, mask_id=MASK, family="bd3", block_size=4)).eval()
 
 
 @pytest.mark.parametrize("j", [0, 1, 3])
 def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
-    from train_host.bd3_generate import block_step, commit
+    from train_host.cached_graphs import block_step, commit
     from train_host.model import KVCache, topk_logprobs
 
     b = 4
@@ -204,12 +204,16 @@ def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
 
 
 def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
+    from jetson_dllm.families.bd3 import block_calls
+    from jetson_dllm.runners import drive
+    from jetson_dllm.runners.torch_runner import TorchRunner
     from jetson_dllm.sampler import SamplerConfig, SpecialIds
-    from train_host.bd3_generate import generate_blocks_torch as generate_blocks
 
     special = SpecialIds(mask=MASK, eot=0, pad=1)
     prompt = [5, 6, 7, 8, 9, 10]  # one whole block and half of the next
-    result = generate_blocks(bd3_model, prompt, 10, special, SamplerConfig(steps=2, temperature=0.0, allow_end=False), num_samples=2, k=8)
+    sampler = SamplerConfig(steps=2, temperature=0.0, allow_end=False)
+    with TorchRunner(bd3_model, topk=8) as runner:  # the torch runner's cached graphs over its own KV cache
+        result = drive(runner, block_calls(prompt, 10, special, sampler, 4, L, num_samples=2, fold="commit_step" in runner.graphs))
     assert result.tokens.shape == (2, 16) and (result.tokens[:, :6] == prompt).all()
     assert not (result.tokens == MASK).any() and result.new_tokens == 10
     assert result.evaluations <= 2 * 3 and result.commits == 1  # the prompt's block; every later full block but the last

@@ -7,7 +7,7 @@ import torch
 
 from jetson_dllm.config import ModelConfig
 from train_host.bd3_export import export_block_graphs
-from train_host.bd3_generate import block_step, commit
+from train_host.cached_graphs import block_step, commit
 from train_host.model import Denoiser, KVCache
 
 ort = pytest.importorskip("onnxruntime")
@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 def test_the_graphs_agree_with_the_torch_cache(tmp_path):
     torch.manual_seed(0)
-    model = Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=32, mask_id=2, block_size=8)).eval()
+    model = Denoiser(ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)).eval()
     paths = export_block_graphs(model, tmp_path, k=8)
     step, commit_graph = ort.InferenceSession(str(paths["block_step"])), ort.InferenceSession(str(paths["commit"]))
     x = torch.randint(3, 64, (2, 32))

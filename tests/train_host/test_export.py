@@ -125,7 +125,7 @@ def test_manifest_hashes_and_parity(bundle_dir):
 
 
 def test_greedy_generation_is_identical_on_torch_and_onnx(bundle_dir, trained_run):
-    from jetson_dllm.generate import generate
+    from jetson_dllm.families.mdlm import generate
     from jetson_dllm.runners import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
@@ -180,7 +180,9 @@ def test_export_refuses_what_is_not_ours_and_leaves_nothing_half_written(tmp_pat
     with pytest.raises(DllmError, match="not a bundle jetson-dllm made; refusing"):
         ex.export_bundle(trained_run, tmp_path / "occupied", overwrite=True)
     assert (tmp_path / "occupied" / "thesis.txt").read_text() == "precious"
-    monkeypatch.setattr(ex, "FP32_MAX_LOGIT_DIFF", -1.0)  # make FP32 parity "fail"
+    from train_host import canvas_export
+
+    monkeypatch.setattr(canvas_export, "FP32_MAX_LOGIT_DIFF", -1.0)  # make FP32 parity "fail"
     with pytest.raises(DllmError, match="parity with PyTorch is broken"):
         ex.export_bundle(trained_run, tmp_path / "b2", precisions=("fp32",))
     assert not (tmp_path / "b2").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -189,7 +191,7 @@ def test_export_refuses_what_is_not_ours_and_leaves_nothing_half_written(tmp_pat
 
 
 def test_checker_errors_are_clear():
-    from train_host.export import check_graph
+    from train_host.onnx_tools import check_graph
 
     model = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [], []))
     with pytest.raises(DllmError, match="fails the ONNX checker"):

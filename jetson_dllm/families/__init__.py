@@ -1,0 +1,113 @@
+"""Model families: one literal registry of records, as the precisions table is.
+
+A family is everything that differs between MDLM, block diffusion and the autoregressive baseline: how the network
+attends in training, the objective and its NLL (its host module), the graphs a bundle of it carries, its generation
+loop (a generator of graph calls, in its runtime module), what `--steps` means to it, its memory terms and what it
+refuses. Code outside this package and the family modules asks the record, never the family's name.
+
+Adding a family: a record here, a runtime module (jetson_dllm/families/NAME.py: `complete`, `bench_generate`) and a
+host module (train_host/families/NAME.py: `train_loss`, `evaluate`, `export`); docs/architecture.md walks through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from jetson_dllm.errors import DllmError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of models.
+
+    Args:
+        name: what checkpoints and bundles record (`model.family`) and `dllm train --family` takes.
+        title: how tables and messages name it.
+        attention: the network's mask in training and export: "bidirectional", "causal" or "block".
+        graphs: the graphs a bundle of it carries, the first one the precision entry's `file`.
+        trt_graphs: the graphs TensorRT builds engines for (empty: onnxruntime only, `dllm build` refuses it).
+        left_to_right: writes left to right, so it cannot fill gaps (infilling is refused).
+        cached: runs over a key/value cache the runner owns (allocated once for the whole context).
+        steps: what `--steps` means to it ("" when it does not use steps: one call per token).
+        nll: "bound" (a variational upper bound) or "exact".
+        options: the `dllm run` sampler options it uses beyond temperature, top-k, top-p and seed.
+        int8: INT8 Q/DQ graphs can be exported.
+        runtime: its runtime module (torch-free): the generation loop and bench point.
+        host: its host module (torch): objective, evaluation and export.
+    """
+
+    name: str
+    title: str
+    attention: str
+    graphs: tuple[str, ...]
+    trt_graphs: tuple[str, ...]
+    left_to_right: bool
+    cached: bool
+    steps: str
+    nll: str
+    options: tuple[str, ...]
+    int8: bool
+    runtime: str
+    host: str
+
+    def runtime_module(self) -> ModuleType:
+        return importlib.import_module(self.runtime)
+
+    def host_module(self) -> ModuleType:
+        try:
+            return importlib.import_module(self.host)
+        except ImportError as e:
+            if e.name and e.name.split(".")[0] in ("torch", "safetensors", "onnx"):
+                raise DllmError(f"{self.title} training and export need torch: pip install 'jetson-dllm[train,export]'") from None
+            raise
+
+    def positions_per_call(self, cfg, canvas: int) -> int:
+        """Positions one network call computes: the canvas, a block, or one token."""
+        return {"bidirectional": canvas, "block": cfg.block_size, "causal": 1}[self.attention]
+
+
+SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "block", "deadline_ms", "defer_twins", "gap")
+
+FAMILIES: dict[str, Family] = {
+    "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
+                   cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
+                   options=SAMPLER_OPTIONS, int8=True, runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm"),
+    "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
+                  left_to_right=True, cached=True, steps="denoising steps per block",
+                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins"), int8=True,
+                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3"),
+    "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
+                 nll="exact", options=(), int8=False, runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
+}
+
+
+def check_options(family: Family, given: set[str]) -> None:
+    """Refuse `dllm run` options (parameter names) that were given but that this family does not use, rather than
+    ignore them."""
+    unused = sorted(o for o in given if o in SAMPLER_OPTIONS and o not in family.options)
+    if unused:
+        flag = "--" + unused[0].replace("_", "-")
+        uses = ("it uses " + ", ".join("--" + o.replace("_", "-") for o in family.options) if family.options
+                else "it takes no diffusion options: one network call per token")
+        raise DllmError(f"{flag} does not apply to the {family.title} ({uses}); leave it out")
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise DllmError(f"unknown model family {name!r}; choose one of: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(cfg) -> Family:
+    """The family record of a model config."""
+    return get_family(cfg.family)
+
+
+def infer_family(model: dict) -> str:
+    """The family of a model config written before configs recorded it (an older checkpoint or bundle): its
+    `causal` and `block_size` fields said it then."""
+    if model.get("causal") is True:
+        return "ar"
+    return "bd3" if isinstance(model.get("block_size"), int) and model["block_size"] > 0 else "mdlm"

@@ -1,0 +1,177 @@
+"""Block diffusion (BD3-LM), at run time: the sampler denoises one block at a time while the blocks before it sit in
+the runner's exact KV cache; the same loop for every runner, as graph calls (block_step, commit, commit_step).
+
+Blocks are aligned to position 0, as the model was trained: the prompt's complete blocks are committed first, the
+prompt's tail becomes fixed tokens of the first noised block, and each block, once final, is committed (its keys and
+values appended at the cache's valid length). A runner with the commit-step graph folds that commit into the next
+block's first network call instead (the same keys and values, one call fewer per block). Generation ends at an
+end-of-text or after `max_new` tokens; `--steps` is a budget per block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids
+from jetson_dllm.runners import Call, drive
+from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
+
+OnStep = Callable[[np.ndarray, Step], None]
+
+
+@dataclass
+class BlockResult:
+    tokens: np.ndarray  # (B, prompt + generated) int32
+    new_tokens: int
+    evaluations: int  # denoising network calls
+    commits: int  # cache passes (one per committed block)
+    seconds: float
+    step_ms: list[float] = field(default_factory=list)  # each network evaluation's time
+    commit_ms: list[float] = field(default_factory=list)  # each cache pass's time
+    sampler_s: float = 0.0  # the sampler's own time, all blocks
+    folded: int = 0  # commits done inside the next block's first step (no cache pass of their own)
+
+
+@dataclass
+class BlockGeneration(Generated):
+    """What a block-diffusion model generated block by block with an exact KV cache (`result`: a BlockResult)."""
+
+    block: int = 0
+
+    def to_json(self) -> dict:
+        r = self.result
+        return {"texts": self.texts, "tokens": r.tokens.tolist(), "backend": self.backend, "block_size": self.block,
+                "new_tokens": r.new_tokens, "evaluations": r.evaluations, "cache_passes": r.commits, "folded_commits": r.folded,
+                "total_ms": r.seconds * 1e3, "tokens_per_s": r.new_tokens * len(self.texts) / max(r.seconds, 1e-9)}
+
+    def summary(self) -> str:
+        r = self.result
+        return (f"block diffusion (block {self.block}): {r.new_tokens} tokens, {r.evaluations} network evaluations, "
+                f"{r.commits} cache passes ({r.folded} more folded into steps), {r.seconds * 1e3:.0f} ms")
+
+
+def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int) -> OnStep | None:
+    """The sampler's per-step callback for one block, shown on the whole text so far (the stream grows block by
+    block: earlier blocks final, this one denoising, later ones not there yet)."""
+    if on_step is None:
+        return None
+
+    def relay(canvas: np.ndarray, step: Step) -> None:
+        view = out[:, :e].copy()
+        view[:, s:e] = canvas[:, : e - s]
+        committed = np.zeros(view.shape, dtype=bool)
+        committed[:, s:e] = step.committed[:, : e - s]
+        on_step(view, replace(step, committed=committed))
+
+    return relay
+
+
+def _commit(tokens: np.ndarray, start: int) -> Call:
+    return Call("commit", {"tokens": tokens, "valid_len": np.int32(start)})
+
+
+def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None) -> Generator[Call, dict, object]:
+    """One block's sampler as graph calls: block steps at `start`, the first one a commit step when a finished block
+    is `pending`; the sampler's result."""
+    try:
+        z = next(steps)
+        while True:
+            if pending is not None:  # the finished block's commit folded into this block's first call
+                call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1])}), None
+            else:
+                call = Call("block_step", {"tokens": z, "valid_len": np.int32(start)})
+            got = yield call
+            z = steps.send((got["topk_logprobs"], got["topk_ids"]))
+    except StopIteration as done:
+        return done.value
+
+
+def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
+                num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False) -> Generator[Call, dict, BlockResult]:
+    """Generation block by block as graph calls: `block_step` (a noised block over the cache's first `valid_len`
+    positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `fold`,
+    `commit_step` (the previous block's commit and this block's first step in one call). `on_step(text so far,
+    Step)` sees every denoising step (the live view)."""
+    total = min(len(prompt) + max_new, max_len)
+    if len(prompt) >= total:
+        raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {max_len}, leaving no room to generate")
+    t0 = time.perf_counter()
+    step_ms, commit_ms, sampler_s = [], [], 0.0
+    out = np.full((num_samples, total), special.pad, dtype=np.int32)
+    out[:, : len(prompt)] = prompt
+    first = len(prompt) // block
+    for j in range(first):  # the prompt's complete blocks
+        c0 = time.perf_counter()
+        yield _commit(out[:, j * block : (j + 1) * block], j * block)
+        commit_ms.append((time.perf_counter() - c0) * 1e3)
+    evaluations, commits, e, folded, pending = 0, first, 0, 0, None
+    for j in range(first, -(-total // block)):
+        s, e = j * block, min((j + 1) * block, total)
+        canvas = np.full((num_samples, block), special.mask, dtype=np.int32)
+        fixed = np.zeros_like(canvas, dtype=bool)
+        tail = max(0, len(prompt) - s)  # the prompt's part of this block
+        canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
+        fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
+        canvas[:, e - s :] = special.pad
+        steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e))
+        result = yield from _denoise(steps, s, pending)
+        if pending is not None and result.evaluations:
+            folded, pending = folded + 1, None
+        if pending is not None:  # no network call in this block (nothing to denoise): commit on its own
+            c0 = time.perf_counter()
+            yield _commit(*pending)
+            commit_ms.append((time.perf_counter() - c0) * 1e3)
+            commits, pending = commits + 1, None
+        evaluations += result.evaluations
+        step_ms += [h.network_ms for h in result.history if h.evaluated]
+        sampler_s += result.sampler_s
+        out[:, s:e] = result.tokens[:, : e - s]
+        ended = ((result.tokens == special.eot) | (result.tokens == special.pad)) & ~fixed
+        if ended.any(axis=1).all() or e == total:
+            break
+        if fold:
+            pending = (out[:, s:e].copy(), s)
+        else:
+            c0 = time.perf_counter()
+            yield _commit(out[:, s:e], s)
+            commit_ms.append((time.perf_counter() - c0) * 1e3)
+            commits += 1
+    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit_ms,
+                       sampler_s, folded)
+
+
+def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig, on_step=None) -> BlockResult:
+    """`block_calls` on a runner, folding commits when it has the commit-step graph."""
+    tok = runner.tokenizer
+    special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
+    return drive(runner, block_calls(prompt_ids, max_new, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len,
+                                     num_samples, on_step, fold="commit_step" in runner.graphs))
+
+
+def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
+             on_step=None) -> BlockGeneration:
+    """`sampler.steps` per block; ends at end-of-text or `length` tokens; `on_step` sees the text grow block by block."""
+    sampler = (sampler or SamplerConfig()).validate()
+    ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
+    check_context(runner, ids, length)
+    r = generate_blocks(runner, ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step)
+    texts = [runner.tokenizer.decode([int(t) for t in row]) for row in r.tokens]
+    return BlockGeneration(texts, r, runner.name, runner.cfg.block_size)
+
+
+def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
+    return min(tokens, runner.cfg.canvas_len - len(prompt_ids))
+
+
+def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
+    """`tokens` generated block by block from an empty prompt, `sampler.steps` per block, ends banned (so every
+    generation runs the same blocks)."""
+    check_bench_length(runner, name, tokens)
+    r = generate_blocks(runner, [], tokens, batch, sampler)
+    return BenchRun(r.seconds, r.step_ms, r.sampler_s, r.evaluations,
+                    {"block_size": runner.cfg.block_size, "commits": r.commits, "folded": r.folded, "commit_ms": r.commit_ms})

@@ -1,0 +1,56 @@
+"""What the families' runtime modules share: the bench measurement of one generation, and the checks of a model
+that writes left to right into a cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.prompt import PLACEHOLDER
+
+
+@dataclass
+class Generated:
+    """What a cached family's loop generated: the texts, the loop's result, the runner's name. The result's numbers
+    (tokens, new_tokens, evaluations...) read as the generation's own."""
+
+    texts: list[str]
+    result: object
+    backend: str
+
+    def __getattr__(self, name: str):
+        if name == "result":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.result, name)
+
+
+@dataclass
+class BenchRun:
+    """One timed generation as `dllm bench` reports it, whatever the family."""
+
+    seconds: float
+    call_ms: list[float]  # each denoising / decoding network call's time
+    sampler_s: float  # the time between network calls (choosing tokens)
+    evaluations: int
+    extra: dict = field(default_factory=dict)  # family columns (cache passes, folded commits, commit times)
+
+
+def left_to_right_ids(runner, prompt: str, what: str) -> list[int]:
+    """The prompt's ids for a model that writes left to right (no gaps to fill)."""
+    if PLACEHOLDER.search(prompt):
+        raise DllmError(f"{what} writes left to right and cannot fill gaps; use a masked-diffusion (MDLM) model for infilling")
+    return runner.tokenizer.encode(prompt)
+
+
+def check_context(runner, ids: list[int], length: int) -> None:
+    """A left-to-right model's cache (its context) holds the prompt and the tokens it generates, no more."""
+    limit = runner.cfg.canvas_len
+    if len(ids) + length > limit or len(ids) >= limit:
+        raise DllmError(f"the prompt ({len(ids)} tokens) and --length {length} need {len(ids) + length} positions; "
+                        f"this model's context (its cache) holds {limit}: shorten the prompt or --length")
+
+
+def check_bench_length(runner, name: str, tokens: int) -> None:
+    """A cached model generates at most its context."""
+    if tokens > runner.cfg.canvas_len:
+        raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {tokens}")

@@ -1,0 +1,103 @@
+"""Masked diffusion (MDLM), at run time: a whole canvas denoised by the sampler, one canvas-graph call per step.
+
+The loop is `sampler.sample_steps` (a generator of canvases) wrapped as a generator of graph calls; the prompt
+may be a prefix or a template with gaps anywhere (infilling)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.families.common import BenchRun
+from jetson_dllm.profiler import check_fits, memory_plan
+from jetson_dllm.prompt import Canvas, build_canvas
+from jetson_dllm.runners import Call, drive
+from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    canvas: Canvas
+    result: SampleResult
+    backend: str
+    sampler: SamplerConfig
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.result.tokens
+
+    def to_json(self) -> dict:
+        r = self.result
+        return {
+            "texts": self.texts,
+            "tokens": r.tokens.tolist(),
+            "backend": self.backend,
+            "canvas_len": int(self.canvas.tokens.size),
+            "steps_asked": self.sampler.steps,
+            "steps": r.steps,
+            "evaluations": r.evaluations,
+            "deadline_hit": r.deadline_hit,
+            "total_ms": r.total_s * 1e3,
+            "network_ms": r.network_s * 1e3,
+            "sampler_ms": r.sampler_s * 1e3,
+            "step_ms": [{"network": s.network_ms, "sampler": s.sampler_ms, "evaluated": s.evaluated} for s in r.history],
+            "sampler": self.sampler.__dict__,
+        }
+
+    def summary(self) -> str:
+        r = self.result
+        return (f"{self.backend}: {r.steps} steps, {r.evaluations} network evaluations, canvas {self.canvas.tokens.size}, "
+                f"{r.total_s * 1e3:.0f} ms ({r.network_s * 1e3:.0f} ms network)" + (", deadline hit" if r.deadline_hit else ""))
+
+
+def canvas_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig,
+                 on_step: Callable[[np.ndarray, Step], None] | None = None) -> Generator[Call, dict, SampleResult]:
+    """The sampler over a canvas, as graph calls: each step's canvas through the canvas graph."""
+    steps = sample_steps(tokens, fixed, special, sampler, on_step)
+    try:
+        canvas = next(steps)
+        while True:
+            out = yield Call("canvas", {"tokens": canvas})
+            canvas = steps.send((out["topk_logprobs"], out["topk_ids"]))
+    except StopIteration as done:
+        return done.value
+
+
+def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
+             gap: int = 12, on_step=None, allow_empty: bool = False) -> Generation:
+    """Generate `num_samples` completions (or infillings) of `prompt` as one batch."""
+    sampler = (sampler or SamplerConfig()).validate()
+    if num_samples <= 0:
+        raise DllmError(f"--num-samples must be positive, got {num_samples}")
+    canvas = build_canvas(tokenizer, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
+    plan = memory_plan(runner.cfg, runner.precision, num_samples, canvas.tokens.size, runner.topk, device=False)
+    check_fits(plan["activations"] + plan["io"], f"{num_samples} samples of a {canvas.tokens.size}-token canvas",
+               "generate fewer samples at once (-n) or a shorter --length")
+    tokens, fixed = canvas.batch(num_samples)
+    special = SpecialIds(mask=tokenizer.mask_id, eot=tokenizer.eot_id, pad=tokenizer.pad_id)
+    result = drive(runner, canvas_calls(tokens, fixed, special, sampler, on_step))
+    return Generation([tokenizer.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
+
+
+def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
+             on_step=None) -> Generation:
+    return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
+
+
+def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
+    """`--length` for bench's quality samples at a point of `tokens` canvas positions."""
+    return tokens - 8
+
+
+def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
+    """A fixed-length canvas of `tokens` positions, all masked, denoised in `sampler.steps` steps."""
+    if tokens not in runner.canvas_lengths:
+        raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
+    tok = runner.tokenizer
+    canvas = np.full((batch, tokens), tok.mask_id, dtype=np.int32)
+    r = drive(runner, canvas_calls(canvas, np.zeros_like(canvas, dtype=bool), SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler))
+    return BenchRun(r.total_s, [s.network_ms for s in r.history if s.evaluated], r.sampler_s, r.evaluations)

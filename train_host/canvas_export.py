@@ -1,0 +1,145 @@
+"""The canvas graph's export (masked diffusion): a checkpoint becomes a bundle with FP32 / FP16 (/ INT8) graphs and a
+parity report.
+
+The graph is the one TensorRT 10.3 must parse and fuse: input `tokens` int32 (batch, canvas), both
+dimensions dynamic; opset 18 from the dynamo exporter; attention as MatMul -> Softmax -> MatMul with Q
+pre-scaled; RMSNorm as primitive ops; no com.microsoft ops. Outputs: `logits` (full head) and
+`topk_logprobs` / `topk_ids` (sampling head, computed in the graph), over the same weights. TensorRT
+engines mark only the sampling outputs, so the logits never leave the GPU when running.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.quantize import quantize_bundle
+from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, write_bundle
+from jetson_dllm.errors import DllmError
+from jetson_dllm.parity import compare_runners, summarize
+from jetson_dllm.precisions import PRECISIONS
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
+from jetson_dllm.runners.torch_runner import MAX_TOPK, TorchRunner
+from jetson_dllm.tokenizer import TextTokenizer
+from train_host.families import ExportOptions
+from train_host.model import Denoiser, topk_logprobs
+from train_host.onnx_tools import OPSET, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
+
+PARITY_RATIOS = (0.15, 0.5, 0.9)
+# FP32 parity must hold this well, or the export fails.
+FP32_MAX_LOGIT_DIFF = 1e-2
+FP32_MIN_TOP1 = 0.999
+
+
+class ExportedDenoiser(torch.nn.Module):
+    """The exported graph: tokens -> (logits, top-K log-probabilities, top-K ids)."""
+
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, tokens: torch.Tensor):
+        logits = self.model(tokens)
+        values, ids = topk_logprobs(logits, self.k)
+        return logits, values, ids
+
+
+def export_onnx(model: Denoiser, path: Path, k: int) -> None:
+    """Write the FP32 graph of `model` with dynamic batch and canvas axes."""
+    import onnx
+
+    model = model.eval()
+    model.set_attention("math")
+    cfg = model.cfg
+    example = torch.randint(3, cfg.vocab_size, (2, min(24, cfg.canvas_len)), dtype=torch.int32)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    canvas = torch.export.Dim("canvas", min=2, max=cfg.canvas_len)
+    with quiet_exporter(), torch.no_grad():
+        torch.onnx.export(
+            ExportedDenoiser(model, k).eval(), (example,), str(path), input_names=["tokens"],
+            output_names=["logits", "topk_logprobs", "topk_ids"], dynamic_shapes={"tokens": {0: batch, 1: canvas}},
+            opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
+        )
+    model.set_attention("sdpa")
+    proto = onnx.load(str(path))
+    check_graph(proto, str(path))
+    onnx.save(proto, str(path))
+
+
+def parity_report(model: Denoiser, runners: dict, canvases: np.ndarray, mask_id: int, pad_id: int) -> dict:
+    """Per precision and mask ratio, each ONNX runner's logits against the PyTorch model's."""
+    with TorchRunner(model) as reference:
+        rows = compare_runners(reference, runners, canvases, PARITY_RATIOS, mask_id, pad_id, batch=len(canvases))
+    return {precision: summarize(by_ratio) for precision, by_ratio in rows.items()}
+
+
+def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, out_dir, options: ExportOptions) -> Bundle:
+    """A bundle of the canvas graph (masked diffusion): FP32, FP16, INT8 Q/DQ with its calibration, and parity of
+    every precision against PyTorch (refused, writing nothing, if FP32 disagrees)."""
+    cfg, topk, precisions, int8, say, data_dir = model.cfg, options.topk, options.precisions, options.int8, options.say, options.data_dir
+    parity_canvases = options.parity_canvases
+    if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):
+        raise DllmError(f"--topk must be in 1..{min(MAX_TOPK, cfg.vocab_size - 1)} (TensorRT's TopK takes K < 3840), got {topk}")
+
+    def build(tmp: Path) -> dict:
+        manifest = write_graphs(tmp, model, tokenizer, ckpt, precisions, topk, say)
+        if "int8" in precisions:
+            canvases, source = validation_canvases(tokenizer, int8.canvas_len or cfg.canvas_len,
+                                                   int8.n_canvases + int8.eval_canvases, data_dir)
+            manifest["calibration"] = quantize_bundle(tmp, manifest, canvases, source, tokenizer.sha256, int8, progress=say)
+            manifest["precisions"]["int8"] = {"file": PRECISIONS["int8"].file, "target": "tensorrt (explicit Q/DQ)"}
+            manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU"}
+        say("checking parity against PyTorch")
+        canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
+        runners = {p: onnx_runner_from_file(tmp / entry["file"], cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
+        parity = parity_report(model, runners, canvases, cfg.mask_id, tokenizer.pad_id)
+        for r in runners.values():
+            r.close()
+        parity["source"] = source
+        fp32_row = parity["fp32"]
+        if not (fp32_row["max_abs_logit_diff"] <= FP32_MAX_LOGIT_DIFF and fp32_row["top1_agreement"] >= FP32_MIN_TOP1):
+            raise DllmError(f"FP32 parity with PyTorch is broken (max logit diff {fp32_row['max_abs_logit_diff']:.2e}, "
+                            f"top-1 agreement {fp32_row['top1_agreement']:.4f}); nothing was written")
+        manifest["parity"] = parity
+        return manifest
+
+    return write_bundle(out_dir, build, overwrite=options.overwrite)
+
+
+def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, precisions, topk: int, say) -> dict:
+    """The FP32 graph (and the FP16 one), the tokenizer, and the bundle's manifest for them (hashes come later)."""
+    import onnx
+
+    cfg = model.cfg
+    files = {p: PRECISIONS[p].file for p in ("fp32", "fp16")}
+    say("exporting the FP32 graph")
+    export_onnx(model, tmp / files["fp32"], topk)
+    tokenizer.save(tmp / "tokenizer.json")
+    fp32 = onnx.load(str(tmp / files["fp32"]))
+    if "fp16" in precisions:
+        say("converting to FP16 (RMSNorm, softmax, residuals and top-K stay FP32)")
+        fp16 = convert_fp16(fp32)
+        check_graph(fp16, files["fp16"])
+        onnx.save(fp16, str(tmp / files["fp16"]))
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": cfg.to_dict(),
+        "special_ids": tokenizer.special_ids,
+        "tokenizer_sha256": tokenizer.sha256,
+        "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", "canvas"]}},
+        "heads": {
+            "logits": {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"},
+            "sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]},
+        },
+        "canvas_lengths": cfg.canvas_buckets(),
+        "opset": OPSET,
+        "precisions": {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"},
+        # Nodes kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers.
+        "fp32_nodes": fp32_nodes(fp32),
+        "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
+    }

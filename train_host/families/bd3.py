@@ -1,0 +1,33 @@
+"""Block diffusion (BD3-LM), host side: the vectorised block loss over a clipped noise range, its NLL bound, and the
+block-step, commit and commit-step graphs' export."""
+
+from __future__ import annotations
+
+from train_host.bd3 import bd3_loss, bd3_nll_bound
+from train_host.families import EvalContext, ExportOptions
+
+FIXED_RATIO_ACCURACY = False  # its bound's own accuracy; the fixed-ratio accuracies are MDLM's
+
+
+def train_loss(model, x, run, t, noise, generator):
+    return bd3_loss(model, x, run.cfg.mask_id, run.cfg.block_size, run.tc.schedule, *run.t_range, generator)
+
+
+def nll_batch(model, x, ev: EvalContext) -> dict:
+    return bd3_nll_bound(model, x, ev.pad_id, ev.mask_id, model.cfg.block_size, n_t=ev.n_t, schedule=ev.schedule, generator=ev.generator)
+
+
+def eval_extra(run) -> dict:
+    return {"t_min": run.t_range[0], "t_max": run.t_range[1]}  # the range training drew from
+
+
+def export(model, tokenizer, ckpt: dict, out_dir, options: ExportOptions):
+    from train_host.bd3_export import export_bd3_bundle
+    from train_host.onnx_tools import validation_canvases
+
+    calib = None
+    if "int8" in options.precisions:
+        def calib(n):
+            return validation_canvases(tokenizer, model.cfg.canvas_len, n, options.data_dir)
+    return export_bd3_bundle(model, tokenizer, ckpt, out_dir, options.topk, options.overwrite, options.say, options.precisions,
+                             calib, options.int8)
