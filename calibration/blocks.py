@@ -27,32 +27,16 @@ from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import mask_at_ratios
-from jetson_dllm.runners.onnx_runner import session_from_onnx
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 
 
-class BlockGraphs:
-    """A (block step, commit) pair of onnxruntime sessions with the cache they fill, for one batch size."""
+def block_runner(step_path: Path, commit_path: Path, cfg: ModelConfig):
+    """A (block step, commit) pair of graph files on the onnxruntime runner, which owns the cache they fill."""
+    return onnx_runner_from_graphs({"block_step": step_path, "commit": commit_path}, cfg)
 
-    def __init__(self, step_path: Path, commit_path: Path, cfg: ModelConfig):
-        self.step_session, self.commit_session = session_from_onnx(step_path), session_from_onnx(commit_path)
-        self.cfg = cfg
 
-    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        c = self.cfg
-        shape = (c.n_layer, batch, c.n_head, c.canvas_len, c.head_dim)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-
-    def feeds(self, tokens: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> dict[str, np.ndarray]:
-        return {"tokens": tokens.astype(np.int32), "k_cache": k, "v_cache": v, "valid_len": np.array(valid, np.int32)}
-
-    def commit(self, block: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> None:
-        k_new, v_new = self.commit_session.run(None, self.feeds(block, k, v, valid))
-        b = block.shape[1]
-        k[:, :, :, valid : valid + b], v[:, :, :, valid : valid + b] = k_new, v_new
-
-    def step(self, block: np.ndarray, k: np.ndarray, v: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
-        lp, ids = self.step_session.run(None, self.feeds(block, k, v, valid))
-        return lp, ids
+def _at(start: int) -> np.ndarray:
+    return np.array(start, np.int32)
 
 
 def text_blocks(canvas: np.ndarray, block: int, pad_id: int) -> int:
@@ -63,7 +47,7 @@ def text_blocks(canvas: np.ndarray, block: int, pad_id: int) -> int:
 class BlockFeeds(FeedReader):
     """onnxruntime's CalibrationDataReader (get_next / rewind) over block-step or commit feeds, made on demand."""
 
-    def __init__(self, canvases: np.ndarray, reference: BlockGraphs, mask_id: int, pad_id: int, which: str, seed: int = 0):
+    def __init__(self, canvases: np.ndarray, reference, mask_id: int, pad_id: int, which: str, seed: int = 0):
         if len(canvases) < MIN_CANVASES:
             raise DllmError(f"only {len(canvases)} calibration canvases; at least {MIN_CANVASES} are needed "
                             "(raise --calib-canvases, or give --data with a larger validation split)")
@@ -80,29 +64,30 @@ class BlockFeeds(FeedReader):
         ref, b = self.reference, self.reference.cfg.block_size
         rng = np.random.default_rng(self.seed + 1)
         for canvas, j, ratio in self.items:
-            k, v = ref.empty_cache(1)
-            for i in range(j):
-                ref.commit(canvas[None, i * b : (i + 1) * b], k, v, i * b)
-            block = canvas[None, j * b : (j + 1) * b]
+            for i in range(j):  # the prefix into the runner's own cache (past position j*b it holds earlier feeds', masked)
+                ref.run("commit", {"tokens": canvas[None, i * b : (i + 1) * b], "valid_len": _at(i * b)})
+            block = canvas[None, j * b : (j + 1) * b].astype(np.int32)
             if self.which == "step":
                 block = mask_at_ratios(block, ratio, self.mask_id, self.pad_id, rng)[0]
-            yield ref.feeds(block, k, v, j * b)
+            k, v = ref.cache_arrays(1)
+            yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b)}
 
 
-def block_report(reference: BlockGraphs, others: dict[str, BlockGraphs], canvases: np.ndarray, mask_id: int, pad_id: int,
+def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pad_id: int,
                  seed: int = 0) -> dict[str, dict[str, dict]]:
-    """Per graph pair and noise bucket: masked-token top-1 accuracy against the reference's, their top-1 agreement
-    and the largest log-probability difference. Every text block of every canvas, each pair filling its own cache."""
+    """Per runner (a graph pair) and noise bucket: masked-token top-1 accuracy against the reference's, their top-1
+    agreement and the largest log-probability difference. Every text block of every canvas, each runner filling its
+    own cache."""
     b, n = reference.cfg.block_size, len(canvases)
     pairs = {"ref": reference, **others}
-    caches = {name: g.empty_cache(n) for name, g in pairs.items()}
     tally = {name: {f"{lo:g}-{hi:g}": np.zeros(5) for lo, hi in BUCKETS} for name in others}  # hits, ref hits, agree, n, worst
     rng = np.random.default_rng(seed)
     for j in range(max(text_blocks(c, b, pad_id) for c in canvases)):
         clean = canvases[:, j * b : (j + 1) * b]
         for lo, hi in BUCKETS:
             z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
-            outs = {name: g.step(z, *caches[name], j * b) for name, g in pairs.items()}
+            outs = {name: tuple(np.array(o, copy=True) for o in g.run("block_step", {"tokens": z, "valid_len": _at(j * b)}).values())
+                    for name, g in pairs.items()}
             want = clean[masked]
             ref_lp, ref_ids = outs["ref"]
             for name in others:
@@ -112,8 +97,8 @@ def block_report(reference: BlockGraphs, others: dict[str, BlockGraphs], canvase
                             (ids[..., 0][masked] == ref_ids[..., 0][masked]).sum(), masked.sum()]
                 same = ids == ref_ids  # log-probabilities compare where the two heads name the same token
                 row[4] = max(row[4], float(np.abs(lp - ref_lp)[same].max(initial=0.0)))
-        for name, g in pairs.items():
-            g.commit(clean, *caches[name], j * b)
+        for g in pairs.values():
+            g.run("commit", {"tokens": clean.astype(np.int32), "valid_len": _at(j * b)})
     return {name: {label: {"accuracy": t[0] / max(t[3], 1), "accuracy_ref": t[1] / max(t[3], 1), "top1_agreement": t[2] / max(t[3], 1),
                            "positions": int(t[3]), "max_abs_logprob_diff": float(t[4])} for label, t in rows.items()}
             for name, rows in tally.items()}
@@ -177,7 +162,7 @@ def _quantize_both(folder: Path, work: Path, cfg: ModelConfig, calib: np.ndarray
     """Quantize the commit graph whole and the block step with the exclusion search; (search, nodes, final report)."""
     import onnx
 
-    reference = BlockGraphs(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
+    reference = block_runner(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
     pre = _prepared(folder, work)
     nodes = quantizable_nodes(onnx.load(str(pre["block_step"])))
     say(f"INT8: calibrating the commit graph ({len(calib)} clean blocks over cached prefixes)")
@@ -189,7 +174,8 @@ def _quantize_both(folder: Path, work: Path, cfg: ModelConfig, calib: np.ndarray
     def drop_of(exclude: list[str], tag: str) -> float:
         path = work / f"{tag}.onnx"
         quantize(pre["block_step"], path, step_feeds, options.method, exclude, work / "step-ranges.json")
-        rows = block_report(reference, {"q": BlockGraphs(path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 1)
+        with block_runner(path, commit_path, cfg) as candidate:
+            rows = block_report(reference, {"q": candidate}, held_out, mask_id, pad_id, options.seed + 1)
         return mean_accuracy_drop(rows["q"])
 
     say(f"INT8: calibrating the block step ({len(calib)} noised blocks, noise levels stratified) and quantizing {len(nodes)} matmuls")
@@ -197,5 +183,7 @@ def _quantize_both(folder: Path, work: Path, cfg: ModelConfig, calib: np.ndarray
     step_path = folder / "block_step.int8.onnx"
     quantize(pre["block_step"], step_path, step_feeds, options.method, search["excluded"], work / "step-ranges.json")
     _check_qdq(step_path, commit_path)
-    report = block_report(reference, {"int8": BlockGraphs(step_path, commit_path, cfg)}, held_out, mask_id, pad_id, options.seed + 2)
+    with block_runner(step_path, commit_path, cfg) as int8:
+        report = block_report(reference, {"int8": int8}, held_out, mask_id, pad_id, options.seed + 2)
+    reference.close()
     return search, nodes, report

@@ -1,5 +1,6 @@
 """Comparing runners: masked canvases at chosen noise levels, and one loop that scores every runner's logits
-against a reference's (export parity, the INT8 accuracy report, the parity test). numpy only."""
+against a reference's (export parity, the INT8 accuracy report, the parity test); for the cached graphs, one loop
+that sends the same calls to every runner, each over its own cache. numpy only."""
 
 from __future__ import annotations
 
@@ -85,3 +86,30 @@ def summarize(rows: dict) -> dict:
         "nll_diff": float(np.mean([v["nll"] - v["nll_ref"] for v in rows.values()])),
         "by_mask_ratio": rows,
     }
+
+
+def compare_calls(reference, runners: dict, calls) -> dict:
+    """The cached graphs' parity: the same sequence of graph calls (which fill each runner's own cache as they go)
+    through `reference` and every runner in `runners` (name -> Runner). Per runner, over the calls that return a
+    top-K: the worst |log-probability difference| of the sorted top-K, the top-1 agreement, the number of such calls,
+    and the same per graph. A non-finite output fails every gate."""
+    stats = {name: {} for name in runners}
+    for call in calls:
+        ref = {k: np.array(v, copy=True) for k, v in reference.run(call.graph, call.feeds).items()}
+        for name, runner in runners.items():
+            got = runner.run(call.graph, call.feeds)
+            if "topk_logprobs" not in ref:
+                continue
+            diff = np.abs(got["topk_logprobs"] - ref["topk_logprobs"])
+            worst = float(diff.max()) if np.isfinite(got["topk_logprobs"]).all() else float("inf")
+            agree = float((got["topk_ids"][..., 0] == ref["topk_ids"][..., 0]).mean()) if np.isfinite(worst) else 0.0
+            row = stats[name].setdefault(call.graph, [0.0, 0.0, 0])
+            row[0], row[1], row[2] = max(row[0], worst), row[1] + agree, row[2] + 1
+    report = {}
+    for name, by_graph in stats.items():
+        graphs = {g: {"max_abs_logprob_diff": w, "top1_agreement": a / n, "calls": n} for g, (w, a, n) in by_graph.items()}
+        n = sum(r["calls"] for r in graphs.values())
+        report[name] = {"max_abs_logprob_diff": max((r["max_abs_logprob_diff"] for r in graphs.values()), default=0.0),
+                        "top1_agreement": sum(r["top1_agreement"] * r["calls"] for r in graphs.values()) / max(n, 1),
+                        "calls": n, "by_graph": graphs}
+    return report

@@ -49,41 +49,31 @@ def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None
         model.set_attention("sdpa")
 
 
-def decode_parity(model: Denoiser, path: Path, k: int, bos_id: int, batch: int = 2, seed: int = 0) -> dict:
-    """The graph, token by token over its own cache, against the model's causal forward pass over the whole text."""
+def decode_parity(model: Denoiser, path: Path, k: int, precision: str = "fp32", batch: int = 2, seed: int = 0) -> dict:
+    """The decode graph on the onnxruntime runner against the torch runner, token by token over random text, each
+    over its own cache (jetson_dllm.parity.compare_calls)."""
     import numpy as np
 
-    from jetson_dllm.runners.onnx_runner import session_from_onnx
-    from train_host.autoregressive import shift_right
+    from jetson_dllm.parity import compare_calls
+    from jetson_dllm.runners import Call
+    from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
+    from jetson_dllm.runners.torch_runner import TorchRunner
 
     cfg = model.cfg
-    session = session_from_onnx(path)
-    g = torch.Generator().manual_seed(seed)
-    x = shift_right(torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g), bos_id)
-    with torch.no_grad():
-        want_lp, want_ids = topk_logprobs(model(x), k)
-    shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
-    k_cache, v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    worst, agree = 0.0, 0.0
-    for i in range(cfg.canvas_len):
-        lp, ids, k_new, v_new = session.run(None, {"tokens": x[:, i : i + 1].numpy().astype(np.int32), "k_cache": k_cache,
-                                                   "v_cache": v_cache, "valid_len": np.array(i, np.int32)})
-        k_cache[:, :, :, i : i + 1], v_cache[:, :, :, i : i + 1] = k_new, v_new
-        worst = max(worst, float(np.abs(lp[:, 0] - want_lp[:, i].numpy()).max()))
-        agree += float((ids[:, 0, 0] == want_ids[:, i, 0].numpy()).mean())
-    return {"max_abs_logprob_diff": worst, "top1_agreement": agree / cfg.canvas_len, "tokens": cfg.canvas_len}
+    x = np.random.default_rng(seed).integers(3, cfg.vocab_size, (batch, cfg.canvas_len)).astype(np.int32)
+    calls = [Call("decode", {"tokens": x[:, i : i + 1], "valid_len": np.int32(i)}) for i in range(cfg.canvas_len)]
+    with TorchRunner(model, topk=k) as reference, onnx_runner_from_graphs({"decode": path}, cfg, precision) as runner:
+        return compare_calls(reference, {precision: runner}, calls)[precision]
 
 
 def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",)):
     """A bundle of the autoregressive baseline: the decode graph (FP32, and FP16 with the usual FP32 islands), the
     tokenizer, a manifest and the graph's parity with the torch model (refused, writing nothing, if FP32 disagrees)."""
-    import time as clock
-
     import onnx
 
-    from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
+    from jetson_dllm.bundle import write_bundle
     from jetson_dllm.errors import DllmError
-    from train_host.onnx_tools import OPSET, check_graph, convert_fp16, fp32_nodes
+    from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes
 
     cfg = model.cfg
 
@@ -100,18 +90,9 @@ def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int,
             onnx.save(fp16, str(tmp / "decode.fp16.onnx"))
             entries["fp16"] = {"file": "decode.fp16.onnx"}
         say("checking the graph against PyTorch")
-        parity = {p: decode_parity(model, tmp / e["file"], topk, tokenizer.eot_id) for p, e in entries.items()}
+        parity = {p: decode_parity(model, tmp / e["file"], topk, p) for p, e in entries.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 decode graph disagrees with PyTorch ({parity['fp32']}); nothing was written")
-        return {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": clock.strftime("%Y-%m-%dT%H:%M:%S"),
-            "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
-            "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", 1]}, "k_cache": {"dtype": "float32"},
-                       "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
-            "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
-            "canvas_lengths": [cfg.canvas_len], "opset": OPSET, "precisions": entries, "fp32_nodes": fp32_nodes(fp32),
-            "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
-            "decode_parity": parity,
-        }
+        return bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), [cfg.canvas_len], {"decode_parity": parity})
 
     return write_bundle(out_dir, build, overwrite=overwrite)

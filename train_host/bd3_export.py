@@ -143,13 +143,11 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     """A bundle of a block-diffusion model: block-step and commit graphs (FP32, FP16, INT8 Q/DQ), the tokenizer, a
     manifest, and a parity report of every precision against the torch cache (refused, writing nothing, if FP32
     disagrees). INT8 calibrates on `calibration_canvases(n)` (calibration.blocks)."""
-    import time as clock
-
     import onnx
 
-    from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, write_bundle
+    from jetson_dllm.bundle import write_bundle
     from jetson_dllm.errors import DllmError
-    from train_host.onnx_tools import OPSET, fp32_nodes
+    from train_host.onnx_tools import OPSET, bundle_manifest, fp32_nodes
 
     cfg = model.cfg
 
@@ -171,64 +169,47 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
             calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
             entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)"}
         say("checking the graphs against PyTorch")
-        parity = {p: block_parity(model, tmp / e["file"], tmp / e["commit"], topk, fused_path=tmp / e["commit_step"] if "commit_step" in e else None)
-                  for p, e in entries.items()}
+        graph_files = {p: {g: tmp / e["file" if g == "block_step" else g] for g in ("block_step", "commit", "commit_step")
+                           if ("file" if g == "block_step" else g) in e} for p, e in entries.items()}
+        parity = {p: block_parity(model, files, topk, p) for p, files in graph_files.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 block graphs disagree with PyTorch ({parity['fp32']}); nothing was written")
-        return {
-            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": clock.strftime("%Y-%m-%dT%H:%M:%S"),
-            "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
-            "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", cfg.block_size]}, "k_cache": {"dtype": "float32"},
-                       "v_cache": {"dtype": "float32"}, "valid_len": {"dtype": "int32", "shape": []}},
-            "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
-            "canvas_lengths": [cfg.canvas_len], "opset": OPSET,
-            "precisions": entries, "fp32_nodes": {g: fp32_nodes(onnx.load(str(tmp / f"{g}.fp32.onnx"))) for g in ("block_step", "commit")},
-            "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
-            "block_parity": parity,
-            **({"calibration": calibration} if calibration else {}),
-        }
+        nodes = {g: fp32_nodes(onnx.load(str(tmp / f"{g}.fp32.onnx"))) for g in ("block_step", "commit")}
+        return bundle_manifest(cfg, tokenizer, ckpt, topk, entries, nodes, [cfg.canvas_len],
+                               {"block_parity": parity, **({"calibration": calibration} if calibration else {})})
 
     return write_bundle(out_dir, build, overwrite=overwrite)
 
 
-def block_parity(model: Denoiser, step_path: Path, commit_path: Path, k: int, batch: int = 2, seed: int = 0,
-                 fused_path: Path | None = None) -> dict:
-    """The graphs against the torch cache over a whole canvas of random tokens, block by block, half of each masked
-    (and the folded commit-step graph, from the second block on, against the same)."""
+def parity_calls(cfg, batch: int = 2, seed: int = 0) -> list:
+    """The calls block parity sends to both runners: a canvas of random tokens, block by block: the block half
+    masked through the block step, then (from the second block on) through the commit step with the previous block,
+    then committed clean."""
     import numpy as np
 
-    from jetson_dllm.runners.onnx_runner import session_from_onnx
-    from train_host.cached_graphs import block_step, commit
-    from train_host.model import KVCache
+    from jetson_dllm.runners import Call
 
-    cfg, b = model.cfg, model.cfg.block_size
-    step, add = session_from_onnx(step_path), session_from_onnx(commit_path)
-    fused = session_from_onnx(fused_path) if fused_path else None
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(3, cfg.vocab_size, (batch, cfg.canvas_len), generator=g)
-    shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
-    k_cache, v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    worst, agree, n, fused_worst = 0.0, 0.0, 0, 0.0
-    with torch.no_grad():
-        cache = KVCache(cfg, batch, cfg.canvas_len, "cpu")
-        for j in range(cfg.canvas_len // b):
-            block = x[:, j * b : (j + 1) * b]
-            z = torch.where(torch.rand(block.shape, generator=g) < 0.5, torch.full_like(block, cfg.mask_id), block)
-            feeds = {"tokens": z.numpy().astype(np.int32), "k_cache": k_cache, "v_cache": v_cache, "valid_len": np.array(j * b, np.int32)}
-            lp, ids = step.run(None, feeds)
-            want_lp, want_ids = block_step(model, cache, z, k)
-            worst = max(worst, float(np.abs(lp - want_lp.numpy()).max()))
-            agree, n = agree + float((ids[..., 0] == want_ids.numpy()[..., 0]).mean()), n + 1
-            if fused is not None and j > 0:  # the previous block's commit folded into this step, over the cache before it
-                prev = x[:, (j - 1) * b : j * b].numpy().astype(np.int32)
-                f_lp, f_ids, f_k, _ = fused.run(None, {**feeds, "prev_tokens": prev, "valid_len": np.array((j - 1) * b, np.int32)})
-                same = f_ids == want_ids.numpy()
-                fused_worst = max(fused_worst, float(np.abs(f_lp - want_lp.numpy())[same].max(initial=0.0)),
-                                  float(np.abs(f_k - cache.k[:, :, :, (j - 1) * b : j * b].numpy()).max()))
-            k_new, v_new = add.run(None, {**feeds, "tokens": block.numpy().astype(np.int32)})
-            k_cache[:, :, :, j * b : (j + 1) * b], v_cache[:, :, :, j * b : (j + 1) * b] = k_new, v_new
-            commit(model, cache, block)
-    out = {"max_abs_logprob_diff": worst, "top1_agreement": agree / n, "blocks": n}
-    if fused is not None:
-        out["fused_max_abs_diff"] = fused_worst  # log-probabilities and keys of the commit-step graph
-    return out
+    rng, b = np.random.default_rng(seed), cfg.block_size
+    x = rng.integers(3, cfg.vocab_size, (batch, cfg.canvas_len)).astype(np.int32)
+    calls = []
+    for j in range(cfg.canvas_len // b):
+        block = x[:, j * b : (j + 1) * b]
+        z = np.where(rng.random(block.shape) < 0.5, cfg.mask_id, block).astype(np.int32)
+        calls.append(Call("block_step", {"tokens": z, "valid_len": np.int32(j * b)}))
+        if j > 0:  # the previous block's commit folded into this step: it rewrites that block's keys, the same
+            calls.append(Call("commit_step", {"prev_tokens": x[:, (j - 1) * b : j * b], "tokens": z, "valid_len": np.int32((j - 1) * b)}))
+        calls.append(Call("commit", {"tokens": block, "valid_len": np.int32(j * b)}))
+    return calls
+
+
+def block_parity(model: Denoiser, paths: dict[str, Path], k: int, precision: str = "fp32") -> dict:
+    """A precision's block graphs on the onnxruntime runner against the torch runner, each over its own cache
+    (jetson_dllm.parity.compare_calls)."""
+    from jetson_dllm.parity import compare_calls
+    from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
+    from jetson_dllm.runners.torch_runner import TorchRunner
+
+    calls = parity_calls(model.cfg)
+    calls = [c for c in calls if c.graph in paths]  # INT8 has no commit-step graph
+    with TorchRunner(model, topk=k) as reference, onnx_runner_from_graphs(paths, model.cfg, precision) as runner:
+        return compare_calls(reference, {precision: runner}, calls)[precision]

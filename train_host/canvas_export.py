@@ -10,14 +10,13 @@ engines mark only the sampling outputs, so the logits never leave the GPU when r
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from calibration.quantize import quantize_bundle
-from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, Bundle, write_bundle
+from jetson_dllm.bundle import Bundle, write_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import compare_runners, summarize
 from jetson_dllm.precisions import PRECISIONS
@@ -26,7 +25,7 @@ from jetson_dllm.runners.torch_runner import MAX_TOPK, TorchRunner
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.families import ExportOptions
 from train_host.model import Denoiser, topk_logprobs
-from train_host.onnx_tools import OPSET, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
+from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
 
 PARITY_RATIOS = (0.15, 0.5, 0.9)
 # FP32 parity must hold this well, or the export fails.
@@ -124,22 +123,7 @@ def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dic
         fp16 = convert_fp16(fp32)
         check_graph(fp16, files["fp16"])
         onnx.save(fp16, str(tmp / files["fp16"]))
-    return {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "model": cfg.to_dict(),
-        "special_ids": tokenizer.special_ids,
-        "tokenizer_sha256": tokenizer.sha256,
-        "inputs": {"tokens": {"dtype": "int32", "shape": ["batch", "canvas"]}},
-        "heads": {
-            "logits": {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"},
-            "sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]},
-        },
-        "canvas_lengths": cfg.canvas_buckets(),
-        "opset": OPSET,
-        "precisions": {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"},
-        # Nodes kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers.
-        "fp32_nodes": fp32_nodes(fp32),
-        "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
-    }
+    entries = {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"}
+    manifest = bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), cfg.canvas_buckets(), {})
+    manifest["heads"]["logits"] = {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"}
+    return manifest

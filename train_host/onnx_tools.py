@@ -1,16 +1,20 @@
 """What every family's exporter shares: the exporter kept quiet, the graph check, FP16 conversion with the FP32
-islands, the nodes INT8 keeps in FP32, and the canvases parity and calibration run on."""
+islands, the nodes INT8 keeps in FP32, the canvases parity and calibration run on, and the one bundle manifest."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import time
 import warnings
 
 import numpy as np
 
+from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
+from jetson_dllm.runners import GRAPHS
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.corpus import story
 from train_host.data import CanvasDataset, load_manifest
@@ -129,3 +133,22 @@ def validation_canvases(tokenizer: TextTokenizer, canvas_len: int, n: int, data_
         ids = tokenizer.encode(story(10_000_000 + i))[: canvas_len - 1] + [tokenizer.eot_id]
         out[i, : len(ids)] = ids
     return out, "built-in stories"
+
+
+def bundle_manifest(cfg, tokenizer: TextTokenizer, ckpt: dict, topk: int, precisions: dict, fp32_nodes, canvas_lengths: list[int],
+                    reports: dict) -> dict:
+    """The bundle manifest of any family (without `files`, which write_bundle adds): the model config with its
+    family, the tokenizer's ids, each graph's signature (from GRAPHS: what `dllm build`, the runners and `inspect`
+    read), the sampling head, the canvas lengths, the precisions with their files per graph, the nodes kept in FP32,
+    where it came from, and the family's reports (parity, calibration)."""
+    return {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
+        "graphs": {g: {"inputs": list(GRAPHS[g].inputs), "outputs": list(GRAPHS[g].outputs), "cache": GRAPHS[g].cache}
+                   for g in family_of(cfg).graphs},
+        "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
+        "canvas_lengths": canvas_lengths, "opset": OPSET, "precisions": precisions,
+        "fp32_nodes": fp32_nodes,  # kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers
+        "source": {"checkpoint": ckpt["path"], "step": ckpt["step"], "metrics": ckpt.get("metrics", {})},
+        **reports,
+    }

@@ -134,16 +134,24 @@ class OnnxRunner(RunnerBase):
         if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
         valid_length(feeds, self.cfg.canvas_len - self.width + 1)
-        batch = tokens.shape[0]
-        if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache
-            cached = {g: s for g, s in self.sessions.items() if GRAPHS[g].cache}
-            self.cache = {batch: CacheBuffers(cached, self.cfg, batch, self.topk, self.width)}
-        buffers = self.cache[batch]
+        buffers = self._cache(tokens.shape[0])
         buffers.load(graph, feeds)
         self.sessions[graph].run_with_iobinding(buffers.bindings[graph])
         if GRAPHS[graph].cache == "write":
             buffers.write_new()
         return {name: buffers.out[name] for name in outputs}
+
+    def _cache(self, batch: int) -> CacheBuffers:
+        if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache
+            cached = {g: s for g, s in self.sessions.items() if GRAPHS[g].cache}
+            self.cache = {batch: CacheBuffers(cached, self.cfg, batch, self.topk, self.width)}
+        return self.cache[batch]
+
+    def cache_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The cache's keys and values for a batch size, as the runner holds them (INT8 calibration records the
+        cached graphs' raw inputs from them)."""
+        buffers = self._cache(batch)
+        return buffers.k, buffers.v
 
     def memory(self) -> dict[str, int]:
         return {"weights": self.weight_bytes, "cache": sum(b.nbytes for b in self.cache.values())}
@@ -152,6 +160,14 @@ class OnnxRunner(RunnerBase):
         self._bound.clear()
         self.cache.clear()
         self.sessions = {}
+
+
+def onnx_runner_from_graphs(paths: dict[str, Path], cfg: ModelConfig, precision: str = "fp32", threads: int = 0,
+                            tokenizer: TextTokenizer | None = None) -> OnnxRunner:
+    """Bare ONNX files of a cached family's graphs (graph -> path, the first with the top-K head) on the CPU: what
+    export parity and calibration run, the same runner a bundle gets."""
+    sessions = {graph: session_from_onnx(path, threads=threads) for graph, path in paths.items()}
+    return OnnxRunner(sessions, cfg, precision, tokenizer, weight_bytes=sum(Path(p).stat().st_size for p in paths.values()))
 
 
 def onnx_runner_from_file(path: str | Path, cfg: ModelConfig, precision: str = "fp32", threads: int = 0,

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.blocks import BlockFeeds, BlockGraphs, block_report, text_blocks
+from calibration.blocks import BlockFeeds, block_report, block_runner, text_blocks
 from calibration.quantize import qdq_problems
 from jetson_dllm.bundle import load_bundle
 from train_host.onnx_tools import validation_canvases
@@ -14,7 +14,7 @@ from train_host.onnx_tools import validation_canvases
 @pytest.fixture(scope="module")
 def graphs(bd3_bundle):
     cfg = load_bundle(bd3_bundle).config
-    return BlockGraphs(bd3_bundle / "block_step.fp32.onnx", bd3_bundle / "commit.fp32.onnx", cfg)
+    return block_runner(bd3_bundle / "block_step.fp32.onnx", bd3_bundle / "commit.fp32.onnx", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,10 @@ def test_feeds_cover_the_noise_levels_and_the_cache_lengths(graphs, canvases):
         valid = int(feed["valid_len"])
         assert valid % 16 == 0 and valid // 16 < text_blocks(canvas, 16, pad) and int(clean["valid_len"]) == valid
         assert np.abs(feed["k_cache"][:, :, :, :valid]).sum() > 0 or valid == 0  # the clean prefix is cached ...
-        assert not feed["k_cache"][:, :, :, valid:].any()  # ... and nothing past it
+        past = {**feed, "k_cache": feed["k_cache"].copy(), "v_cache": feed["v_cache"].copy()}
+        past["k_cache"][:, :, :, valid:], past["v_cache"][:, :, :, valid:] = 7.0, -7.0  # past the valid length: never read
+        a, b = (graphs.sessions["block_step"].run(None, f)[0] for f in (feed, past))
+        np.testing.assert_array_equal(a, b)
         assert not (clean["tokens"] == tok_mask).any()  # the commit graph sees clean blocks
         text = canvas[valid : valid + 16] != pad
         shares.append((feed["tokens"][0][text] == tok_mask).mean() if text.any() else np.nan)
@@ -43,13 +46,15 @@ def test_feeds_cover_the_noise_levels_and_the_cache_lengths(graphs, canvases):
     assert shares.min() < 0.3 and shares.max() > 0.7  # light and heavy noise both
 
 
-def test_the_report_sees_a_broken_cache(graphs, canvases):
-    class ForgetfulCommit(BlockGraphs):
-        def commit(self, block, k, v, valid):  # writes nothing: the block step attends to zeros
-            pass
+def test_the_report_sees_a_broken_cache(graphs, canvases, bd3_bundle):
+    class ForgetfulCommit:  # a runner of its own whose commits write nothing: the block step attends to zeros
+        def __init__(self, runner):
+            self.runner, self.cfg = runner, runner.cfg
 
-    broken = ForgetfulCommit.__new__(ForgetfulCommit)
-    broken.__dict__.update(graphs.__dict__)
+        def run(self, graph, feeds, outputs=None):
+            return {} if graph == "commit" else self.runner.run(graph, feeds, outputs)
+
+    broken = ForgetfulCommit(block_runner(bd3_bundle / "block_step.fp32.onnx", bd3_bundle / "commit.fp32.onnx", graphs.cfg))
     rows = block_report(graphs, {"same": graphs, "broken": broken}, canvases, graphs.cfg.mask_id, int(canvases[0, -1]))
     assert all(r["top1_agreement"] == 1.0 and r["accuracy"] == r["accuracy_ref"] for r in rows["same"].values())
     assert all(r["positions"] > 0 and r["max_abs_logprob_diff"] == 0.0 for r in rows["same"].values())
@@ -89,4 +94,4 @@ def test_inspect_shows_the_block_parity_and_the_int8_report(bd3_bundle):
     for t in bundle_tables(bundle_report(bd3_bundle)):
         console.print(t)
     text = console.export_text()
-    assert "block step + commit (int8)" in text and "0.8-1" in text and "accuracy drop" in text
+    assert "block_step (int8)" in text and "commit_step (fp32)" in text and "0.8-1" in text and "accuracy drop" in text
