@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jetson_dllm.bench_report import check_writable, environment, write_outputs
-from jetson_dllm.config import SIZES, ModelConfig
+from jetson_dllm.config import BENCH_VOCAB, SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
 from jetson_dllm.generate import complete
@@ -34,7 +34,6 @@ from jetson_dllm.runners import open_runner
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
 
-BENCH_VOCAB = 8192
 QUALITY_PROMPT = "Once upon a time"
 
 

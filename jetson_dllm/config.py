@@ -20,6 +20,9 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+BENCH_VOCAB = 8192  # the vocabulary of the random-weight models `dllm bench --config` and `dllm profile` size
+
+
 def _swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
     # LLaMA's rule: 2/3 of 4*d, rounded up to a multiple (keeps the MLP at ~8*d^2 parameters).
     hidden = int(2 * 4 * d_model / 3)

@@ -234,9 +234,12 @@ def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
 
 def bundle_report(bundle_dir: str | Path) -> dict:
     """`dllm inspect`: what a bundle holds, the state of every hashed file, and which engines fit this device."""
+    from jetson_dllm.runners.onnx_runner import check_bundle_graphs
+
     bundle = load_bundle(bundle_dir, verify=False)
     files = bundle.verify()
-    return {"bundle": str(bundle_dir), "model": bundle.manifest["model"], "precisions": bundle.precisions, "files": files,
+    graphs = check_bundle_graphs(bundle) if not [n for n, state in files.items() if state != "ok"] else "not checked (files altered)"
+    return {"graphs": graphs,"bundle": str(bundle_dir), "model": bundle.manifest["model"], "precisions": bundle.precisions, "files": files,
             "sizes": {n: (bundle.path / n).stat().st_size if (bundle.path / n).is_file() else None for n in files},
             "engines": engine_status(bundle), "engines_dir": str(bundle.engines_dir), "canvas_lengths": bundle.canvas_lengths,
             "topk": bundle.topk, "opset": bundle.manifest.get("opset"), "version": bundle.manifest.get("version"),

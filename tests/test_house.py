@@ -155,6 +155,32 @@ def test_no_runner_derives_from_another_runner():
     assert all(b == ["RunnerBase"] for b in bases.values()), bases
 
 
+# The three layers (docs/architecture.md): the app on top, the host in the middle, the torch-free core at the bottom.
+APP = ("jetson_dllm.cli", "jetson_dllm.serve", "jetson_dllm.bench", "jetson_dllm.bench_report", "jetson_dllm.tables",
+       "jetson_dllm.live", "jetson_dllm.__main__")
+# The core's one reach up: open_runner opens the torch runner (host) by name, lazily, as the family registry does.
+LAYER_BRIDGES = {("jetson_dllm.runners", "jetson_dllm.runners.torch_runner")}
+
+
+def layer(module: str) -> int:
+    if module.startswith(APP):
+        return 2
+    if module.startswith(("train_host", "calibration")) or module == "jetson_dllm.runners.torch_runner":
+        return 1
+    return 0
+
+
+def test_arrows_only_go_down_the_layers():
+    """The core imports neither host nor app, the host not the app, at any level."""
+    up = []
+    for p in python_files(*PACKAGES):
+        m = module_name(p)
+        for i in imports(p, top_level_only=False):
+            if i.startswith(PACKAGES) and layer(i) > layer(m) and (m, i) not in LAYER_BRIDGES:
+                up.append(f"{m} -> {i}")
+    assert not up, up
+
+
 def test_the_runtime_imports_no_host_package_at_any_level():
     offenders = {}
     for p in python_files("jetson_dllm"):

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 
 from calibration.quantize import Int8Options
-from jetson_dllm.bench import BENCH_VOCAB
 from jetson_dllm.bundle import load_bundle
-from jetson_dllm.config import ModelConfig
+from jetson_dllm.config import BENCH_VOCAB, ModelConfig
 from jetson_dllm.errors import DllmError
 from train_host.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train_host.corpus import stories

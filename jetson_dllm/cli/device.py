@@ -50,6 +50,8 @@ def inspect(
     if report["bad"]:
         raise DllmError(f"{len(report['bad'])} file(s) of {bundle_dir} are missing or altered: {', '.join(report['bad'])}; "
                         "copy the bundle again or re-export it")
+    if report["graphs"]:  # a graph that contradicts the manifest (None: all agree; "": no onnxruntime here to look)
+        raise DllmError(report["graphs"])
 
 
 @app.command()

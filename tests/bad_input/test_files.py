@@ -171,3 +171,24 @@ def test_two_writers_to_one_output_the_second_is_refused(tmp_path):
         code, _, err = call("data", "-o", tmp_path / "d", "--builtin-stories", "50", "--vocab-size", "300")
     assert_clean_failure(code, err, "another dllm is writing")
     assert not (tmp_path / "d").exists()
+
+
+# Valid configs that contradict the graphs the bundle holds (issue: the manifest and its graphs can disagree).
+GRAPH_CONTRADICTIONS = {
+    "bd3": [("model.n_layer", 3), ("model.n_head", 1), ("model.canvas_len", 128), ("model.block_size", 32), ("heads.sampling.k", 32),
+            ("model.family", "mdlm")],
+    "ar": [("model.n_layer", 3), ("model.canvas_len", 128), ("heads.sampling.k", 32), ("model.family", "bd3")],
+    "mdlm": [("model.vocab_size", 1024)],  # the canvas graph carries no layer count in its inputs or outputs
+}
+
+
+@pytest.mark.parametrize("family, key, value", [(f, k, v) for f, rows in GRAPH_CONTRADICTIONS.items() for k, v in rows],
+                         ids=[f"{f}-{k}={v}" for f, rows in GRAPH_CONTRADICTIONS.items() for k, v in rows])
+def test_a_manifest_that_contradicts_its_graphs_is_refused_by_run_and_inspect(family, key, value, bundle_dir, bd3_bundle, ar_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree({"mdlm": bundle_dir, "bd3": bd3_bundle, "ar": ar_bundle}[family], copy)
+    rewrite(copy / "manifest.json", mutate(json.loads((copy / "manifest.json").read_text()), key, value))
+    for command in (["run", copy, "-p", "Once", "--length", "8", "--no-live"], ["inspect", copy]):
+        code, _, err = call(*command)
+        assert_clean_failure(code, err)
+        assert "Traceback" not in err and "onnxruntime" not in err.lower().replace("onnxruntime could not", "")
