@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--block", type=int, default=0)
+    p.add_argument("--span", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--judge", help="autoregressive checkpoint: adds generative perplexity")
     p.add_argument("--defer-twins", action="store_true", help="the sampler's --defer-twins (see dllm run --help); off unless given")
@@ -73,7 +73,7 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:
             cfg = SamplerConfig(steps=steps, strategy=strategy, temperature=args.temperature, top_p=args.top_p,
-                                block=args.block, threshold=args.threshold, seed=0, defer_twins=args.defer_twins)
+                                span=args.span, threshold=args.threshold, seed=0, defer_twins=args.defer_twins)
             canvases, texts, evals, times, shares = [], [], [], [], []
             for i, prompt in enumerate(PROMPTS):
                 cfg.seed = i
@@ -101,7 +101,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
-          f"block {args.block or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
+          f"span {args.span or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
     print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | doubled words | distinct-1 | distinct-2 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

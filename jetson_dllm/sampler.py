@@ -13,8 +13,8 @@ head, scores the candidates, and commits some of them:
     ancestral   MDLM: commit each masked position with the schedule's probability for the step
 
 n is what the step budget requires: ceil(masked left / steps left), so a run always finishes within
-its steps, and the threshold strategy can only finish sooner. With `block`, the canvas is filled block
-by block, left to right (semi-autoregressive), the steps shared between the blocks that need them; blocks
+its steps, and the threshold strategy can only finish sooner. With `span`, the canvas is filled span
+by span, left to right (semi-autoregressive), the steps shared between the spans that need them; spans
 count from the first position to generate.
 Once an end-of-text (or padding) token is committed, every later free position becomes padding.
 """
@@ -42,7 +42,7 @@ class SamplerConfig:
     strategy: str = "confidence"
     threshold: float = 0.9
     eb_bound: float = 0.1  # eb: the entropy (nats) a step may commit in all
-    block: int = 0  # 0: the whole canvas is one block
+    span: int = 0  # semi-autoregressive spans (LLaDA's blocks; "block" is block diffusion's word); 0: the whole canvas
     temperature: float = 0.0
     top_k: int = 0  # 0: the whole head
     top_p: float = 1.0
@@ -60,7 +60,7 @@ class SamplerConfig:
         check_range("--top-p", self.top_p, 0, 1, low_open=True)
         check_range("--temperature", self.temperature, 0, 100)
         check_range("--top-k", self.top_k, 0)
-        check_range("--block", self.block, 0)
+        check_range("--span", self.span, 0)
         check_range("--deadline-ms", self.deadline_ms, 0)
         check_range("--seed", self.seed, 0)
         return self
@@ -124,7 +124,7 @@ def sample(
     """Unmask `tokens` (B, T) int32, whose masked positions hold special.mask; `fixed` (B, T) marks prompt
     tokens, which never change. `run(canvas)` returns the top-K log-probabilities (B, T, K) and ids.
 
-    Returns the final canvas with nothing masked, unless the step budget is wrong for the blocks.
+    Returns the final canvas with nothing masked, unless the step budget is wrong for the spans.
     """
     steps = sample_steps(tokens, fixed, special, cfg, on_step)
     try:
@@ -159,15 +159,15 @@ def sample_steps(
         no_end[:] = True
     _apply_end(canvas, fixed, special)
 
-    block = cfg.block or T
+    span = cfg.span or T
     free = (canvas == special.mask) & ~fixed
     # Blocks count from where generation starts (the first free position), as LLaDA's semi-autoregressive
-    # sampler does, so a prompt that ends mid-block does not shorten the first block.
+    # sampler does, so a prompt that ends mid-span does not shorten the first span.
     origin = int(np.argmax(free.any(0))) if free.any() else 0
-    block_starts = list(range(origin, T, block))
-    active = [s for s in block_starts if free[:, s : s + block].any()]
+    span_starts = list(range(origin, T, span))
+    active = [s for s in span_starts if free[:, s : s + span].any()]
     if len(active) > cfg.steps:
-        raise DllmError(f"--steps {cfg.steps} is fewer than the {len(active)} blocks to fill; raise --steps or --block")
+        raise DllmError(f"--steps {cfg.steps} is fewer than the {len(active)} spans to fill; raise --steps or --span")
 
     t0 = time.perf_counter()
     deadline = t0 + cfg.deadline_ms / 1000.0 if cfg.deadline_ms else math.inf
@@ -178,12 +178,12 @@ def sample_steps(
     deadline_hit = False
 
     for bi, start in enumerate(active):
-        in_block = (positions >= start) & (positions < start + block)
-        blocks_left = len(active) - bi
-        block_steps = -(-(cfg.steps - steps) // blocks_left)  # ceil: earlier blocks get the remainder
+        in_span = (positions >= start) & (positions < start + span)
+        spans_left = len(active) - bi
+        block_steps = -(-(cfg.steps - steps) // spans_left)  # ceil: earlier blocks get the remainder
         for k in range(block_steps, 0, -1):  # k: steps left for this block, this one included
             free = (canvas == special.mask) & ~fixed
-            todo = free & in_block
+            todo = free & in_span
             if not todo.any():
                 break
             step_t0 = time.perf_counter()

@@ -26,7 +26,7 @@ def run(
     steps: Annotated[int, typer.Option(help="denoising steps, network calls at most: for the whole canvas (mdlm), per block (bd3); ar models take none", min=1)] = 64,
     length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas", min=0, max=16384)] = 0,
     strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | eb (entropy-bounded) | ancestral")] = "confidence",
-    block: Annotated[int, typer.Option(help="semi-autoregressive block length; 0 = whole canvas", min=0, max=16384)] = 0,
+    span: Annotated[int, typer.Option(help="mdlm: fill the canvas in semi-autoregressive spans of this length, left to right; 0 = the whole canvas", min=0, max=16384)] = 0,
     threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
     eb_bound: Annotated[float, typer.Option(help="--strategy eb: the entropy (nats) one step may commit in all")] = 0.1,
     temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the sampler results in docs/results.md)")] = 0.8,
@@ -53,7 +53,7 @@ def run(
       echo "Tom had a dog" | dllm run runs/tiny -p - --json
     """
     text = read_prompt(prompt)
-    sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, block=block, temperature=temperature,
+    sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, span=span, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
                             eb_bound=eb_bound).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)

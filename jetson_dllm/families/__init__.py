@@ -68,7 +68,7 @@ class Family:
         return {"bidirectional": canvas, "block": cfg.block_size, "causal": 1}[self.attention]
 
 
-SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "block", "deadline_ms", "defer_twins", "gap")
+SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadline_ms", "defer_twins", "gap")
 
 FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,

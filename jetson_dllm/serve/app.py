@@ -104,7 +104,7 @@ class Server:
         for i, prompt in enumerate(prompts):
             try:
                 canvas = request_canvas(self.tok, prompt, suffix, max_tokens, self.runner.canvas_lengths)
-                cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, block=knobs.block,
+                cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
                                     temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
             except DllmError as e:

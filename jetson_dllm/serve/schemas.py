@@ -15,7 +15,7 @@ class Knobs(BaseModel):
     steps: int = Field(64, ge=1, le=4096, description="denoising steps (network evaluations at most)")
     strategy: Literal[STRATEGIES] = Field("confidence", description="which masked positions to commit first")  # type: ignore[valid-type]
     threshold: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="confidence threshold of the threshold strategy")
-    block: int = Field(0, ge=0, le=16384, description="semi-autoregressive block length; 0 = the whole canvas")
+    span: int = Field(0, ge=0, le=16384, description="semi-autoregressive span length; 0 = the whole canvas")
     eb_bound: float = Field(0.1, ge=0, le=100, allow_inf_nan=False, description="strategy eb: the entropy (nats) one step may commit")
     deadline_ms: float = Field(0.0, ge=0, le=3_600_000, allow_inf_nan=False, description="commit the best tokens after this long")
     canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")

@@ -53,7 +53,7 @@ configs = st.builds(
     steps=st.integers(1, 40),
     strategy=st.sampled_from(STRATEGIES),
     threshold=st.floats(0.05, 1.0),
-    block=st.sampled_from([0, 4, 8, 16]),
+    span=st.sampled_from([0, 4, 8, 16]),
     temperature=st.sampled_from([0.0, 0.7, 1.0]),
     top_k=st.sampled_from([0, 1, 3]),
     top_p=st.sampled_from([1.0, 0.9, 0.5]),
@@ -68,9 +68,9 @@ def test_sampler_invariants(cfg, B, T, prompt_len, end_at):
     rng = np.random.default_rng(0)
     tokens, fixed = canvas_with_prompt(B, T, prompt_len, rng)
     end_at = end_at if end_at is not None and end_at < T else None
-    n_blocks = len({(p - prompt_len) // (cfg.block or T) for p in range(prompt_len, T)})
+    n_blocks = len({(p - prompt_len) // (cfg.span or T) for p in range(prompt_len, T)})
     if n_blocks > cfg.steps:
-        with pytest.raises(DllmError, match="blocks"):
+        with pytest.raises(DllmError, match="spans to fill"):
             sample(FakeNet(end_at=end_at), tokens, fixed, SPECIAL, cfg)
         return
     masked_counts = [(tokens == SPECIAL.mask).sum(1)]
@@ -146,7 +146,7 @@ def test_infilling_never_ends_inside_the_gap():
 def test_blocks_fill_left_to_right():
     tokens, fixed = canvas_with_prompt(1, 32, 0, np.random.default_rng(4))
     blocks = []
-    sample(FakeNet(random_ends=False), tokens, fixed, SPECIAL, SamplerConfig(steps=16, block=8),
+    sample(FakeNet(random_ends=False), tokens, fixed, SPECIAL, SamplerConfig(steps=16, span=8),
            on_step=lambda c, s: blocks.append(set(np.flatnonzero(s.committed[0]) // 8)))
     assert all(len(b) == 1 for b in blocks)
     order = [b.pop() for b in blocks]
@@ -158,7 +158,7 @@ def test_blocks_count_from_where_generation_starts():
     """As LLaDA's generate: with a 3-token prompt and blocks of 8, the first block is positions 3..10, not 3..7."""
     tokens, fixed = canvas_with_prompt(1, 32, 3, np.random.default_rng(6))
     steps = []
-    sample(FakeNet(random_ends=False), tokens, fixed, SPECIAL, SamplerConfig(steps=16, block=8),
+    sample(FakeNet(random_ends=False), tokens, fixed, SPECIAL, SamplerConfig(steps=16, span=8),
            on_step=lambda c, s: steps.append(np.flatnonzero(s.committed[0])))
     first_block = np.concatenate(steps[:4])
     assert sorted(first_block.tolist()) == list(range(3, 11))
@@ -205,7 +205,7 @@ def test_candidate_distribution_top_k_and_top_p():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=-3), dict(threshold=0.0), dict(threshold=1.5), dict(top_p=0.0),
-                                 dict(top_p=1.2), dict(strategy="beam"), dict(temperature=-1), dict(block=-1)])
+                                 dict(top_p=1.2), dict(strategy="beam"), dict(temperature=-1), dict(span=-1)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(DllmError):
         SamplerConfig(**bad).validate()
