@@ -69,7 +69,7 @@ def fp32_nodes(proto) -> list[str]:
         module, _ = _innermost_module(node)
         if module.endswith("model.RMSNorm"):
             keep.append(node.name)
-        elif module.endswith("model.Block") and node.op_type == "Add":  # x + attn(...), x + mlp(...)
+        elif module.endswith("model.Layer") and node.op_type == "Add":  # x + attn(...), x + mlp(...)
             keep.append(node.name)
         elif module.endswith(("export.ExportedDenoiser", "bd3_export.BlockStep", "bd3_export.Commit", "ar_export.Decode")):  # the head; the cache plumbing
             keep.append(node.name)
