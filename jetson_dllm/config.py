@@ -35,6 +35,7 @@ _FIELD_RANGES = (
     ("name", str, "", "~"),
     ("d_model", int, 8, 16384),
     ("n_head", int, 1, 256),
+    ("n_kv_head", int, 0, 256),
     ("n_layer", int, 1, 256),
     ("vocab_size", int, 4, 65536),
     ("canvas_len", int, 8, 16384),
@@ -54,7 +55,9 @@ class ModelConfig:
 
     Args:
         name: the size name it came from ("tiny" ... "xxlarge") or "custom".
-        d_model, n_head, n_layer: width, attention heads, blocks.
+        d_model, n_head, n_layer: width, attention heads, layers.
+        n_kv_head: key/value heads (grouped-query attention: each serves n_head / n_kv_head query heads); 0 means
+            n_head (plain multi-head attention). The KV cache holds n_kv_head heads.
         vocab_size: tokenizer vocabulary, special tokens included.
         canvas_len: the longest canvas (sequence) the model is trained and exported for.
         mask_id: the token id of the mask; its logit is never predicted.
@@ -70,6 +73,7 @@ class ModelConfig:
     d_model: int = 256
     n_head: int = 4
     n_layer: int = 4
+    n_kv_head: int = 0
     vocab_size: int = 8192
     canvas_len: int = 256
     mask_id: int = 2
@@ -87,6 +91,10 @@ class ModelConfig:
                 raise DllmError(f"model config: {name} must be {kind.__name__}, got {str(value)[:20]!r}")
             if kind is not str and not (low <= value <= high):  # NaN fails too
                 raise DllmError(f"model config: {name} {value} is outside {low}..{high}")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise DllmError(f"model config: n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
         if self.d_model % self.n_head:
             raise DllmError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.head_dim % 2:
@@ -127,6 +135,8 @@ class ModelConfig:
             raise DllmError(f"{where}: the model config must be an object")
         if "family" not in data and "causal" in data:  # written before configs recorded the family
             data = {k: v for k, v in data.items() if k != "causal"} | {"family": infer_family(data)}
+        if "n_kv_head" not in data and "n_head" in data:  # written before grouped-query attention: one per head
+            data = {**data, "n_kv_head": data["n_head"]}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:
@@ -143,8 +153,8 @@ class ModelConfig:
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameter count (a tied head counts once)."""
-        d, f = self.d_model, self.d_ff
-        per_block = 4 * d * d + 3 * d * f + 2 * d  # q, k, v, o; w1, w2, w3; two RMSNorm weights
+        d, f, kv = self.d_model, self.d_ff, self.n_kv_head * self.head_dim
+        per_block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; w1, w2, w3; two RMSNorm weights
         n = self.n_layer * per_block + d  # final norm
         if include_embedding:
             n += self.vocab_size * d
@@ -157,8 +167,8 @@ class ModelConfig:
         fmt = weight_format(precision)
         if fmt != "int8":
             return self.num_params() * PRECISIONS[fmt].weight_bytes
-        d, f = self.d_model, self.d_ff
-        matmul = self.n_layer * (4 * d * d + 3 * d * f)
+        d, f, kv = self.d_model, self.d_ff, self.n_kv_head * self.head_dim
+        matmul = self.n_layer * (2 * d * d + 2 * d * kv + 3 * d * f)
         return matmul * 1 + (self.num_params() - matmul) * 2
 
     def canvas_buckets(self) -> list[int]:

@@ -121,7 +121,7 @@ def input_shapes(cfg, batch: int, canvas: int, graph: str = "") -> dict[str, tup
     is its cache length."""
     if not graph:
         return {"tokens": (batch, canvas)}
-    cache = (cfg.n_layer, batch, cfg.n_head, canvas, cfg.head_dim)
+    cache = (cfg.n_layer, batch, cfg.n_kv_head, canvas, cfg.head_dim)
     return {"tokens": (batch, cfg.block_size), "k_cache": cache, "v_cache": cache}
 
 
@@ -184,8 +184,8 @@ def io_buffers(batch: int, canvas: int, k: int) -> dict[str, tuple[tuple[int, ..
 def block_io_buffers(cfg, batch: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """I/O tensors of a block-diffusion model's two engines (they share the cache, its valid length and the block's
     tokens): name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
-    cache = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
-    new = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.head_dim)
+    cache = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
+    new = (cfg.n_layer, batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
     specs = {"tokens": ((batch, cfg.block_size), "int32"), "valid_len": ((), "int32"), "k_cache": (cache, "float32"),
              "v_cache": (cache, "float32"), "topk_logprobs": ((batch, cfg.block_size, k), "float32"),
              "topk_ids": ((batch, cfg.block_size, k), "int32"), "k_new": (new, "float32"), "v_new": (new, "float32")}

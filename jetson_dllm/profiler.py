@@ -202,7 +202,7 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
     activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cached else 0)) * act_bytes
-    cache = 2 * cfg.n_layer * B * cfg.n_head * T * cfg.head_dim * 4 if cached else 0  # keys and values, FP32
+    cache = 2 * cfg.n_layer * B * cfg.n_kv_head * T * cfg.head_dim * 4 if cached else 0  # keys and values, FP32
     io = B * Q * (4 + 8 * k)
     runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
     run = weights + activations + cache + io + runtime

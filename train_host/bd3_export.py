@@ -90,7 +90,7 @@ class Commit(torch.nn.Module):
 
 def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
     cfg = model.cfg
-    shape = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    shape = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
     tokens = torch.full((batch, cfg.block_size), cfg.mask_id, dtype=torch.int32)
     return tokens, torch.zeros(shape), torch.zeros(shape), torch.tensor(0, dtype=torch.int32)
 

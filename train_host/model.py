@@ -44,10 +44,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer for autoregressive decoding: (n_layer, B, n_head, max_len, head_dim)."""
+    """Keys and values of every layer: (n_layer, B, n_kv_head, max_len, head_dim)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
-        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.len = 0  # positions filled
@@ -66,8 +66,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.causal = cfg.attention == "causal"
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.kv_dim = cfg.n_kv_head * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.kv_dim, bias=False)  # [q; k; v] rows
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         # "sdpa" for training; "math" writes MatMul -> Softmax -> MatMul with Q pre-scaled, the pattern
         # TensorRT fuses into its attention kernels (the exporter sets it).
@@ -77,13 +78,16 @@ class Attention(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attn_mask` (T, S) bool, True where a query may attend (block diffusion); otherwise full or causal."""
         B, T, C = x.shape
-        q, k, v = self.wqkv(x).split(C, dim=-1)
+        q, k, v = self.wqkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # decoding: attend to everything before; a prefill (T > 1) starts at 0
             k, v = cache.update(layer, k, v)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         causal = self.causal and T > 1 and attn_mask is None
         if self.impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # the denoiser: no mask

@@ -32,6 +32,7 @@ class TrainConfig:
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
+    n_kv_head: int = 0  # grouped-query attention: key/value heads (0: one per query head)
     canvas_len: int = 128
     batch_size: int = 32  # canvases per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
@@ -71,11 +72,12 @@ class TrainConfig:
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
     def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
-        overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head)) if v}
+        overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head),
+                                       ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
                                     family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0)
         if overrides:
-            cfg = ModelConfig.from_dict({**cfg.to_dict(), **overrides, "name": "custom", "d_ff": 0})
+            cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg
 
 
@@ -85,7 +87,7 @@ def validate(tc: TrainConfig) -> None:
                              ("--eval-every", tc.eval_every, 1), ("--eval-canvases", tc.eval_canvases, 1), ("--log-every", tc.log_every, 1),
                              ("--keep-last", tc.keep_last, 1), ("--warmup", tc.warmup, 0), ("--pause-after", tc.pause_after, 0),
                              ("--seed", tc.seed, 0), ("--threads", tc.threads, 0), ("--d-model", tc.d_model, 0),
-                             ("--n-layer", tc.n_layer, 0), ("--n-head", tc.n_head, 0), ("--time-budget", tc.time_budget, 0),
+                             ("--n-layer", tc.n_layer, 0), ("--n-head", tc.n_head, 0), ("--n-kv-head", tc.n_kv_head, 0), ("--time-budget", tc.time_budget, 0),
                              ("--weight-decay", tc.weight_decay, 0), ("--grad-clip", tc.grad_clip, 0)):
         check_range(flag, value, low)
     check_range("--lr", tc.lr, 0, 10, low_open=True)

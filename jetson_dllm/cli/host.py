@@ -82,6 +82,7 @@ def train(
     d_model: Annotated[int, typer.Option(help="override the config's width (custom size)", hidden=True, min=0, max=16384)] = 0,
     n_layer: Annotated[int, typer.Option(hidden=True, min=0, max=256)] = 0,
     n_head: Annotated[int, typer.Option(hidden=True, min=0, max=256)] = 0,
+    n_kv_head: Annotated[int, typer.Option(help="grouped-query attention: key/value heads, dividing the heads (0: one per head)", min=0, max=256)] = 0,
     log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
     """Train a diffusion LM (MDLM, or block diffusion with --objective bd3) or the AR baseline; resumable, with progress and curves.

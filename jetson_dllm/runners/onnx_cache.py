@@ -21,8 +21,8 @@ class CacheBuffers:
     the tokens a call takes (the block, or 1)."""
 
     def __init__(self, sessions: dict, cfg, batch: int, k: int, width: int):
-        cache = (cfg.n_layer, batch, cfg.n_head, cfg.canvas_len, cfg.head_dim)
-        new = (cfg.n_layer, batch, cfg.n_head, width, cfg.head_dim)
+        cache = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
+        new = (cfg.n_layer, batch, cfg.n_kv_head, width, cfg.head_dim)
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
                        "valid_len": np.zeros((), np.int32), "k_cache": self.k, "v_cache": self.v}

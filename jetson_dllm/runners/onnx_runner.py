@@ -84,11 +84,11 @@ def expected_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, d
     """(inputs, outputs) a graph of this model must have: name -> (dtype, dims), None for a dynamic dim."""
     spec = GRAPHS[graph]
     width = family_of(cfg).positions_per_call(cfg, None)  # a block, one token, or (the canvas) any length
-    cache = ("float32", (cfg.n_layer, None, cfg.n_head, cfg.canvas_len, cfg.head_dim))
+    cache = ("float32", (cfg.n_layer, None, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
     known = {"tokens": ("int32", (None, width)), "prev_tokens": ("int32", (None, width)), "valid_len": ("int32", ()),
              "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", (None, width, topk)),
              "topk_ids": ("int32", (None, width, topk)), "logits": ("float32", (None, width, cfg.vocab_size)),
-             "k_new": ("float32", (cfg.n_layer, None, cfg.n_head, width, cfg.head_dim))}
+             "k_new": ("float32", (cfg.n_layer, None, cfg.n_kv_head, width, cfg.head_dim))}
     known["v_new"] = known["k_new"]
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
     outputs = [*spec.outputs, *(("k_new", "v_new") if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
@@ -112,7 +112,7 @@ def check_signature(graph: str, session, cfg: ModelConfig, topk: int, where: str
             isinstance(g, int) and w is not None and g != w for g, w in zip(got_dims, dims))
         if bad:
             raise DllmError(f"{where}: the {graph} graph's {name} is {got_type} {list(got_dims)}, but the manifest's model "
-                            f"({cfg.n_layer} layers, {cfg.n_head} heads, canvas {cfg.canvas_len}, top-{topk}) needs {dtype} "
+                            f"({cfg.n_layer} layers, {cfg.n_kv_head} key/value heads, canvas {cfg.canvas_len}, top-{topk}) needs {dtype} "
                             f"{[d if d is not None else '*' for d in dims]}; re-export the bundle")
 
 

@@ -96,7 +96,7 @@ class _BlockSession:
             copy.dst_pitch = c.canvas_len * row
             copy.dst_x_in_bytes = valid * row
             copy.width_in_bytes = b * row
-            copy.height = c.n_layer * tokens.shape[0] * c.n_head
+            copy.height = c.n_layer * tokens.shape[0] * c.n_kv_head
             copy(self.stream)
         self.stream.synchronize()  # the next call rewrites the tokens the engine read
 
