@@ -92,7 +92,7 @@ class Bundle:
         return self.manifest["files"][self._entry(precision)[self._entry_key(graph)]]
 
     def tokenizer(self):
-        tok = TextTokenizer.from_file(self.path / "tokenizer.json")
+        tok = TextTokenizer.from_file(self.path / "tokenizer.json", self.manifest["special_ids"])
         if tok.special_ids != self.manifest["special_ids"]:
             raise DllmError(f"{self.path}/tokenizer.json does not match the manifest's special ids; export the bundle again")
         return tok

@@ -1,4 +1,6 @@
-"""The tokenizer the whole toolkit shares: a byte-level BPE `tokenizer.json` (HF tokenizers) with our special tokens."""
+"""The tokenizer the whole toolkit shares: a byte-level BPE `tokenizer.json` (HF tokenizers) with our special tokens,
+or an imported model's own tokenizer, whose special ids (its end-of-text and start tokens, and the padding and mask
+tokens added on import) the checkpoint or bundle records."""
 
 from __future__ import annotations
 
@@ -15,18 +17,32 @@ SPECIAL_TOKENS = (PAD, EOT, MASK)
 
 
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask."""
+    """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask (and the start token, which is the
+    end-of-text for our own tokenizers, as stories are separated by it).
 
-    def __init__(self, tok: Tokenizer, source: str = "<memory>"):
+    `special_ids` (what a checkpoint or bundle records): an imported tokenizer's ids; without it, our own special
+    tokens are looked up by name."""
+
+    def __init__(self, tok: Tokenizer, source: str = "<memory>", special_ids: dict | None = None):
         self.tok = tok
-        ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise DllmError(f"{source} is not a jetson-dllm tokenizer: it lacks {', '.join(missing)}; make one with `dllm data`")
-        self.pad_id, self.eot_id, self.mask_id = ids[PAD], ids[EOT], ids[MASK]
+        if special_ids is None or tok.token_to_id(MASK) == special_ids.get("mask") and tok.token_to_id(EOT) == special_ids.get("eot"):
+            ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+            missing = [t for t, i in ids.items() if i is None]
+            if missing:
+                raise DllmError(f"{source} is not a jetson-dllm tokenizer: it lacks {', '.join(missing)}; make one with `dllm data`")
+            self.pad_id, self.eot_id, self.mask_id = ids[PAD], ids[EOT], ids[MASK]
+            self.bos_id = self.eot_id
+            return
+        size = tok.get_vocab_size()
+        if not all(isinstance(special_ids.get(k), int) and 0 <= special_ids[k] < size for k in ("pad", "eot", "mask")):
+            raise DllmError(f"{source}: special ids {special_ids} do not fit the tokenizer (vocabulary {size})")
+        if tok.id_to_token(special_ids["mask"]) != MASK or tok.id_to_token(special_ids["pad"]) != PAD:
+            raise DllmError(f"{source}: the recorded mask and padding ids are not the tokenizer's {MASK} and {PAD}")
+        self.pad_id, self.eot_id, self.mask_id = special_ids["pad"], special_ids["eot"], special_ids["mask"]
+        self.bos_id = int(special_ids.get("bos", self.eot_id))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TextTokenizer:
+    def from_file(cls, path: str | Path, special_ids: dict | None = None) -> TextTokenizer:
         path = Path(path)
         if not path.is_file():
             raise DllmError(f"tokenizer {path} not found")
@@ -34,7 +50,7 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise DllmError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:80]})") from None
-        return cls(tok, str(path))
+        return cls(tok, str(path), special_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -42,7 +58,8 @@ class TextTokenizer:
 
     @property
     def special_ids(self) -> dict[str, int]:
-        return {"pad": self.pad_id, "eot": self.eot_id, "mask": self.mask_id}
+        ids = {"pad": self.pad_id, "eot": self.eot_id, "mask": self.mask_id}
+        return ids if self.bos_id == self.eot_id else {**ids, "bos": self.bos_id}
 
     @cached_property
     def sha256(self) -> str:

@@ -79,6 +79,7 @@ def save_checkpoint(
     trainer_meta: dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     run_weights: dict[str, torch.Tensor] | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder.
 
@@ -109,6 +110,7 @@ def save_checkpoint(
             "step": step,
             "metrics": metrics,
             "special_ids": tokenizer.special_ids,
+            **({"provenance": provenance} if provenance else {}),  # an imported model's source (dllm import)
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
         }
         write_manifest(tmp / "config.json", config)
@@ -178,7 +180,7 @@ def tokenizer_sha256(ckpt: Path) -> str:
     """The sha256 of a checkpoint's tokenizer (what the tokenizer wrapper reports), checked against the config."""
     config = read_config(ckpt)
     verify_files(ckpt, config, ("tokenizer.json",))
-    return TextTokenizer.from_file(ckpt / "tokenizer.json").sha256
+    return TextTokenizer.from_file(ckpt / "tokenizer.json", config["special_ids"]).sha256
 
 
 def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:
@@ -199,7 +201,7 @@ def load_checkpoint(path: str | Path, which: str = "best") -> tuple[ModelConfig,
     except (SafetensorError, OSError) as e:
         raise DllmError(f"{ckpt / 'model.safetensors'} cannot be read ({e}); use an earlier checkpoint") from None
     check_finite(weights, str(ckpt / "model.safetensors"))
-    tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json")
+    tokenizer = TextTokenizer.from_file(ckpt / "tokenizer.json", config["special_ids"])
     if tokenizer.mask_id != cfg.mask_id or tokenizer.vocab_size > cfg.vocab_size:
         raise DllmError(f"{ckpt}: tokenizer does not match the model config; the checkpoint is inconsistent")
     config["path"] = str(ckpt)

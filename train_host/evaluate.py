@@ -108,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
         ds, scored = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id), f"{data_dir} (val)"
     torch.set_num_threads(os.cpu_count() or 1)
     with torch.inference_mode():
-        metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.eot_id, progress=progress)
+        metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.bos_id, progress=progress)
     if generation is not None:
         generation = dict(generation)
         judge_path = generation.pop("judge", None)
@@ -118,7 +118,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
             judge_ds = CanvasDataset(data_dir, "val", scorer.model.cfg.canvas_len, scorer.tokenizer.pad_id)
             with torch.inference_mode():
                 metrics["judge_val_nll"] = evaluate(scorer.model, judge_ds, scorer.model.cfg.mask_id, n_canvases=canvases,
-                                                    bos_id=scorer.tokenizer.eot_id)["val_nll"]
+                                                    bos_id=scorer.tokenizer.bos_id)["val_nll"]
     family = family_of(model.cfg)
     return {"checkpoint": config["path"], "family": family.name, "nll_kind": family.nll, "scored": scored, **metrics}
 

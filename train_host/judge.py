@@ -41,7 +41,7 @@ class Judge:
             for i, r in enumerate(rows):
                 x[i, : len(r)] = torch.tensor(r)
             x = x.to(self.device)
-            logits = self.model(shift_right(x, tok.eot_id)).float()
+            logits = self.model(shift_right(x, tok.bos_id)).float()
             ce = F.cross_entropy(logits.transpose(1, 2), x, reduction="none")  # (B, T)
             keep = x != tok.pad_id
             out += [(float(ce[i][keep[i]].sum()), int(keep[i].sum())) for i in range(len(rows))]

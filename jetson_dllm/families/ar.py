@@ -92,9 +92,9 @@ def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, 
 
 def decode_tokens(runner, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
                   stop_at_end: bool = True) -> DecodeResult:
-    """`decode_calls` on a runner; end-of-text is also the start token."""
+    """`decode_calls` on a runner, from the tokenizer's start token (end-of-text for our own tokenizers)."""
     tok = runner.tokenizer
-    return drive(runner, decode_calls(prompt_ids, max_new, tok.eot_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len,
+    return drive(runner, decode_calls(prompt_ids, max_new, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len,
                                       num_samples, sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed, stop_at_end))
 
 
@@ -102,7 +102,7 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
              on_step=None) -> ArGeneration:
     sampler = (sampler or SamplerConfig()).validate()
     ids = left_to_right_ids(runner, prompt, "the autoregressive baseline")
-    check_context(runner, [runner.tokenizer.eot_id, *ids], length and length - 1)  # the start token, the last token never read
+    check_context(runner, [runner.tokenizer.bos_id, *ids], length and length - 1)  # the start token, the last token never read
     r = decode_tokens(runner, ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
     return ArGeneration([runner.tokenizer.decode(row) for row in r.tokens], r, runner.name)
 

@@ -9,7 +9,7 @@ FIXED_RATIO_ACCURACY = False
 
 
 def train_loss(model, x, run, t, noise, generator):
-    return ar_loss(model, x, run.tokenizer.eot_id, run.tokenizer.pad_id)
+    return ar_loss(model, x, run.tokenizer.bos_id, run.tokenizer.pad_id)
 
 
 def nll_batch(model, x, ev: EvalContext) -> dict:

@@ -1,0 +1,203 @@
+"""`dllm import`: a Hugging Face Llama folder and a GGUF file become `ar` checkpoints that compute what the reference
+does (transformers' LlamaForCausalLM on the same ids), and run, export and generate like any other model here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bad_input"))
+from refusal import assert_clean_failure, run, snapshot  # noqa: E402
+
+TEXT = ["Once upon a time there was a little fox.", "Tom and Lily went to the park to play.", "The sun was warm and the sky was blue."] * 20
+
+
+def make_tokenizer(folder: Path):
+    """A small byte-level BPE with the special tokens a Llama tokenizer has (no padding or mask of ours)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A tiny random LlamaForCausalLM (grouped-query attention, untied head) saved as Hugging Face saves it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    folder.mkdir()
+    tok = make_tokenizer(folder)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def reference_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def imported(hf_folder, tmp_path_factory) -> Path:
+    from train_host.importer import import_model
+
+    out = tmp_path_factory.mktemp("imp") / "run"
+    import_model(hf_folder, out, context=64)
+    return out
+
+
+def test_the_imported_model_computes_what_transformers_computes(hf_folder, imported):
+    from train_host.checkpoint import load_model
+
+    model, tok, config = load_model(imported)
+    rows = [[1, *tok.encode(TEXT[0])], [1, *tok.encode(TEXT[1]), *tok.encode(TEXT[2])]]
+    ids = torch.tensor([r[:12] for r in rows])
+    want = reference_logits(hf_folder, ids)
+    with torch.no_grad():
+        got = model(ids)[..., : want.shape[-1]]  # our vocabulary adds <|pad|> and <|mask|> at the end
+    assert (got - want).abs().max().item() < 1e-4
+    assert model.cfg.family == "ar" and model.cfg.n_kv_head == 2 and model.cfg.canvas_len == 64 and not model.cfg.tie_embeddings
+    assert tok.special_ids == {"pad": want.shape[-1], "eot": 2, "mask": want.shape[-1] + 1, "bos": 1}
+    assert config["provenance"]["format"] == "huggingface" and "model.safetensors" in config["provenance"]["files"]
+
+
+def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "llama") -> None:
+    """The tiny model as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    w = {k: v.float().numpy() for k, v in load_file(str(hf_folder / "model.safetensors")).items()}
+    tok = json.loads(Tokenizer.from_file(str(hf_folder / "tokenizer.json")).to_str())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]]
+
+    def permute(a, n):
+        return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(100000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t, _ in vocab])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+
+    def add(name, a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if a.ndim == 2 and qtype != "F32":
+            writer.add_tensor(name, gguf.quants.quantize(a, q), raw_dtype=q)
+        else:
+            writer.add_tensor(name, a)
+
+    add("token_embd.weight", w["model.embed_tokens.weight"])
+    add("output.weight", w["lm_head.weight"])
+    add("output_norm.weight", w["model.norm.weight"])
+    for i in range(2):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_q.weight", permute(w[p + "self_attn.q_proj.weight"], 4))
+        add(f"blk.{i}.attn_k.weight", permute(w[p + "self_attn.k_proj.weight"], 2))
+        for ours, theirs in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"),
+                             ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            add(f"blk.{i}.{ours}.weight", w[p + theirs + ".weight"])
+        add(f"blk.{i}.attn_norm.weight", w[p + "input_layernorm.weight"])
+        add(f"blk.{i}.ffn_norm.weight", w[p + "post_attention_layernorm.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("qtype, tolerance", [("F32", 1e-4), ("Q8_0", 0.05)])
+def test_a_gguf_file_is_unpermuted_and_dequantized_to_the_same_model(qtype, tolerance, hf_folder, imported, tmp_path):
+    from train_host.checkpoint import load_model
+    from train_host.importer import import_model
+
+    write_gguf(hf_folder, tmp_path / "tiny.gguf", qtype)
+    import_model(tmp_path / "tiny.gguf", tmp_path / "run", context=64)
+    ours, tok, config = load_model(tmp_path / "run")
+    ref, ref_tok, _ = load_model(imported)
+    ids = torch.tensor([[1, *ref_tok.encode(TEXT[0])]])
+    assert tok.encode(TEXT[1]) == ref_tok.encode(TEXT[1])  # the tokenizer rebuilt from the file's tokens and merges
+    with torch.no_grad():
+        diff = (ours(ids) - ref(ids)).abs().max().item()
+    assert diff < tolerance and config["provenance"]["quantization"] == sorted({qtype, "F32"})
+
+
+def test_every_verb_runs_the_imported_model(imported, tmp_path):
+    from jetson_dllm.generate import complete, open_model
+    from jetson_dllm.sampler import SamplerConfig
+    from train_host.export import export_bundle
+
+    bundle = export_bundle(imported, tmp_path / "bundle")
+    assert bundle.manifest["decode_parity"]["fp32"]["max_abs_logprob_diff"] < 1e-3
+    greedy = SamplerConfig(temperature=0.0)
+    with open_model(imported) as on_torch, open_model(bundle.path) as on_onnx:
+        a = complete(on_torch, "Once upon a time", length=12, sampler=greedy)
+        b = complete(on_onnx, "Once upon a time", length=12, sampler=greedy)
+    assert np.array_equal(a.tokens, b.tokens) and a.texts[0].startswith("Once upon a time")
+    code, out, err = run("run", imported, "-p", "Tom and", "--length", "8", "--temperature", "0", "--no-live")
+    assert code == 0 and out.startswith("Tom and"), err
+
+
+def test_bad_sources_are_refused_with_one_line_and_nothing_written(hf_folder, tmp_path):
+    write_gguf(hf_folder, tmp_path / "gpt2.gguf", arch="gpt2")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 7)
+    good = tmp_path / "good.gguf"
+    write_gguf(hf_folder, good)
+    (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    no_tok = tmp_path / "no-tok"
+    no_tok.mkdir()
+    for f in hf_folder.iterdir():
+        if f.name != "tokenizer.json":
+            (no_tok / f.name).write_bytes(f.read_bytes())
+    big_tok = tmp_path / "big-tok"  # a tokenizer of another model: more tokens than the embedding has rows
+    big_tok.mkdir()
+    for f in hf_folder.iterdir():
+        (big_tok / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    (big_tok / "config.json").write_text(json.dumps({**cfg, "vocab_size": 200}))
+    cases = [(tmp_path / "gpt2.gguf", "'gpt2' architecture"), (tmp_path / "junk.gguf", "not a readable GGUF"),
+             (tmp_path / "cut.gguf", "not a readable GGUF"), (no_tok, "no tokenizer.json"), (big_tok, "does not belong to these weights"),
+             (tmp_path / "nothere.gguf", "not found")]
+    for source, match in cases:
+        code, _, err = run("import", source, "-o", tmp_path / "out")
+        assert_clean_failure(code, err, match)
+        assert not (tmp_path / "out").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    before = snapshot(mine)
+    code, _, err = run("import", good, "-o", mine, "--overwrite")
+    assert_clean_failure(code, err, "not an import jetson-dllm made")
+    assert snapshot(mine) == before

@@ -1,0 +1,112 @@
+"""A Hugging Face folder of a Llama-architecture causal LM read into our layout (and what every importer shares:
+the `Imported` record, our names for a layer's tensors, file hashes). train_host/importer.py turns it into a
+checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jetson_dllm.errors import DllmError
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")  # the same tensors (Mistral without sliding windows)
+DEFAULT_CONTEXT = 2048
+
+
+@dataclass
+class Imported:
+    """A source model read into our layout: the config (before the added tokens), tensors by our names, its
+    tokenizer (a tokenizers.Tokenizer) and special ids, and provenance."""
+
+    cfg: dict
+    tensors: dict[str, torch.Tensor]
+    tokenizer: object
+    eot_id: int
+    bos_id: int | None
+    provenance: dict = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def layer_tensors(i: int, q, k, v, o, gate, up, down, attn_norm, mlp_norm) -> dict[str, torch.Tensor]:
+    """One transformer layer's tensors under our names (Linear weights are (out, in), as in Hugging Face)."""
+    p = f"blocks.{i}."
+    return {p + "attn.wqkv.weight": torch.cat([q, k, v]), p + "attn.wo.weight": o, p + "mlp.w1.weight": gate,
+            p + "mlp.w3.weight": up, p + "mlp.w2.weight": down, p + "attn_norm.weight": attn_norm, p + "mlp_norm.weight": mlp_norm}
+
+
+def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
+    """A Hugging Face folder of a Llama-architecture causal LM: config.json, *.safetensors, tokenizer.json."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    config_path, tok_path = folder / "config.json", folder / "tokenizer.json"
+    if not config_path.is_file():
+        raise DllmError(f"{folder} has no config.json: not a Hugging Face model folder")
+    hf = json.loads(config_path.read_text())
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED:
+        raise DllmError(f"{folder} is a {arch} model; dllm import takes {', '.join(SUPPORTED)} (and GGUF files of the llama architecture)")
+    for key, ok in (("hidden_act", ("silu",)), ("attention_bias", (False, None)), ("mlp_bias", (False, None)), ("rope_scaling", (None,))):
+        if hf.get(key) not in ok:
+            raise DllmError(f"{folder}: {key} = {hf.get(key)!r} is not supported (a plain Llama has {ok[0]!r})")
+    rope = hf.get("rope_parameters") or {}  # transformers 5 writes the rotary settings here; 4 at the top level
+    if rope.get("rope_type", "default") != "default":
+        raise DllmError(f"{folder}: rope_type {rope['rope_type']!r} (scaled rotary positions) is not supported; plain Llama rotary only")
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if not tok_path.is_file():
+        raise DllmError(f"{folder} has no tokenizer.json; dllm import needs the model's own tokenizer")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise DllmError(f"{folder} holds no *.safetensors weights")
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    if tokenizer.get_vocab_size() > hf["vocab_size"]:
+        raise DllmError(f"{tok_path} has {tokenizer.get_vocab_size():,} tokens but the model's embedding only {hf['vocab_size']:,} rows; "
+                        "the tokenizer does not belong to these weights")
+    say(f"reading {len(files)} safetensors file(s) of a {arch}")
+    raw = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            raw.update({name: st.get_tensor(name).float() for name in st.keys()})
+    n_layer = hf["num_hidden_layers"]
+    get = lambda name: _take(raw, name, folder)  # noqa: E731
+    tensors = {"tok_emb.weight": get("model.embed_tokens.weight"), "norm.weight": get("model.norm.weight")}
+    tied = hf.get("tie_word_embeddings", False) or "lm_head.weight" not in raw
+    if not tied:
+        tensors["head.weight"] = get("lm_head.weight")
+    for i in range(n_layer):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        tensors.update(layer_tensors(i, get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"),
+                                     get(a + "o_proj.weight"), get(m + "gate_proj.weight"), get(m + "up_proj.weight"),
+                                     get(m + "down_proj.weight"), get(f"model.layers.{i}.input_layernorm.weight"),
+                                     get(f"model.layers.{i}.post_attention_layernorm.weight")))
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if not isinstance(eos, int):
+        raise DllmError(f"{folder}/config.json names no eos_token_id; the model's end-of-text must be known")
+    cfg = {"d_model": hf["hidden_size"], "n_head": hf["num_attention_heads"], "n_kv_head": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+           "n_layer": n_layer, "d_ff": hf["intermediate_size"], "vocab_size": hf["vocab_size"], "rope_theta": rope_theta,
+           "norm_eps": float(hf.get("rms_norm_eps", 1e-5)), "tie_embeddings": bool(tied), "max_context": hf.get("max_position_embeddings", DEFAULT_CONTEXT)}
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise DllmError(f"{folder}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads; not supported")
+    provenance = {"source": str(folder), "format": "huggingface", "architecture": arch,
+                  "files": {f.name: sha256_of(f) for f in [config_path, tok_path, *files]},
+                  "converted": "q/k/v stacked into wqkv; gate, up, down as w1, w3, w2; <|pad|> and <|mask|> added"}
+    bos = hf.get("bos_token_id")
+    return Imported(cfg, tensors, tokenizer, eos, bos if isinstance(bos, int) else None, provenance)
+
+
+def _take(raw: dict, name: str, source) -> torch.Tensor:
+    if name not in raw:
+        raise DllmError(f"{source} has no tensor {name}; is it a Llama-architecture checkpoint?")
+    return raw[name]
