@@ -27,7 +27,7 @@ from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS
+from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, tensor_shapes
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
@@ -174,22 +174,11 @@ def check_build_memory(needed: int, meminfo: dict[str, int]) -> None:
                         "(sudo systemctl isolate multi-user.target), add swap (see jetson-setup.sh), or lower --workspace")
 
 
-def io_buffers(batch: int, canvas: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """I/O tensors of a sampling engine: name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
-    specs = {"tokens": ((batch, canvas), "int32"), "topk_logprobs": ((batch, canvas, k), "float32"),
-             "topk_ids": ((batch, canvas, k), "int32")}
-    return {name: (shape, dtype, _aligned(shape, 4)) for name, (shape, dtype) in specs.items()}
-
-
-def block_io_buffers(cfg, batch: int, k: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """I/O tensors of a block-diffusion model's two engines (they share the cache, its valid length and the block's
-    tokens): name -> (shape, dtype, bytes rounded up to the 256-byte alignment)."""
-    cache = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
-    new = (cfg.n_layer, batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-    specs = {"tokens": ((batch, cfg.block_size), "int32"), "valid_len": ((), "int32"), "k_cache": (cache, "float32"),
-             "v_cache": (cache, "float32"), "topk_logprobs": ((batch, cfg.block_size, k), "float32"),
-             "topk_ids": ((batch, cfg.block_size, k), "int32"), "k_new": (new, "float32"), "v_new": (new, "float32")}
-    return {name: (shape, dtype, _aligned(shape, 4)) for name, (shape, dtype) in specs.items()}
+def io_buffers(cfg, graphs: tuple[str, ...], batch: int, k: int, canvas: int = 0) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """I/O tensors of engines of `graphs` (a canvas graph's at a canvas length; a cached family's share the cache, its
+    valid length and the tokens): name -> (shape, dtype, bytes rounded up to the 256-byte alignment), from the
+    graphs' one signature (runners.graph_signature)."""
+    return {name: (shape, dtype, _aligned(shape, 4)) for name, (shape, dtype) in tensor_shapes(graphs, cfg, k, batch, canvas).items()}
 
 
 def _aligned(shape: tuple[int, ...], itemsize: int) -> int:

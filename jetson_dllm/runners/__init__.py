@@ -26,6 +26,7 @@ import numpy as np
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -53,6 +54,34 @@ GRAPHS: dict[str, GraphSpec] = {
     "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # commit + next step
     "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
 }
+
+
+def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:
+    """(inputs, outputs) a graph of this model has: name -> (dtype, dims); "B" is the batch, "T" the canvas length
+    of the canvas graph, every other dim static. The one place the tensors' names and shapes are written: the
+    onnxruntime check of a bundle's graphs and the TensorRT buffers read it. A cache-writing graph's outputs include
+    the new keys and values (the runner writes them into its cache); the canvas graph's include the logits."""
+    spec = GRAPHS[graph]
+    width = family_of(cfg).positions_per_call(cfg, "T")  # a block, one token, or the canvas
+    cache = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
+    new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
+    known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ()),
+             "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", ("B", width, topk)),
+             "topk_ids": ("int32", ("B", width, topk)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
+    inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
+    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
+    return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
+
+
+def tensor_shapes(graphs: tuple[str, ...], cfg: ModelConfig, topk: int, batch: int, canvas: int = 0) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every input and output of `graphs` (the logits excepted: engines keep them inside) at a batch size (and the
+    canvas graph's length): name -> (shape, dtype)."""
+    out = {}
+    for graph in graphs:
+        for name, (dtype, dims) in {k: v for part in graph_signature(graph, cfg, topk) for k, v in part.items()}.items():
+            if name != "logits":
+                out[name] = (tuple(batch if d == "B" else canvas if d == "T" else d for d in dims), dtype)
+    return out
 
 
 @dataclass

@@ -10,8 +10,7 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
-from jetson_dllm.runners import GRAPHS, RunnerBase, check_graph, check_tokens, valid_length
+from jetson_dllm.runners import GRAPHS, RunnerBase, check_graph, check_tokens, graph_signature, valid_length
 from jetson_dllm.runners.onnx_cache import CacheBuffers
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -80,25 +79,10 @@ def _ort():
 ORT_TYPES = {"tensor(int32)": "int32", "tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
 
 
-def expected_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:
-    """(inputs, outputs) a graph of this model must have: name -> (dtype, dims), None for a dynamic dim."""
-    spec = GRAPHS[graph]
-    width = family_of(cfg).positions_per_call(cfg, None)  # a block, one token, or (the canvas) any length
-    cache = ("float32", (cfg.n_layer, None, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
-    known = {"tokens": ("int32", (None, width)), "prev_tokens": ("int32", (None, width)), "valid_len": ("int32", ()),
-             "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", (None, width, topk)),
-             "topk_ids": ("int32", (None, width, topk)), "logits": ("float32", (None, width, cfg.vocab_size)),
-             "k_new": ("float32", (cfg.n_layer, None, cfg.n_kv_head, width, cfg.head_dim))}
-    known["v_new"] = known["k_new"]
-    inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
-    outputs = [*spec.outputs, *(("k_new", "v_new") if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
-    return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
-
-
 def check_signature(graph: str, session, cfg: ModelConfig, topk: int, where: str) -> None:
     """Refuse a graph whose inputs or outputs (names, dtypes, static dims) are not what the manifest's model config
     and top-K say it is: the manifest and its graphs must agree before anything runs."""
-    want_in, want_out = expected_signature(graph, cfg, topk)
+    want_in, want_out = graph_signature(graph, cfg, topk)
     have_in = {i.name: (ORT_TYPES.get(i.type, i.type), i.shape) for i in session.get_inputs()}
     have_out = {o.name: (ORT_TYPES.get(o.type, o.type), o.shape) for o in session.get_outputs()}
     if set(have_in) != set(want_in):
@@ -109,11 +93,11 @@ def check_signature(graph: str, session, cfg: ModelConfig, topk: int, where: str
     for name, (dtype, dims) in {**want_in, **want_out}.items():
         got_type, got_dims = have_in[name] if name in have_in else have_out[name]
         bad = got_type != dtype or len(got_dims) != len(dims) or any(
-            isinstance(g, int) and w is not None and g != w for g, w in zip(got_dims, dims))
+            isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(got_dims, dims))
         if bad:
             raise DllmError(f"{where}: the {graph} graph's {name} is {got_type} {list(got_dims)}, but the manifest's model "
                             f"({cfg.n_layer} layers, {cfg.n_kv_head} key/value heads, canvas {cfg.canvas_len}, top-{topk}) needs {dtype} "
-                            f"{[d if d is not None else '*' for d in dims]}; re-export the bundle")
+                            f"{list(dims)}; re-export the bundle")
 
 
 def check_bundle_graphs(bundle) -> str | None:

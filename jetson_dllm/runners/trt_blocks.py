@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.bundle import Bundle
-from jetson_dllm.engine import block_io_buffers, input_shapes
+from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
 from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase, check_graph, valid_length
 from jetson_dllm.runners.trt_common import TrtEngines
@@ -35,7 +35,7 @@ class _BlockSession:
         self.stream = cuda.Stream()
         self.host, self.device, address = {}, {}, {}
         self.nbytes = {}
-        for name, (shape, dtype, nbytes) in block_io_buffers(cfg, batch, k).items():
+        for name, (shape, dtype, nbytes) in io_buffers(cfg, tuple(engines), batch, k).items():
             self.nbytes[name] = nbytes
             if name in ON_DEVICE:
                 self.device[name] = cuda.mem_alloc(nbytes)

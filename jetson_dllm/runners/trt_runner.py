@@ -36,12 +36,12 @@ def _cudart():
 class _EngineRun:
     """One engine's execution context, stream, buffers and (maybe) CUDA graph, used by one thread."""
 
-    def __init__(self, trt, cuda, engine, batch: int, canvas: int, k: int, integrated: bool, use_graph: bool):
+    def __init__(self, trt, cuda, engine, cfg, batch: int, canvas: int, k: int, integrated: bool, use_graph: bool):
         self.cuda, self.integrated = cuda, integrated
         self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
         self.host, self.device = {}, {}
-        for name, (shape, dtype, nbytes) in io_buffers(batch, canvas, k).items():
+        for name, (shape, dtype, nbytes) in io_buffers(cfg, ("canvas",), batch, k, canvas).items():
             if integrated:  # zero-copy: the GPU works on the pinned pages themselves
                 self.host[name] = cuda.pagelocked_empty(shape, dtype, mem_flags=cuda.host_alloc_flags.DEVICEMAP)
                 address = self.host[name].base.get_device_pointer()
@@ -135,7 +135,7 @@ class TrtRunner(RunnerBase):
                 self._local.context = self.cuda.Device(0).retain_primary_context()
                 self._local.context.push()
         if shape not in runners:
-            runners[shape] = _EngineRun(self.trt, self.cuda, self.trt_engines.engine(shape[0], shape[1]), shape[0], shape[1], self.topk,
+            runners[shape] = _EngineRun(self.trt, self.cuda, self.trt_engines.engine(shape[0], shape[1]), self.cfg, shape[0], shape[1], self.topk,
                                         self.device.integrated, self.cuda_graph)
         return runners[shape]
 

@@ -67,12 +67,20 @@ def test_builder_settings_per_precision_and_memory():
 
 
 def test_io_buffers_are_sized_and_aligned():
-    buffers = eng.io_buffers(batch=2, canvas=100, k=64)
+    from jetson_dllm.config import ModelConfig
+
+    cfg = ModelConfig(d_model=64, n_head=4, n_kv_head=2, n_layer=3, vocab_size=500, canvas_len=128)
+    buffers = eng.io_buffers(cfg, ("canvas",), batch=2, k=64, canvas=100)
+    assert set(buffers) == {"tokens", "topk_logprobs", "topk_ids"}  # the logits stay inside the engine
     assert buffers["tokens"] == ((2, 100), "int32", 1024)  # 800 bytes rounded up to 256
     assert buffers["topk_logprobs"][0] == (2, 100, 64) and buffers["topk_logprobs"][2] == 51200
     assert all(nbytes % eng.ALIGNMENT == 0 for _, _, nbytes in buffers.values())
-    shape, dtype, nbytes = eng.io_buffers(1, 1, 1)["topk_ids"]
+    shape, dtype, nbytes = eng.io_buffers(cfg, ("canvas",), 1, 1, canvas=1)["topk_ids"]
     assert nbytes == 256
+    bd3 = ModelConfig(d_model=64, n_head=4, n_kv_head=2, n_layer=3, vocab_size=500, canvas_len=128, family="bd3", block_size=16)
+    cached = eng.io_buffers(bd3, ("block_step", "commit"), batch=2, k=8)
+    assert cached["k_cache"][0] == (3, 2, 2, 128, 16) and cached["k_new"][0] == (3, 2, 2, 16, 16)  # n_kv_head heads
+    assert cached["tokens"][0] == (2, 16) and cached["valid_len"][:2] == ((), "int32") and "prev_tokens" not in cached
 
 
 def test_meminfo_and_the_build_memory_check():
