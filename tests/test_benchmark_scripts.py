@@ -37,3 +37,10 @@ def test_topk_coverage(trained_run, data_dir):
     out = script("topk_coverage.py", trained_run, "--data", data_dir, "--canvases", "4", "--ks", "8,64")
     masses = [float(line.split("|")[2]) for line in out.splitlines() if line.startswith("| 8 ") or line.startswith("| 64 ")]
     assert len(masses) == 2 and 0 < masses[0] <= masses[1] <= 1
+
+
+def test_import_parity():
+    out = script("import_parity.py")
+    table = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table}
+    assert rows["Hugging Face folder"] < 1e-4 and rows["GGUF F32"] < 1e-4 and 0 < rows["GGUF Q8_0"] < 0.05
