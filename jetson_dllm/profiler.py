@@ -202,7 +202,7 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     widest = max(3 * cfg.d_model, 2 * cfg.d_ff, cfg.vocab_size)
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
     activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cached else 0)) * act_bytes
-    cache = 2 * cfg.n_layer * B * cfg.n_kv_head * T * cfg.head_dim * 4 if cached else 0  # keys and values, FP32
+    cache = 2 * cfg.n_layer * B * cfg.n_kv_head * cfg.canvas_len * cfg.head_dim * 4 if cached else 0  # keys and values, FP32, the whole context
     io = B * Q * (4 + 8 * k)
     runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
     run = weights + activations + cache + io + runtime
@@ -238,7 +238,10 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
             raise DllmError(f"--canvas {canvas} is longer than the model's canvas ({cfg.canvas_len})")
         for p in names:
             plan = memory_plan(cfg, p, batch, canvas, k)
-            rows.append({"config": cfg.name, "precision": p, **plan, **orin_nano_verdict(plan)})
+            verdict = orin_nano_verdict(plan)
+            if not family_of(cfg).trt_graphs:  # nothing to build: TensorRT engines for this family are not made yet
+                verdict["builds"] = None
+            rows.append({"config": cfg.name, "precision": p, **plan, **verdict})
     if measure and bundle_dir is not None:
         for row in rows:
             row["host_rss_measured"] = measure_rss(bundle_dir, row["precision"], batch, canvas)
@@ -247,16 +250,30 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
 
 def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int:
     """Peak RSS (bytes) of a fresh process that opens the bundle on onnxruntime and runs one step."""
-    code = ("import json, sys, numpy as np\n"
-            "from jetson_dllm.runners import open_runner\n"
-            "from jetson_dllm.profiler import peak_rss_ever\n"
-            f"be = open_runner('onnx', {str(bundle_dir)!r}, precision={precision!r})\n"
-            f"be.run('canvas', {{'tokens': np.full(({batch}, {canvas}), be.cfg.mask_id, dtype=np.int32)}})\n"
+    code = ("import json\n"
+            "from jetson_dllm.profiler import one_call, peak_rss_ever\n"
+            f"one_call({str(bundle_dir)!r}, {precision!r}, {batch}, {canvas})\n"
             "print(json.dumps(peak_rss_ever()))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise DllmError(f"measuring {precision} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
     return int(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def one_call(bundle_dir: str, precision: str, batch: int, canvas: int) -> None:
+    """One network call of the bundle's first graph on onnxruntime at (batch, canvas): a canvas, or a block or a
+    token over the whole cache (which a cached family allocates on its first call)."""
+    import numpy as np
+
+    from jetson_dllm.runners import GRAPHS, open_runner
+
+    with open_runner("onnx", bundle_dir, precision=precision) as runner:
+        graph = runner.graphs[0]
+        width = family_of(runner.cfg).positions_per_call(runner.cfg, canvas)
+        feeds = {"tokens": np.full((batch, width), runner.cfg.mask_id, dtype=np.int32)}
+        if GRAPHS[graph].cache:
+            feeds["valid_len"] = np.int32(0)
+        runner.run(graph, feeds)
 
 
 def training_bytes(cfg, micro_batch: int) -> int:

@@ -162,7 +162,7 @@ def profile_table(rows: list[dict], batch: int, canvas: int) -> Table:
         cells = [r["config"], r["precision"], mib(r["weights"]), mib(r["activations"]), *([mib(r["kv_cache"])] if cached else []),
                  mib(r["runtime"]), mib(r["run_total"]),
                  "[green]yes[/]" if r["fits"] else "[red]no[/]", mib(r["headroom"]), mib(r["build_total"]),
-                 "[green]yes[/]" if r["builds"] else "[red]no: add swap[/]"]
+                 "-" if r["builds"] is None else "[green]yes[/]" if r["builds"] else "[red]no: add swap[/]"]
         if measured:
             cells.insert(7 if cached else 6, mib(r["host_rss_measured"]))
         table.add_row(*cells)

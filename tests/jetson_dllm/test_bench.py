@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURES
 
 from jetson_dllm import bench, bench_report
+from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import PeakRSS, memory_plan, orin_nano_verdict, parse_tegrastats, read_meminfo, time_peak_rss
@@ -218,6 +219,20 @@ def test_profile_command(capsys, bundle_dir):
     assert main(["profile", str(bundle_dir), "--canvas", "32", "--measure"]) == 0
     assert "host RSS here" in capsys.readouterr().out
     assert main(["profile", str(bundle_dir), "--canvas", "4096"]) == 1
+
+
+@pytest.mark.parametrize("which", ["bd3", "ar"])
+def test_profile_measures_a_cached_family_and_its_whole_cache(capsys, which, bd3_bundle, ar_bundle):
+    """A cached family's measured run allocates its cache on the first call; the plan counts the whole context's
+    cache whatever --canvas says; an AR bundle has no TensorRT engine to build (the builds column says so)."""
+    from jetson_dllm.cli import main
+
+    bundle = {"bd3": bd3_bundle, "ar": ar_bundle}[which]
+    assert main(["profile", str(bundle), "--canvas", "16", "--measure", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    cfg = load_bundle(bundle).config
+    assert rows[0]["kv_cache"] == 2 * cfg.n_layer * cfg.n_kv_head * cfg.canvas_len * cfg.head_dim * 4 and rows[0]["host_rss_measured"] > 0
+    assert (rows[0]["builds"] is None) == (which == "ar")
 
 
 def test_the_plan_of_a_block_diffusion_model_counts_its_cache():
