@@ -30,6 +30,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError, check_choice, check_range
 
+MAX_STEPS = 100_000  # more network calls than any canvas has positions; a larger number is a typo
 STRATEGIES = ("confidence", "margin", "entropy", "threshold", "eb", "ancestral")
 NEG_INF = np.float32(-np.inf)
 
@@ -53,7 +54,7 @@ class SamplerConfig:
 
     def validate(self) -> SamplerConfig:
         """Every setting's range (NaN refused); returns the config."""
-        check_range("--steps", self.steps, 1)
+        check_range("--steps", self.steps, 1, MAX_STEPS)
         check_choice("--strategy", self.strategy, STRATEGIES)
         check_range("--threshold", self.threshold, 0, 1, low_open=True)
         check_range("--eb-bound", self.eb_bound, 0, 100)

@@ -16,6 +16,18 @@ PAD, EOT, MASK = "<|pad|>", "<|endoftext|>", "<|mask|>"
 SPECIAL_TOKENS = (PAD, EOT, MASK)
 
 
+def _text(text) -> str:
+    """Text the tokenizer can take: a str of valid Unicode (a lone surrogate, e.g. from a mis-decoded byte, is not)."""
+    if not isinstance(text, str):
+        raise DllmError(f"text to tokenize must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DllmError(f"the text holds a character that is not valid Unicode ({text[e.start]!r} at offset {e.start}); "
+                        "send UTF-8 text") from None
+    return text
+
+
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask (and the start token, which is the
     end-of-text for our own tokenizers, as stories are separated by it).
@@ -66,10 +78,10 @@ class TextTokenizer:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tok.encode_batch([_text(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         """Text of a canvas: stops at the first end-of-text or padding, skips any mask left in it."""

@@ -23,7 +23,7 @@ def run(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help='start of the text, or a template with ____ gaps / [MASK] tokens; "-" reads stdin')] = "Once upon a time",
     backend: Annotated[str, typer.Option(help="auto | torch | onnx | trt (auto: torch for a checkpoint, onnx for a bundle)")] = "auto",
     precision: Annotated[str, typer.Option(help="bundle precision: fp32 | fp16 | int8 | int8-dynamic")] = "fp32",
-    steps: Annotated[int, typer.Option(help="denoising steps, network calls at most: for the whole canvas (mdlm), per block (bd3); ar models take none", min=1)] = 64,
+    steps: Annotated[int, typer.Option(help="denoising steps, network calls at most: for the whole canvas (mdlm), per block (bd3); ar models take none", min=1, max=100000)] = 64,
     length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas", min=0, max=16384)] = 0,
     strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | eb (entropy-bounded) | ancestral")] = "confidence",
     span: Annotated[int, typer.Option(help="mdlm: fill the canvas in semi-autoregressive spans of this length, left to right; 0 = the whole canvas", min=0, max=16384)] = 0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from jetson_dllm.errors import DllmError
@@ -26,8 +28,7 @@ class TorchRunner(RunnerBase):
     def __init__(self, model, tokenizer=None, device: str = "cpu", topk: int = DEFAULT_TOPK, threads: int = 0, source: str = "<memory>",
                  metrics: dict | None = None):
         torch = _torch()
-        if device == "cuda" and not torch.cuda.is_available():
-            raise DllmError("--device cuda asked for, but torch sees no CUDA GPU")
+        check_device(torch, device)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
@@ -97,9 +98,21 @@ class TorchRunner(RunnerBase):
         self.model = None
 
 
+def check_device(torch, device: str) -> None:
+    """A device torch can use here: cpu, or cuda[:N] when this torch has CUDA and sees that GPU."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise DllmError(f"--device must be cpu or cuda (cuda:N for another GPU), got {device[:20]!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DllmError(f"--device {device} asked for, but this torch has no usable CUDA (a CPU-only build, or no GPU); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DllmError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def runner_from_checkpoint(checkpoint: str, device: str = "cpu", topk: int = DEFAULT_TOPK, threads: int = 0) -> TorchRunner:
     """A checkpoint (a run folder's best, or a checkpoints/step_* folder) on torch."""
-    _torch()
+    check_device(_torch(), device)
     from train_host.checkpoint import load_model
 
     model, tokenizer, config = load_model(checkpoint, device=device)

@@ -107,8 +107,8 @@ class Server:
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
                                     temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
-            except DllmError as e:
-                raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="max_tokens") from None
+            except DllmError as e:  # the prompt's text, or what it and max_tokens need
+                raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
             tokens, fixed = canvas.batch(n)
             job = Job(tokens, fixed, cfg, self.special, emit=lambda kind, value, i=i: queue_put((i, kind, value)), timeout_s=self.timeout_s)
             out.append({"job": job, "fixed": fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False})

@@ -28,10 +28,10 @@ DATA = {
 }
 EVAL = {"--canvases": ["0", "-1"], "--n-t": ["0"], "--samples": ["0"], "--seed": ["-1"], "--steps": ["0"]}
 RUN = {
-    "--steps": ["0", "-1", *NOT_INT], "--temperature": ["-1", "101", *NAN_INF], "--top-p": ["0", "1.5", "-1", "nan"],
+    "--steps": ["0", "-1", "100001", "1" + "0" * 40, *NOT_INT], "--temperature": ["-1", "101", *NAN_INF], "--top-p": ["0", "1.5", "-1", "nan"],
     "--threshold": ["0", "2", "nan"], "--top-k": ["-1", "5000"], "--span": ["-1"], "--num-samples": ["0", "-2", "100000"],
     "--deadline-ms": ["-1", "nan"], "--length": ["-1", "99999"], "--strategy": ["beam", ""], "--backend": ["tpu"],
-    "--precision": ["fp8", "bogus"], "--gap": ["0"], "--seed": ["-1"],
+    "--precision": ["fp8", "bogus"], "--gap": ["0"], "--seed": ["-1"], "--device": ["tpu", "cuda", "cuda:7", "gpu0"],
 }
 EXPORT = {
     "--topk": ["0", "99999"], "--parity-canvases": ["-2", "0"], "--calib-canvases": ["0"], "--calib-method": ["bogus"],

@@ -118,6 +118,7 @@ BAD = [
     ("strategy", {"json": {"prompt": "hi", "strategy": "beam"}}, 400, "strategy"),
     ("empty messages", {"json": {"messages": []}, "path": "/v1/chat/completions"}, 400, "messages"),
     ("echo is not silently ignored", {"json": {"prompt": "hi", "echo": True}}, 400, "echo"),
+    ("a lone surrogate", {"content": b'{"prompt": "hi \\udcff there"}'}, 400, "not valid Unicode"),
 ]
 
 
