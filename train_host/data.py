@@ -117,6 +117,7 @@ def prepare_data(
             "tokenizer_sha256": tok.sha256,
             "splits": splits,
             "sources": [s.spec for s in sources],
+            "skipped_empty_records": sum(s.skipped for s in sources),
             "val_fraction": val_fraction,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             # the shards themselves are checked by size (they may be GBs); what indexes them is hashed

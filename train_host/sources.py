@@ -26,6 +26,7 @@ class Source:
             raise DllmError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
         self.spec, self.text_field, self.seed = spec, text_field, seed
         self.done = 0
+        self.skipped = 0  # records whose text field was empty (null, NaN): skipped and counted, never tokenized
         if spec == "builtin":
             self.kind, self.size = "builtin", builtin_stories
         elif spec.startswith("hf:"):
@@ -40,7 +41,7 @@ class Source:
                 raise DllmError(f"data file {spec} is empty")
 
     def documents(self) -> Iterator[str]:
-        self.done = 0
+        self.done, self.skipped = 0, 0
         reader = {
             "builtin": self._builtin,
             "hf": self._hf,
@@ -49,10 +50,21 @@ class Source:
             "jsonl": self._jsonl,
             "parquet": self._parquet,
         }[self.kind]
-        for doc in reader():
-            doc = doc.strip()
+        for number, doc in enumerate(reader(), 1):
+            doc = self._text(doc, f"record {number}")
             if doc:
                 yield doc
+
+    def _text(self, value, where: str) -> str | None:
+        """A record's text: a string; a missing one (null, NaN) is skipped and counted; anything else (a number, an
+        object, a list) is refused with where it is, never tokenized as its printed form."""
+        if isinstance(value, str):
+            return value.strip()
+        if value is None or (isinstance(value, float) and value != value):
+            self.skipped += 1
+            return None
+        raise DllmError(f"{self.spec} {where}: the {self.text_field!r} field holds {type(value).__name__} "
+                        f"{str(value)[:40]!r}, not text; fix the file or name another field with --text-field")
 
     def _builtin(self) -> Iterator[str]:
         for i in range(self.size):
@@ -91,11 +103,14 @@ class Source:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DllmError(f"{self.spec} line {number} is not JSON; JSONL needs one JSON object per line") from None
+            except (ValueError, RecursionError) as e:  # not JSON; a 5,000-digit number; nesting deeper than Python reads
+                why = "is not JSON" if isinstance(e, json.JSONDecodeError) else f"cannot be read ({type(e).__name__}: {str(e)[:60]})"
+                raise DllmError(f"{self.spec} line {number} {why}; JSONL needs one JSON object per line") from None
             if not isinstance(record, dict) or self.text_field not in record:
                 raise DllmError(f"{self.spec} line {number} has no {self.text_field!r} field; name the text field with --text-field")
-            yield str(record[self.text_field])
+            text = self._text(record[self.text_field], f"line {number}")
+            if text:
+                yield text
 
     def _parquet(self) -> Iterator[str]:
         try:

@@ -43,7 +43,8 @@ def data(
                                 tokenizer_docs=tokenizer_docs, tokenizer_path=tokenizer, overwrite=overwrite, progress=progress)
     sp = manifest["splits"]
     out.print(f"wrote {out_dir}: vocabulary {manifest['vocab_size']:,}; train {sp['train']['docs']:,} docs / "
-              f"{sp['train']['tokens']:,} tokens; val {sp['val']['docs']:,} docs / {sp['val']['tokens']:,} tokens")
+              f"{sp['train']['tokens']:,} tokens; val {sp['val']['docs']:,} docs / {sp['val']['tokens']:,} tokens"
+              + (f"; {manifest['skipped_empty_records']:,} records with no text (null or NaN) skipped" if manifest["skipped_empty_records"] else ""))
 
 
 @app.command()
