@@ -216,7 +216,13 @@ class CanvasDataset:
         n_tokens = int(offsets[-1])
         if bin_path.stat().st_size != 2 * n_tokens:
             raise DllmError(f"{bin_path} is truncated or altered ({bin_path.stat().st_size} bytes, expected {2 * n_tokens}); prepare the data again")
-        self._index(np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,)), offsets, canvas_len, pad_id, f"the {split} split of {data_dir}")
+        if n_tokens == 0:
+            raise DllmError(f"the {split} split of {data_dir} is empty; prepare the data from more documents (or a larger --val-fraction)")
+        tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+        top = int(tokens.max())  # one pass (about a second per GB): a shard id past the vocabulary is garbage to train on
+        if top >= manifest["vocab_size"]:
+            raise DllmError(f"{bin_path} holds token id {top}, outside the vocabulary ({manifest['vocab_size']}); prepare the data again with `dllm data`")
+        self._index(tokens, offsets, canvas_len, pad_id, f"the {split} split of {data_dir}")
 
     @classmethod
     def from_documents(cls, docs: list[list[int]], eot_id: int, canvas_len: int, pad_id: int, what: str) -> CanvasDataset:

@@ -50,3 +50,35 @@ def test_parquet_rows_of_another_type(tmp_path):
     code, _, err = run("data", tmp_path / "ints.parquet", "-o", tmp_path / "bad", "--vocab-size", "300")
     assert_clean_failure(code, err, "record 1: the 'text' field holds int")
     assert not (tmp_path / "bad").exists()
+
+
+def test_shards_with_ids_outside_the_vocabulary_or_an_empty_split_are_refused(data_dir, tmp_path):
+    """Token shards that parse but say the wrong thing (their hashes are of the index files, not the GBs of tokens)."""
+    import shutil
+
+    import numpy as np
+
+    bad = tmp_path / "ids"
+    shutil.copytree(data_dir, bad)
+    tokens = np.memmap(bad / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[5] = 65000  # past the 512-token vocabulary
+    tokens.flush()
+    code, _, err = run("train", "--data", bad, "--out", tmp_path / "run", "--steps", "1", "--d-model", "32", "--n-layer", "1",
+                       "--n-head", "2", "--canvas-len", "32", "--batch-size", "2")
+    assert_clean_failure(code, err, "token id 65000, outside the vocabulary")
+    assert not (tmp_path / "run").exists()
+    from jetson_dllm.files import sha256_file
+    from jetson_dllm.manifests import write_manifest
+
+    empty = tmp_path / "empty"  # a consistent, sealed data folder whose validation split holds nothing
+    shutil.copytree(data_dir, empty)
+    (empty / "val.bin").write_bytes(b"")
+    np.save(empty / "val.idx.npy", np.zeros(1, dtype=np.int64))
+    manifest = json.loads((empty / "data.json").read_text())
+    manifest["files"]["val.idx.npy"] = sha256_file(empty / "val.idx.npy")
+    manifest["splits"]["val"] = {**manifest["splits"]["val"], "docs": 0, "tokens": 0}
+    write_manifest(empty / "data.json", manifest)
+    code, _, err = run("train", "--data", empty, "--out", tmp_path / "run2", "--steps", "1", "--d-model", "32", "--n-layer", "1",
+                       "--n-head", "2", "--canvas-len", "32", "--batch-size", "2")
+    assert_clean_failure(code, err, "the val split of")
+    assert "is empty" in err and not (tmp_path / "run2").exists()
