@@ -204,12 +204,19 @@ def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
         meta_path = plan.with_suffix(".json")
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            rows.append({"file": plan.name, "verdict": "no: metadata missing or unreadable, rebuild"})
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = None
+        plain = (str, int, float, bool, type(None))
+        if not (isinstance(meta, dict) and isinstance(meta.get("spec"), dict) and isinstance(meta.get("device", {}), dict)
+                and all(isinstance(v, plain) for part in (meta["spec"], meta.get("device", {})) for v in part.values())):
+            rows.append({"file": plan.name, "verdict": "no: metadata missing or unreadable, rebuild"})  # JSON, but not ours
             continue
-        row = {"file": plan.name, **meta.get("spec", {}), **meta.get("device", {})}
-        precision, graph = meta.get("spec", {}).get("precision"), meta.get("spec", {}).get("graph", "")
-        if precision not in bundle.precisions or meta["spec"].get("onnx_sha256") != bundle.onnx_sha256(precision, graph):
+        row = {"file": plan.name, **meta["spec"], **meta.get("device", {})}
+        precision, graph = meta["spec"].get("precision"), meta["spec"].get("graph", "")
+        entry = bundle.manifest["precisions"].get(precision) if isinstance(precision, str) else None
+        key = "file" if graph in ("", bundle.family.graphs[0]) else graph
+        source = bundle.manifest["files"].get(entry.get(key)) if isinstance(entry, dict) and isinstance(key, str) else None
+        if source is None or meta["spec"].get("onnx_sha256") != source:
             row["verdict"] = "no: built from another ONNX, rebuild"
         elif device is None:
             row["verdict"] = "unknown: no TensorRT GPU on this machine"

@@ -21,7 +21,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import compare_runners, summarize
 from jetson_dllm.precisions import PRECISIONS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
-from jetson_dllm.runners.torch_runner import MAX_TOPK, TorchRunner
+from jetson_dllm.runners.torch_runner import TorchRunner
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.families import ExportOptions
 from train_host.model import Denoiser, topk_logprobs
@@ -80,8 +80,6 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
     every precision against PyTorch (refused, writing nothing, if FP32 disagrees)."""
     cfg, topk, precisions, int8, say, data_dir = model.cfg, options.topk, options.precisions, options.int8, options.say, options.data_dir
     parity_canvases = options.parity_canvases
-    if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):
-        raise DllmError(f"--topk must be in 1..{min(MAX_TOPK, cfg.vocab_size - 1)} (TensorRT's TopK takes K < 3840), got {topk}")
 
     def build(tmp: Path) -> dict:
         manifest = write_graphs(tmp, model, tokenizer, ckpt, precisions, topk, say)

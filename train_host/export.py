@@ -11,7 +11,7 @@ from jetson_dllm.bundle import Bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
 from jetson_dllm.precisions import PRECISIONS
-from jetson_dllm.runners.torch_runner import DEFAULT_TOPK
+from jetson_dllm.runners.torch_runner import DEFAULT_TOPK, MAX_TOPK
 from train_host.checkpoint import load_model
 from train_host.families import ExportOptions
 
@@ -39,6 +39,8 @@ def export_bundle(
     cfg = model.cfg
     if "int8" in precisions:
         int8.validate(cfg.canvas_len)
+    if not 1 <= topk <= min(MAX_TOPK, cfg.vocab_size - 1):  # every family's sampling head, before anything is exported
+        raise DllmError(f"--topk must be in 1..{min(MAX_TOPK, cfg.vocab_size - 1)} (TensorRT's TopK takes K < 3840, and fewer than the vocabulary), got {topk}")
     family = family_of(cfg)
     if "int8" in precisions and not family.int8:
         raise DllmError(f"the {family.title} exports FP32 and FP16 graphs only; drop --int8")

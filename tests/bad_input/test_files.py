@@ -192,3 +192,23 @@ def test_a_manifest_that_contradicts_its_graphs_is_refused_by_run_and_inspect(fa
         code, _, err = call(*command)
         assert_clean_failure(code, err)
         assert "Traceback" not in err and "onnxruntime" not in err.lower().replace("onnxruntime could not", "")
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", '"text"', '{"spec": 5}', '{"spec": {"precision": ["fp16"], "graph": {}}}', "\xff\xfe"])
+def test_engine_metadata_that_is_not_ours_is_reported_not_a_traceback(meta, bd3_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bd3_bundle, copy)
+    (copy / "engines").mkdir(exist_ok=True)
+    (copy / "engines" / "fp16-block_step-b1-c64-x.plan").write_bytes(b"not an engine")
+    (copy / "engines" / "fp16-block_step-b1-c64-x.json").write_bytes(meta.encode("utf-8", "surrogateescape") if meta != "\xff\xfe" else b"\xff\xfe")
+    code, out, err = call("inspect", copy)
+    assert code == 0 and "Traceback" not in err and "metadata missing or unreadable" in out.replace("\n", " ") or "another ONNX" in out, (code, out, err)
+
+
+@pytest.mark.parametrize("which", ["bd3", "ar"])
+def test_a_topk_the_vocabulary_cannot_hold_is_refused_before_any_export(which, bd3_run, ar_run, tmp_path):
+    run_dir = {"bd3": bd3_run, "ar": ar_run}[which]
+    for k in ("512", "3839"):
+        code, _, err = call("export", run_dir, "-o", tmp_path / "b", "--topk", k)
+        assert_clean_failure(code, err, "--topk must be in 1..511")
+        assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b")]
