@@ -46,7 +46,16 @@ class CallRecorder:
     `tokenizer_sha256`."""
 
     runner: Runner
+    path: Path | None = None  # where save() writes; checked before any network call
     seen: dict = field(default_factory=dict)  # graph -> input -> list of arrays
+
+    def __post_init__(self):
+        if self.path is not None:
+            self.path = Path(self.path)
+            if self.path.is_dir():
+                raise DllmError(f"--save-canvases {self.path} is a folder; give a file name (e.g. {self.path / 'calls.npz'})")
+            if not self.path.parent.is_dir():
+                raise DllmError(f"--save-canvases {self.path}: the folder {self.path.parent} does not exist")
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -65,8 +74,9 @@ class CallRecorder:
             self.seen.setdefault(graph, {}).setdefault(name, []).append(np.full(rows, value) if value.ndim == 0 else value.copy())
         return self.runner.run(graph, feeds, outputs)
 
-    def save_message(self, path: str | Path) -> str:
-        """Save, and say what was saved."""
+    def save_message(self, path: str | Path | None = None) -> str:
+        """Save (to `path`, or the recorder's own), and say what was saved."""
+        path = path or self.path
         counts = self.save(path)
         return f"saved {sum(counts.values())} network calls ({', '.join(f'{g} {n}' for g, n in counts.items())}) to {path}"
 

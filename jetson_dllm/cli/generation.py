@@ -57,7 +57,7 @@ def run(
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
                             eb_bound=eb_bound).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
-    with (CallRecorder(runner) if save_canvases is not None else runner) as runner, \
+    with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
         gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view, given=given_options(ctx))
         if save_canvases is not None:

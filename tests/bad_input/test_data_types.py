@@ -82,3 +82,10 @@ def test_shards_with_ids_outside_the_vocabulary_or_an_empty_split_are_refused(da
                        "--n-head", "2", "--canvas-len", "32", "--batch-size", "2")
     assert_clean_failure(code, err, "the val split of")
     assert "is empty" in err and not (tmp_path / "run2").exists()
+
+
+def test_save_canvases_into_a_missing_folder_or_onto_a_folder(bundle_dir, tmp_path):
+    for target, match in [(tmp_path / "nowhere" / "c.npz", "does not exist"), (tmp_path, "is a folder")]:
+        code, _, err = run("run", bundle_dir, "-p", "Once", "--length", "8", "--steps", "2", "--no-live", "--save-canvases", target)
+        assert_clean_failure(code, err, match)
+    assert not (tmp_path / "nowhere").exists()
