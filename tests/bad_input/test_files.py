@@ -128,8 +128,11 @@ def test_a_bad_shard_index_and_a_bad_calibration_file(data_dir, trained_run, tmp
 
 # --- the overwrite rule: a tool replaces only a folder it made itself, of the same kind -----------------------
 
-@pytest.mark.parametrize("command", ["data", "export", "train", "bench"])
-@pytest.mark.parametrize("target", ["user-folder", "a-file", "run", "bundle", "data"])
+KINDS = {"data": "data", "export": "bundle", "train": "run", "bench": None}  # what each command may replace (its own kind)
+OVERWRITE_CASES = [(c, t) for c in KINDS for t in ("user-folder", "a-file", "run", "bundle", "data") if KINDS[c] != t]
+
+
+@pytest.mark.parametrize("command, target", OVERWRITE_CASES, ids=[f"{c}-{t}" for c, t in OVERWRITE_CASES])
 def test_no_flag_deletes_what_the_tool_did_not_make(command, target, trained_run, bundle_dir, data_dir, tmp_path):
     own = {"run": trained_run, "bundle": bundle_dir, "data": data_dir}
     if target == "user-folder":
@@ -142,9 +145,6 @@ def test_no_flag_deletes_what_the_tool_did_not_make(command, target, trained_run
     else:
         out = tmp_path / target
         shutil.copytree(own[target], out)
-    kinds = {"data": "data", "export": "bundle", "train": "run", "bench": None}
-    if kinds[command] == target:
-        pytest.skip("replacing its own kind is allowed (with --overwrite / --resume)")
     before = snapshot(out)
     args = {"data": ["data", "-o", out, "--overwrite", "--builtin-stories", "50", "--vocab-size", "300"],
             "export": ["export", trained_run, "-o", out, "--overwrite"],
