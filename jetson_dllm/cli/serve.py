@@ -35,6 +35,6 @@ def serve(
     """
     from jetson_dllm.serve import serve as run_server
 
-    err.print(f"serving {model} at http://{host}:{port} (page at /, API at /v1); Ctrl-C or SIGTERM drains and stops")
     run_server(model, backend=backend, precision=precision, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               batching=batching, max_body=max_body, timeout_s=timeout, model_name=model_name, threads=threads)
+               batching=batching, max_body=max_body, timeout_s=timeout, model_name=model_name, threads=threads,
+               announce=lambda: err.print(f"serving {model} at http://{host}:{port} (page at /, API at /v1); Ctrl-C or SIGTERM drains and stops"))

@@ -12,8 +12,9 @@ from jetson_dllm.families import family_of
 
 def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, batching: bool = True, max_body: int = 1 << 20,
-          timeout_s: float = 120.0, model_name: str | None = None, threads: int = 0, log_level: str = "warning") -> None:
-    """Open the model, build the app and run it with uvicorn until SIGINT/SIGTERM (in-flight requests drain)."""
+          timeout_s: float = 120.0, model_name: str | None = None, threads: int = 0, log_level: str = "warning", announce=None) -> None:
+    """Open the model, build the app and run it with uvicorn until SIGINT/SIGTERM (in-flight requests drain);
+    `announce()` is called once the packages are there and the model is open, just before serving."""
     try:
         import uvicorn
 
@@ -31,6 +32,8 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
                      batching=batching, max_body=max_body, timeout_s=timeout_s)
     # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a
     # drained server exits 0 (not "killed by SIGTERM").
+    if announce is not None:
+        announce()
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(timeout_s))
