@@ -8,8 +8,8 @@ head, scores the candidates, and commits some of them:
     margin      ... ordered by top-1 minus top-2 probability
     entropy     ... ordered by low entropy of the (top-K) distribution
     threshold   Fast-dLLM parallel decoding: commit every candidate above --threshold (and at least n)
-    eb          EB-Sampler (arXiv 2505.24857): the most confident candidates while their summed entropy stays
-                within --eb-bound nats (and at least n)
+    eb          EB-Sampler (arXiv 2505.24857): the most confident candidates while their summed entropy less the
+                largest one stays within --eb-bound nats (and at least n)
     ancestral   MDLM: commit each masked position with the schedule's probability for the step
 
 n is what the step budget requires: ceil(masked left / steps left), so a run always finishes within
@@ -268,9 +268,13 @@ def _select(todo: np.ndarray, score: np.ndarray, steps_left: int, cfg: SamplerCo
         need = np.maximum(need, (todo & (score > cfg.threshold)).sum(1))
     masked_score = np.where(todo, score, -np.inf)
     order = np.argsort(-masked_score, axis=1, kind="stable")
-    if cfg.strategy == "eb" and entropy is not None:  # the longest most-confident run within the entropy bound
-        summed = np.cumsum(np.take_along_axis(np.where(todo, entropy, np.inf), order, axis=1), axis=1)
-        need = np.maximum(need, np.maximum(1, (summed <= cfg.eb_bound).sum(1)))
+    if cfg.strategy == "eb" and entropy is not None:
+        # EB-Sampler's rule: the longest most-confident run whose summed entropy, less its largest, is within the
+        # bound (the most uncertain token of the run is the one it pays for; sum - max never decreases along the run)
+        h = np.take_along_axis(np.where(todo, entropy, np.inf), order, axis=1)
+        with np.errstate(invalid="ignore"):  # inf - inf past the masked positions: NaN, never within
+            within = (np.cumsum(h, axis=1) - np.maximum.accumulate(h, axis=1)) <= cfg.eb_bound
+        need = np.maximum(need, np.maximum(1, within.sum(1)))
         need = np.minimum(need, n_todo)
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(todo.shape[1])[None, :].repeat(todo.shape[0], 0), axis=1)
