@@ -19,6 +19,12 @@ def open_model(path: str | Path, backend: str = "auto", precision: str = "fp32",
     """The runner for a checkpoint (torch) or a bundle (onnx, trt); `auto` picks torch or onnx by what `path` holds."""
     kind = backend if backend != "auto" else ("onnx" if is_bundle(path) else "torch")
     options: dict = {}
+    if kind not in ("torch", "onnx") and threads:
+        raise DllmError(f"--threads applies to the torch and onnx backends, not {kind}; leave it out")
+    if kind != "torch" and device != "cpu":
+        raise DllmError(f"--device is the torch backend's; the {kind} backend takes --providers (onnx) or runs on the GPU (trt)")
+    if kind != "onnx" and providers:
+        raise DllmError(f"--providers is the onnx backend's, not {kind}'s; leave it out")
     if kind == "torch":
         options = {"device": device, "threads": threads}
     elif kind == "onnx":

@@ -90,7 +90,7 @@ def unigram_nll(train: CanvasDataset, val: CanvasDataset, max_tokens: int = 50_0
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = None, canvases: int = 512, n_t: int = 8, seed: int = 1234,
-                        generation: dict | None = None, text: str | Path | None = None, progress=None) -> dict:
+                        generation: dict | None = None, text: str | Path | None = None, progress=None, threads: int = 0) -> dict:
     """`dllm eval`: a checkpoint's metrics on its data's validation split (or on every story of a `text` file,
     tokenized with the checkpoint's tokenizer), and with `generation` (the options of `judge_generations`) its
     samples judged. Returns the metrics with `checkpoint`, `family`, `nll_kind` (bound or exact) and what was scored."""
@@ -106,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
         if data_dir is None or load_manifest(data_dir)["tokenizer_sha256"] != tokenizer.sha256:
             raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with, or a text file with --text")
         ds, scored = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id), f"{data_dir} (val)"
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     with torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.bos_id, progress=progress)
     if generation is not None:

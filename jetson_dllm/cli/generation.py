@@ -39,6 +39,7 @@ def run(
     gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template", min=1, max=16384)] = 12,
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
+    threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = the physical cores (on a busy machine fewer can be much faster)", min=0, max=1024)] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
     save_canvases: Annotated[Optional[Path], typer.Option(help="save the inputs of every network call (.npz), any model family; a masked-diffusion model's canvases feed INT8 calibration (dllm export --calib-file)")] = None,
@@ -56,7 +57,7 @@ def run(
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, span=span, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
                             eb_bound=eb_bound).validate()
-    runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers)
+    runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers, threads=threads)
     with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
         gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view, given=given_options(ctx))

@@ -142,6 +142,7 @@ def eval_cmd(
     strategy: Annotated[str, typer.Option(help="--generate: sampler strategy")] = "confidence",
     temperature: Annotated[float, typer.Option(help="--generate: sampling temperature")] = 0.8,
     json_out: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = all cores (on a busy machine fewer can be much faster)", min=0, max=1024)] = 0,
 ) -> None:
     """Score a checkpoint: NLL (a bound for diffusion, exact for the AR baseline), perplexity, accuracy;
     with --generate, judge its samples (generative perplexity under --judge, repetition, distinct-n).
@@ -156,7 +157,8 @@ def eval_cmd(
         raise DllmError("--judge scores generated text: add --generate")
     generation = dict(judge=judge, samples=samples, prompt=prompt, steps=steps, strategy=strategy, temperature=temperature) if generate else None
     with Bar() as progress:
-        metrics = evaluate_checkpoint(checkpoint, data_dir, canvases=canvases, n_t=n_t, seed=seed, generation=generation, text=text, progress=progress)
+        metrics = evaluate_checkpoint(checkpoint, data_dir, canvases=canvases, n_t=n_t, seed=seed, generation=generation, text=text,
+                                      progress=progress, threads=threads)
     if json_out:
         out.print_json(json.dumps(metrics))
         return

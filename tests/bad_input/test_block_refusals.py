@@ -52,3 +52,12 @@ def test_serve_refuses_what_it_cannot_serve_before_saying_it_serves(bd3_bundle, 
     for bundle in (bd3_bundle, ar_bundle):
         code, _, err = run("serve", bundle, "--port", "18931")
         assert_clean_failure(code, err, "not served yet")  # one line: no "serving ... at http://" before it
+
+
+def test_backend_options_on_another_backend_are_refused(ar_bundle, ar_run):
+    """--providers is onnxruntime's, --device torch's, --threads not TensorRT's: given to another backend, named and
+    refused (they used to be dropped)."""
+    for model, args, match in [(ar_run, ("--providers", "cpu"), "--providers is the onnx backend's"),
+                               (ar_bundle, ("--device", "cuda"), "--device is the torch backend's")]:
+        code, _, err = run("run", model, "-p", "Once", "--length", "4", "--no-live", *args)
+        assert_clean_failure(code, err, match)

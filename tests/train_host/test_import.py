@@ -201,3 +201,14 @@ def test_bad_sources_are_refused_with_one_line_and_nothing_written(hf_folder, tm
     code, _, err = run("import", good, "-o", mine, "--overwrite")
     assert_clean_failure(code, err, "not an import jetson-dllm made")
     assert snapshot(mine) == before
+
+
+def test_an_imported_model_is_a_judge(imported, trained_run):
+    """--judge takes an imported model: it re-tokenizes the texts with its own tokenizer, behind its own start token."""
+    from train_host.judge import Judge, judge_generations
+
+    judge = Judge(imported)
+    real, noise = judge.perplexity(TEXT[:3]), judge.perplexity(["zq xv kk qq zz jj vv"] * 3)
+    assert 1 < real < 1e6 and 1 < noise < 1e6 and judge.tokenizer.bos_id == 1
+    scored = judge_generations(trained_run, judge, samples=2, steps=4)
+    assert scored["gen_ppl"] > 1 and "repetition" in scored
