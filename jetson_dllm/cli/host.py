@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from jetson_dllm.cli.common import Bar, app, err, out, parse_duration
+from jetson_dllm.cli.common import Bar, app, err, given_options, out, parse_duration
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import check_train_options
 from jetson_dllm.tables import calibration_table, eval_table, export_summary, parity_table
 
 
@@ -49,6 +50,7 @@ def data(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
@@ -99,6 +101,7 @@ def train(
 
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
                                    "init": str(init) if init else ""})
+    check_train_options(tc.objective, given_options(ctx))
     result = launch(tc, nproc=nproc, console=err)
     if result is None:  # not rank 0 of a torchrun job
         return

@@ -36,6 +36,7 @@ class Family:
         int8: INT8 Q/DQ graphs can be exported.
         runtime: its runtime module (torch-free): the generation loop and bench point.
         host: its host module (torch): objective, evaluation and export.
+        train_options: the `dllm train` options of its own (others' are refused when given).
     """
 
     name: str
@@ -51,6 +52,7 @@ class Family:
     int8: bool
     runtime: str
     host: str
+    train_options: tuple[str, ...] = ()
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -77,7 +79,7 @@ FAMILIES: dict[str, Family] = {
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins"), int8=True,
-                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3"),
+                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", train_options=("block_size", "t_min", "t_max")),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8=False, runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }
@@ -92,6 +94,19 @@ def check_options(family: Family, given: set[str]) -> None:
         uses = ("it uses " + ", ".join("--" + o.replace("_", "-") for o in family.options) if family.options
                 else "it takes no diffusion options: one network call per token")
         raise DllmError(f"{flag} does not apply to the {family.title} ({uses}); leave it out")
+
+
+def check_train_options(name: str, given: set[str]) -> None:
+    """Refuse `dllm train` options given for another family (e.g. --block-size when training MDLM); an unknown
+    family is left to the training config's own check, which names the choices."""
+    if name not in FAMILIES:
+        return
+    family = FAMILIES[name]
+    theirs = {o for f in FAMILIES.values() for o in f.train_options} - set(family.train_options)
+    unused = sorted(given & theirs)
+    if unused:
+        owners = [f.name for f in FAMILIES.values() if unused[0] in f.train_options]
+        raise DllmError(f"--{unused[0].replace('_', '-')} is for --objective {' / '.join(owners)}; the {family.title} does not use it")
 
 
 def get_family(name: str) -> Family:

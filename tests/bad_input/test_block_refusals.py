@@ -61,3 +61,12 @@ def test_backend_options_on_another_backend_are_refused(ar_bundle, ar_run):
                                (ar_bundle, ("--device", "cuda"), "--device is the torch backend's")]:
         code, _, err = run("run", model, "-p", "Once", "--length", "4", "--no-live", *args)
         assert_clean_failure(code, err, match)
+
+
+def test_training_options_of_another_family_are_refused(data_dir, tmp_path):
+    for objective, args, match in [("mdlm", ("--block-size", "8"), "--block-size is for --objective bd3"),
+                                   ("ar", ("--t-min", "0.3"), "--t-min is for --objective bd3"),
+                                   ("mdlm", ("--t-max", "0.9"), "the masked diffusion (MDLM) does not use it")]:
+        code, _, err = run("train", "--data", data_dir, "--out", tmp_path / "run", "--objective", objective, "--steps", "1", *args)
+        assert_clean_failure(code, err, match)
+        assert not (tmp_path / "run").exists()
