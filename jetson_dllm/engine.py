@@ -27,7 +27,7 @@ from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, tensor_shapes
+from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_signature, tensor_shapes
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
@@ -117,12 +117,10 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: 
 
 
 def input_shapes(cfg, batch: int, canvas: int, graph: str = "") -> dict[str, tuple[int, ...]]:
-    """The fixed shapes of an engine's batch-dependent inputs (its optimization profile); a block graph's `canvas`
-    is its cache length."""
-    if not graph:
-        return {"tokens": (batch, canvas)}
-    cache = (cfg.n_layer, batch, cfg.n_kv_head, canvas, cfg.head_dim)
-    return {"tokens": (batch, cfg.block_size), "k_cache": cache, "v_cache": cache}
+    """The fixed shapes of an engine's batch-dependent inputs (its optimization profile), from the graph's signature;
+    a cached graph's cache is the model's whole context."""
+    shapes = tensor_shapes((graph or "canvas",), cfg, 1, batch, canvas)
+    return {name: shapes[name][0] for name in graph_signature(graph or "canvas", cfg, 1)[0] if shapes[name][0]}
 
 
 def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:

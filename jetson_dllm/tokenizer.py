@@ -32,12 +32,13 @@ class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask (and the start token, which is the
     end-of-text for our own tokenizers, as stories are separated by it).
 
-    `special_ids` (what a checkpoint or bundle records): an imported tokenizer's ids; without it, our own special
-    tokens are looked up by name."""
+    `special_ids` (what a checkpoint or bundle records): the ids to use, checked against the tokenizer (its padding
+    and mask are always ours; an imported tokenizer's end-of-text and start token are its own); without them, our own
+    special tokens are looked up by name (a tokenizer `dllm data` made)."""
 
     def __init__(self, tok: Tokenizer, source: str = "<memory>", special_ids: dict | None = None):
         self.tok = tok
-        if special_ids is None or tok.token_to_id(MASK) == special_ids.get("mask") and tok.token_to_id(EOT) == special_ids.get("eot"):
+        if special_ids is None:
             ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
             missing = [t for t, i in ids.items() if i is None]
             if missing:
@@ -46,7 +47,8 @@ class TextTokenizer:
             self.bos_id = self.eot_id
             return
         size = tok.get_vocab_size()
-        if not all(isinstance(special_ids.get(k), int) and 0 <= special_ids[k] < size for k in ("pad", "eot", "mask")):
+        keys = ("pad", "eot", "mask", *(("bos",) if "bos" in special_ids else ()))
+        if not all(isinstance(special_ids.get(k), int) and 0 <= special_ids[k] < size for k in keys):
             raise DllmError(f"{source}: special ids {special_ids} do not fit the tokenizer (vocabulary {size})")
         if tok.id_to_token(special_ids["mask"]) != MASK or tok.id_to_token(special_ids["pad"]) != PAD:
             raise DllmError(f"{source}: the recorded mask and padding ids are not the tokenizer's {MASK} and {PAD}")

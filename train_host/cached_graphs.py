@@ -22,13 +22,18 @@ def commit(model: Denoiser, cache: KVCache, block: torch.Tensor) -> None:
     model.hidden(block, cache=cache)
 
 
-def block_step(model: Denoiser, cache: KVCache, block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampling head over a noised block that sees the cache and itself; the cache is left as it was."""
+def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor:
+    """The logits of a noised block that sees the cache and itself; the cache is left as it was."""
     cache.frozen = True
     try:
-        return topk_logprobs(model(block, cache=cache), k)
+        return model(block, cache=cache)
     finally:
         cache.frozen = False
+
+
+def block_step(model: Denoiser, cache: KVCache, block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling head of `block_step_logits`."""
+    return topk_logprobs(block_step_logits(model, cache, block), k)
 
 
 def commit_step_logits(model: Denoiser, cache: KVCache, prev: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -54,11 +59,7 @@ def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: 
     logits of `tokens`' positions, or None for a commit (nothing comes back)."""
     cache.len = valid
     if graph == "block_step":
-        cache.frozen = True
-        try:
-            return model(tokens, cache=cache)
-        finally:
-            cache.frozen = False
+        return block_step_logits(model, cache, tokens)
     if graph == "commit":
         commit(model, cache, tokens)
         return None

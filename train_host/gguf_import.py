@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from jetson_dllm.errors import DllmError
-from train_host.hf_import import Imported, layer_tensors, sha256_of
+from train_host.hf_import import Imported, check_memory, layer_tensors, sha256_of
 
 DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
@@ -67,6 +67,7 @@ def read_gguf(path: Path, say=lambda msg: None) -> Imported:
         raise DllmError(f"{path} is a GGUF of the {arch!r} architecture; dllm import takes llama-architecture models")
     n_head, n_layer = int(_field(reader, "llama.attention.head_count")), int(_field(reader, "llama.block_count"))
     n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    check_memory(sum(int(t.n_elements) for t in reader.tensors))
     say(f"dequantizing {len(reader.tensors)} tensors of a llama-architecture GGUF")
     raw, qtypes = {}, set()
     for t in reader.tensors:

@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from jetson_dllm.errors import DllmError
+
+
+def check_memory(n_params: int) -> None:
+    """Refuse an import whose float32 copies (the source's, ours, the checkpoint's tensors) will not fit, before any
+    is made."""
+    from jetson_dllm.profiler import check_fits
+
+    check_fits(3 * 4 * n_params, f"importing a {n_params / 1e6:.0f} M-parameter model (its float32 copies while converting)",
+               "import it on a machine with more memory")
+
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")  # the same tensors (Mistral without sliding windows)
 DEFAULT_CONTEXT = 2048
@@ -45,12 +56,10 @@ def layer_tensors(i: int, q, k, v, o, gate, up, down, attn_norm, mlp_norm) -> di
             p + "mlp.w3.weight": up, p + "mlp.w2.weight": down, p + "attn_norm.weight": attn_norm, p + "mlp_norm.weight": mlp_norm}
 
 
-def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
-    """A Hugging Face folder of a Llama-architecture causal LM: config.json, *.safetensors, tokenizer.json."""
-    from safetensors import safe_open
-    from tokenizers import Tokenizer
-
-    config_path, tok_path = folder / "config.json", folder / "tokenizer.json"
+def hf_config(folder: Path) -> tuple[dict, str, float, int]:
+    """A Hugging Face folder's config.json, checked to be a plain Llama before anything is read: (config,
+    architecture, rotary base, end-of-text id)."""
+    config_path = folder / "config.json"
     if not config_path.is_file():
         raise DllmError(f"{folder} has no config.json: not a Hugging Face model folder")
     hf = json.loads(config_path.read_text())
@@ -63,7 +72,22 @@ def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
     rope = hf.get("rope_parameters") or {}  # transformers 5 writes the rotary settings here; 4 at the top level
     if rope.get("rope_type", "default") != "default":
         raise DllmError(f"{folder}: rope_type {rope['rope_type']!r} (scaled rotary positions) is not supported; plain Llama rotary only")
-    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        raise DllmError(f"{folder}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads; not supported")
+    eos = hf.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    if not isinstance(eos, int):
+        raise DllmError(f"{folder}/config.json names no eos_token_id; the model's end-of-text must be known")
+    return hf, arch, float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), eos
+
+
+def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
+    """A Hugging Face folder of a Llama-architecture causal LM: config.json, *.safetensors, tokenizer.json."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    hf, arch, rope_theta, eos = hf_config(folder)
+    tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise DllmError(f"{folder} has no tokenizer.json; dllm import needs the model's own tokenizer")
     files = sorted(folder.glob("*.safetensors"))
@@ -73,6 +97,11 @@ def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
     if tokenizer.get_vocab_size() > hf["vocab_size"]:
         raise DllmError(f"{tok_path} has {tokenizer.get_vocab_size():,} tokens but the model's embedding only {hf['vocab_size']:,} rows; "
                         "the tokenizer does not belong to these weights")
+    n_params = 0
+    for f in files:  # the headers only: the sizes, before any tensor is read
+        with safe_open(str(f), "pt") as st:
+            n_params += sum(math.prod(st.get_slice(name).get_shape()) for name in st.keys())
+    check_memory(n_params)
     say(f"reading {len(files)} safetensors file(s) of a {arch}")
     raw = {}
     for f in files:
@@ -90,17 +119,11 @@ def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
                                      get(a + "o_proj.weight"), get(m + "gate_proj.weight"), get(m + "up_proj.weight"),
                                      get(m + "down_proj.weight"), get(f"model.layers.{i}.input_layernorm.weight"),
                                      get(f"model.layers.{i}.post_attention_layernorm.weight")))
-    eos = hf.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    if not isinstance(eos, int):
-        raise DllmError(f"{folder}/config.json names no eos_token_id; the model's end-of-text must be known")
     cfg = {"d_model": hf["hidden_size"], "n_head": hf["num_attention_heads"], "n_kv_head": hf.get("num_key_value_heads") or hf["num_attention_heads"],
            "n_layer": n_layer, "d_ff": hf["intermediate_size"], "vocab_size": hf["vocab_size"], "rope_theta": rope_theta,
            "norm_eps": float(hf.get("rms_norm_eps", 1e-5)), "tie_embeddings": bool(tied), "max_context": hf.get("max_position_embeddings", DEFAULT_CONTEXT)}
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-        raise DllmError(f"{folder}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads; not supported")
     provenance = {"source": str(folder), "format": "huggingface", "architecture": arch,
-                  "files": {f.name: sha256_of(f) for f in [config_path, tok_path, *files]},
+                  "files": {f.name: sha256_of(f) for f in [folder / "config.json", tok_path, *files]},
                   "converted": "q/k/v stacked into wqkv; gate, up, down as w1, w3, w2; <|pad|> and <|mask|> added"}
     bos = hf.get("bos_token_id")
     return Imported(cfg, tensors, tokenizer, eos, bos if isinstance(bos, int) else None, provenance)

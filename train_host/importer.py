@@ -18,7 +18,6 @@ import torch
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write, output_lock
-from jetson_dllm.profiler import check_fits
 from jetson_dllm.tokenizer import MASK, PAD, TextTokenizer
 from train_host.hf_import import DEFAULT_CONTEXT, Imported, read_hf_folder
 
@@ -58,7 +57,7 @@ def build_checkpoint(imp: Imported, context: int) -> tuple[ModelConfig, dict[str
 def import_model(source: str | Path, out_dir: str | Path, context: int = DEFAULT_CONTEXT, overwrite: bool = False, progress=None) -> Path:
     """Read `source` (a .gguf file or a Hugging Face folder), write a sealed checkpoint of the `ar` family into
     `out_dir` (a run folder, as training makes), and return the checkpoint's folder. Nothing is written on failure."""
-    from train_host.checkpoint import save_checkpoint
+    from train_host.checkpoint import load_weights, save_checkpoint
     from train_host.model import Denoiser
 
     say = progress or (lambda msg: None)
@@ -81,11 +80,7 @@ def import_model(source: str | Path, out_dir: str | Path, context: int = DEFAULT
     cfg, tensors, tokenizer = build_checkpoint(imp, context)
     say(f"{cfg.num_params() / 1e6:.1f} M parameters, {cfg.n_layer} layers, {cfg.n_head} heads ({cfg.n_kv_head} key/value), vocabulary {cfg.vocab_size:,}")
     model = Denoiser(cfg)
-    from train_host.checkpoint import load_weights
-
     load_weights(model, tensors, str(source))
-    check_fits(4 * cfg.num_params() * 3, f"importing a {cfg.num_params() / 1e6:.0f} M-parameter model (source, ours, the checkpoint)",
-               "import it on a machine with more memory")
     with output_lock(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         path = save_checkpoint(out_dir, 0, model, cfg, tokenizer, {}, provenance=imp.provenance)

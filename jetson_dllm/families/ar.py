@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids
+from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids, quality_length  # noqa: F401 (quality_length is part of the family interface)
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, candidate_distribution
 
@@ -105,10 +105,6 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
     check_context(runner, [runner.tokenizer.bos_id, *ids], length and length - 1)  # the start token, the last token never read
     r = decode_tokens(runner, ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler)
     return ArGeneration([runner.tokenizer.decode(row) for row in r.tokens], r, runner.name)
-
-
-def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
-    return min(tokens, runner.cfg.canvas_len - len(prompt_ids))
 
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:

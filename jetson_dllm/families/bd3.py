@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids
+from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids, quality_length  # noqa: F401 (quality_length is part of the family interface)
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
 
@@ -162,10 +162,6 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
     r = generate_blocks(runner, ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step)
     texts = [runner.tokenizer.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r, runner.name, runner.cfg.block_size)
-
-
-def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
-    return min(tokens, runner.cfg.canvas_len - len(prompt_ids))
 
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:

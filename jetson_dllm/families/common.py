@@ -50,6 +50,11 @@ def check_context(runner, ids: list[int], length: int) -> None:
                         f"this model's context (its cache) holds {limit}: shorten the prompt or --length")
 
 
+def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
+    """A cached family's `--length` for bench's quality samples: the point's tokens, as the context allows."""
+    return min(tokens, runner.cfg.canvas_len - len(prompt_ids))
+
+
 def check_bench_length(runner, name: str, tokens: int) -> None:
     """A cached model generates at most its context."""
     if tokens > runner.cfg.canvas_len:

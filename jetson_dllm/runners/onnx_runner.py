@@ -213,8 +213,7 @@ def onnx_runner_from_graphs(paths: dict[str, Path], cfg: ModelConfig, precision:
 def onnx_runner_from_file(path: str | Path, cfg: ModelConfig, precision: str = "fp32", threads: int = 0,
                           tokenizer: TextTokenizer | None = None, graph: str = "canvas") -> OnnxRunner:
     """A bare ONNX file (no bundle around it) on the CPU: what export parity and the INT8 search run."""
-    session = session_from_onnx(path, threads=threads)
-    return OnnxRunner({graph: session}, cfg, precision, tokenizer, weight_bytes=Path(path).stat().st_size)
+    return onnx_runner_from_graphs({graph: Path(path)}, cfg, precision, threads, tokenizer)
 
 
 def onnx_runner_from_bundle(bundle_path: str, precision: str = "fp32", providers: str = "cpu", threads: int = 0,

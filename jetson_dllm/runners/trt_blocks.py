@@ -115,6 +115,7 @@ class TrtBlockRunner(RunnerBase):
         self.cuda, self.device = cuda, self.trt_engines.device
         self.precision, self.cfg, self.topk, self.canvas_lengths = precision, bundle.config, bundle.topk, bundle.canvas_lengths
         self.graphs = bundle.family.trt_graphs
+        self.width = bundle.family.positions_per_call(self.cfg, self.cfg.canvas_len)  # tokens per call: a block
         for graph in self.graphs:
             bundle.onnx_path(precision, graph)  # the bundle must have each graph at this precision
         self.name = f"trt-{precision}"
@@ -131,9 +132,9 @@ class TrtBlockRunner(RunnerBase):
         loop commits on its own when a runner lacks it)."""
         outputs = outputs or check_graph(self, graph).outputs
         tokens = feeds.get("tokens")
-        if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.cfg.block_size:
-            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.cfg.block_size})")
-        valid = valid_length(feeds, self.cfg.canvas_len - self.cfg.block_size + 1)
+        if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
+            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
+        valid = valid_length(feeds, self.cfg.canvas_len - self.width + 1)
         session = self._session(tokens.shape[0])
         if graph == "commit":
             session.commit(tokens, valid)
