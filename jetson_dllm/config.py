@@ -46,6 +46,7 @@ _FIELD_RANGES = (
     ("tie_embeddings", bool, False, True),
     ("family", str, "", "~"),
     ("block_size", int, 0, 16384),
+    ("shift", bool, False, True),
 )
 
 
@@ -67,6 +68,9 @@ class ModelConfig:
             autoregressive baseline: a causal mask and next-token prediction, the same network otherwise, so
             diffusion and AR compare fairly).
         block_size: block diffusion's block (the tokens generated per block, left to right); 0 for other families.
+        shift: block diffusion with the token shift of a model adapted from an autoregressive parent: the input
+            starts with the start token, the hidden state at position i predicts token i + 1 (a block's first
+            token from the previous block's last clean position), so the parent's head is used as it was trained.
     """
 
     name: str = "custom"
@@ -83,6 +87,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     family: str = "mdlm"
     block_size: int = 0  # block diffusion (BD3-LM): generates blocks of this many tokens left to right
+    shift: bool = False  # block diffusion adapted from an AR parent: position i predicts token i + 1
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -106,6 +111,8 @@ class ModelConfig:
         if (family_of(self).attention == "block") != (self.block_size > 0):
             need = "needs a block size > 0" if self.block_size == 0 else f"takes no block size (block_size {self.block_size})"
             raise DllmError(f"model config: a {self.family} model {need}")
+        if self.shift and family_of(self).attention != "block":
+            raise DllmError(f"model config: the token shift is block diffusion's; a {self.family} model takes none")
         if self.block_size and self.canvas_len % self.block_size:
             raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len})")
         if self.d_ff == 0:
@@ -137,6 +144,8 @@ class ModelConfig:
             data = {k: v for k, v in data.items() if k != "causal"} | {"family": infer_family(data)}
         if "n_kv_head" not in data and "n_head" in data:  # written before grouped-query attention: one per head
             data = {**data, "n_kv_head": data["n_head"]}
+        if "shift" not in data and "family" in data:  # written before adapted models: none was shifted
+            data = {**data, "shift": False}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:

@@ -27,7 +27,7 @@ from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_signature, tensor_shapes
+from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_signature, graph_spec, tensor_shapes
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned
@@ -129,12 +129,13 @@ def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:
     return nodes.get(graph, []) if isinstance(nodes, dict) else nodes
 
 
-def _engine_outputs(graph: str) -> tuple[str, ...]:
-    spec = GRAPHS[graph or "canvas"]
+def _engine_outputs(graph: str, cfg=None) -> tuple[str, ...]:
+    spec = graph_spec(graph, cfg) if cfg is not None and graph else GRAPHS[graph or "canvas"]
     return spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ())
 
 
-def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3, graph: str = "") -> dict:
+def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, optimization_level: int = 3, graph: str = "",
+                     cfg=None) -> dict:
     """The builder configuration for a precision on a device with `total_memory` bytes (shared on a Jetson)."""
     if precision not in for_runner("trt"):
         raise DllmError(f"unknown precision {precision!r} for TensorRT; choose {', '.join(for_runner('trt'))}")
@@ -151,7 +152,7 @@ def builder_settings(precision: str, total_memory: int, fp32_layers: int = 0, op
         "tactic_dram": int(total_memory // 2),
         "optimization_level": optimization_level,
         "max_aux_streams": 0,  # one stream: less memory, and capturable in a CUDA graph
-        "outputs": list(_engine_outputs(graph)),  # logits stay internal
+        "outputs": list(_engine_outputs(graph, cfg)),  # logits stay internal
     }
 
 

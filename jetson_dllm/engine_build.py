@@ -55,7 +55,7 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", canvases: lis
 
 
 def _settings(bundle: Bundle, precision: str, device: Device, graph: str, opt_level: int = 3) -> dict:
-    return builder_settings(precision, device.total_memory, len(fp32_layers(bundle, graph)), opt_level, graph)
+    return builder_settings(precision, device.total_memory, len(fp32_layers(bundle, graph)), opt_level, graph, bundle.config)
 
 
 def find_or_build(bundle: Bundle, precision: str, batch: int, canvas: int, build: bool = True, progress=None, graph: str = "") -> Path:

@@ -11,6 +11,15 @@ clipped schedule, which cuts the variance of the gradient; `clip_search` picks i
 reference code does, or --t-min/--t-max fix it), and MDLM's weighted cross-entropy on the masked positions of the noised copy. The mask logit is
 excluded as everywhere. Block size = L is exactly MDLM's objective (no clean copy is visible); block size 1 is
 autoregression: the model predicts token i from the clean tokens before it, reading a mask token at i.
+
+The token shift (`shift_bos`, a model adapted from an autoregressive parent: Fast-dLLM v2, SDAR, Dream): the input
+is the canvas behind the start token, exactly the parent's input, and the hidden state at position i predicts token
+i + 1, as the parent's head was trained to: inside a block from the noised copy's previous position, a block's
+first token from the clean copy's last position of the block before. The start token is given, never predicted.
+At block size 1 the shifted model *is* its parent: every token is predicted from the clean tokens before it.
+
+Complementary masks (`complementary`): each canvas also appears with the complementary mask (the tokens masked in
+one copy are the ones kept in the other, at the complementary time), so every token is supervised once per pair.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from jetson_dllm.errors import DllmError
-from train_host.diffusion import T_EPS, alpha, loss_weight
+from train_host.autoregressive import shift_right
+from train_host.diffusion import T_EPS, alpha, complement_time, loss_weight
 
 
 def block_attention_mask(length: int, block: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -46,6 +56,15 @@ def check_block(length: int, block: int) -> None:
         raise DllmError(f"--block-size {block} must divide the canvas ({length}) and be at most it")
 
 
+def shift_sources(length: int, block: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(L,) the position in [noised, clean] (2L) whose hidden state predicts each noised position's token under
+    the token shift: the noised copy's previous position inside a block, the clean copy's previous position (the
+    last of the block before) at a block's start; position 0 (the start token) points at itself and is never
+    predicted."""
+    i = torch.arange(length, device=device)
+    return torch.where(i == 0, 0, torch.where(i % block == 0, length + i - 1, i - 1))
+
+
 def bd3_loss(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -57,29 +76,47 @@ def bd3_loss(
     generator: torch.Generator | None = None,
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    shift_bos: int | None = None,
+    complementary: bool = False,
+    unscored: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD3-LM objective for clean canvases x (B, L): weighted cross-entropy on the masked positions of the
     noised copy, per canvas position (as `mdlm_loss`). `t` (B, n_blocks) and `noise` (B, L) may be given.
-    `model(tokens, positions, attn_mask=..., rope_positions=...)` returns logits of the selected positions."""
+    `shift_bos`: the token shift behind this start token; `complementary`: each canvas twice, with complementary
+    masks (stats then cover 2B rows); `unscored`: a token (padding) masked like any other but never a target (the
+    loss and the bound count text, as the autoregressive NLL does). `model(tokens, positions, attn_mask=...,
+    rope_positions=..., sources=...)` returns logits of the selected positions (`sources`: the shift's gather)."""
     B, L = x.shape
     check_block(L, block)
+    if shift_bos is not None:
+        x = shift_right(x, shift_bos)
     t = block_times(B, L // block, t_min, t_max, generator) if t is None else t
     t_pos = t.to(x.device).repeat_interleave(block, dim=1)  # (B, L)
     if noise is None:
         noise = torch.rand(x.shape, generator=generator)
     masked = noise.to(x.device) < (1.0 - alpha(t_pos, schedule))
+    if complementary:
+        x, masked, t_pos = torch.cat([x, x]), torch.cat([masked, ~masked]), torch.cat([t_pos, complement_time(t_pos, schedule)])
+    if shift_bos is not None:
+        masked[:, 0] = False  # the start token: given
     z = torch.where(masked, torch.full_like(x, mask_id), x)
     tokens = torch.cat([z, x], dim=1)  # (B, 2L): noised, then clean
-    select = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+    if unscored is not None:
+        masked = masked & (x != unscored)
     rope = torch.arange(L, device=x.device).repeat(2)  # both copies at the same positions
-    logits = model(tokens, select, attn_mask=block_attention_mask(L, block, x.device), rope_positions=rope)
+    attn = block_attention_mask(L, block, x.device)
+    if shift_bos is None:
+        select = torch.cat([masked, torch.zeros_like(masked)], dim=1)
+        logits = model(tokens, select, attn_mask=attn, rope_positions=rope)
+    else:  # each noised position's prediction gathered from the position before it
+        logits = model(tokens, masked, attn_mask=attn, rope_positions=rope, sources=shift_sources(L, block, x.device))
     targets = x[masked]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     weighted = loss_weight(t_pos[masked], schedule) * ce
     loss = weighted.sum() / x.numel()
     hit = (logits.argmax(-1) == targets).detach()
     stats = {"masked": masked.sum().detach(), "ce_sum": ce.sum().detach(), "correct": hit.sum(), "hit": hit, "masked_at": masked,
-             "weighted": weighted.detach()}
+             "weighted": weighted.detach(), "x": x}
     return loss, stats
 
 
@@ -93,20 +130,26 @@ def bd3_nll_bound(
     n_t: int = 8,
     schedule: str = "loglinear",
     generator: torch.Generator | None = None,
+    shift_bos: int | None = None,
 ) -> dict[str, float]:
     """Monte-Carlo negative ELBO of canvases x (B, L) under block diffusion, as `diffusion.nll_bound` reports it
     (sums over the batch). The bound takes t over all of (0, 1]: the clipping is a training device only. Each
-    pass draws one stratum of t per block, so every block of every canvas covers the whole range."""
+    pass draws one stratum of t per block, so every block of every canvas covers the whole range. With the token
+    shift the tokens counted are those the shifted model predicts (the canvas behind the start token: its last
+    position falls off, padding in any canvas that holds one document). Padding is noised like text but never
+    scored: the bound covers the text and its end-of-text, exactly the tokens the autoregressive NLL counts."""
     B, L = x.shape
     check_block(L, block)
     offsets = torch.rand((B, L // block), generator=generator)
     total = torch.zeros((), dtype=torch.float64)
     masked_n = correct = 0
-    text = x != pad_id
+    text = (shift_right(x, shift_bos) if shift_bos is not None else x) != pad_id
+    if shift_bos is not None:
+        text[:, 0] = False  # the start token is given, not predicted
     for j in range(n_t):
         t = T_EPS + (1.0 - T_EPS) * (j + offsets) / n_t
         noise = torch.rand(x.shape, generator=generator)
-        loss, stats = bd3_loss(model, x, mask_id, block, schedule, t=t, noise=noise)
+        loss, stats = bd3_loss(model, x, mask_id, block, schedule, t=t, noise=noise, shift_bos=shift_bos, unscored=pad_id)
         total += loss.double().cpu() * x.numel() / n_t
         keep = text[stats["masked_at"]]  # accuracy over text, not padding: one forward pass serves both
         masked_n += int(keep.sum())

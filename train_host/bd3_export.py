@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from train_host.bd3 import fused_mask
-from train_host.model import Denoiser, topk_logprobs
+from train_host.model import Denoiser, shifted, topk_logprobs
 
 
 class TensorCache:
@@ -58,7 +58,8 @@ class BlockStep(torch.nn.Module):
 
     def forward(self, tokens, k_cache, v_cache, valid_len):
         h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
-        return topk_logprobs(self.model.logits_from_hidden(h), self.k)
+        logits = self.model.logits_from_hidden(h)
+        return topk_logprobs(shifted(logits) if self.model.cfg.shift else logits, self.k)
 
 
 class CommitStep(torch.nn.Module):
@@ -74,18 +75,24 @@ class CommitStep(torch.nn.Module):
         past = (torch.arange(max_len, device=tokens.device) < valid_len).unsqueeze(0).expand(2 * b, max_len)
         mask = torch.cat([past, fused_mask(b, tokens.device)], dim=1)
         h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
-        lp, ids = topk_logprobs(self.model.logits_from_hidden(h[:, b:]), self.k)
+        rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
+        lp, ids = topk_logprobs(self.model.logits_from_hidden(rows), self.k)
         return lp, ids, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
 
 
 class Commit(torch.nn.Module):
-    def __init__(self, model: Denoiser):
+    """A shifted model's commit also returns its block's top-K (position 0: the next block's first token)."""
+
+    def __init__(self, model: Denoiser, k: int):
         super().__init__()
-        self.model = model
+        self.model, self.k = model, k
 
     def forward(self, tokens, k_cache, v_cache, valid_len):
-        _, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
-        return torch.stack(cache.new_k), torch.stack(cache.new_v)
+        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+        new = (torch.stack(cache.new_k), torch.stack(cache.new_v))
+        if self.model.cfg.shift:
+            return (*topk_logprobs(shifted(self.model.logits_from_hidden(h)), self.k), *new)
+        return new
 
 
 def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
@@ -111,8 +118,9 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
             torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model), str(paths["block_step"]), input_names=names,
                               output_names=["topk_logprobs", "topk_ids"], opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
-            torch.onnx.export(Commit(model).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
-                              output_names=["k_new", "v_new"], opset_version=opset, dynamo=True, external_data=False,
+            commit_out = ["topk_logprobs", "topk_ids"] * model.cfg.shift + ["k_new", "v_new"]
+            torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
+                              output_names=commit_out, opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
             tokens = example_inputs(model)[0]
             torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),

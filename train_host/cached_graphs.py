@@ -5,6 +5,9 @@ the same computation the exported graphs do (bd3_export, ar_export), through the
     commit       a final (clean) block's keys and values appended at the cache's length
     commit_step  the finished block committed and the next noised block stepped in one pass (training's mask)
     decode       one token read (its keys and values written), the next token's logits out
+
+A shifted model's block graphs return each position's prediction from the position before (`model.shifted`): the
+commit also returns its block's, whose position 0 predicts the next block's first token.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ import torch
 
 from jetson_dllm.errors import DllmError
 from train_host.bd3 import fused_mask
-from train_host.model import Denoiser, KVCache, topk_logprobs
+from train_host.model import Denoiser, KVCache, shifted, topk_logprobs
 
 
-def commit(model: Denoiser, cache: KVCache, block: torch.Tensor) -> None:
-    """Append a final (clean) block's keys and values to the cache."""
+def commit(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor | None:
+    """Append a final (clean) block's keys and values to the cache; a shifted model's block logits come back."""
     cache.frozen = False
-    model.hidden(block, cache=cache)
+    h = model.hidden(block, cache=cache)
+    return shifted(model.logits_from_hidden(h)) if model.cfg.shift else None
 
 
 def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor:
     """The logits of a noised block that sees the cache and itself; the cache is left as it was."""
     cache.frozen = True
     try:
-        return model(block, cache=cache)
+        logits = model(block, cache=cache)
+        return shifted(logits) if model.cfg.shift else logits
     finally:
         cache.frozen = False
 
@@ -44,7 +49,7 @@ def commit_step_logits(model: Denoiser, cache: KVCache, prev: torch.Tensor, bloc
     cache.frozen = False
     logits = model(torch.cat([prev, block], dim=1), cache=cache, attn_mask=torch.cat([past, fused_mask(b, block.device)], dim=1))
     cache.len = start + b  # the noised block's keys were written past it: masked, and overwritten later
-    return logits[:, b:]
+    return logits[:, b - 1 : 2 * b - 1] if model.cfg.shift else logits[:, b:]  # shifted: from the position before
 
 
 def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -56,13 +61,12 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
 def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
                prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
     """One cached graph (jetson_dllm.runners.GRAPHS) on the model with a torch cache at `valid` positions: the
-    logits of `tokens`' positions, or None for a commit (nothing comes back)."""
+    logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back)."""
     cache.len = valid
     if graph == "block_step":
         return block_step_logits(model, cache, tokens)
     if graph == "commit":
-        commit(model, cache, tokens)
-        return None
+        return commit(model, cache, tokens)
     if graph == "commit_step":
         return commit_step_logits(model, cache, prev_tokens, tokens)
     if graph == "decode":

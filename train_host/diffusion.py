@@ -43,6 +43,18 @@ def loss_weight(t: torch.Tensor, schedule: str = "loglinear") -> torch.Tensor:
     return half_pi * torch.sin(half_pi * t) / (1.0 - torch.cos(half_pi * t))
 
 
+def complement_time(t: torch.Tensor, schedule: str = "loglinear") -> torch.Tensor:
+    """The time t' whose masking probability is t's keeping probability (1 - alpha(t') = alpha(t)): the time of
+    the complementary mask (every token masked in one copy is kept in the other), kept in [T_EPS, 1]."""
+    _check(schedule)
+    keep = alpha(t, schedule)
+    if schedule == "loglinear":
+        t2 = keep
+    else:
+        t2 = torch.arccos((1.0 - keep).clamp(-1.0, 1.0)) / (0.5 * math.pi)
+    return t2.clamp(T_EPS, 1.0)
+
+
 def sample_t(batch: int, generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Low-discrepancy (antithetic) times: one uniform offset, then evenly spaced over the batch. (B,)"""
     u = torch.rand((), generator=generator)

@@ -188,13 +188,17 @@ class Denoiser(nn.Module):
         return self.head(h) + self.logit_bias
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                rope_positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask.
+                rope_positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                sources: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask; `sources`
+        (T',) first gathers the hidden states whose logits each output position gets (block diffusion's token shift).
 
         Selecting positions before the head is what makes training fast: the head over the vocabulary
         is the largest matmul of a small model, and the loss needs it only on masked positions.
         """
         h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions)
+        if sources is not None:
+            h = h[:, sources]
         if positions is not None:
             h = h[positions]
         return self.logits_from_hidden(h)
@@ -202,6 +206,12 @@ class Denoiser(nn.Module):
     def sample_head(self, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k log-probabilities (B, T, k) float32, sorted descending, and their ids (B, T, k) int32."""
         return topk_logprobs(self.forward(tokens), k)
+
+
+def shifted(logits: torch.Tensor) -> torch.Tensor:
+    """A block's logits (B, b, V) as a shifted model's predictions: position j's from position j - 1; position 0
+    gets the last position's (the next block's first token, which only a clean block's commit predicts rightly)."""
+    return torch.cat([logits[:, -1:], logits[:, :-1]], dim=1)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import numpy as np
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
-from jetson_dllm.runners import GRAPHS
+from jetson_dllm.runners import graph_spec
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.corpus import story
 from train_host.data import CanvasDataset, load_manifest
@@ -144,8 +144,8 @@ def bundle_manifest(cfg, tokenizer: TextTokenizer, ckpt: dict, topk: int, precis
     return {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
-        "graphs": {g: {"inputs": list(GRAPHS[g].inputs), "outputs": list(GRAPHS[g].outputs), "cache": GRAPHS[g].cache}
-                   for g in family_of(cfg).graphs},
+        "graphs": {g: {"inputs": list(spec.inputs), "outputs": list(spec.outputs), "cache": spec.cache}
+                   for g, spec in ((g, graph_spec(g, cfg)) for g in family_of(cfg).graphs)},
         "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
         "canvas_lengths": canvas_lengths, "opset": OPSET, "precisions": precisions,
         "fp32_nodes": fp32_nodes,  # kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers

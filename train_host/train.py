@@ -210,13 +210,22 @@ def _restore(r: _Run, resume_from: Path) -> None:
 
 
 def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[dict, str]:
-    """The weights of --init, refused unless they are of this run's shape and tokenizer (block size and objective
-    may differ). Returns (weights, the checkpoint's path)."""
+    """The weights of --init, refused unless they are of this run's shape and tokenizer (block size and family may
+    differ: an AR parent adapted into block diffusion, MDLM fine-tuned into BD3) and predict what this run's model
+    will (the token shift: its parent predicts the next token, an AR model or a shifted one; a model that predicts
+    the token at its own position cannot be shifted). Returns (weights, the checkpoint's path)."""
     theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in ("block_size", "family", "name")}
-    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in ("block_size", "family", "name")}
+    loose = ("block_size", "family", "name", "shift")
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in loose}
+    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in loose}
     if mine != theirs or theirs_tok.sha256 != tokenizer.sha256:
         raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's; give a checkpoint trained on the same data and config")
+    next_token = theirs_cfg.attention == "causal" or theirs_cfg.shift
+    if cfg.shift and not next_token:
+        raise DllmError(f"--shift needs a parent that predicts the next token (an autoregressive model, or one trained with "
+                        f"--shift); {source} is a {theirs_cfg.family} model trained without the shift")
+    if theirs_cfg.shift and not cfg.shift:
+        raise DllmError(f"--init {source} was trained with --shift (its positions predict the next token); train on with --shift")
     return weights, config["path"]
 
 

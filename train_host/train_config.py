@@ -29,6 +29,8 @@ class TrainConfig:
     t_min: float = 0.0  # bd3: a fixed clipped noise range; 0 and 0 = searched at each evaluation
     t_max: float = 0.0
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
+    shift: bool = False  # bd3: the token shift (a model adapted from an AR parent: position i predicts token i + 1)
+    complementary: bool = False  # bd3: each canvas also trained with the complementary mask
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
@@ -75,7 +77,8 @@ class TrainConfig:
         overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head),
                                        ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
-                                    family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0)
+                                    family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0,
+                                    shift=self.shift)
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg

@@ -54,12 +54,14 @@ def train(
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
-    objective: Annotated[str, typer.Option(help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
+    objective: Annotated[str, typer.Option("--objective", "--family", help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
     canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)", min=8, max=16384)] = 128,
     block_size: Annotated[int, typer.Option(help="--objective bd3: tokens per block (divides --canvas-len; 1 = autoregression, the canvas = MDLM)", min=1, max=16384)] = 16,
     t_min: Annotated[float, typer.Option(help="--objective bd3: a fixed clipped noise range, low end (0 and 0: searched from the data at each evaluation, as BD3-LM does)")] = 0.0,
     t_max: Annotated[float, typer.Option(help="--objective bd3: a fixed clipped noise range, high end")] = 0.0,
-    init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data), e.g. BD3 fine-tuned from MDLM")] = None,
+    init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data): BD3 adapted from an AR parent, or fine-tuned from MDLM")] = None,
+    shift: Annotated[bool, typer.Option("--shift", help="--objective bd3: the token shift (position i predicts token i + 1, as an AR parent's head does): adapt from an AR --init")] = False,
+    complementary: Annotated[bool, typer.Option("--complementary", help="--objective bd3: each canvas also trained with the complementary mask (every token scored once per pair; twice the rows per step)")] = False,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -91,10 +93,9 @@ def train(
     """Train a diffusion LM (MDLM, or block diffusion with --objective bd3) or the AR baseline; resumable, with progress and curves.
 
     Examples:
-      dllm train --data runs/data --out runs/tiny --steps 300
-      dllm train --data runs/ts --out runs/ts-tiny --time-budget 20m
-      dllm train --out runs/ts-tiny --resume ...                (same flags: continues exactly)
-      dllm train --nproc 2 ...                                  (torchrun DDP; or torchrun -m train_host.launch CONFIG.json)
+      dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
+      dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
+      dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)
     """
     from train_host.launch import launch, summary
     from train_host.train_config import TrainConfig

@@ -6,6 +6,11 @@ prompt's tail becomes fixed tokens of the first noised block, and each block, on
 values appended at the cache's valid length). A runner with the commit-step graph folds that commit into the next
 block's first network call instead (the same keys and values, one call fewer per block). Generation ends at an
 end-of-text or after `max_new` tokens; `--steps` is a budget per block.
+
+A model with the token shift (adapted from an autoregressive parent) reads the start token first, as its parent
+did, and its graphs return each position's prediction from the position before: a block's first token is predicted
+by the previous block's last clean position, which the commit (or the commit step) returns; the loop keeps that
+prediction for every step of the block, as the model was trained.
 """
 
 from __future__ import annotations
@@ -55,9 +60,10 @@ class BlockGeneration(Generated):
                 f"{r.commits} cache passes ({r.folded} more folded into steps), {r.seconds * 1e3:.0f} ms")
 
 
-def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int) -> OnStep | None:
+def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int, skip: int = 0) -> OnStep | None:
     """The sampler's per-step callback for one block, shown on the whole text so far (the stream grows block by
-    block: earlier blocks final, this one denoising, later ones not there yet)."""
+    block: earlier blocks final, this one denoising, later ones not there yet), past the first `skip` positions
+    (a shifted model's start token)."""
     if on_step is None:
         return None
 
@@ -66,7 +72,7 @@ def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int) -> OnStep | 
         view[:, s:e] = canvas[:, : e - s]
         committed = np.zeros(view.shape, dtype=bool)
         committed[:, s:e] = step.committed[:, : e - s]
-        on_step(view, replace(step, committed=committed))
+        on_step(view[:, skip:], replace(step, committed=committed[:, skip:]))
 
     return relay
 
@@ -75,7 +81,26 @@ def _commit(tokens: np.ndarray, start: int) -> Call:
     return Call("commit", {"tokens": tokens, "valid_len": np.int32(start)})
 
 
-def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None) -> Generator[Call, dict, object]:
+class _First:
+    """A shifted model's prediction of a block's first token: the top-K the commit of the block before returned
+    (position 0 of its output), spliced into every step of the block. Unshifted models: nothing to keep."""
+
+    def __init__(self, shifted: bool):
+        self.shifted, self.lp, self.ids = shifted, None, None
+
+    def keep(self, got: dict) -> None:
+        if self.shifted:
+            self.lp, self.ids = got["topk_logprobs"][:, :1].copy(), got["topk_ids"][:, :1].copy()
+
+    def splice(self, got: dict) -> tuple[np.ndarray, np.ndarray]:
+        lp, ids = got["topk_logprobs"], got["topk_ids"]
+        if self.shifted and self.lp is not None:
+            lp, ids = lp.copy(), ids.copy()
+            lp[:, :1], ids[:, :1] = self.lp, self.ids
+        return lp, ids
+
+
+def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First) -> Generator[Call, dict, object]:
     """One block's sampler as graph calls: block steps at `start`, the first one a commit step when a finished block
     is `pending`; the sampler's result."""
     try:
@@ -83,20 +108,26 @@ def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None) -> Gener
         while True:
             if pending is not None:  # the finished block's commit folded into this block's first call
                 call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1])}), None
+                got = yield call
+                first.keep(got)  # the shifted commit step's position 0 is the finished block's last position's
             else:
-                call = Call("block_step", {"tokens": z, "valid_len": np.int32(start)})
-            got = yield call
-            z = steps.send((got["topk_logprobs"], got["topk_ids"]))
+                got = yield Call("block_step", {"tokens": z, "valid_len": np.int32(start)})
+            z = steps.send(first.splice(got))
     except StopIteration as done:
         return done.value
 
 
 def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
-                num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False) -> Generator[Call, dict, BlockResult]:
+                num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False,
+                shift_bos: int | None = None) -> Generator[Call, dict, BlockResult]:
     """Generation block by block as graph calls: `block_step` (a noised block over the cache's first `valid_len`
     positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `fold`,
     `commit_step` (the previous block's commit and this block's first step in one call). `on_step(text so far,
-    Step)` sees every denoising step (the live view)."""
+    Step)` sees every denoising step (the live view). `shift_bos`: a shifted model's start token, read first (not
+    part of the result's tokens or the live view, as the autoregressive baseline's is not)."""
+    first, given = _First(shift_bos is not None), prompt
+    if shift_bos is not None:
+        prompt = [shift_bos, *prompt]
     total = min(len(prompt) + max_new, max_len)
     if len(prompt) >= total:
         raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {max_len}, leaving no room to generate")
@@ -104,13 +135,13 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
     step_ms, commit_ms, sampler_s = [], [], 0.0
     out = np.full((num_samples, total), special.pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
-    first = len(prompt) // block
-    for j in range(first):  # the prompt's complete blocks
+    done = len(prompt) // block
+    for j in range(done):  # the prompt's complete blocks
         c0 = time.perf_counter()
-        yield _commit(out[:, j * block : (j + 1) * block], j * block)
+        first.keep((yield _commit(out[:, j * block : (j + 1) * block], j * block)))
         commit_ms.append((time.perf_counter() - c0) * 1e3)
-    evaluations, commits, e, folded, pending = 0, first, 0, 0, None
-    for j in range(first, -(-total // block)):
+    evaluations, commits, e, folded, pending = 0, done, 0, 0, None
+    for j in range(done, -(-total // block)):
         s, e = j * block, min((j + 1) * block, total)
         canvas = np.full((num_samples, block), special.mask, dtype=np.int32)
         fixed = np.zeros_like(canvas, dtype=bool)
@@ -118,13 +149,13 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
         canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
         fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
         canvas[:, e - s :] = special.pad
-        steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e))
-        result = yield from _denoise(steps, s, pending)
+        steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e, len(prompt) - len(given)))
+        result = yield from _denoise(steps, s, pending, first)
         if pending is not None and result.evaluations:
             folded, pending = folded + 1, None
         if pending is not None:  # no network call in this block (nothing to denoise): commit on its own
             c0 = time.perf_counter()
-            yield _commit(*pending)
+            first.keep((yield _commit(*pending)))
             commit_ms.append((time.perf_counter() - c0) * 1e3)
             commits, pending = commits + 1, None
         evaluations += result.evaluations
@@ -138,10 +169,10 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
             pending = (out[:, s:e].copy(), s)
         else:
             c0 = time.perf_counter()
-            yield _commit(out[:, s:e], s)
+            first.keep((yield _commit(out[:, s:e], s)))
             commit_ms.append((time.perf_counter() - c0) * 1e3)
             commits += 1
-    return BlockResult(out[:, :e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit_ms,
+    return BlockResult(out[:, len(prompt) - len(given) : e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit_ms,
                        sampler_s, folded)
 
 
@@ -149,8 +180,9 @@ def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: in
     """`block_calls` on a runner, folding commits when it has the commit-step graph."""
     tok = runner.tokenizer
     special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
+    shift_bos = tok.bos_id if runner.cfg.shift else None
     return drive(runner, block_calls(prompt_ids, max_new, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len,
-                                     num_samples, on_step, fold="commit_step" in runner.graphs))
+                                     num_samples, on_step, fold="commit_step" in runner.graphs, shift_bos=shift_bos))
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
@@ -159,7 +191,8 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
     sampler = (sampler or SamplerConfig()).validate()
     ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
     check_context(runner, ids, length)
-    r = generate_blocks(runner, ids, length or runner.cfg.canvas_len - len(ids), num_samples, sampler, on_step)
+    room = runner.cfg.canvas_len - len(ids) - int(runner.cfg.shift)  # a shifted model's start token takes a position
+    r = generate_blocks(runner, ids, length or room, num_samples, sampler, on_step)
     texts = [runner.tokenizer.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r, runner.name, runner.cfg.block_size)
 

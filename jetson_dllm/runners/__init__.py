@@ -56,12 +56,21 @@ GRAPHS: dict[str, GraphSpec] = {
 }
 
 
+def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
+    """A graph's spec for this model: a shifted block-diffusion model's commit also returns its block's top-K
+    (position 0 predicts the next block's first token)."""
+    spec = GRAPHS[graph]
+    if graph == "commit" and cfg.shift:
+        return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache)
+    return spec
+
+
 def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:
     """(inputs, outputs) a graph of this model has: name -> (dtype, dims); "B" is the batch, "T" the canvas length
     of the canvas graph, every other dim static. The one place the tensors' names and shapes are written: the
     onnxruntime check of a bundle's graphs and the TensorRT buffers read it. A cache-writing graph's outputs include
     the new keys and values (the runner writes them into its cache); the canvas graph's include the logits."""
-    spec = GRAPHS[graph]
+    spec = graph_spec(graph, cfg)
     width = family_of(cfg).positions_per_call(cfg, "T")  # a block, one token, or the canvas
     cache = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
     new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
@@ -158,7 +167,7 @@ def check_graph(runner: Runner, graph: str) -> GraphSpec:
     if graph not in runner.graphs:
         raise DllmError(f"{runner.name} runs the {', '.join(runner.graphs)} graph{'s' if len(runner.graphs) > 1 else ''} of this model, "
                         f"not {graph!r}")
-    return GRAPHS[graph]
+    return graph_spec(graph, runner.cfg)
 
 
 def valid_length(feeds: dict[str, np.ndarray], limit: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS
+from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_spec
 
 
 class CacheBuffers:
@@ -28,10 +28,10 @@ class CacheBuffers:
                        "valid_len": np.zeros((), np.int32), "k_cache": self.k, "v_cache": self.v}
         self.out = {"topk_logprobs": np.zeros((batch, width, k), np.float32), "topk_ids": np.zeros((batch, width, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32)}
-        self.bindings = {graph: self._binding(session, graph) for graph, session in sessions.items()}
+        self.bindings = {graph: self._binding(session, graph, cfg) for graph, session in sessions.items()}
 
-    def _binding(self, session, graph: str):
-        spec = GRAPHS[graph]
+    def _binding(self, session, graph: str, cfg):
+        spec = graph_spec(graph, cfg)
         io = session.io_binding()
         for name in (*spec.inputs, "k_cache", "v_cache"):
             a = self.inputs[name]

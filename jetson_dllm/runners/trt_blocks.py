@@ -83,9 +83,13 @@ class _BlockSession:
         self.gpu_ms = self.end.time_since(self.start)
         return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS)
 
-    def commit(self, tokens: np.ndarray, valid: int) -> None:
-        """Run the commit engine, then write its keys and values into the cache at `valid`, on the GPU."""
+    def commit(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Run the commit engine, then write its keys and values into the cache at `valid`, on the GPU; a shifted
+        model's commit engine also writes the block's top-K (the block step's buffers), which come back."""
         self._enqueue("commit", tokens, valid)
+        if self.cfg.shift and not self.integrated:
+            for name in SAMPLING_OUTPUTS:
+                self.cuda.memcpy_dtoh_async(self.host[name], self.device[name], self.stream)
         c, b = self.cfg, tokens.shape[1]
         row = 4 * c.head_dim  # bytes of one position's key (float32)
         for new, cache in zip(COMMIT_OUTPUTS, ("k_cache", "v_cache")):
@@ -99,6 +103,7 @@ class _BlockSession:
             copy.height = c.n_layer * tokens.shape[0] * c.n_kv_head
             copy(self.stream)
         self.stream.synchronize()  # the next call rewrites the tokens the engine read
+        return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS) if self.cfg.shift else None
 
     def cache_bytes(self) -> int:
         return sum(self.nbytes[name] for name in ON_DEVICE)
@@ -137,8 +142,8 @@ class TrtBlockRunner(RunnerBase):
         valid = valid_length(feeds, self.cfg.canvas_len - self.width + 1)
         session = self._session(tokens.shape[0])
         if graph == "commit":
-            session.commit(tokens, valid)
-            return {}
+            got = session.commit(tokens, valid)
+            return {} if got is None else {name: value for name, value in zip(SAMPLING_OUTPUTS, got) if name in outputs}
         lp, ids = session.step(tokens, valid)
         self.last_gpu_ms = session.gpu_ms
         return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}

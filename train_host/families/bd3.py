@@ -10,11 +10,18 @@ FIXED_RATIO_ACCURACY = False  # its bound's own accuracy; the fixed-ratio accura
 
 
 def train_loss(model, x, run, t, noise, generator):
-    return bd3_loss(model, x, run.cfg.mask_id, run.cfg.block_size, run.tc.schedule, *run.t_range, generator)
+    """BD3-LM's loss; an adapted model's (the token shift) scores text only, as its parent's next-token loss did."""
+    shifted = run.cfg.shift
+    return bd3_loss(model, x, run.cfg.mask_id, run.cfg.block_size, run.tc.schedule, *run.t_range, generator,
+                    shift_bos=run.tokenizer.bos_id if shifted else None, complementary=run.tc.complementary,
+                    unscored=run.tokenizer.pad_id if shifted else None)
 
 
 def nll_batch(model, x, ev: EvalContext) -> dict:
-    return bd3_nll_bound(model, x, ev.pad_id, ev.mask_id, model.cfg.block_size, n_t=ev.n_t, schedule=ev.schedule, generator=ev.generator)
+    if model.cfg.shift and ev.bos_id is None:
+        raise ValueError("evaluating a shifted block-diffusion model needs bos_id (its start token)")
+    return bd3_nll_bound(model, x, ev.pad_id, ev.mask_id, model.cfg.block_size, n_t=ev.n_t, schedule=ev.schedule, generator=ev.generator,
+                         shift_bos=ev.bos_id if model.cfg.shift else None)
 
 
 def eval_extra(run) -> dict:
