@@ -56,16 +56,28 @@ def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta, bad: str = "{}") -> dict:
+    """The optimizer's state dict from its flattened tensors and scalars; `bad` formats the error of a malformed one."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars", {}), dict):
+        raise DllmError(bad.format("the optimizer's record is not an object with param_groups"))
+    groups = meta["param_groups"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise DllmError(bad.format("the optimizer's parameter groups are malformed"))
+    known = {p for g in groups for p in g["params"]}
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
+    try:
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for key, value in meta.get("scalars", {}).items():
+            idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    except ValueError:
+        raise DllmError(bad.format(f"an optimizer entry is misnamed ({str(key)[:40]!r})")) from None
+    if set(state) - known:
+        raise DllmError(bad.format(f"optimizer state for parameter {sorted(set(state) - known)[0]}, which no group holds"))
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(
@@ -228,13 +240,40 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     model.load_state_dict(weights, strict=False)
 
 
+TRAINER_FILES = ("trainer.safetensors", "trainer.json")
+
+
 def load_trainer_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state a run resumes from (optimizer, RNG, data position), its structure checked as the weights' is: the
+    trainer files hashed in the config and unaltered, the tensors a readable safetensors file holding the RNG state,
+    the JSON an object with the step, the canvases seen and the time spent, the optimizer's tensors and scalars
+    matching its parameter groups. Anything else: one DllmError naming the checkpoint, never a traceback."""
     config = read_config(ckpt)
-    verify_files(ckpt, config, ("trainer.safetensors", "trainer.json"))
-    tensors = load_file(str(ckpt / "trainer.safetensors"))
-    meta = json.loads((ckpt / "trainer.json").read_text())
+    unlisted = [n for n in TRAINER_FILES if n not in config["files"]]
+    if unlisted:
+        raise DllmError(f"{ckpt}: {unlisted[0]} is not hashed in the config, so it cannot be trusted to resume from; "
+                        "resume from an earlier checkpoint, or start a new run with --init " + str(ckpt))
+    verify_files(ckpt, config, TRAINER_FILES)
+    bad = f"{ckpt}: the trainer state is unreadable ({{}}); resume from an earlier checkpoint, or start a new run with --init {ckpt}"
+    try:
+        tensors = load_file(str(ckpt / "trainer.safetensors"))
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError...)
+        raise DllmError(bad.format(f"trainer.safetensors: {str(e)[:80]}")) from None
+    try:
+        meta = json.loads((ckpt / "trainer.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DllmError(bad.format(f"trainer.json is not JSON: {str(e)[:60]}")) from None
+    if not isinstance(meta, dict):
+        raise DllmError(bad.format("trainer.json is not an object"))
+    for key, kinds in (("step", int), ("samples_seen", int), ("elapsed", (int, float))):
+        value = meta.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or not value >= 0:
+            raise DllmError(bad.format(f"{key} is {str(value)[:20]!r}, not a count"))
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise DllmError(bad.format("no torch RNG state"))
     if "optimizer" in meta:
-        meta["optimizer_state"] = _unflatten_optimizer(tensors, meta["optimizer"])
+        meta["optimizer_state"] = _unflatten_optimizer(tensors, meta["optimizer"], bad)
     return tensors, meta
 
 

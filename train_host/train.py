@@ -201,7 +201,13 @@ def _restore(r: _Run, resume_from: Path) -> None:
     ckpt_io.load_weights(r.core, raw, str(resume_from))
     if r.ema is not None:
         ckpt_io.load_weights(r.ema, weights, str(resume_from))
-    r.opt.load_state_dict(meta["optimizer_state"])
+    try:
+        r.opt.load_state_dict(meta["optimizer_state"])  # torch checks the groups' sizes and the tensors' shapes
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise DllmError(f"{resume_from}: the optimizer state does not fit this model ({str(e)[:80]}); resume from an earlier checkpoint") from None
+    for p in (p for g in r.opt.param_groups for p in g["params"]):
+        if any(torch.is_tensor(v) and v.dim() and v.shape != p.shape for v in r.opt.state.get(p, {}).values()):
+            raise DllmError(f"{resume_from}: the optimizer state holds a tensor of another shape than its parameter; resume from an earlier checkpoint")
     torch.set_rng_state(tensors["rng.torch"])
     r.step, r.samples_seen, r.elapsed_before = meta["step"], meta["samples_seen"], meta["elapsed"]
     r.t_range = tuple(meta.get("t_range") or noise_range(r.tc))

@@ -26,7 +26,7 @@ def run(
     steps: Annotated[int, typer.Option(help="denoising steps, network calls at most: for the whole canvas (mdlm), per block (bd3); ar models take none", min=1, max=100000)] = 64,
     length: Annotated[int, typer.Option(help="tokens to generate, rounded up to an allowed canvas; 0 = the longest canvas", min=0, max=16384)] = 0,
     strategy: Annotated[str, typer.Option(help="confidence | margin | entropy | threshold | eb (entropy-bounded) | ancestral")] = "confidence",
-    span: Annotated[int, typer.Option(help="mdlm: fill the canvas in semi-autoregressive spans of this length, left to right; 0 = the whole canvas", min=0, max=16384)] = 0,
+    span: Annotated[int, typer.Option(help="fill the canvas (mdlm) or each block (bd3: sub-blocks, as Fast-dLLM v2) in spans of this length, left to right; 0 = the whole canvas or block", min=0, max=16384)] = 0,
     threshold: Annotated[float, typer.Option(help="confidence threshold of --strategy threshold, in (0, 1]")] = 0.9,
     eb_bound: Annotated[float, typer.Option(help="--strategy eb: the entropy (nats) one step may commit in all")] = 0.1,
     temperature: Annotated[float, typer.Option(help="0 = greedy (repeats itself on small models; see the sampler results in docs/results.md)")] = 0.8,

@@ -78,7 +78,7 @@ FAMILIES: dict[str, Family] = {
                    options=SAMPLER_OPTIONS, int8=True, runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm"),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
-                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins"), int8=True,
+                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8=True,
                   runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", train_options=("block_size", "t_min", "t_max", "shift", "complementary")),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8=False, runtime="jetson_dllm.families.ar", host="train_host.families.ar"),

@@ -36,7 +36,7 @@ def test_infilling_and_an_overlong_generation_on_a_block_diffusion_bundle(bd3_bu
 
 def test_sampler_options_a_family_does_not_use_are_refused_not_ignored(bd3_bundle, ar_bundle, bundle_dir):
     """The family's record says which `dllm run` options it uses; any other one given is named and refused."""
-    for bundle, args, match in [(bd3_bundle, ("--span", "8"), "--span does not apply to the block diffusion (BD3-LM)"),
+    for bundle, args, match in [(ar_bundle, ("--span", "8"), "--span does not apply to the autoregressive baseline"),
                                 (bd3_bundle, ("--gap", "4"), "--gap does not apply"),
                                 (ar_bundle, ("--steps", "8"), "--steps does not apply to the autoregressive baseline"),
                                 (ar_bundle, ("--strategy", "threshold"), "--strategy does not apply")]:
@@ -44,6 +44,8 @@ def test_sampler_options_a_family_does_not_use_are_refused_not_ignored(bd3_bundl
         assert_clean_failure(code, err, match)
     code, out, err = run("run", bundle_dir, "-p", "Once upon a time", "--length", "8", "--span", "4", "--steps", "8")
     assert code == 0, err  # the masked-diffusion model uses both
+    code, out, err = run("run", bd3_bundle, "-p", "Once upon a time", "--length", "8", "--span", "4", "--strategy", "threshold")
+    assert code == 0 and out.startswith("Once upon a time"), err  # block diffusion: sub-blocks of its blocks
     code, out, err = run("run", ar_bundle, "-p", "Once upon a time", "--length", "8", "--temperature", "0", "--seed", "3")
     assert code == 0 and out.startswith("Once upon a time"), err  # every family samples with these
 

@@ -179,3 +179,26 @@ def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, tmp
         again = bd3.complete(o, "Once upon a time", length=20, sampler=greedy)
     assert got.tokens.tolist() == want.tokens.tolist() == again.tokens.tolist()
     assert np.asarray(got.tokens).shape[1] >= 20
+
+
+def test_sub_blocks_fill_each_block_left_to_right(adapted_run):
+    """`--span` on block diffusion (Fast-dLLM v2's sub-blocks): inside each block, no position of a later sub-block
+    is committed while an earlier one still holds a mask; with threshold decoding several commit per call."""
+    from jetson_dllm.families import bd3
+    from jetson_dllm.runners import open_runner
+    from jetson_dllm.sampler import SamplerConfig
+
+    seen = []
+    with open_runner("torch", adapted_run, threads=1) as runner:
+        mask = runner.tokenizer.mask_id
+        sampler = SamplerConfig(steps=4, strategy="threshold", threshold=0.5, span=2, temperature=0.0)
+        bd3.complete(runner, "", length=16, sampler=sampler, on_step=lambda view, step: seen.append(view[0].copy()))
+    checked = 0
+    for view in seen:
+        if len(view) < 7:  # the first block holds the start token: its spans count from the first free position
+            continue
+        tail = view[-4:]  # a whole free block (the view ends with it): sub-blocks [0, 2) and [2, 4)
+        if (tail[2:] != mask).any():
+            assert (tail[:2] != mask).all(), view
+            checked += 1
+    assert checked and any((view[-4:] == mask).any() for view in seen)

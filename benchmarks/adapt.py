@@ -1,0 +1,221 @@
+"""Block diffusion adapted from an autoregressive parent, against the parent, the parent trained on, and diffusion
+from scratch at the same compute: held-out NLL, generative perplexity under an external judge, and network calls per
+generated token at each decoding setting (issue 23).
+
+    python benchmarks/adapt.py --data runs/adapt/data --judge runs/smollm2 --out runs/adapt [--parent-steps 400]
+
+Compute is counted in network positions (rows x positions through the transformer per optimizer step): AR and MDLM
+pass B x L, block diffusion B x 2L (the noised and the clean copy), twice that with complementary masks. Every run has
+the same batch and canvas; step budgets, not time budgets, so the machine's load does not move the numbers. The
+adaptation budget is `--adapt-fraction` of the parent's compute; the from-scratch rows and the AR parent trained on
+get the parent's compute plus that budget. Training runs go `--lanes` at a time, one thread each; a finished run
+(its folder holds a checkpoint) is not trained again, so the script resumes where it stopped.
+
+Measured per model: the held-out NLL (`dllm eval` on the validation split: AR exact, diffusion the bound, over the
+same text tokens, padding never scored), then `--samples` stories from the start token at temperature 0.8 for each
+decoding setting, scored by the judge (a model none of these is: SmolLM2-135M imported with `dllm import`), with the
+network calls each token cost (block steps plus the commits not folded into them; AR: one per token); the real
+held-out stories' score under the same judge is the reference row. Tokens/s on onnxruntime (batch 1, `--tokens`
+tokens, end-of-text banned, one thread) for the parent and the adapted models: `--speed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+COMMON = ["--canvas-len", "128", "--batch-size", "16", "--threads", "1", "--log-every", "20", "--eval-canvases", "64"]
+
+
+def runs(parent_steps: int, fraction: float, adapt_lr: str) -> dict[str, dict]:
+    """name -> {args, after (a run it starts from), cost (network positions per step, in AR steps)}."""
+    budget = fraction * parent_steps  # in AR-step equivalents
+    total = parent_steps + budget
+    adapt = ["--t-min", "0.001", "--t-max", "1", "--warmup", "5", "--min-lr-ratio", "0.1"]
+    out = {
+        "ar": {"args": ["--family", "ar", "--steps", str(parent_steps), "--lr", "2e-3", "--warmup", "40",
+                        "--eval-every", str(parent_steps)], "cost": 1},
+        "ar+": {"args": ["--family", "ar", "--steps", str(round(budget)), "--lr", adapt_lr, "--warmup", "5",
+                         "--eval-every", str(round(budget))], "after": "ar", "cost": 1},
+        "mdlm-scratch": {"args": ["--family", "mdlm", "--steps", str(round(total)), "--lr", "2e-3", "--warmup", "40",
+                                  "--eval-every", str(round(total))], "cost": 1},
+        "bd3-4-scratch": {"args": ["--family", "bd3", "--block-size", "4", "--steps", str(round(total / 2)), "--lr", "2e-3",
+                                   "--warmup", "40", "--eval-every", str(round(total / 4))], "cost": 2},
+    }
+    for block, shift, comp in ((4, True, True), (4, True, False), (4, False, True), (4, False, False), (8, True, True),
+                               (16, True, True), (16, False, False)):
+        cost = 2 * (2 if comp else 1)
+        steps = str(max(1, round(budget / cost)))
+        name = f"bd3-{block}" + ("-shift" if shift else "") + ("-comp" if comp else "")
+        out[name] = {"args": ["--family", "bd3", "--block-size", str(block), "--steps", steps, "--lr", adapt_lr,
+                              "--eval-every", steps, *adapt, *(["--shift"] if shift else []), *(["--complementary"] if comp else [])],
+                     "after": "ar", "cost": cost}
+    for lr in ("3e-4", "3e-3"):  # the adaptation learning rate, measured on the best recipe
+        steps = str(max(1, round(budget / 4)))
+        out[f"bd3-4-shift-comp-lr{lr}"] = {"args": ["--family", "bd3", "--block-size", "4", "--steps", steps, "--lr", lr,
+                                                    "--eval-every", steps, *adapt, "--shift", "--complementary"], "after": "ar", "cost": 4}
+    return out
+
+
+def train_all(plan: dict, data: str, out: Path, lanes: int) -> None:
+    def job(name: str) -> None:
+        spec, folder = plan[name], out / name
+        if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*")):
+            return
+        init = ["--init", str(out / spec["after"])] if "after" in spec else []
+        log = (out / f"{name}.log").open("w")
+        t0 = time.time()
+        done = subprocess.run([sys.executable, "-m", "jetson_dllm", "train", "--data", data, "--out", str(folder), *COMMON,
+                               *spec["args"], *init], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        print(f"trained {name} in {time.time() - t0:.0f} s (rc {done.returncode})", file=sys.stderr, flush=True)
+        if done.returncode:
+            raise SystemExit(f"training {name} failed: see {out / name}.log")
+
+    first = [n for n in plan if "after" not in plan[n]]
+    with ThreadPoolExecutor(lanes) as pool:
+        list(pool.map(job, first))
+        list(pool.map(job, [n for n in plan if "after" in plan[n]]))
+
+
+def settings(cfg) -> list[tuple[str, dict]]:
+    """(label, sampler options) of every decoding setting for a model."""
+    if cfg.family == "ar":
+        return [("token by token", {})]
+    if cfg.family == "mdlm":
+        return [(f"{s} steps", {"steps": s, "strategy": "confidence"}) for s in (32, 64, 128)]
+    b = cfg.block_size
+    return ([(f"{b} steps/block", {"steps": b, "strategy": "confidence"})]
+            + [(f"threshold {t}", {"steps": b, "strategy": "threshold", "threshold": t}) for t in (0.9, 0.7, 0.5)]
+            + [("eb 0.5", {"steps": b, "strategy": "eb", "eb_bound": 0.5})])
+
+
+def generate(run: Path, options: dict, samples: int, tokens: int) -> tuple[list[str], float]:
+    """`samples` stories from the start token (one batch), and the network calls per generated token."""
+    from jetson_dllm.families import family_of
+    from jetson_dllm.runners import open_runner
+    from jetson_dllm.sampler import SamplerConfig
+
+    with open_runner("torch", run, threads=1) as runner:
+        family = family_of(runner.cfg)
+        sampler = SamplerConfig(temperature=0.8, seed=0, **options)
+        g = family.runtime_module().complete(runner, "", length=tokens, num_samples=samples, sampler=sampler)
+        r = g.result
+        if family.attention == "block":  # block steps and the commits not folded into them, per token of the longest row
+            return g.texts, (r.evaluations + r.commits) / max(1, r.new_tokens)
+        if family.attention == "causal":
+            return g.texts, len(r.step_ms) / max(1, r.new_tokens)
+        return g.texts, r.evaluations / tokens  # MDLM: the whole canvas
+
+
+def reference_texts(data: str, samples: int, tokens: int) -> list[str]:
+    """The first held-out stories, cut at `tokens` tokens of our tokenizer."""
+    from train_host.data import CanvasDataset, load_manifest
+    from jetson_dllm.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(Path(data) / "tokenizer.json")
+    ds = CanvasDataset(data, "val", tokens, tok.pad_id)
+    import numpy as np
+
+    rows = ds.batch(np.arange(samples))
+    load_manifest(data)
+    return [tok.decode([int(t) for t in row if t != tok.pad_id]) for row in rows]
+
+
+def speed(run: Path, out: Path, options: dict, tokens: int) -> float:
+    """Tokens/s on onnxruntime (FP32, batch 1, one thread, end-of-text banned), median of 3."""
+    from jetson_dllm.families import family_of
+    from jetson_dllm.runners import open_runner
+    from jetson_dllm.sampler import SamplerConfig
+    from train_host.export import export_bundle
+
+    bundle = out / "bundles" / run.name
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(run, bundle, overwrite=True)
+    with open_runner("onnx", bundle, threads=1) as runner:
+        family = family_of(runner.cfg)
+        sampler = SamplerConfig(temperature=0.0, allow_end=False, **options)
+        times = [family.runtime_module().bench_generate(runner, run.name, 1, tokens, sampler).seconds for _ in range(4)][1:]
+    return tokens / sorted(times)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--judge", required=True, help="an AR checkpoint none of the judged is (e.g. SmolLM2 from dllm import)")
+    ap.add_argument("--out", default="runs/adapt")
+    ap.add_argument("--parent-steps", type=int, default=400)
+    ap.add_argument("--adapt-fraction", type=float, default=0.3)
+    ap.add_argument("--adapt-lr", default="1e-3")
+    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--speed", default="ar,bd3-4-shift-comp,bd3-16-shift-comp", help="models timed on onnxruntime")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = runs(args.parent_steps, args.adapt_fraction, args.adapt_lr)
+    train_all(plan, args.data, out, args.lanes)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from train_host.checkpoint import load_checkpoint
+    from train_host.evaluate import evaluate_checkpoint
+    from train_host.judge import Judge
+
+    judge = Judge(args.judge)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    ref = reference_texts(args.data, args.samples, args.tokens)
+    results["reference"] = {"judge_ppl": judge.perplexity(ref)}
+    for name, spec in plan.items():
+        run = out / name
+        row = results.get(name) or {}
+        if "nll" not in row:
+            m = evaluate_checkpoint(run, args.data, canvases=10_000, threads=1)
+            row.update(nll=m["val_nll"], nll_kind=m["nll_kind"], compute=spec["cost"] * int(spec["args"][spec["args"].index("--steps") + 1]))
+        cfg = load_checkpoint(run)[0]
+        for label, options in settings(cfg):
+            if label not in row.get("decoding", {}):
+                texts, calls = generate(run, options, args.samples, args.tokens)
+                row.setdefault("decoding", {})[label] = {"judge_ppl": judge.perplexity(texts), "calls_per_token": calls,
+                                                         "sample": texts[0][:300]}
+        results[name] = row
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"measured {name}", file=sys.stderr, flush=True)
+    for name in [n for n in args.speed.split(",") if n]:
+        cfg = load_checkpoint(out / name)[0]
+        for label, options in settings(cfg):
+            results[name]["decoding"][label].setdefault("onnx_tokens_per_s", speed(out / name, out, options, args.tokens))
+        results_path.write_text(json.dumps(results, indent=1))
+    print(table(results, plan, args))
+
+
+def table(results: dict, plan: dict, args) -> str:
+    parent = results["ar"]["nll"]
+    lines = [f"Parent: AR, {args.parent_steps} steps; adaptation budget {args.adapt_fraction:.0%} of its compute; judge "
+             f"{args.judge} (real held-out stories: perplexity {results['reference']['judge_ppl']:.1f}). Compute in AR steps "
+             "(B x L network positions).", "",
+             "| model | from | compute | held-out NLL | vs parent | decoding | calls/token | judge ppl | tokens/s (onnx) |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for name, spec in plan.items():
+        row = results[name]
+        start = "ar" if "after" in spec else "scratch"
+        for i, (label, d) in enumerate(row["decoding"].items()):
+            head = (f"| {name} | {start} | {row['compute']} | {row['nll']:.3f} ({row['nll_kind']}) | {row['nll'] / parent - 1:+.1%} "
+                    if i == 0 else "| | | | | ")
+            tps = d.get("onnx_tokens_per_s")
+            lines.append(head + f"| {label} | {d['calls_per_token']:.2f} | {d['judge_ppl']:.1f} | {f'{tps:.0f}' if tps else ''} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}: {math.nan if not results[n].get('decoding') else next(iter(results[n]['decoding'].values()))['sample']!r}"
+                                               for n in plan)
+
+
+if __name__ == "__main__":
+    main()
