@@ -29,7 +29,7 @@ def settings(cfg, tokens: int) -> list[tuple[list[int], str]]:
     """The sweeps for a model, (steps, strategy) each: confidence at several step counts (MDLM over the canvas, BD3 per
     block, up to one per token), then the entropy-bounded and the threshold samplers (their defaults: 0.1 nats, 0.9)
     with one step per token as their cap; AR: one."""
-    if cfg.causal:
+    if cfg.attention == "causal":  # (the model config's own field `causal` became its family's attention)
         return [([1], "confidence")]
     most = cfg.block_size or tokens
     return [(sorted({max(1, most // 4), max(1, most // 2), most}), "confidence"), ([most], "eb"), ([most], "threshold")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
@@ -53,6 +55,7 @@ def create_app(runner, model_name: str, api_key: str | None = None, max_batch: i
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_exception_handler(ApiError, server.api_error)
     app.add_exception_handler(RequestValidationError, server.invalid)
+    app.add_exception_handler(StarletteHTTPException, server.http_error)  # the framework's own 404, 405, 400...
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
     app.get("/v1/models")(server.models)
@@ -79,13 +82,22 @@ class Server:
         self.metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
 
+    async def http_error(self, request, exc: StarletteHTTPException):
+        """The framework's errors (an unknown path, a wrong method, a body it could not parse) in OpenAI's shape."""
+        self.metrics.requests.labels(request.url.path, str(exc.status_code)).inc()
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no such path: {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, code=code), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
     async def invalid(self, request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         self.metrics.requests.labels(request.url.path, "400").inc()
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
         param = next((str(p) for p in first["loc"] if p != "body"), None)
-        return JSONResponse(error_body(f"{param + ': ' if param else ''}{first['msg']}", param=param), status_code=400)
+        where = ".".join(str(p) for p in first["loc"] if p != "body" and not _TYPE_TAG.match(str(p)))  # messages.0.name
+        return JSONResponse(error_body(f"{where + ': ' if where else ''}{first['msg']}", param=param), status_code=400)
 
     def authorize(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
@@ -258,6 +270,9 @@ class Server:
                 "api_key": bool(self.api_key)}
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")  # a union member pydantic names in the location
+
+
 class BodyLimit:
     """A pure ASGI middleware: request bodies over `limit` bytes get a 413 before they are read whole."""
 
@@ -270,19 +285,26 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._too_large(send)
-        seen = 0
+        seen, over = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
+                over = True  # a body without Content-Length (chunked): refused as soon as it passes the limit
                 raise _TooLarge
             return message
 
+        async def unless_over(message):
+            if not over:  # the framework may turn the read's error into its own 400: the 413 goes out instead
+                await send(message)
+
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, unless_over)
         except _TooLarge:
+            pass
+        if over:
             await self._too_large(send)
 
     async def _too_large(self, send):

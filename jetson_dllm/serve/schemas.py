@@ -10,7 +10,10 @@ from jetson_dllm.sampler import STRATEGIES
 
 
 class Knobs(BaseModel):
-    """What a diffusion model adds to the OpenAI fields (all optional; `dllm run`'s defaults)."""
+    """What a diffusion model adds to the OpenAI fields (all optional; `dllm run`'s defaults). Types are strict: `true`
+    is not a count and "yes" is not a boolean (refused, never coerced); an integer is a number."""
+
+    model_config = ConfigDict(strict=True)
 
     steps: int = Field(64, ge=1, le=4096, description="denoising steps (network evaluations at most)")
     strategy: Literal[STRATEGIES] = Field("confidence", description="which masked positions to commit first")  # type: ignore[valid-type]
@@ -24,7 +27,7 @@ class Knobs(BaseModel):
 class _Sampling(Knobs):
     """The OpenAI fields both endpoints share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
@@ -48,6 +51,8 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # a field we would not read (name, tool_calls...) is refused
+
     role: Literal["system", "user", "assistant", "developer"]
     content: str
 

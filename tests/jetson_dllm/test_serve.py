@@ -119,6 +119,15 @@ BAD = [
     ("empty messages", {"json": {"messages": []}, "path": "/v1/chat/completions"}, 400, "messages"),
     ("echo is not silently ignored", {"json": {"prompt": "hi", "echo": True}}, 400, "echo"),
     ("a lone surrogate", {"content": b'{"prompt": "hi \\udcff there"}'}, 400, "not valid Unicode"),
+    ("max_tokens: true is not a count", {"json": {"prompt": "hi", "max_tokens": True}}, 400, "max_tokens"),
+    ("stream: 'yes' is not a boolean", {"json": {"prompt": "hi", "stream": "yes"}}, 400, "stream"),
+    ("canvas: 'yes' is not a boolean", {"json": {"prompt": "hi", "canvas": "yes"}}, 400, "canvas"),
+    ("steps: '8' is not a number", {"json": {"prompt": "hi", "steps": "8"}}, 400, "steps"),
+    ("an unknown field inside a message", {"json": {"messages": [{"role": "user", "content": "hi", "name": "x"}]},
+                                           "path": "/v1/chat/completions"}, 400, "name"),
+    ("a chunked body over the limit, no Content-Length", {"content": (b"x" * (1 << 20) for _ in range(10))}, 413, "larger than"),
+    ("a path that does not exist", {"json": {"prompt": "hi"}, "path": "/v1/engines"}, 405, "not allowed"),
+    ("a method a route does not take", {"json": {}, "path": "/v1/models"}, 405, "not allowed"),
 ]
 
 
@@ -131,6 +140,12 @@ def test_bad_requests_get_openai_error_objects_and_the_server_keeps_serving(serv
     assert match in error["message"] or match == error.get("param"), error
     assert set(error) >= {"message", "type", "param", "code"}
     assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_the_frameworks_own_errors_are_openai_errors(server):
+    r = httpx.get(f"{server.url}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+    assert httpx.get(f"{server.url}/", timeout=10).text.lstrip().lower().startswith("<!doctype html")  # the page still serves
 
 
 def test_api_key(bundle_dir):
