@@ -73,7 +73,7 @@ def main() -> None:
                                      quality_samples=args.samples, judge=judge.perplexity)
             results += done
         for r in results:
-            rows.append({"name": name, "objective": "ar" if cfg.causal else (f"bd3 b={cfg.block_size}" if cfg.block_size else "mdlm"),
+            rows.append({"name": name, "objective": f"bd3 b={cfg.block_size}" if cfg.block_size else cfg.family,
                          "train_steps": config.get("step"), "val_nll": metrics["val_nll"], **asdict(r)})
         print(f"{name}: NLL {metrics['val_nll']:.3f}, " + ", ".join(f"{r.steps}/{r.strategy}: {r.tokens_per_s:.0f} tok/s, "
                                                                   f"ppl {r.gen_ppl:.1f}" for r in results), flush=True)
