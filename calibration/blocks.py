@@ -27,6 +27,7 @@ from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.parity import mask_at_ratios
+from jetson_dllm.runners import SAMPLING_OUTPUTS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 
 
@@ -73,6 +74,11 @@ class BlockFeeds(FeedReader):
             yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b)}
 
 
+def _heads(out: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of a call's top-K log-probabilities and ids (the runner reuses its buffers)."""
+    return tuple(np.array(out[o], copy=True) for o in SAMPLING_OUTPUTS)
+
+
 def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pad_id: int,
                  seed: int = 0) -> dict[str, dict[str, dict]]:
     """Per runner (a graph pair) and noise bucket: masked-token top-1 accuracy against the reference's, their top-1
@@ -86,8 +92,7 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
         clean = canvases[:, j * b : (j + 1) * b]
         for lo, hi in BUCKETS:
             z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
-            outs = {name: tuple(np.array(o, copy=True) for o in g.run("block_step", {"tokens": z, "valid_len": _at(j * b)}).values())
-                    for name, g in pairs.items()}
+            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b)})) for name, g in pairs.items()}
             want = clean[masked]
             ref_lp, ref_ids = outs["ref"]
             for name in others:

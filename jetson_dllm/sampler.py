@@ -195,13 +195,13 @@ def sample_steps(
                 evaluations += 1
             net_s = time.perf_counter() - step_t0 if evaluated else 0.0
             network_s += net_s
-            logprobs, ids = outputs
+            logprobs, ids, *more = outputs  # (top-K log-probabilities, ids[, each position's entropy from the graph])
             if time.perf_counter() >= deadline:  # out of time: best token everywhere, done
                 commit = free
                 chosen = _best_allowed(logprobs, ids, no_end, special)
                 deadline_hit = True
             else:
-                chosen, score, entropy = _candidates(logprobs, ids, no_end, special, cfg, rng)
+                chosen, score, entropy = _candidates(logprobs, ids, no_end, special, cfg, rng, more[0] if more else None)
                 commit = _select(todo, score, k, cfg, rng, entropy)
                 if cfg.defer_twins and k > 1:  # never on a block's last step: it must finish
                     commit = _defer_twins(commit, chosen, score)
@@ -222,9 +222,11 @@ def sample_steps(
     return SampleResult(canvas, steps, evaluations, deadline_hit, network_s, total - network_s, history)
 
 
-def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, rng,
+                full_entropy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A token for every position (B, T), the score that orders commits (higher = sooner), and the entropy of
-    each position's (top-K) distribution."""
+    each position's distribution: the whole distribution's when the graph returned it (`full_entropy`), else the
+    renormalised top-K's (an underestimate: older bundles, TensorRT engines)."""
     banned = _banned(ids, no_end, special)
     logits = candidate_distribution(logprobs, cfg.temperature, cfg.top_k, cfg.top_p)
     logits = np.where(banned, NEG_INF, logits)
@@ -236,7 +238,7 @@ def _candidates(logprobs, ids, no_end, special: SpecialIds, cfg: SamplerConfig, 
     chosen = np.take_along_axis(ids, pick[..., None], -1)[..., 0]
     probs = np.exp(logprobs)  # the model's own probabilities rank the candidates
     p = probs / probs.sum(-1, keepdims=True)
-    entropy = -(p * np.log(np.maximum(p, 1e-20))).sum(-1)
+    entropy = -(p * np.log(np.maximum(p, 1e-20))).sum(-1) if full_entropy is None else np.asarray(full_entropy, dtype=np.float32)
     if cfg.strategy == "margin":
         score = probs[..., 0] - probs[..., 1]
     elif cfg.strategy == "entropy":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from train_host.bd3 import fused_mask
-from train_host.model import Denoiser, shifted, topk_logprobs
+from train_host.model import Denoiser, sampling_head, shifted
 
 
 class TensorCache:
@@ -59,7 +59,7 @@ class BlockStep(torch.nn.Module):
     def forward(self, tokens, k_cache, v_cache, valid_len):
         h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
         logits = self.model.logits_from_hidden(h)
-        return topk_logprobs(shifted(logits) if self.model.cfg.shift else logits, self.k)
+        return sampling_head(shifted(logits) if self.model.cfg.shift else logits, self.k)
 
 
 class CommitStep(torch.nn.Module):
@@ -76,8 +76,8 @@ class CommitStep(torch.nn.Module):
         mask = torch.cat([past, fused_mask(b, tokens.device)], dim=1)
         h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
         rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
-        lp, ids = topk_logprobs(self.model.logits_from_hidden(rows), self.k)
-        return lp, ids, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
+        lp, ids, entropy = sampling_head(self.model.logits_from_hidden(rows), self.k)
+        return lp, ids, entropy, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
 
 
 class Commit(torch.nn.Module):
@@ -91,7 +91,7 @@ class Commit(torch.nn.Module):
         h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
         new = (torch.stack(cache.new_k), torch.stack(cache.new_v))
         if self.model.cfg.shift:
-            return (*topk_logprobs(shifted(self.model.logits_from_hidden(h)), self.k), *new)
+            return (*sampling_head(shifted(self.model.logits_from_hidden(h)), self.k), *new)
         return new
 
 
@@ -116,15 +116,15 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     try:
         with quiet_exporter(), torch.no_grad():
             torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model), str(paths["block_step"]), input_names=names,
-                              output_names=["topk_logprobs", "topk_ids"], opset_version=opset, dynamo=True, external_data=False,
+                              output_names=["topk_logprobs", "topk_ids", "entropy"], opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
-            commit_out = ["topk_logprobs", "topk_ids"] * model.cfg.shift + ["k_new", "v_new"]
+            commit_out = ["topk_logprobs", "topk_ids", "entropy"] * model.cfg.shift + ["k_new", "v_new"]
             torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
                               output_names=commit_out, opset_version=opset, dynamo=True, external_data=False,
                               dynamic_shapes=dynamic)
             tokens = example_inputs(model)[0]
             torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),
-                              input_names=["prev_tokens", *names], output_names=["topk_logprobs", "topk_ids", "k_new", "v_new"],
+                              input_names=["prev_tokens", *names], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new"],
                               opset_version=opset, dynamo=True, external_data=False, dynamic_shapes={"prev_tokens": {0: batch}, **dynamic})
     finally:
         model.set_attention("sdpa")

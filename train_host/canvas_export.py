@@ -24,7 +24,7 @@ from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
 from jetson_dllm.runners.torch_runner import TorchRunner
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.families import ExportOptions
-from train_host.model import Denoiser, topk_logprobs
+from train_host.model import Denoiser, sampling_head
 from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
 
 PARITY_RATIOS = (0.15, 0.5, 0.9)
@@ -34,7 +34,7 @@ FP32_MIN_TOP1 = 0.999
 
 
 class ExportedDenoiser(torch.nn.Module):
-    """The exported graph: tokens -> (logits, top-K log-probabilities, top-K ids)."""
+    """The exported graph: tokens -> (logits, top-K log-probabilities, top-K ids, each position's entropy)."""
 
     def __init__(self, model: Denoiser, k: int):
         super().__init__()
@@ -42,8 +42,8 @@ class ExportedDenoiser(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor):
         logits = self.model(tokens)
-        values, ids = topk_logprobs(logits, self.k)
-        return logits, values, ids
+        values, ids, entropy = sampling_head(logits, self.k)
+        return logits, values, ids, entropy
 
 
 def export_onnx(model: Denoiser, path: Path, k: int) -> None:
@@ -59,7 +59,7 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
             ExportedDenoiser(model, k).eval(), (example,), str(path), input_names=["tokens"],
-            output_names=["logits", "topk_logprobs", "topk_ids"], dynamic_shapes={"tokens": {0: batch, 1: canvas}},
+            output_names=["logits", "topk_logprobs", "topk_ids", "entropy"], dynamic_shapes={"tokens": {0: batch, 1: canvas}},
             opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
         )
     model.set_attention("sdpa")

@@ -214,6 +214,17 @@ def shifted(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:, -1:], logits[:, :-1]], dim=1)
 
 
+def sampling_head(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_logprobs` and each position's entropy (nats) of the *whole* distribution, (B, T) float32: a reduction
+    next to the logsumexp the head computes anyway (H = logsumexp - sum p * logit), which the entropy-bounded
+    sampler needs (the renormalised top-K understates it)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, ids = torch.topk(logits, k, dim=-1)
+    entropy = lse[..., 0] - (torch.exp(logits - lse) * logits).sum(-1)
+    return values - lse, ids.to(torch.int32), entropy
+
+
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log_softmax restricted to the top k, without writing a second vocabulary-sized tensor."""
     logits = logits.float()

@@ -86,18 +86,21 @@ class _First:
     (position 0 of its output), spliced into every step of the block. Unshifted models: nothing to keep."""
 
     def __init__(self, shifted: bool):
-        self.shifted, self.lp, self.ids = shifted, None, None
+        self.shifted, self.kept = shifted, None
 
     def keep(self, got: dict) -> None:
         if self.shifted:
-            self.lp, self.ids = got["topk_logprobs"][:, :1].copy(), got["topk_ids"][:, :1].copy()
+            self.kept = {k: v[:, :1].copy() for k, v in got.items() if k in ("topk_logprobs", "topk_ids", "entropy")}
 
-    def splice(self, got: dict) -> tuple[np.ndarray, np.ndarray]:
-        lp, ids = got["topk_logprobs"], got["topk_ids"]
-        if self.shifted and self.lp is not None:
-            lp, ids = lp.copy(), ids.copy()
-            lp[:, :1], ids[:, :1] = self.lp, self.ids
-        return lp, ids
+    def splice(self, got: dict) -> tuple:
+        """What the sampler takes: top-K log-probabilities, ids, and the entropy where the graph returns it."""
+        out = {k: got.get(k) for k in ("topk_logprobs", "topk_ids", "entropy")}
+        if self.shifted and self.kept is not None:
+            for k, v in self.kept.items():
+                if out[k] is not None:
+                    out[k] = out[k].copy()
+                    out[k][:, :1] = v
+        return out["topk_logprobs"], out["topk_ids"], out["entropy"]
 
 
 def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First) -> Generator[Call, dict, object]:

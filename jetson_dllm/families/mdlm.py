@@ -62,7 +62,7 @@ def canvas_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sam
         canvas = next(steps)
         while True:
             out = yield Call("canvas", {"tokens": canvas})
-            canvas = steps.send((out["topk_logprobs"], out["topk_ids"]))
+            canvas = steps.send((out["topk_logprobs"], out["topk_ids"], out.get("entropy")))
     except StopIteration as done:
         return done.value
 

@@ -31,6 +31,7 @@ from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
 SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
+ENTROPY = "entropy"  # (B, T) the whole distribution's entropy: graphs exported since it came return it, older ones not
 COMMIT_OUTPUTS = ("k_new", "v_new")  # inside a runner: the keys and values a cache-writing graph computed
 
 
@@ -76,7 +77,7 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
     new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
     known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ()),
              "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", ("B", width, topk)),
-             "topk_ids": ("int32", ("B", width, topk)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
+             "topk_ids": ("int32", ("B", width, topk)), ENTROPY: ("float32", ("B", width)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
     outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
@@ -157,7 +158,7 @@ def sampling_fn(runner: Runner):
 
     def run(canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = runner.run("canvas", {"tokens": canvas})
-        return out["topk_logprobs"], out["topk_ids"]
+        return out["topk_logprobs"], out["topk_ids"], out.get(ENTROPY)
 
     return run
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_spec
+from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_spec
 
 
 class CacheBuffers:
@@ -27,7 +27,7 @@ class CacheBuffers:
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
                        "valid_len": np.zeros((), np.int32), "k_cache": self.k, "v_cache": self.v}
         self.out = {"topk_logprobs": np.zeros((batch, width, k), np.float32), "topk_ids": np.zeros((batch, width, k), np.int32),
-                    "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32)}
+                    "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32), ENTROPY: np.zeros((batch, width), np.float32)}
         self.bindings = {graph: self._binding(session, graph, cfg) for graph, session in sessions.items()}
 
     def _binding(self, session, graph: str, cfg):
@@ -36,7 +36,8 @@ class CacheBuffers:
         for name in (*spec.inputs, "k_cache", "v_cache"):
             a = self.inputs[name]
             io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        for name in spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ()):
+        has_entropy = ENTROPY in {o.name for o in session.get_outputs()}
+        for name in spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ()) + ((ENTROPY,) if has_entropy else ()):
             a = self.out[name]
             io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         return io

@@ -10,7 +10,7 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import GRAPHS, RunnerBase, check_graph, check_tokens, graph_signature, valid_length
+from jetson_dllm.runners import ENTROPY, GRAPHS, RunnerBase, check_graph, check_tokens, graph_signature, valid_length
 from jetson_dllm.runners.onnx_cache import CacheBuffers
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -137,6 +137,8 @@ class OnnxRunner(RunnerBase):
         self.topk = int(outputs["topk_ids"][-1])
         self.width = {s.name: s.shape for s in first.get_inputs()}["tokens"][1]  # a cached graph's tokens per call
         self.name = f"onnx-{first.get_providers()[0].replace('ExecutionProvider', '').lower()}"
+        # The optional entropy output, where a graph has it (exported since it came): returned with the top-K.
+        self.extra = {g: (ENTROPY,) if ENTROPY in {o.name for o in s.get_outputs()} else () for g, s in sessions.items()}
         self._bound: dict[tuple[int, int], tuple] = {}
         self.cache: dict[int, CacheBuffers] = {}  # batch -> the cache and its bindings, allocated once
 
@@ -148,7 +150,8 @@ class OnnxRunner(RunnerBase):
             B, T = shape
             tokens = np.zeros(shape, dtype=np.int32)
             outs = {"topk_logprobs": np.zeros((B, T, self.topk), dtype=np.float32),
-                    "topk_ids": np.zeros((B, T, self.topk), dtype=np.int32)}
+                    "topk_ids": np.zeros((B, T, self.topk), dtype=np.int32),
+                    **({ENTROPY: np.zeros((B, T), dtype=np.float32)} if self.extra["canvas"] else {})}
             binding = self.sessions["canvas"].io_binding()
             binding.bind_input("tokens", "cpu", 0, np.int32, list(shape), tokens.ctypes.data)
             for name, arr in outs.items():
@@ -158,7 +161,7 @@ class OnnxRunner(RunnerBase):
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         spec = check_graph(self, graph)
-        outputs = outputs or spec.outputs
+        outputs = outputs or spec.outputs + (self.extra[graph] if spec.outputs else ())
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
         tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)

@@ -8,7 +8,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens, valid_length
+from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens, valid_length
 
 DEFAULT_TOPK = 64
 MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840; the same bound everywhere
@@ -46,7 +46,7 @@ class TorchRunner(RunnerBase):
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         spec = check_graph(self, graph)
-        outputs = outputs or spec.outputs
+        outputs = outputs or spec.outputs + ((ENTROPY,) if spec.outputs else ())
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
         torch = self.torch
@@ -58,12 +58,14 @@ class TorchRunner(RunnerBase):
         result = {}
         if "logits" in outputs:
             result["logits"] = logits.float().cpu().numpy()
-        if any(o in outputs for o in SAMPLING_OUTPUTS):
-            from train_host.model import topk_logprobs
+        if any(o in outputs for o in (*SAMPLING_OUTPUTS, ENTROPY)):
+            from train_host.model import sampling_head
 
-            values, ids = topk_logprobs(logits, self.topk)
+            values, ids, entropy = sampling_head(logits, self.topk)
             result["topk_logprobs"] = values.cpu().numpy()
             result["topk_ids"] = ids.cpu().numpy()
+            if ENTROPY in outputs:
+                result[ENTROPY] = entropy.cpu().numpy()
         return result
 
     def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:

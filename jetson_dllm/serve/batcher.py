@@ -134,7 +134,9 @@ class Batcher:
         for job in group:
             rows = slice(start, start + job.rows)
             start += job.rows
-            outputs = (out["topk_logprobs"][rows].copy(), out["topk_ids"][rows].copy())  # the runner reuses its buffers
+            entropy = out.get("entropy")
+            outputs = (out["topk_logprobs"][rows].copy(), out["topk_ids"][rows].copy(),  # the runner reuses its buffers
+                       None if entropy is None else entropy[rows].copy())
             try:
                 job.pending = job.steps.send(outputs)
             except StopIteration as done:

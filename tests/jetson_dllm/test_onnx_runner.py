@@ -37,10 +37,46 @@ def test_bound_buffers_are_reused_and_results_stay_right(bundle_dir):
 def test_a_sampling_step_binds_no_logits(bundle_dir):
     be = open_backend("onnx", str(bundle_dir))
     x = canvases(be.bundle, 1, 32, 0)
-    assert set(be.run("canvas", {"tokens": x})) == set(SAMPLING_OUTPUTS)
+    assert set(be.run("canvas", {"tokens": x})) == {*SAMPLING_OUTPUTS, "entropy"}
     binding = be._bound[x.shape][0]
-    # only the top-K outputs leave the session; the vocabulary-sized logits stay an internal tensor
-    assert [v.shape() for v in binding.get_outputs()] == [[1, 32, be.topk], [1, 32, be.topk]]
+    # only the top-K outputs and the entropy leave the session; the vocabulary-sized logits stay an internal tensor
+    assert [v.shape() for v in binding.get_outputs()] == [[1, 32, be.topk], [1, 32, be.topk], [1, 32]]
+
+
+def test_the_graph_returns_the_whole_distributions_entropy(bundle_dir):
+    """The entropy output is the full softmax's (checked against the logits), and larger than the renormalised
+    top-K's, which is what the sampler would use without it."""
+    be = open_backend("onnx", str(bundle_dir))
+    x = canvases(be.bundle, 2, 32, 1)
+    out = {k: v.copy() for k, v in be.run("canvas", {"tokens": x}).items()}
+    logits = be.run("canvas", {"tokens": x}, outputs=("logits",))["logits"].astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    full = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+    np.testing.assert_allclose(out["entropy"], full, atol=2e-3)
+    q = np.exp(out["topk_logprobs"])
+    q /= q.sum(-1, keepdims=True)
+    assert (out["entropy"] >= -(q * np.log(q)).sum(-1) - 1e-4).all()
+
+
+def test_a_graph_without_the_entropy_output_still_runs(bundle_dir, tmp_path):
+    """Bundles exported before the entropy output: the runner returns the top-K alone (the sampler then estimates
+    the entropy from it)."""
+    import onnx
+
+    from jetson_dllm.runners.onnx_runner import OnnxRunner, session_from_onnx
+
+    proto = onnx.load(str(bundle_dir / "model.fp32.onnx"))
+    kept = [o for o in proto.graph.output if o.name != "entropy"]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    be = open_backend("onnx", str(bundle_dir))
+    old = OnnxRunner({"canvas": session_from_onnx(tmp_path / "old.onnx", threads=1)}, be.cfg)
+    x = canvases(be.bundle, 1, 32, 2)
+    got = old.run("canvas", {"tokens": x})
+    assert set(got) == set(SAMPLING_OUTPUTS)
+    assert np.array_equal(got["topk_ids"], be.run("canvas", {"tokens": x})["topk_ids"])
 
 
 def test_cpu_int8_variant_runs_and_mostly_agrees(bundle_dir, data_dir):

@@ -284,3 +284,20 @@ def test_eb_selects_exactly_the_papers_set():
             if h.sum() - h.max() <= bound:
                 want = n
         assert set(np.flatnonzero(got)) == set(order[:want])
+
+
+def test_eb_uses_the_graphs_whole_distribution_entropy_when_given():
+    """A head whose top-K is confident but whose whole distribution is not (its mass spread past the top-K): from the
+    top-K alone the bound commits everything at once; with the graph's entropy it takes one position per step."""
+    tokens, fixed = canvas_with_prompt(1, 16, 0, np.random.default_rng(7))
+    cfg = SamplerConfig(steps=16, strategy="eb", eb_bound=0.5, temperature=0.0, allow_end=False, defer_twins=False)
+    sure = _net(True)
+
+    def spread(canvas):
+        lp, ids = sure(canvas)
+        return lp, ids, np.full(canvas.shape, 2.5, dtype=np.float32)  # 2.5 nats: the real entropy
+
+    assert sample(sure, tokens, fixed, SPECIAL, cfg).evaluations == 1
+    assert sample(spread, tokens, fixed, SPECIAL, cfg).evaluations == 16
+    none_given = lambda canvas: (*sure(canvas), None)  # noqa: E731 (a graph without the output: the top-K estimate)
+    assert sample(none_given, tokens, fixed, SPECIAL, cfg).evaluations == 1

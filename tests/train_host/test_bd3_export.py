@@ -29,10 +29,11 @@ def test_the_graphs_agree_with_the_torch_cache(tmp_path):
             z = block.clone()
             z[:, ::2] = 2  # half masked
             feeds = {"tokens": z.numpy().astype(np.int32), "k_cache": k_cache, "v_cache": v_cache, "valid_len": np.array(j * 8, np.int32)}
-            logprobs, ids = step.run(None, feeds)
+            logprobs, ids, entropy = step.run(None, feeds)
             want_lp, want_ids = block_step(model, cache, z, 8)
             np.testing.assert_allclose(logprobs, want_lp.numpy(), atol=1e-5)
             assert (ids == want_ids.numpy()).all()
+            assert entropy.shape == (2, 8) and (entropy > 0).all()  # the whole distribution's (test_onnx_runner checks its value)
             k_new, v_new = commit_graph.run(None, {**feeds, "tokens": block.numpy().astype(np.int32)})
             k_cache[:, :, :, j * 8 : (j + 1) * 8], v_cache[:, :, :, j * 8 : (j + 1) * 8] = k_new, v_new  # in place
             commit(model, cache, block)

@@ -70,7 +70,8 @@ def test_input_and_heads(bundle_dir):
     assert tokens.name == "tokens" and tokens.type.tensor_type.elem_type == onnx.TensorProto.INT32
     assert all(d.dim_param for d in tokens.type.tensor_type.shape.dim)  # batch and canvas are dynamic
     outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    assert outputs == {"logits": onnx.TensorProto.FLOAT, "topk_logprobs": onnx.TensorProto.FLOAT, "topk_ids": onnx.TensorProto.INT32}
+    assert outputs == {"logits": onnx.TensorProto.FLOAT, "topk_logprobs": onnx.TensorProto.FLOAT, "topk_ids": onnx.TensorProto.INT32,
+                       "entropy": onnx.TensorProto.FLOAT}
     assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} <= set(range(17, 21))
 
 
