@@ -101,7 +101,12 @@ def prepare_data(
         raise DllmError(f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite")
     docs = _Tracked(sources, progress or (lambda *a: None))
     with output_lock(out_dir), atomic_folder(out_dir, replace=True) as tmp:
-        if tokenizer_path:
+        if tokenizer_path and Path(tokenizer_path).is_dir():  # a checkpoint or run: its tokenizer with its recorded ids
+            from train_host.checkpoint import read_config, resolve_checkpoint
+
+            ckpt = resolve_checkpoint(tokenizer_path)
+            tok = TextTokenizer.from_file(ckpt / "tokenizer.json", read_config(ckpt)["special_ids"])
+        elif tokenizer_path:
             tok = TextTokenizer.from_file(tokenizer_path)
         else:
             tok = train_tokenizer(docs("tokenizer", tokenizer_docs), vocab_size)

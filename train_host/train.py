@@ -143,7 +143,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     data_dir, run = Path(tc.data), Path(tc.out)
     check_replaceable(run, "train_config.json", RUN_FORMAT, "training run")
     manifest = load_manifest(data_dir)
-    tokenizer = TextTokenizer.from_file(verified(data_dir, manifest, "tokenizer.json"))
+    tokenizer = TextTokenizer.from_file(verified(data_dir, manifest, "tokenizer.json"), manifest.get("special_ids"))
     cfg = tc.model_config(tokenizer)
     check_fits(training_bytes(cfg, per_rank), f"training {cfg.name} on {per_rank} canvases of {cfg.canvas_len} tokens per step",
                "lower --canvas-len or --batch-size (or raise --grad-accum)")
@@ -221,7 +221,7 @@ def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tu
     will (the token shift: its parent predicts the next token, an AR model or a shifted one; a model that predicts
     the token at its own position cannot be shifted). Returns (weights, the checkpoint's path)."""
     theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
-    loose = ("block_size", "family", "name", "shift")
+    loose = ("block_size", "family", "name", "shift", "canvas_len")  # (rotary tables are computed, not weights)
     mine = {k: v for k, v in cfg.to_dict().items() if k not in loose}
     theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in loose}
     if mine != theirs or theirs_tok.sha256 != tokenizer.sha256:

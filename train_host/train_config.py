@@ -74,6 +74,10 @@ class TrainConfig:
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
     def model_config(self, tokenizer: TextTokenizer) -> ModelConfig:
+        """The model this run trains: the named size with its overrides, or with --init the parent's own shape (an
+        imported model's is no named size) under this run's family, block size, shift and canvas."""
+        if self.init:
+            return self._from_parent()
         overrides = {k: v for k, v in (("d_model", self.d_model), ("n_layer", self.n_layer), ("n_head", self.n_head),
                                        ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
@@ -82,6 +86,17 @@ class TrainConfig:
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg
+
+
+    def _from_parent(self) -> ModelConfig:
+        from train_host.checkpoint import read_config, resolve_checkpoint
+
+        parent = ModelConfig.from_dict(read_config(resolve_checkpoint(self.init))["model"], where=f"--init {self.init}")
+        if self.canvas_len > parent.canvas_len:
+            raise DllmError(f"--canvas-len {self.canvas_len} is longer than --init {self.init} takes ({parent.canvas_len})")
+        block = self.block_size if get_family(self.objective).attention == "block" else 0
+        return ModelConfig.from_dict({**parent.to_dict(), "family": self.objective, "block_size": block, "shift": self.shift,
+                                      "canvas_len": self.canvas_len}, where=f"--init {self.init}")
 
 
 def validate(tc: TrainConfig) -> None:

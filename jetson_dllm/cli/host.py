@@ -25,7 +25,7 @@ def data(
     builtin_stories: Annotated[int, typer.Option(help="stories to generate for the built-in corpus", min=1)] = 20000,
     seed: Annotated[int, typer.Option(help="seed of the built-in corpus", min=0, max=4294967295)] = 0,
     tokenizer_docs: Annotated[int, typer.Option(help="documents the tokenizer is trained on", min=1)] = 200_000,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="reuse this tokenizer.json instead of training one")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="reuse this tokenizer.json, or a checkpoint's (a run folder: e.g. an imported model, to adapt it), instead of training one")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing data folder")] = False,
 ) -> None:
     """Prepare training data: train a byte-level BPE tokenizer and write uint16 token shards.
@@ -102,13 +102,21 @@ def train(
 
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
                                    "init": str(init) if init else ""})
-    check_train_options(tc.objective, given_options(ctx))
+    _check_given(tc, given_options(ctx))
     result = launch(tc, nproc=nproc, console=err)
     if result is None:  # not rank 0 of a torchrun job
         return
     out.print(summary(result, tc))
     if result["stop"] == "interrupted":
         raise typer.Exit(130 if result.get("signal") == 2 else 143)
+
+
+def _check_given(tc, given: set[str]) -> None:
+    """Options given that this run would not use: another family's, or a shape when --init gives the parent's."""
+    check_train_options(tc.objective, given)
+    shaped = sorted(given & {"config", "d_model", "n_layer", "n_head", "n_kv_head"})
+    if tc.init and shaped:
+        raise DllmError(f"--{shaped[0].replace('_', '-')} sets a shape, but with --init the model's shape is its parent's; leave it out")
 
 
 @app.command("import")

@@ -212,3 +212,30 @@ def test_an_imported_model_is_a_judge(imported, trained_run):
     assert 1 < real < 1e6 and 1 < noise < 1e6 and judge.tokenizer.bos_id == 1
     scored = judge_generations(trained_run, judge, samples=2, steps=4)
     assert scored["gen_ppl"] > 1 and "repetition" in scored
+
+
+def test_an_imported_model_is_adapted_into_block_diffusion(imported, tmp_path):
+    """The path to a diffusion model from a pretrained one, as a user runs it: data tokenized with the imported
+    model's tokenizer (its recorded special ids), `dllm train --family bd3 --shift --init` taking the parent's own
+    shape (no named size), and the adapted model generating; a shape option beside --init is refused."""
+    text = tmp_path / "stories.txt"
+    text.write_text("<|endoftext|>".join(TEXT))
+    code, _, err = run("data", text, "-o", tmp_path / "data", "--tokenizer", imported, "--val-fraction", "0.1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "data" / "data.json").read_text())["special_ids"] == json.loads(
+        next((imported / "checkpoints").iterdir()).joinpath("config.json").read_text())["special_ids"]
+    common = ["--data", tmp_path / "data", "--family", "bd3", "--block-size", "4", "--shift", "--init", imported, "--canvas-len", "32",
+              "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--eval-canvases", "4", "--threads", "1", "--warmup", "1"]
+    code, _, err = run("train", "-o", tmp_path / "child", *common, timeout=300)
+    assert code == 0, err[-2000:]
+    from train_host import checkpoint as ck
+
+    parent, child = ck.load_checkpoint(str(imported))[0], ck.load_checkpoint(str(tmp_path / "child"))[0]
+    assert (child.family, child.block_size, child.shift, child.canvas_len) == ("bd3", 4, True, 32)
+    assert (child.d_model, child.n_kv_head, child.d_ff, child.rope_theta, child.tie_embeddings) == (
+        parent.d_model, parent.n_kv_head, parent.d_ff, parent.rope_theta, parent.tie_embeddings)
+    code, out, err = run("run", tmp_path / "child", "-p", "Tom and", "--length", "8", "--steps", "4", "--no-live")
+    assert code == 0 and out.startswith("Tom and"), err
+    code, _, err = run("train", "-o", tmp_path / "other", *common, "--n-layer", "3")
+    assert_clean_failure(code, err, "with --init the model's shape is its parent's")
+    assert not (tmp_path / "other").exists()
