@@ -4,6 +4,9 @@ its parent (the same NLL, the same greedy text)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,9 @@ from jetson_dllm.config import ModelConfig
 from train_host.autoregressive import ar_nll
 from train_host.bd3 import bd3_loss, bd3_nll_bound, shift_sources
 from train_host.model import Denoiser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bad_input"))
+from refusal import run  # noqa: E402
 
 PAD, BOS, MASK = 0, 1, 3
 
@@ -161,15 +167,18 @@ def test_adapted_model_records_the_shift_and_refuses_to_lose_it(adapted_run, dat
         train_small(data_dir, tmp_path / "c", steps=1, objective="bd3", block_size=4, init=str(adapted_run))
 
 
-def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, tmp_path):
+def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, data_dir, tmp_path):
     """The shifted graphs (block step, commit with its top-K, commit step) pass the export's parity check against
-    torch, and onnxruntime writes the torch runner's greedy tokens."""
+    torch at FP32, FP16 and INT8 (calibrated), onnxruntime writes the torch runner's greedy tokens, and every verb
+    takes the adapted model (eval, bench)."""
+    from calibration.quantize import Int8Options
     from jetson_dllm.families import bd3
     from jetson_dllm.runners import open_runner
     from jetson_dllm.sampler import SamplerConfig
     from train_host.export import export_bundle
 
-    bundle = export_bundle(adapted_run, tmp_path / "bundle")
+    bundle = export_bundle(adapted_run, tmp_path / "bundle", precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir),
+                           int8=Int8Options(n_canvases=16, eval_canvases=16, budget=100.0))
     assert bundle.manifest["graphs"]["commit"]["outputs"] == ["topk_logprobs", "topk_ids"]
     greedy = SamplerConfig(steps=4, temperature=0.0)
     with open_runner("torch", adapted_run, threads=1) as t, open_runner("onnx", tmp_path / "bundle") as o:
@@ -179,6 +188,12 @@ def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, tmp
         again = bd3.complete(o, "Once upon a time", length=20, sampler=greedy)
     assert got.tokens.tolist() == want.tokens.tolist() == again.tokens.tolist()
     assert np.asarray(got.tokens).shape[1] >= 20
+    code, out, err = run("run", tmp_path / "bundle", "--precision", "int8", "-p", "Once upon a time", "--length", "8", "--no-live")
+    assert code == 0 and out.startswith("Once upon a time"), err
+    code, out, err = run("eval", adapted_run, "--data", data_dir, "--canvases", "4")
+    assert code == 0 and "bound" in out, err
+    code, out, err = run("bench", tmp_path / "bundle", "--steps", "4", "--repeats", "1", "--canvas", "16", timeout=300)
+    assert code == 0, err
 
 
 def test_sub_blocks_fill_each_block_left_to_right(adapted_run):
