@@ -16,6 +16,18 @@ from train_host.checkpoint import load_model
 from train_host.families import ExportOptions
 
 
+def _check_data(data_dir: str, tokenizer, family, int8: bool) -> None:
+    """--data must be the model's own (its tokenizer) and must be used: for calibration, or for the canvas graph's
+    parity canvases; given to a cached family's export without --int8 it would be read by nothing."""
+    from train_host.data import load_manifest
+
+    if load_manifest(data_dir)["tokenizer_sha256"] != tokenizer.sha256:
+        raise DllmError(f"{data_dir} was tokenized with another tokenizer than the model's; give the data it was trained on")
+    if not int8 and "canvas" not in family.graphs:
+        raise DllmError(f"--data is read only by --int8 calibration for the {family.title} (its parity runs on its own "
+                        "inputs); add --int8 or leave --data out")
+
+
 def export_bundle(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -44,6 +56,8 @@ def export_bundle(
     family = family_of(cfg)
     if "int8" in precisions and not family.int8:
         raise DllmError(f"the {family.title} exports FP32 and FP16 graphs only; drop --int8")
+    if data_dir is not None:
+        _check_data(data_dir, tokenizer, family, "int8" in precisions)
     options = ExportOptions(tuple(precisions), topk, data_dir, parity_canvases, overwrite, int8, say)
     return family.host_module().export(model, tokenizer, ckpt, out_dir, options)
 

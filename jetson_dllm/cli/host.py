@@ -179,8 +179,12 @@ def eval_cmd(
         out.print(f"example: {metrics['example']}", markup=False)
 
 
+INT8_OPTIONS = {"calib_canvases", "calib_canvas_len", "calib_method", "int8_budget", "allow_over_budget", "calib_file", "seed"}
+
+
 @app.command()
 def export(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="run folder (its best checkpoint) or a checkpoints/step_* folder")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")] = Path("runs/bundle"),
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="also write the FP16 graph (RMSNorm, softmax, residuals in FP32)")] = True,
@@ -206,6 +210,9 @@ def export(
     from calibration.quantize import Int8Options
     from train_host.export import check_int8_budget, export_bundle
 
+    unused = sorted(given_options(ctx) & INT8_OPTIONS) if not int8 else []
+    if unused:
+        raise DllmError(f"--{unused[0].replace('_', '-')} is an INT8 calibration option; add --int8 or leave it out")
     precisions = ("fp32",) + (("fp16",) if fp16 or int8 else ()) + (("int8",) if int8 else ())
     options = Int8Options(n_canvases=calib_canvases, canvas_len=calib_canvas_len, method=calib_method, budget=int8_budget,
                           allow_over_budget=allow_over_budget, extra_file=str(calib_file) if calib_file else None, seed=seed)

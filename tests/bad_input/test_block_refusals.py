@@ -16,13 +16,36 @@ def test_block_sizes_that_do_not_fit_the_canvas(data_dir, tmp_path):
         assert not out.exists()
 
 
-def test_an_init_checkpoint_of_another_shape(data_dir, trained_run, tmp_path):
+def test_an_init_checkpoint_of_another_tokenizer_or_a_shape_beside_it(trained_run, tmp_path):
+    """With --init the shape is the parent's: data of another tokenizer is refused, and so is a shape option."""
+    from tests.conftest import make_data
+
+    other = make_data(tmp_path / "other", stories=200, vocab_size=300)
     before = snapshot(trained_run)
     out = tmp_path / "ft"
-    code, _, err = run("train", "--data", data_dir, "--out", out, "--objective", "bd3", "--canvas-len", "64",
-                       "--block-size", "16", "--init", trained_run, "--steps", "2")  # tiny at full width; the run is narrowed
+    code, _, err = run("train", "--data", other, "--out", out, "--objective", "bd3", "--canvas-len", "64",
+                       "--block-size", "16", "--init", trained_run, "--steps", "2")
     assert_clean_failure(code, err, "another shape or tokenizer")
+    code, _, err = run("train", "--data", other, "--out", out, "--objective", "bd3", "--d-model", "128", "--init", trained_run)
+    assert_clean_failure(code, err, "the model's shape is its parent's")
     assert not out.exists() and snapshot(trained_run) == before
+
+
+def test_export_options_that_nothing_would_read(bd3_run, trained_run, data_dir, tmp_path):
+    """INT8 options without --int8, --data on a block-diffusion export without --int8 (only calibration reads it), and
+    data of another tokenizer are refused before anything is written."""
+    from tests.conftest import make_data
+
+    other = make_data(tmp_path / "other", stories=200, vocab_size=300)
+    for run_dir, args, match in [(bd3_run, ("--calib-canvases", "8"), "--calib-canvases is an INT8 calibration option"),
+                                 (trained_run, ("--int8-budget", "2"), "--int8-budget is an INT8 calibration option"),
+                                 (bd3_run, ("--data", data_dir), "--data is read only by --int8 calibration"),
+                                 (bd3_run, ("--int8", "--data", other), "another tokenizer than the model's"),
+                                 (trained_run, ("--data", other), "another tokenizer than the model's")]:
+        out = tmp_path / "bundle"
+        code, _, err = run("export", run_dir, "-o", out, *args)
+        assert_clean_failure(code, err, match)
+        assert not out.exists()
 
 
 def test_infilling_and_an_overlong_generation_on_a_block_diffusion_bundle(bd3_bundle):
