@@ -92,6 +92,10 @@ class TrainConfig:
         from train_host.checkpoint import read_config, resolve_checkpoint
 
         parent = ModelConfig.from_dict(read_config(resolve_checkpoint(self.init))["model"], where=f"--init {self.init}")
+        for name in ("d_model", "n_layer", "n_head", "n_kv_head"):
+            if getattr(self, name) and getattr(self, name) != getattr(parent, name):
+                raise DllmError(f"--{name.replace('_', '-')} {getattr(self, name)} asks for another shape than --init {self.init} has "
+                                f"({getattr(parent, name)}); with --init the model's shape is its parent's")
         if self.canvas_len > parent.canvas_len:
             raise DllmError(f"--canvas-len {self.canvas_len} is longer than --init {self.init} takes ({parent.canvas_len})")
         block = self.block_size if get_family(self.objective).attention == "block" else 0
