@@ -105,7 +105,10 @@ def generate(run: Path, options: dict, samples: int, tokens: int) -> tuple[list[
     with open_runner("torch", run, threads=1) as runner:
         family = family_of(runner.cfg)
         sampler = SamplerConfig(temperature=0.8, seed=0, **options)
-        g = family.runtime_module().complete(runner, "", length=tokens, num_samples=samples, sampler=sampler)
+        if family.attention == "bidirectional":  # MDLM: a whole canvas from nothing (dllm run asks for a prompt)
+            g = family.runtime_module().generate(runner, runner.tokenizer, "", tokens, samples, sampler, allow_empty=True)
+        else:
+            g = family.runtime_module().complete(runner, "", length=tokens, num_samples=samples, sampler=sampler)
         r = g.result
         if family.attention == "block":  # block steps and the commits not folded into them, per token of the longest row
             return g.texts, (r.evaluations + r.commits) / max(1, r.new_tokens)
@@ -143,6 +146,26 @@ def speed(run: Path, out: Path, options: dict, tokens: int) -> float:
         sampler = SamplerConfig(temperature=0.0, allow_end=False, **options)
         times = [family.runtime_module().bench_generate(runner, run.name, 1, tokens, sampler).seconds for _ in range(4)][1:]
     return tokens / sorted(times)[1]
+
+
+def zero_shot(parent: Path, data: str) -> dict[str, float]:
+    """The parent's weights as block diffusion before any adaptation: shifted at block sizes 1, 4 and 16 (at 1 it
+    is the parent), and unshifted at 4 (its head read at the wrong position); held-out NLL bound of each."""
+    from jetson_dllm.config import ModelConfig
+    from train_host import checkpoint as ck
+    from train_host.data import CanvasDataset
+    from train_host.evaluate import evaluate
+    from train_host.model import Denoiser
+
+    cfg, weights, tok, _ = ck.load_checkpoint(str(parent))
+    ds = CanvasDataset(data, "val", cfg.canvas_len, tok.pad_id)
+    out = {}
+    for block, shift in ((1, True), (4, True), (16, True), (4, False)):
+        child = Denoiser(ModelConfig.from_dict({**cfg.to_dict(), "family": "bd3", "block_size": block, "shift": shift})).eval()
+        ck.load_weights(child, weights, str(parent))
+        out[f"b={block}" + (" shifted" if shift else " unshifted")] = evaluate(child, ds, cfg.mask_id, n_canvases=10_000,
+                                                                               bos_id=tok.bos_id)["val_nll"]
+    return out
 
 
 def main() -> None:
@@ -190,6 +213,9 @@ def main() -> None:
         results[name] = row
         results_path.write_text(json.dumps(results, indent=1))
         print(f"measured {name}", file=sys.stderr, flush=True)
+    if "zero_shot" not in results:
+        results["zero_shot"] = zero_shot(out / "ar", args.data)
+        results_path.write_text(json.dumps(results, indent=1))
     for name in [n for n in args.speed.split(",") if n]:
         cfg = load_checkpoint(out / name)[0]
         for label, options in settings(cfg):
@@ -202,7 +228,8 @@ def table(results: dict, plan: dict, args) -> str:
     parent = results["ar"]["nll"]
     lines = [f"Parent: AR, {args.parent_steps} steps; adaptation budget {args.adapt_fraction:.0%} of its compute; judge "
              f"{args.judge} (real held-out stories: perplexity {results['reference']['judge_ppl']:.1f}). Compute in AR steps "
-             "(B x L network positions).", "",
+             "(B x L network positions). The parent's weights as block diffusion before any adaptation (bound): "
+             + ", ".join(f"{k} {v:.3f}" for k, v in results.get("zero_shot", {}).items()) + ".", "",
              "| model | from | compute | held-out NLL | vs parent | decoding | calls/token | judge ppl | tokens/s (onnx) |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for name, spec in plan.items():

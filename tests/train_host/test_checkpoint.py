@@ -35,7 +35,9 @@ def test_save_and_load_round_trip(tmp_path, tok):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randint(0, 50, (2, 8))).sum().backward()
     opt.step()
-    path = ck.save_checkpoint(tmp_path, 7, model, cfg, tok, {"val_nll": 2.5}, trainer_meta={"step": 7}, optimizer=opt)
+    meta = {"step": 7, "samples_seen": 14, "elapsed": 1.5}  # what training writes (load_trainer_state checks it)
+    path = ck.save_checkpoint(tmp_path, 7, model, cfg, tok, {"val_nll": 2.5}, trainer_meta=meta, optimizer=opt,
+                              trainer_tensors={"rng.torch": torch.get_rng_state()})
     assert path.name == "step_00000007"
     loaded, tok2, config = ck.load_model(tmp_path)
     for a, b in zip(model.parameters(), loaded.parameters()):
