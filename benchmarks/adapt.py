@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-COMMON = ["--canvas-len", "128", "--batch-size", "16", "--threads", "1", "--log-every", "20", "--eval-canvases", "64"]
+COMMON = ["--threads", "1", "--log-every", "20", "--eval-canvases", "64"]
 
 
 def runs(parent_steps: int, fraction: float, adapt_lr: str) -> dict[str, dict]:
@@ -64,7 +64,9 @@ def runs(parent_steps: int, fraction: float, adapt_lr: str) -> dict[str, dict]:
     return out
 
 
-def train_all(plan: dict, data: str, out: Path, lanes: int) -> None:
+def train_all(plan: dict, data: str, out: Path, lanes: int, common: list[str], size: list[str]) -> None:
+    """Every run of the plan, `lanes` at a time (the parent first); `size` goes to the runs that do not start from
+    the parent (with --init the shape is the parent's)."""
     def job(name: str) -> None:
         spec, folder = plan[name], out / name
         if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*")):
@@ -73,15 +75,14 @@ def train_all(plan: dict, data: str, out: Path, lanes: int) -> None:
         log = (out / f"{name}.log").open("w")
         t0 = time.time()
         done = subprocess.run([sys.executable, "-m", "jetson_dllm", "train", "--data", data, "--out", str(folder), *COMMON,
-                               *spec["args"], *init], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               *common, *spec["args"], *(size if not init else []), *init], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         print(f"trained {name} in {time.time() - t0:.0f} s (rc {done.returncode})", file=sys.stderr, flush=True)
         if done.returncode:
             raise SystemExit(f"training {name} failed: see {out / name}.log")
 
-    first = [n for n in plan if "after" not in plan[n]]
-    with ThreadPoolExecutor(lanes) as pool:
-        list(pool.map(job, first))
-        list(pool.map(job, [n for n in plan if "after" in plan[n]]))
+    with ThreadPoolExecutor(lanes) as pool:  # the parent first; the rest as lanes free up
+        pool.submit(job, "ar").result()
+        list(pool.map(job, [n for n in plan if n != "ar"]))
 
 
 def settings(cfg) -> list[tuple[str, dict]]:
@@ -180,11 +181,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--speed", default="ar,bd3-4-shift-comp,bd3-16-shift-comp", help="models timed on onnxruntime")
+    ap.add_argument("--runs", default="", help="only these runs (the parent always), e.g. for a quick check")
+    ap.add_argument("--canvas", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", default="", help="size flags of the runs from scratch, e.g. '--d-model 64 --n-layer 2 --n-head 2' "
+                    "(default: the tiny config)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = runs(args.parent_steps, args.adapt_fraction, args.adapt_lr)
-    train_all(plan, args.data, out, args.lanes)
+    if args.runs:
+        plan = {n: spec for n, spec in plan.items() if n == "ar" or n in args.runs.split(",")}
+    train_all(plan, args.data, out, args.lanes, ["--canvas-len", str(args.canvas), "--batch-size", str(args.batch)], args.size.split())
 
     import torch
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,3 +46,17 @@ def test_import_parity():
     table = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table}
     assert rows["Hugging Face folder"] < 1e-4 and rows["GGUF F32"] < 1e-4 and 0 < rows["GGUF Q8_0"] < 0.05
+
+
+@pytest.mark.slow
+def test_adaptation_benchmark(data_dir, ar_run, tmp_path):
+    """benchmarks/adapt.py end to end on a narrow model and a few steps: the parent, an adapted BD3 and MDLM from
+    scratch trained, measured (NLL, calls per token, judged samples, onnxruntime speed) and tabled."""
+    out = script("adapt.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "adapt", "--parent-steps", "4",
+                 "--size", "--d-model 64 --n-layer 2 --n-head 2", "--canvas", "64", "--batch", "4", "--lanes", "1",
+                 "--runs", "bd3-4-shift-comp,mdlm-scratch", "--samples", "2", "--tokens", "32", "--speed", "bd3-4-shift-comp")
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| ar | scratch") and any(r.startswith("| bd3-4-shift-comp | ar |") for r in rows)
+    adapted = [r for r in rows if r.startswith("| bd3-4-shift-comp")][0]
+    assert float(adapted.split("|")[7]) <= 1.0  # calls per token: at most one at one step per token
+    assert "b=1 shifted" in out  # the zero-shot bounds
