@@ -194,6 +194,9 @@ def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, dat
     assert code == 0 and "bound" in out, err
     code, out, err = run("bench", tmp_path / "bundle", "--steps", "4", "--repeats", "1", "--canvas", "16", timeout=300)
     assert code == 0, err
+    code, out, err = run("inspect", tmp_path / "bundle")
+    assert code == 0 and "(block 4, token shift: adapted from an AR parent)" in " ".join(out.split()), err
+    assert "of them the embedding of its vocabulary" in " ".join(out.split())
 
 
 def test_sub_blocks_fill_each_block_left_to_right(adapted_run):
