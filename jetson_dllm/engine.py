@@ -250,7 +250,7 @@ def detect_device(required: bool = True) -> Device | None:
         import tensorrt as trt
     except ImportError:
         if required:
-            raise DllmError("TensorRT is not installed here; on a Jetson run jetson-setup.sh (JetPack 6.1+), elsewhere use --backend onnx") from None
+            raise DllmError("TensorRT is not installed here; on a Jetson run jetson-setup.sh (JetPack 6.1+); on this machine run the bundle with onnxruntime (dllm run BUNDLE --backend onnx)") from None
         return None
     try:
         import pycuda.driver as cuda
@@ -263,7 +263,7 @@ def detect_device(required: bool = True) -> Device | None:
         return None
     except Exception as e:  # pycuda.driver.Error: no driver, no GPU
         if required:
-            raise DllmError(f"no CUDA GPU is usable here ({str(e).splitlines()[0][:80]}); use --backend onnx") from None
+            raise DllmError(f"no CUDA GPU is usable here ({str(e).splitlines()[0][:80]}); on this machine run the bundle with onnxruntime (dllm run BUNDLE --backend onnx)") from None
         return None
     check_trt_version(trt.__version__)
     major, minor = dev.compute_capability()

@@ -22,6 +22,7 @@ def _greedy(path: Path, backend: str, family: str) -> list[list[int]]:
            *steps, "--length", "32", "-n", "2", "--json", "--no-live"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("\n") == 1  # --json is one line, not a token per line
     return json.loads(done.stdout)["tokens"]
 
 

@@ -72,7 +72,7 @@ def print_generation(gen, json_out: bool, note: str | None = None) -> None:
     if note:
         err.print(f"[yellow]warning: {note}[/]")
     if json_out:
-        out.print_json(json.dumps(gen.to_json()))
+        out.print(json.dumps(gen.to_json()), soft_wrap=True, markup=False, highlight=False)  # one line (not a token per line)
         return
     for i, t in enumerate(gen.texts):
         header = f"--- sample {i + 1}\n" if len(gen.texts) > 1 else ""
