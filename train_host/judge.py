@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.generate import complete
+from jetson_dllm.generate import UNDERTRAINED, complete
 from jetson_dllm.runners.torch_runner import runner_from_checkpoint
 from jetson_dllm.sampler import SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
@@ -29,6 +29,12 @@ class Judge:
         if self.model.cfg.attention != "causal":
             raise DllmError(f"{checkpoint} is a diffusion model; the judge must be autoregressive (dllm train --objective ar)")
         self.device = device
+        metrics = self.config.get("metrics") or {}
+        nll, baseline = metrics.get("val_nll"), metrics.get("unigram_nll")
+        self.note = None  # a warning about the judge itself, for the caller to show
+        if isinstance(nll, (int, float)) and isinstance(baseline, (int, float)) and nll > UNDERTRAINED * baseline:
+            self.note = (f"the judge {checkpoint} is undertrained (validation NLL {nll:.2f} against {baseline:.2f} for word "
+                         "frequencies alone): its perplexities rank texts by word frequency, not by how well they read")
 
     @torch.inference_mode()
     def token_nll(self, texts: list[str], batch: int = 16) -> list[tuple[float, int]]:
@@ -78,6 +84,10 @@ def judge_generations(checkpoint: str | Path, scorer: Judge | None = None, sampl
     return {"gen_ms": 1e3 * sum(seconds) / len(seconds), "example": texts[0][:300], **sample_quality(texts, scorer)}
 
 
-def perplexity_fn(checkpoint: str | Path):
-    """The judge as a callable (texts -> generative perplexity), what `dllm bench --quality --judge` takes."""
-    return Judge(checkpoint).perplexity
+def perplexity_fn(checkpoint: str | Path, warn=None):
+    """The judge as a callable (texts -> generative perplexity), what `dllm bench --quality --judge` takes; `warn`
+    is told when the judge is undertrained."""
+    judge = Judge(checkpoint)
+    if judge.note and warn is not None:
+        warn(judge.note)
+    return judge.perplexity

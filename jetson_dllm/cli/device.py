@@ -131,7 +131,7 @@ def _judge(path: Path | None, quality: bool):
         from train_host.judge import perplexity_fn
     except ImportError:
         raise DllmError("--judge needs torch (the judge is a PyTorch checkpoint): pip install 'jetson-dllm[train]'") from None
-    return perplexity_fn(path)
+    return perplexity_fn(path, warn=lambda note: err.print(f"[yellow]warning: {note}[/]"))
 
 
 @app.command()

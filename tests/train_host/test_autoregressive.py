@@ -124,3 +124,15 @@ def test_bench_quality_columns_only_with_quality(bundle_dir, ar_run, tmp_path, c
     assert float(judged["gen_ppl"]) > 1 and 0 <= float(judged["repetition"]) <= 1
     assert "gen_ppl" in (tmp_path / "q" / "bench.md").read_text() and "gen_ppl" not in (tmp_path / "plain" / "bench.md").read_text()
     assert main(common + ["--out", str(tmp_path / "x"), "--judge", str(ar_run)]) == 1
+
+
+def test_an_undertrained_judge_is_named_not_trusted_silently(ar_run):
+    """A judge whose validation NLL is not clearly below word frequencies alone (the 30-step fixture) comes with a
+    warning for `dllm bench --quality --judge` to show; its scores still come back."""
+    from train_host.judge import Judge, perplexity_fn
+
+    warnings = []
+    score = perplexity_fn(ar_run, warn=warnings.append)
+    assert len(warnings) == 1 and "undertrained" in warnings[0] and str(ar_run) in warnings[0]
+    assert score(["Once upon a time there was a girl."]) > 1
+    assert Judge(ar_run).note == warnings[0]
