@@ -145,7 +145,7 @@ def headline(results: list) -> tuple[list[str], list[list[str]]]:
         key = (r.model, r.backend, r.precision, r.batch, r.canvas, r.strategy)
         if key not in keys:
             keys.append(key)
-    header = ["model", "backend", "precision", "batch x canvas", "step ms (median)", "step speedup"] + [f"{s} steps" for s in steps]
+    header = ["model", "backend", "precision", "strategy", "batch x canvas", "step ms (median)", "step speedup"] + [f"{s} steps" for s in steps]
     rows, baseline = [], {}
     for key in keys:
         mine = [r for r in results if (r.model, r.backend, r.precision, r.batch, r.canvas, r.strategy) == key]
@@ -153,7 +153,7 @@ def headline(results: list) -> tuple[list[str], list[list[str]]]:
         step_ms = float(np.median([r.step_ms_median for r in mine]))
         # relative to the first backend/precision measured for the same model and shape, in the same run
         base = baseline.setdefault((key[0], key[3], key[4], key[5]), step_ms)
-        rows.append([key[0], key[1], key[2], f"{key[3]} x {key[4]}", f"{step_ms:,.1f}", f"{base / step_ms:.2f}x"] +
+        rows.append([key[0], key[1], key[2], key[5], f"{key[3]} x {key[4]}", f"{step_ms:,.1f}", f"{base / step_ms:.2f}x"] +
                     [f"{by_steps[s].generation_ms:,.0f} ms" if s in by_steps else "-" for s in steps])
     return header, rows
 

@@ -128,7 +128,7 @@ def bench_tables(results: list, env: dict, repeats: int, judge: str | None) -> l
     """`dllm bench`: latency vs steps (and quality vs steps when measured)."""
     header, rows = headline(results)
     latency = _table(f"latency vs steps (whole generation, median of {repeats}) on {env['cpu']}" + (f", {env['gpu']}" if env["gpu"] else ""),
-                     header, left=("model", "backend", "precision"))
+                     header, left=("model", "backend", "precision", "strategy"))
     for row in rows:
         latency.add_row(*row)
     if all(r.repetition is None for r in results):

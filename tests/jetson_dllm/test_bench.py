@@ -38,15 +38,15 @@ def test_writers_produce_csv_json_markdown_and_a_plot(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["environment"]["cpu"] == "Test CPU" and len(data["results"]) == 4
     md = paths["md"].read_text()
-    assert "| tiny | onnx | fp32 | 1 x 128 | 1.2 | 1.00x | 10 ms | 20 ms |" in md
-    assert "| small | onnx | fp32 | 1 x 128 | 3.8 | 1.00x | 30 ms | 60 ms |" in md
+    assert "| tiny | onnx | fp32 | confidence | 1 x 128 | 1.2 | 1.00x | 10 ms | 20 ms |" in md  # the strategy column: eb and
+    assert "| small | onnx | fp32 | confidence | 1 x 128 | 3.8 | 1.00x | 30 ms | 60 ms |" in md  # confidence rows differ
     assert paths["png"].stat().st_size > 5000
     header, table = bench_report.headline(results)
     assert header[-2:] == ["8 steps", "16 steps"] and len(table) == 2
     # speedup: against the first backend/precision of the same model and shape in the run
     slow_torch = [dataclasses.replace(r, backend="torch", step_ms_median=r.step_ms_median * 2) for r in results if r.model == "tiny"]
     _, table = bench_report.headline(slow_torch + results)
-    assert [(row[0], row[1], row[5]) for row in table] == [("tiny", "torch", "1.00x"), ("tiny", "onnx", "2.00x"), ("small", "onnx", "1.00x")]
+    assert [(row[0], row[1], row[6]) for row in table] == [("tiny", "torch", "1.00x"), ("tiny", "onnx", "2.00x"), ("small", "onnx", "1.00x")]
 
 
 def test_environment_record():
