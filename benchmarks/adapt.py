@@ -92,30 +92,33 @@ def settings(cfg) -> list[tuple[str, dict]]:
     if cfg.family == "mdlm":
         return [(f"{s} steps", {"steps": s, "strategy": "confidence"}) for s in (32, 64, 128)]
     b = cfg.block_size
-    return ([(f"{b} steps/block", {"steps": b, "strategy": "confidence"})]
-            + [(f"threshold {t}", {"steps": b, "strategy": "threshold", "threshold": t}) for t in (0.9, 0.7, 0.5)]
-            + [("eb 0.5", {"steps": b, "strategy": "eb", "eb_bound": 0.5})])
+    return ([(f"{s} steps/block", {"steps": s, "strategy": "confidence"}) for s in sorted({b, max(1, b // 2), max(1, b // 4)}, reverse=True)]
+            + [(f"threshold {t}", {"steps": b, "strategy": "threshold", "threshold": t}) for t in (0.5, 0.1)]
+            + [("eb 1.0", {"steps": b, "strategy": "eb", "eb_bound": 1.0})])
 
 
 def generate(run: Path, options: dict, samples: int, tokens: int) -> tuple[list[str], float]:
-    """`samples` stories from the start token (one batch), and the network calls per generated token."""
+    """`samples` stories from the start token, one at a time (batch 1, as a device runs them: in a batch the least
+    confident row sets the calls of all), and the network calls per generated token over all of them."""
     from jetson_dllm.families import family_of
     from jetson_dllm.runners import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
+    texts, calls, made = [], 0, 0
     with open_runner("torch", run, threads=1) as runner:
         family = family_of(runner.cfg)
-        sampler = SamplerConfig(temperature=0.8, seed=0, **options)
-        if family.attention == "bidirectional":  # MDLM: a whole canvas from nothing (dllm run asks for a prompt)
-            g = family.runtime_module().generate(runner, runner.tokenizer, "", tokens, samples, sampler, allow_empty=True)
-        else:
-            g = family.runtime_module().complete(runner, "", length=tokens, num_samples=samples, sampler=sampler)
-        r = g.result
-        if family.attention == "block":  # block steps and the commits not folded into them, per token of the longest row
-            return g.texts, (r.evaluations + r.commits) / max(1, r.new_tokens)
-        if family.attention == "causal":
-            return g.texts, len(r.step_ms) / max(1, r.new_tokens)
-        return g.texts, r.evaluations / tokens  # MDLM: the whole canvas
+        for i in range(samples):
+            sampler = SamplerConfig(temperature=0.8, seed=i, **options)
+            if family.attention == "bidirectional":  # MDLM: a whole canvas from nothing (dllm run asks for a prompt)
+                g = family.runtime_module().generate(runner, runner.tokenizer, "", tokens, 1, sampler, allow_empty=True)
+                calls, made = calls + g.result.evaluations, made + tokens
+            else:
+                g = family.runtime_module().complete(runner, "", length=tokens, num_samples=1, sampler=sampler)
+                r = g.result  # block steps and the commits not folded into them; AR: one call per token
+                calls += r.evaluations + r.commits if family.attention == "block" else len(r.step_ms)
+                made += max(1, r.new_tokens)
+            texts += g.texts
+    return texts, calls / made
 
 
 def reference_texts(data: str, samples: int, tokens: int) -> list[str]:
@@ -182,6 +185,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--speed", default="ar,bd3-4-shift-comp,bd3-16-shift-comp", help="models timed on onnxruntime")
     ap.add_argument("--runs", default="", help="only these runs (the parent always), e.g. for a quick check")
+    ap.add_argument("--reverse", action="store_true", help="measure in reverse order (a second process beside the first)")
+    ap.add_argument("--results", default="results.json", help="where the measurements go, in --out")
+    ap.add_argument("--merge", default="", help="another process's results file in --out: its models are not measured again")
     ap.add_argument("--canvas", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", default="", help="size flags of the runs from scratch, e.g. '--d-model 64 --n-layer 2 --n-head 2' "
@@ -202,11 +208,16 @@ def main() -> None:
     from train_host.judge import Judge
 
     judge = Judge(args.judge)
-    results_path = out / "results.json"
+    results_path = out / args.results
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     ref = reference_texts(args.data, args.samples, args.tokens)
     results["reference"] = {"judge_ppl": judge.perplexity(ref)}
-    for name, spec in plan.items():
+    for name, spec in (reversed(plan.items()) if args.reverse else plan.items()):
+        other = out / args.merge if args.merge else None
+        if other is not None and other.is_file():
+            results.update({k: v for k, v in json.loads(other.read_text()).items() if k in plan and k not in results and v.get("done")})
+        if results.get(name, {}).get("done"):
+            continue
         run = out / name
         row = results.get(name) or {}
         if "nll" not in row:
@@ -218,9 +229,12 @@ def main() -> None:
                 texts, calls = generate(run, options, args.samples, args.tokens)
                 row.setdefault("decoding", {})[label] = {"judge_ppl": judge.perplexity(texts), "calls_per_token": calls,
                                                          "sample": texts[0][:300]}
+        row["done"] = True
         results[name] = row
         results_path.write_text(json.dumps(results, indent=1))
         print(f"measured {name}", file=sys.stderr, flush=True)
+    if args.reverse:
+        return
     if "zero_shot" not in results:
         results["zero_shot"] = zero_shot(out / "ar", args.data)
         results_path.write_text(json.dumps(results, indent=1))
