@@ -97,9 +97,8 @@ def calibration_table(calibration: dict) -> Table:
 def bundle_tables(report: dict) -> list:
     """`dllm inspect`: a headline, the files and their hashes, parity, calibration, the engines."""
     m, cfg = report, ModelConfig.from_dict(report["model"])
-    block = (f" (block {cfg.block_size}" + (", token shift: adapted from an AR parent" if cfg.shift else "") + ")") if cfg.block_size else ""
     embedding = cfg.num_params() - cfg.num_params(include_embedding=False)
-    head = (f"[bold]{m['bundle']}[/]: {cfg.name} {family_of(cfg).title}{block} model, {cfg.num_params() / 1e6:.2f} M parameters "
+    head = (f"[bold]{m['bundle']}[/]: {cfg.name} {family_of(cfg).title}{family_of(cfg).describe(cfg)} model, {cfg.num_params() / 1e6:.2f} M parameters "
             f"({embedding / 1e6:.2f} M of them the embedding of its vocabulary of {cfg.vocab_size:,}: a size's count moves with the "
             f"vocabulary), "
             f"canvas up to {cfg.canvas_len} (shapes {', '.join(map(str, m['canvas_lengths']))}), sampling head K={m['topk']}, "

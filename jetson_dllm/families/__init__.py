@@ -65,6 +65,12 @@ class Family:
                 raise DllmError(f"{self.title} training and export need torch: pip install 'jetson-dllm[train,export]'") from None
             raise
 
+    def describe(self, cfg) -> str:
+        """What a model of this family adds to its title in tables: block diffusion's block and token shift."""
+        if self.attention != "block":
+            return ""
+        return f" (block {cfg.block_size}" + (", token shift: adapted from an AR parent" if cfg.shift else "") + ")"
+
     def positions_per_call(self, cfg, canvas: int) -> int:
         """Positions one network call computes: the canvas, a block, or one token."""
         return {"bidirectional": canvas, "block": cfg.block_size, "causal": 1}[self.attention]
