@@ -227,8 +227,10 @@ def main() -> None:
         for label, options in settings(cfg):
             if label not in row.get("decoding", {}):
                 texts, calls = generate(run, options, args.samples, args.tokens)
-                row.setdefault("decoding", {})[label] = {"judge_ppl": judge.perplexity(texts), "calls_per_token": calls,
-                                                         "sample": texts[0][:300]}
+                from train_host.judge import sample_quality
+
+                row.setdefault("decoding", {})[label] = {**sample_quality(texts), "judge_ppl": judge.perplexity(texts),
+                                                         "calls_per_token": calls, "sample": texts[0][:300]}
         row["done"] = True
         results[name] = row
         results_path.write_text(json.dumps(results, indent=1))
@@ -261,7 +263,8 @@ def table(results: dict, plan: dict, args) -> str:
             head = (f"| {name} | {start} | {row['compute']} | {row['nll']:.3f} ({row['nll_kind']}) | {row['nll'] / parent - 1:+.1%} "
                     if i == 0 else "| | | | | ")
             tps = d.get("onnx_tokens_per_s")
-            lines.append(head + f"| {label} | {d['calls_per_token']:.2f} | {d['judge_ppl']:.1f} | {f'{tps:.0f}' if tps else ''} |")
+            rep = f" (distinct-2 {d['distinct2']:.2f})" if "distinct2" in d else ""  # the judge rewards loops: this shows them
+            lines.append(head + f"| {label} | {d['calls_per_token']:.2f} | {d['judge_ppl']:.1f}{rep} | {f'{tps:.0f}' if tps else ''} |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}: {math.nan if not results[n].get('decoding') else next(iter(results[n]['decoding'].values()))['sample']!r}"
                                                for n in plan)
 
