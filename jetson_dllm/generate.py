@@ -103,15 +103,21 @@ class CallRecorder:
 UNDERTRAINED = 0.9  # within 10% of the word-frequency baseline: little learned beyond it
 
 
-def undertrained_note(runner: Runner) -> str | None:
-    """A warning when the model's validation NLL is not clearly below what knowing only word frequencies scores
-    (recorded with each checkpoint): its text will not read like the data."""
-    metrics = getattr(runner, "metrics", None) or {}
+def undertrained(metrics: dict | None) -> str | None:
+    """"validation NLL X against Y for word frequencies alone" when a checkpoint's recorded validation NLL is not
+    clearly below what knowing only word frequencies scores, else None."""
+    metrics = metrics or {}
     nll, baseline = metrics.get("val_nll"), metrics.get("unigram_nll")
     if not isinstance(nll, (int, float)) or not isinstance(baseline, (int, float)) or not nll > UNDERTRAINED * baseline:
         return None
-    return (f"this model is undertrained (validation NLL {nll:.2f} against {baseline:.2f} for word frequencies alone): expect "
-            "text that does not read like its data yet; train it longer (dllm train ... --resume --steps N)")
+    return f"validation NLL {nll:.2f} against {baseline:.2f} for word frequencies alone"
+
+
+def undertrained_note(runner: Runner) -> str | None:
+    """A warning when the model is undertrained (`undertrained`): its text will not read like the data."""
+    why = undertrained(getattr(runner, "metrics", None))
+    return why and (f"this model is undertrained ({why}): expect text that does not read like its data yet; train it longer "
+                    "(dllm train ... --resume --steps N)")
 
 
 def read_prompt(prompt: str) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.generate import UNDERTRAINED, complete
+from jetson_dllm.generate import complete, undertrained
 from jetson_dllm.runners.torch_runner import runner_from_checkpoint
 from jetson_dllm.sampler import SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
@@ -29,12 +29,9 @@ class Judge:
         if self.model.cfg.attention != "causal":
             raise DllmError(f"{checkpoint} is a diffusion model; the judge must be autoregressive (dllm train --objective ar)")
         self.device = device
-        metrics = self.config.get("metrics") or {}
-        nll, baseline = metrics.get("val_nll"), metrics.get("unigram_nll")
-        self.note = None  # a warning about the judge itself, for the caller to show
-        if isinstance(nll, (int, float)) and isinstance(baseline, (int, float)) and nll > UNDERTRAINED * baseline:
-            self.note = (f"the judge {checkpoint} is undertrained (validation NLL {nll:.2f} against {baseline:.2f} for word "
-                         "frequencies alone): its perplexities rank texts by word frequency, not by how well they read")
+        why = undertrained(self.config.get("metrics"))  # a warning about the judge itself, for the caller to show
+        self.note = why and (f"the judge {checkpoint} is undertrained ({why}): its perplexities rank texts by word "
+                             "frequency, not by how well they read")
 
     @torch.inference_mode()
     def token_nll(self, texts: list[str], batch: int = 16) -> list[tuple[float, int]]:

@@ -144,7 +144,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     check_replaceable(run, "train_config.json", RUN_FORMAT, "training run")
     manifest = load_manifest(data_dir)
     tokenizer = TextTokenizer.from_file(verified(data_dir, manifest, "tokenizer.json"), manifest.get("special_ids"))
-    cfg = tc.model_config(tokenizer)
+    cfg = _model_config(tc, run, tokenizer)
     check_fits(training_bytes(cfg, per_rank), f"training {cfg.name} on {per_rank} canvases of {cfg.canvas_len} tokens per step",
                "lower --canvas-len or --batch-size (or raise --grad-accum)")
     train_ds = CanvasDataset(data_dir, "train", cfg.canvas_len, tokenizer.pad_id)
@@ -177,6 +177,15 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
         r.metrics_log = MetricsLog(run, r.step if resume_from else None)
         (run / "train_config.json").write_text(json.dumps({"format": RUN_FORMAT, "train": asdict(tc), "model": cfg.to_dict(), "data": manifest}, indent=2))
     return r
+
+
+def _model_config(tc: TrainConfig, run: Path, tokenizer: TextTokenizer) -> ModelConfig:
+    """The model this run trains; a run started from --init resumes on the shape it recorded (its parent's, read when
+    it started: the parent need not be there any more)."""
+    existing = ckpt_io.list_checkpoints(run) if tc.resume and tc.init else []
+    if existing:
+        return ModelConfig.from_dict(ckpt_io.read_config(existing[-1])["model"], where=str(existing[-1]))
+    return tc.model_config(tokenizer)
 
 
 def _resume_point(tc: TrainConfig, run: Path, cfg: ModelConfig, tokenizer: TextTokenizer) -> Path | None:
@@ -216,16 +225,14 @@ def _restore(r: _Run, resume_from: Path) -> None:
 
 
 def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[dict, str]:
-    """The weights of --init, refused unless they are of this run's shape and tokenizer (block size and family may
-    differ: an AR parent adapted into block diffusion, MDLM fine-tuned into BD3) and predict what this run's model
-    will (the token shift: its parent predicts the next token, an AR model or a shifted one; a model that predicts
-    the token at its own position cannot be shifted). Returns (weights, the checkpoint's path)."""
+    """The weights of --init (whose shape this run's model took: TrainConfig.model_config), refused unless its
+    tokenizer is the data's and it predicts what this run's model will (the token shift: its parent predicts the next
+    token, an AR model or a shifted one; a model that predicts the token at its own position cannot be shifted).
+    Returns (weights, the checkpoint's path)."""
     theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
-    loose = ("block_size", "family", "name", "shift", "canvas_len")  # (rotary tables are computed, not weights)
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in loose}
-    theirs = {k: v for k, v in theirs_cfg.to_dict().items() if k not in loose}
-    if mine != theirs or theirs_tok.sha256 != tokenizer.sha256:
-        raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's; give a checkpoint trained on the same data and config")
+    if theirs_tok.sha256 != tokenizer.sha256:
+        raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's: its tokenizer is not "
+                        f"the data's; tokenize the text with it (dllm data FILES --tokenizer {source})")
     next_token = theirs_cfg.attention == "causal" or theirs_cfg.shift
     if cfg.shift and not next_token:
         raise DllmError(f"--shift needs a parent that predicts the next token (an autoregressive model, or one trained with "

@@ -23,7 +23,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids, quality_length  # noqa: F401 (quality_length is part of the family interface)
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
 
 OnStep = Callable[[np.ndarray, Step], None]
@@ -81,6 +81,9 @@ def _commit(tokens: np.ndarray, start: int) -> Call:
     return Call("commit", {"tokens": tokens, "valid_len": np.int32(start)})
 
 
+HEADS = (*SAMPLING_OUTPUTS, ENTROPY)  # what the sampler takes from a call, in order (the entropy where a graph has it)
+
+
 class _First:
     """A shifted model's prediction of a block's first token: the top-K the commit of the block before returned
     (position 0 of its output), spliced into every step of the block. Unshifted models: nothing to keep."""
@@ -90,17 +93,17 @@ class _First:
 
     def keep(self, got: dict) -> None:
         if self.shifted:
-            self.kept = {k: v[:, :1].copy() for k, v in got.items() if k in ("topk_logprobs", "topk_ids", "entropy")}
+            self.kept = {k: v[:, :1].copy() for k, v in got.items() if k in HEADS}
 
     def splice(self, got: dict) -> tuple:
         """What the sampler takes: top-K log-probabilities, ids, and the entropy where the graph returns it."""
-        out = {k: got.get(k) for k in ("topk_logprobs", "topk_ids", "entropy")}
+        out = {k: got.get(k) for k in HEADS}
         if self.shifted and self.kept is not None:
             for k, v in self.kept.items():
                 if out[k] is not None:
                     out[k] = out[k].copy()
                     out[k][:, :1] = v
-        return out["topk_logprobs"], out["topk_ids"], out["entropy"]
+        return tuple(out[k] for k in HEADS)
 
 
 def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First) -> Generator[Call, dict, object]:

@@ -14,7 +14,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import BenchRun
 from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import Canvas, build_canvas
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners import ENTROPY, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
 
 
@@ -62,7 +62,7 @@ def canvas_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sam
         canvas = next(steps)
         while True:
             out = yield Call("canvas", {"tokens": canvas})
-            canvas = steps.send((out["topk_logprobs"], out["topk_ids"], out.get("entropy")))
+            canvas = steps.send((out["topk_logprobs"], out["topk_ids"], out.get(ENTROPY)))
     except StopIteration as done:
         return done.value
 

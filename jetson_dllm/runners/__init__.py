@@ -41,18 +41,20 @@ class GraphSpec:
 
     `cache`: "" (none), "read" (attends to the first valid_len positions), "write" (its tokens' keys and values go
     into the cache at valid_len; it reads the positions before). `writes_prev`: the commit step writes `prev_tokens`
-    (the finished block) and steps `tokens` (the next)."""
+    (the finished block) and steps `tokens` (the next). `entropy`: the graph also returns each position's entropy
+    (ENTROPY) beside the top-K, for the diffusion samplers (graphs exported before it came lack it)."""
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     cache: str = ""
+    entropy: bool = False
 
 
 GRAPHS: dict[str, GraphSpec] = {
-    "canvas": GraphSpec(("tokens",), SAMPLING_OUTPUTS),  # a whole canvas, bidirectional; also `logits`
-    "block_step": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "read"),  # a noised block over the cache
+    "canvas": GraphSpec(("tokens",), SAMPLING_OUTPUTS, entropy=True),  # a whole canvas, bidirectional; also `logits`
+    "block_step": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "read", True),  # a noised block over the cache
     "commit": GraphSpec(("tokens", "valid_len"), (), "write"),  # a finished block's keys and values into the cache
-    "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # commit + next step
+    "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write", True),  # commit + next step
     "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
 }
 
@@ -62,7 +64,7 @@ def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
     (position 0 predicts the next block's first token)."""
     spec = GRAPHS[graph]
     if graph == "commit" and cfg.shift:
-        return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache)
+        return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache, entropy=True)
     return spec
 
 

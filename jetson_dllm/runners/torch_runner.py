@@ -46,7 +46,7 @@ class TorchRunner(RunnerBase):
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         spec = check_graph(self, graph)
-        outputs = outputs or spec.outputs + ((ENTROPY,) if spec.outputs else ())
+        outputs = outputs or spec.outputs + ((ENTROPY,) if spec.entropy else ())  # (not the decode graph's: no sampler reads it)
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
         torch = self.torch

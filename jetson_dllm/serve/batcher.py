@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from jetson_dllm.runners import ENTROPY
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
 
 
@@ -134,7 +135,7 @@ class Batcher:
         for job in group:
             rows = slice(start, start + job.rows)
             start += job.rows
-            entropy = out.get("entropy")
+            entropy = out.get(ENTROPY)
             outputs = (out["topk_logprobs"][rows].copy(), out["topk_ids"][rows].copy(),  # the runner reuses its buffers
                        None if entropy is None else entropy[rows].copy())
             try:

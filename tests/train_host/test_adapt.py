@@ -220,3 +220,17 @@ def test_sub_blocks_fill_each_block_left_to_right(adapted_run):
             assert (tail[:2] != mask).all(), view
             checked += 1
     assert checked and any((view[-4:] == mask).any() for view in seen)
+
+
+def test_an_adapted_run_resumes_without_its_parent(ar_run, data_dir, tmp_path):
+    """The shape an adapted run took from its parent is recorded: resuming needs the run, not the parent."""
+    import shutil
+
+    from tests.conftest import train_small
+
+    parent = tmp_path / "parent"
+    shutil.copytree(ar_run, parent)
+    adapt = dict(steps=4, eval_every=2, objective="bd3", block_size=4, t_min=0.3, t_max=0.8, shift=True, init=str(parent))
+    assert train_small(data_dir, tmp_path / "child", pause_after=2, **adapt)["step"] == 2
+    shutil.rmtree(parent)
+    assert train_small(data_dir, tmp_path / "child", resume=True, **adapt)["step"] == 4
