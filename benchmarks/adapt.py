@@ -8,27 +8,28 @@ Compute is counted in network positions (rows x positions through the transforme
 pass B x L, block diffusion B x 2L (the noised and the clean copy), twice that with complementary masks. Every run has
 the same batch and canvas; step budgets, not time budgets, so the machine's load does not move the numbers. The
 adaptation budget is `--adapt-fraction` of the parent's compute; the from-scratch rows and the AR parent trained on
-get the parent's compute plus that budget. Training runs go `--lanes` at a time, one thread each; a finished run
-(its folder holds a checkpoint) is not trained again, so the script resumes where it stopped.
+get the parent's compute plus that budget. Training runs, then measurements, go `--lanes` at a time, one thread
+each; a finished run (its folder holds a checkpoint) is not trained again and a measured model (OUT/measured/NAME.json)
+not measured again, so the script resumes where it stopped.
 
 Measured per model: the held-out NLL (`dllm eval` on the validation split: AR exact, diffusion the bound, over the
 same text tokens, padding never scored), then `--samples` stories from the start token at temperature 0.8 for each
 decoding setting, scored by the judge (a model none of these is: SmolLM2-135M imported with `dllm import`), with the
 network calls each token cost (block steps plus the commits not folded into them; AR: one per token); the real
 held-out stories' score under the same judge is the reference row. Tokens/s on onnxruntime (batch 1, `--tokens`
-tokens, end-of-text banned, one thread) for the parent and the adapted models: `--speed`.
+tokens, greedy, end-of-text banned, one thread) for the models named by `--speed`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 COMMON = ["--threads", "1", "--log-every", "20", "--eval-canvases", "64"]
@@ -152,9 +153,10 @@ def speed(run: Path, out: Path, options: dict, tokens: int) -> float:
     return tokens / sorted(times)[1]
 
 
-def zero_shot(parent: Path, data: str) -> dict[str, float]:
-    """The parent's weights as block diffusion before any adaptation: shifted at block sizes 1, 4 and 16 (at 1 it
-    is the parent), and unshifted at 4 (its head read at the wrong position); held-out NLL bound of each."""
+def zero_shot(parent: Path, data: str, canvases: int = 64) -> dict[str, float]:
+    """The parent's exact NLL and its weights as block diffusion before any adaptation: shifted at block sizes 1, 4
+    and 16 (at 1 it is the parent), unshifted at 4 (its head read at the wrong position); on the first `canvases`
+    held-out canvases, the bound with 4 noise levels each (cheap: this is a diagnostic, not a result row)."""
     from jetson_dllm.config import ModelConfig
     from train_host import checkpoint as ck
     from train_host.data import CanvasDataset
@@ -164,12 +166,37 @@ def zero_shot(parent: Path, data: str) -> dict[str, float]:
     cfg, weights, tok, _ = ck.load_checkpoint(str(parent))
     ds = CanvasDataset(data, "val", cfg.canvas_len, tok.pad_id)
     out = {}
-    for block, shift in ((1, True), (4, True), (16, True), (4, False)):
-        child = Denoiser(ModelConfig.from_dict({**cfg.to_dict(), "family": "bd3", "block_size": block, "shift": shift})).eval()
-        ck.load_weights(child, weights, str(parent))
-        out[f"b={block}" + (" shifted" if shift else " unshifted")] = evaluate(child, ds, cfg.mask_id, n_canvases=10_000,
-                                                                               bos_id=tok.bos_id)["val_nll"]
+    for family, block, shift in (("ar", 0, False), ("bd3", 1, True), ("bd3", 4, True), ("bd3", 16, True), ("bd3", 4, False)):
+        model = Denoiser(ModelConfig.from_dict({**cfg.to_dict(), "family": family, "block_size": block, "shift": shift})).eval()
+        ck.load_weights(model, weights, str(parent))
+        label = "parent (exact)" if family == "ar" else f"b={block}" + (" shifted" if shift else " unshifted")
+        out[label] = evaluate(model, ds, cfg.mask_id, n_canvases=canvases, n_t=4, bos_id=tok.bos_id)["val_nll"]
     return out
+
+
+def measure(name: str, spec: dict, out: Path, data: str, judge_path: str, samples: int, tokens: int) -> str:
+    """One model's row, written once to OUT/measured/NAME.json: its held-out NLL (the whole validation split) and,
+    per decoding setting, the judge's perplexity, repetition and distinct-n of `samples` stories, calls per token."""
+    import torch
+
+    from train_host.checkpoint import load_checkpoint
+    from train_host.evaluate import evaluate_checkpoint
+    from train_host.judge import Judge, sample_quality
+
+    torch.set_num_threads(1)
+    path = out / "measured" / f"{name}.json"
+    if path.is_file():
+        return name
+    run, judge = out / name, Judge(judge_path)
+    m = evaluate_checkpoint(run, data, canvases=10_000, threads=1)
+    row = {"nll": m["val_nll"], "nll_kind": m["nll_kind"], "compute": spec["cost"] * int(spec["args"][spec["args"].index("--steps") + 1]),
+           "decoding": {}}
+    for label, options in settings(load_checkpoint(run)[0]):
+        texts, calls = generate(run, options, samples, tokens)
+        row["decoding"][label] = {**sample_quality(texts), "judge_ppl": judge.perplexity(texts), "calls_per_token": calls,
+                                  "sample": texts[0][:300]}
+    path.write_text(json.dumps(row, indent=1))
+    return name
 
 
 def main() -> None:
@@ -180,80 +207,51 @@ def main() -> None:
     ap.add_argument("--parent-steps", type=int, default=400)
     ap.add_argument("--adapt-fraction", type=float, default=0.3)
     ap.add_argument("--adapt-lr", default="1e-3")
-    ap.add_argument("--lanes", type=int, default=2)
+    ap.add_argument("--lanes", type=int, default=2, help="runs trained, and models measured, at a time (one thread each)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--speed", default="ar,bd3-4-shift-comp,bd3-16-shift-comp", help="models timed on onnxruntime")
     ap.add_argument("--runs", default="", help="only these runs (the parent always), e.g. for a quick check")
-    ap.add_argument("--reverse", action="store_true", help="measure in reverse order (a second process beside the first)")
-    ap.add_argument("--results", default="results.json", help="where the measurements go, in --out")
-    ap.add_argument("--merge", default="", help="another process's results file in --out: its models are not measured again")
     ap.add_argument("--canvas", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", default="", help="size flags of the runs from scratch, e.g. '--d-model 64 --n-layer 2 --n-head 2' "
                     "(default: the tiny config)")
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "measured").mkdir(parents=True, exist_ok=True)
     plan = runs(args.parent_steps, args.adapt_fraction, args.adapt_lr)
     if args.runs:
         plan = {n: spec for n, spec in plan.items() if n == "ar" or n in args.runs.split(",")}
     train_all(plan, args.data, out, args.lanes, ["--canvas-len", str(args.canvas), "--batch-size", str(args.batch)], args.size.split())
+    with ProcessPoolExecutor(args.lanes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(measure, n, spec, out, args.data, args.judge, args.samples, args.tokens) for n, spec in plan.items()]
+        for job in as_completed(jobs):
+            print(f"measured {job.result()}", file=sys.stderr, flush=True)
+    results = {n: json.loads((out / "measured" / f"{n}.json").read_text()) for n in plan}
+    extra = out / "measured" / "_extra.json"  # the reference row, the zero-shot bounds, the speeds: computed once
+    more = json.loads(extra.read_text()) if extra.is_file() else {}
+    if "reference" not in more:
+        from train_host.judge import Judge
 
-    import torch
-
-    torch.set_num_threads(1)
+        more["reference"] = {"judge_ppl": Judge(args.judge).perplexity(reference_texts(args.data, args.samples, args.tokens))}
+    if "zero_shot" not in more:
+        more["zero_shot"] = zero_shot(out / "ar", args.data)
     from train_host.checkpoint import load_checkpoint
-    from train_host.evaluate import evaluate_checkpoint
-    from train_host.judge import Judge
 
-    judge = Judge(args.judge)
-    results_path = out / args.results
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    ref = reference_texts(args.data, args.samples, args.tokens)
-    results["reference"] = {"judge_ppl": judge.perplexity(ref)}
-    for name, spec in (reversed(plan.items()) if args.reverse else plan.items()):
-        other = out / args.merge if args.merge else None
-        if other is not None and other.is_file():
-            results.update({k: v for k, v in json.loads(other.read_text()).items() if k in plan and k not in results and v.get("done")})
-        if results.get(name, {}).get("done"):
-            continue
-        run = out / name
-        row = results.get(name) or {}
-        if "nll" not in row:
-            m = evaluate_checkpoint(run, args.data, canvases=10_000, threads=1)
-            row.update(nll=m["val_nll"], nll_kind=m["nll_kind"], compute=spec["cost"] * int(spec["args"][spec["args"].index("--steps") + 1]))
-        cfg = load_checkpoint(run)[0]
-        for label, options in settings(cfg):
-            if label not in row.get("decoding", {}):
-                texts, calls = generate(run, options, args.samples, args.tokens)
-                from train_host.judge import sample_quality
-
-                row.setdefault("decoding", {})[label] = {**sample_quality(texts), "judge_ppl": judge.perplexity(texts),
-                                                         "calls_per_token": calls, "sample": texts[0][:300]}
-        row["done"] = True
-        results[name] = row
-        results_path.write_text(json.dumps(results, indent=1))
-        print(f"measured {name}", file=sys.stderr, flush=True)
-    if args.reverse:
-        return
-    if "zero_shot" not in results:
-        results["zero_shot"] = zero_shot(out / "ar", args.data)
-        results_path.write_text(json.dumps(results, indent=1))
-    for name in [n for n in args.speed.split(",") if n]:
-        cfg = load_checkpoint(out / name)[0]
-        for label, options in settings(cfg):
-            results[name]["decoding"][label].setdefault("onnx_tokens_per_s", speed(out / name, out, options, args.tokens))
-        results_path.write_text(json.dumps(results, indent=1))
-    print(table(results, plan, args))
+    for name in [n for n in args.speed.split(",") if n in plan]:
+        for label, options in settings(load_checkpoint(out / name)[0]):
+            more.setdefault("speed", {}).setdefault(name, {}).setdefault(label, speed(out / name, out, options, args.tokens))
+        extra.write_text(json.dumps(more, indent=1))
+    extra.write_text(json.dumps(more, indent=1))
+    print(table({**results, **more}, plan, args))
 
 
 def table(results: dict, plan: dict, args) -> str:
     parent = results["ar"]["nll"]
     lines = [f"Parent: AR, {args.parent_steps} steps; adaptation budget {args.adapt_fraction:.0%} of its compute; judge "
              f"{args.judge} (real held-out stories: perplexity {results['reference']['judge_ppl']:.1f}). Compute in AR steps "
-             "(B x L network positions). The parent's weights as block diffusion before any adaptation (bound): "
-             + ", ".join(f"{k} {v:.3f}" for k, v in results.get("zero_shot", {}).items()) + ".", "",
+             "(B x L network positions). On the first 64 held-out canvases, the parent and its weights as block diffusion "
+             "before any adaptation (bound): " + ", ".join(f"{k} {v:.3f}" for k, v in results.get("zero_shot", {}).items()) + ".", "",
              "| model | from | compute | held-out NLL | vs parent | decoding | calls/token | judge ppl | tokens/s (onnx) |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for name, spec in plan.items():
@@ -262,11 +260,11 @@ def table(results: dict, plan: dict, args) -> str:
         for i, (label, d) in enumerate(row["decoding"].items()):
             head = (f"| {name} | {start} | {row['compute']} | {row['nll']:.3f} ({row['nll_kind']}) | {row['nll'] / parent - 1:+.1%} "
                     if i == 0 else "| | | | | ")
-            tps = d.get("onnx_tokens_per_s")
+            tps = results.get("speed", {}).get(name, {}).get(label)
             rep = f" (distinct-2 {d['distinct2']:.2f})" if "distinct2" in d else ""  # the judge rewards loops: this shows them
             lines.append(head + f"| {label} | {d['calls_per_token']:.2f} | {d['judge_ppl']:.1f}{rep} | {f'{tps:.0f}' if tps else ''} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}: {math.nan if not results[n].get('decoding') else next(iter(results[n]['decoding'].values()))['sample']!r}"
-                                               for n in plan)
+    first = {n: next(iter(results[n]["decoding"].values()))["sample"] for n in plan}
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}: {text!r}" for n, text in first.items())
 
 
 if __name__ == "__main__":
