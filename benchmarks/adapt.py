@@ -124,8 +124,8 @@ def generate(run: Path, options: dict, samples: int, tokens: int) -> tuple[list[
 
 def reference_texts(data: str, samples: int, tokens: int) -> list[str]:
     """The first held-out stories, cut at `tokens` tokens of our tokenizer."""
-    from train_host.data import CanvasDataset, load_manifest
     from jetson_dllm.tokenizer import TextTokenizer
+    from train_host.data import CanvasDataset, load_manifest
 
     tok = TextTokenizer.from_file(Path(data) / "tokenizer.json")
     ds = CanvasDataset(data, "val", tokens, tok.pad_id)

@@ -36,8 +36,9 @@ def block_runner(step_path: Path, commit_path: Path, cfg: ModelConfig):
     return onnx_runner_from_graphs({"block_step": step_path, "commit": commit_path}, cfg)
 
 
-def _at(start: int) -> np.ndarray:
-    return np.array(start, np.int32)
+def _at(start: int, rows: int = 1) -> np.ndarray:
+    """Every row's valid length (the graphs take one per row)."""
+    return np.full(rows, start, np.int32)
 
 
 def text_blocks(canvas: np.ndarray, block: int, pad_id: int) -> int:
@@ -92,7 +93,7 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
         clean = canvases[:, j * b : (j + 1) * b]
         for lo, hi in BUCKETS:
             z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
-            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b)})) for name, g in pairs.items()}
+            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b, n)})) for name, g in pairs.items()}
             want = clean[masked]
             ref_lp, ref_ids = outs["ref"]
             for name in others:
@@ -103,7 +104,7 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
                 same = ids == ref_ids  # log-probabilities compare where the two heads name the same token
                 row[4] = max(row[4], float(np.abs(lp - ref_lp)[same].max(initial=0.0)))
         for g in pairs.values():
-            g.run("commit", {"tokens": clean.astype(np.int32), "valid_len": _at(j * b)})
+            g.run("commit", {"tokens": clean.astype(np.int32), "valid_len": _at(j * b, n)})
     return {name: {label: {"accuracy": t[0] / max(t[3], 1), "accuracy_ref": t[1] / max(t[3], 1), "top1_agreement": t[2] / max(t[3], 1),
                            "positions": int(t[3]), "max_abs_logprob_diff": float(t[4])} for label, t in rows.items()}
             for name, rows in tally.items()}

@@ -83,3 +83,11 @@ def build_canvas(tokenizer: TextTokenizer, prompt: str, length: int, allowed: li
     tokens = np.array(ids + [filler] * (n - len(ids)), dtype=np.int32)
     fixed = np.array(fixed_list + [not open_end] * (n - len(ids)), dtype=bool)
     return Canvas(tokens, fixed, infill=True)
+
+
+def request_canvas(tok: TextTokenizer, prompt: str, suffix: str | None, max_tokens: int, allowed: list[int]) -> Canvas:
+    """The canvas of one prompt: `max_tokens` to generate after it, or (with `suffix`) a gap of `max_tokens`
+    between prompt and suffix, filled by infilling."""
+    if suffix:
+        return build_canvas(tok, f"{prompt.rstrip()} ____ {suffix.lstrip()}", 0, allowed, gap=max_tokens, allow_empty=True)
+    return build_canvas(tok, prompt, max_tokens, allowed, allow_empty=True)

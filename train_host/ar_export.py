@@ -1,12 +1,12 @@
 """The autoregressive baseline's graph: one *decode* step with its KV cache, so the baseline runs on the same runtime
 (onnxruntime, TensorRT) as the diffusion models it is compared with.
 
-    decode  tokens (B, 1) int32, k_cache and v_cache (n_layer, B, heads, max_len, head_dim) float32, valid_len () int32
+    decode  tokens (B, 1) int32, k_cache and v_cache (n_layer, B, heads, max_len, head_dim) float32, valid_len (B,) int32 (each row's own)
             ->  topk_logprobs, topk_ids (B, 1, K) of the next token, and k_new, v_new (n_layer, B, heads, 1, head_dim)
             of the token read: one pass per token, its keys and values written into the cache at valid_len by the
             runner, in place (what block diffusion's block-step and commit graphs do in two passes, fused).
 
-The prompt is read through the same graph, one token per pass. The same layers as the model's (bd3_export._hidden).
+The prompt is read through the same graph, one token per pass. The same layers as the model's (train_host.graph_modules).
 """
 
 from __future__ import annotations
@@ -15,19 +15,8 @@ from pathlib import Path
 
 import torch
 
-from train_host.bd3_export import _hidden, example_inputs
-from train_host.model import Denoiser, topk_logprobs
-
-
-class Decode(torch.nn.Module):
-    def __init__(self, model: Denoiser, k: int):
-        super().__init__()
-        self.model, self.k = model, k
-
-    def forward(self, tokens, k_cache, v_cache, valid_len):
-        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
-        lp, ids = topk_logprobs(self.model.logits_from_hidden(h), self.k)
-        return lp, ids, torch.stack(cache.new_k), torch.stack(cache.new_v)
+from train_host.graph_modules import Decode, example_inputs
+from train_host.model import Denoiser
 
 
 def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None:
@@ -36,7 +25,7 @@ def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None
     model = model.eval()
     model.set_attention("math")
     batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {}}
+    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {0: batch}}
     _, k_cache, v_cache, valid = example_inputs(model)
     tokens = torch.full((k_cache.shape[1], 1), 3, dtype=torch.int32)  # one token per pass (the model's block size is 0)
     try:

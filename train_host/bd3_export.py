@@ -1,17 +1,19 @@
 """Block diffusion's graphs, static shapes as TensorRT wants them: a *block step* and a *commit*.
 
     block step  tokens (B, b) int32, k_cache and v_cache (n_layer, B, heads, max_len, head_dim) float32, valid_len
-                () int32 (TensorRT takes no int64 inputs)  ->  topk_logprobs (B, b, K), topk_ids (B, b, K): the block's queries attend to the first
-                valid_len cached positions and to the block itself; the vocabulary-sized work covers b positions only.
+                (B,) int32, each row's own (TensorRT takes no int64 inputs)  ->  topk_logprobs (B, b, K), topk_ids
+                (B, b, K): a row's block attends to its first valid_len cached positions and to itself; the
+                vocabulary-sized work covers b positions only.
     commit      the same inputs  ->  k_new, v_new (n_layer, B, heads, b, head_dim): the keys and values of a final
-                (clean) block, which the runner writes into its cache at valid_len, in place.
+                (clean) block, which the runner writes into its cache at each row's valid_len, in place.
     commit_step prev_tokens (B, b), then the block step's inputs with valid_len at the *previous* block  ->  the
                 block step's top-K for the new block and the commit's keys and values for the previous one: the
                 commit folded into the next block's first pass (2b positions under training's mask: the clean block
                 block-causal, the noised block seeing it), one network call fewer per block, exactly.
 
 The cache is allocated once per run at its largest length; positions past valid_len are masked out, so its
-contents there never matter. Both graphs reuse the model's own layers (no second implementation).
+contents there never matter. The graphs are train_host.graph_modules, which reuse the model's own layers (no second
+implementation) and which the torch runner runs too.
 """
 
 from __future__ import annotations
@@ -20,86 +22,8 @@ from pathlib import Path
 
 import torch
 
-from train_host.bd3 import fused_mask
-from train_host.model import Denoiser, sampling_head, shifted
-
-
-class TensorCache:
-    """The model's cache interface over explicit tensors: reads past keys, records the block's, writes nothing."""
-
-    frozen = True
-    len = 0
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-        self.new_k: list[torch.Tensor] = []
-        self.new_v: list[torch.Tensor] = []
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.new_k.append(k)
-        self.new_v.append(v)
-        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
-
-
-def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len) -> tuple[torch.Tensor, TensorCache]:
-    b, max_len = tokens.shape[1], k_cache.shape[3]
-    cache = TensorCache(k_cache, v_cache)
-    valid_len = valid_len.to(torch.int64)
-    positions = valid_len + torch.arange(b, device=tokens.device)
-    past = (torch.arange(max_len, device=tokens.device) < valid_len).unsqueeze(0).expand(b, max_len)
-    mask = torch.cat([past, torch.ones(b, b, dtype=torch.bool, device=tokens.device)], dim=1)  # (b, max_len + b)
-    return model.hidden(tokens, cache=cache, attn_mask=mask, rope_positions=positions), cache
-
-
-class BlockStep(torch.nn.Module):
-    def __init__(self, model: Denoiser, k: int):
-        super().__init__()
-        self.model, self.k = model, k
-
-    def forward(self, tokens, k_cache, v_cache, valid_len):
-        h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
-        logits = self.model.logits_from_hidden(h)
-        return sampling_head(shifted(logits) if self.model.cfg.shift else logits, self.k)
-
-
-class CommitStep(torch.nn.Module):
-    def __init__(self, model: Denoiser, k: int):
-        super().__init__()
-        self.model, self.k = model, k
-
-    def forward(self, prev_tokens, tokens, k_cache, v_cache, valid_len):
-        b, max_len = tokens.shape[1], k_cache.shape[3]
-        cache = TensorCache(k_cache, v_cache)
-        valid_len = valid_len.to(torch.int64)
-        positions = valid_len + torch.arange(2 * b, device=tokens.device)
-        past = (torch.arange(max_len, device=tokens.device) < valid_len).unsqueeze(0).expand(2 * b, max_len)
-        mask = torch.cat([past, fused_mask(b, tokens.device)], dim=1)
-        h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
-        rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
-        lp, ids, entropy = sampling_head(self.model.logits_from_hidden(rows), self.k)
-        return lp, ids, entropy, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
-
-
-class Commit(torch.nn.Module):
-    """A shifted model's commit also returns its block's top-K (position 0: the next block's first token)."""
-
-    def __init__(self, model: Denoiser, k: int):
-        super().__init__()
-        self.model, self.k = model, k
-
-    def forward(self, tokens, k_cache, v_cache, valid_len):
-        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
-        new = (torch.stack(cache.new_k), torch.stack(cache.new_v))
-        if self.model.cfg.shift:
-            return (*sampling_head(shifted(self.model.logits_from_hidden(h)), self.k), *new)
-        return new
-
-
-def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
-    cfg = model.cfg
-    shape = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
-    tokens = torch.full((batch, cfg.block_size), cfg.mask_id, dtype=torch.int32)
-    return tokens, torch.zeros(shape), torch.zeros(shape), torch.tensor(0, dtype=torch.int32)
+from train_host.graph_modules import BlockStep, Commit, CommitStep, example_inputs
+from train_host.model import Denoiser
 
 
 def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) -> dict[str, Path]:
@@ -111,7 +35,7 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     model.set_attention("math")
     names = ["tokens", "k_cache", "v_cache", "valid_len"]
     batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {}}
+    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {0: batch}}
     paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
     try:
         with quiet_exporter(), torch.no_grad():

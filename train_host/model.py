@@ -76,7 +76,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`attn_mask` (T, S) bool, True where a query may attend (block diffusion); otherwise full or causal."""
+        """`attn_mask` (T, S) or (B, 1, T, S) bool, True where a query may attend (block diffusion, the cached
+        graphs); otherwise full or causal."""
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split([C, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -169,11 +170,14 @@ class Denoiser(nn.Module):
     def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
                rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions.
-        `attn_mask` and `rope_positions` (T,) serve block diffusion, whose input holds two copies of the text."""
+        `attn_mask` and `rope_positions` (T,) serve block diffusion, whose input holds two copies of the text; the
+        cached graphs give each row its own: `rope_positions` (B, T) and `attn_mask` (B, 1, T, S)."""
         start = cache.len if cache is not None else 0
         T = tokens.shape[1]
         if rope_positions is not None:
             cos, sin = self.rope_cos[rope_positions], self.rope_sin[rope_positions]
+            if rope_positions.dim() == 2:  # per row: (B, T, hs/2) -> (B, 1, T, hs/2), broadcast over the heads
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         else:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.tok_emb(tokens)

@@ -9,13 +9,22 @@ predicts the one after it. `--steps` does not apply: one network call per token.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids, quality_length  # noqa: F401 (quality_length is part of the family interface)
+from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part of the family interface)
+    BenchRun,
+    Generated,
+    Served,
+    check_bench_length,
+    check_context,
+    fixed_prefix,
+    left_to_right_ids,
+    quality_length,
+)
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, candidate_distribution
 
@@ -57,9 +66,9 @@ def _pick(lp: np.ndarray, ids: np.ndarray, banned: tuple[int, ...], temperature:
 
 def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, max_len: int, num_samples: int = 1,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_end: bool = True) -> Generator[Call, dict, DecodeResult]:
+                 stop_at_end: bool = True, on_token: Callable[[np.ndarray], None] | None = None) -> Generator[Call, dict, DecodeResult]:
     """Continuations of `prompt` as decode calls; rows stop at end-of-text (`stop_at_end=False`: exactly `max_new`
-    tokens)."""
+    tokens). `on_token(text so far)` sees each new token (the server streams it)."""
     max_new = min(max_new, max_len - len(prompt))  # the cache holds the start token, the prompt and max_new - 1 more
     if max_new <= 0:
         raise DllmError(f"the prompt is {len(prompt)} tokens; the model takes {max_len}")
@@ -81,6 +90,8 @@ def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, 
         nxt = np.where(done, pad, _pick(got["topk_logprobs"][:, 0], got["topk_ids"][:, 0], () if stop_at_end else (eot, pad),
                                         temperature, top_k, top_p, rng))
         out[:, len(prompt) + i] = nxt
+        if on_token is not None:
+            on_token(out[:, : len(prompt) + i + 1])
         done |= nxt == eot
         if done.all() or i == max_new - 1:
             return DecodeResult(out, i + 1, time.perf_counter() - t0, times)
@@ -96,6 +107,19 @@ def decode_tokens(runner, prompt_ids: list[int], max_new: int, num_samples: int,
     tok = runner.tokenizer
     return drive(runner, decode_calls(prompt_ids, max_new, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len,
                                       num_samples, sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed, stop_at_end))
+
+
+def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
+    """A server request: `max_tokens` tokens after the prompt, one decode call per token over the request's own
+    cache rows; `on_step(text so far, None)` sees each token."""
+    ids = left_to_right_ids(runner, prompt, "the autoregressive baseline")
+    if len(ids) + max_tokens > runner.cfg.canvas_len:
+        raise DllmError(f"the prompt is {len(ids)} tokens; this model's context holds {runner.cfg.canvas_len}, "
+                        f"room for {max(runner.cfg.canvas_len - len(ids), 0)} more")
+    tok = runner.tokenizer
+    calls = decode_calls(ids, max_tokens, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len, n, sampler.temperature,
+                         sampler.top_k, sampler.top_p, sampler.seed, on_token=None if on_step is None else (lambda view: on_step(view, None)))
+    return Served(calls, fixed_prefix(n, len(ids), len(ids) + max_tokens), lambda r: r.tokens)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,

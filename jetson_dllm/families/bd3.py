@@ -22,7 +22,16 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Generated, check_bench_length, check_context, left_to_right_ids, quality_length  # noqa: F401 (quality_length is part of the family interface)
+from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part of the family interface)
+    BenchRun,
+    Generated,
+    Served,
+    check_bench_length,
+    check_context,
+    fixed_prefix,
+    left_to_right_ids,
+    quality_length,
+)
 from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
 
@@ -189,6 +198,20 @@ def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: in
     shift_bos = tok.bos_id if runner.cfg.shift else None
     return drive(runner, block_calls(prompt_ids, max_new, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len,
                                      num_samples, on_step, fold="commit_step" in runner.graphs, shift_bos=shift_bos))
+
+
+def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
+    """A server request: `max_tokens` after the prompt, block by block over the request's own cache rows (the
+    batcher names them); `on_step(text so far, Step)` sees every denoising step, each block as it fills."""
+    ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
+    room = runner.cfg.canvas_len - len(ids) - int(runner.cfg.shift)
+    if room <= 0 or max_tokens > room:
+        raise DllmError(f"the prompt is {len(ids)} tokens; this model's context holds {runner.cfg.canvas_len}, room for {max(room, 0)} more")
+    tok = runner.tokenizer
+    special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
+    calls = block_calls(ids, max_tokens, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len, n, on_step,
+                        fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if runner.cfg.shift else None)
+    return Served(calls, fixed_prefix(n, len(ids), len(ids) + max_tokens), lambda r: r.tokens)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,

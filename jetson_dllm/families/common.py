@@ -3,7 +3,10 @@ that writes left to right into a cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.prompt import PLACEHOLDER
@@ -22,6 +25,24 @@ class Generated:
         if name == "result":  # not set yet (copying, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.result, name)
+
+
+@dataclass
+class Served:
+    """One request's generation as the server drives it: the family's loop as graph calls (`calls`, interleaved with
+    other requests' by the batcher), which of the `n` rows' positions the request did not generate (`fixed`, (n, T):
+    the prompt, an infilling suffix), and the loop's result as (n, T) tokens over the same positions (`tokens`)."""
+
+    calls: Generator
+    fixed: np.ndarray
+    tokens: Callable[[object], np.ndarray]
+
+
+def fixed_prefix(n: int, prompt: int, total: int) -> np.ndarray:
+    """A left-to-right request's `fixed`: its prompt's positions, then the `total - prompt` it generates."""
+    fixed = np.zeros((n, total), dtype=bool)
+    fixed[:, :prompt] = True
+    return fixed
 
 
 @dataclass

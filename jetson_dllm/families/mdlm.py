@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun
+from jetson_dllm.families.common import BenchRun, Served
 from jetson_dllm.profiler import check_fits, memory_plan
-from jetson_dllm.prompt import Canvas, build_canvas
+from jetson_dllm.prompt import Canvas, build_canvas, request_canvas
 from jetson_dllm.runners import ENTROPY, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
 
@@ -86,6 +86,15 @@ def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int =
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
              on_step=None) -> Generation:
     return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
+
+
+def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
+    """A server request: `max_tokens` after the prompt, or (with `suffix`) a gap of `max_tokens` between the two,
+    on the smallest canvas that holds it; `on_step(canvas, Step)` sees every step."""
+    tok = runner.tokenizer
+    tokens, fixed = request_canvas(tok, prompt, suffix, max_tokens, runner.canvas_lengths).batch(n)
+    special = SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
+    return Served(canvas_calls(tokens, fixed, special, sampler, on_step), fixed, lambda r: r.tokens)
 
 
 def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:

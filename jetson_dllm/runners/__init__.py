@@ -4,10 +4,13 @@ A runner executes named graphs (`run(graph, feeds)`): name-keyed numpy arrays in
 so a parity check between runners is one loop over the same inputs (`jetson_dllm.parity.compare_runners`). The
 graphs (`GRAPHS`) are the same for every runner; a bundle carries those of its family (jetson_dllm.families), a
 runner says which it runs (`graphs`). A graph that reads or writes the key/value cache does so on a cache the runner
-allocates once per batch size and owns (numpy buffers bound once to onnxruntime, device memory on TensorRT, tensors
-on torch); the caller passes only tokens and the cache's valid length, never the cache. Outputs are `topk_logprobs`
-(B, T, K) float32 and `topk_ids` (B, T, K) int32 (the sampling head), or `logits` (B, T, vocab) from the canvas
-graph; they may be the runner's own buffers, valid until its next call.
+allocates and owns (numpy buffers bound once to onnxruntime, device memory on TensorRT, tensors on torch); the caller
+passes only tokens and each row's valid length (`valid_len`, (B,) or one scalar for every row), never the cache.
+Rows of one call may sit at different positions. Without `slots`, a call's B rows are the rows of a cache of B rows
+(allocated on the first call of that batch size); with `slots` (B,) int32, they are rows of the cache pool that
+`open_slots(n)` allocated once (the server: one request's rows per slot, requests at any position in one call).
+Outputs are `topk_logprobs` (B, T, K) float32 and `topk_ids` (B, T, K) int32 (the sampling head), or `logits`
+(B, T, vocab) from the canvas graph; they may be the runner's own buffers, valid until its next call.
 
 A family's generation loop is a generator of `Call`s; `drive` runs one on a runner (the server interleaves many).
 Each runner lives in its own module and imports its library there; loaders are plain functions
@@ -77,7 +80,7 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
     width = family_of(cfg).positions_per_call(cfg, "T")  # a block, one token, or the canvas
     cache = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
     new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
-    known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ()),
+    known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ("B",)),
              "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", ("B", width, topk)),
              "topk_ids": ("int32", ("B", width, topk)), ENTROPY: ("float32", ("B", width)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
@@ -130,6 +133,11 @@ class Runner(Protocol):
         """Run a graph; `outputs` names what to return (default: the graph's outputs)."""
         ...
 
+    def open_slots(self, rows: int) -> int:
+        """A cached family's cache pool of `rows` rows, allocated once (calls then name their rows with `slots`);
+        the bytes it holds."""
+        ...
+
     def memory(self) -> dict[str, int]:
         """Bytes the profiler reports: at least `weights`; `device_used` where the runner can tell."""
         ...
@@ -173,12 +181,31 @@ def check_graph(runner: Runner, graph: str) -> GraphSpec:
     return graph_spec(graph, runner.cfg)
 
 
-def valid_length(feeds: dict[str, np.ndarray], limit: int) -> int:
-    """A cached graph's valid length, checked against the cache's."""
+def valid_length(feeds: dict[str, np.ndarray], batch: int, limit: int) -> np.ndarray:
+    """A cached call's valid lengths, one per row (B,) int32 (a scalar feed is every row's), checked against the
+    cache's length."""
     valid = feeds.get("valid_len")
-    if valid is None or np.ndim(valid) != 0 or not 0 <= int(valid) < limit:
-        raise DllmError(f"valid_len must be a scalar in 0..{limit - 1}, got {valid!r}"[:200])
-    return int(valid)
+    rows = None if valid is None else np.asarray(valid)
+    if rows is None or rows.ndim > 1 or (rows.ndim == 1 and rows.shape[0] != batch) or not np.issubdtype(rows.dtype, np.integer):
+        raise DllmError(f"valid_len must be one integer or one per row ({batch}), got {valid!r}"[:200])
+    rows = np.broadcast_to(rows, (batch,)).astype(np.int32)
+    if rows.min() < 0 or rows.max() >= limit:
+        raise DllmError(f"valid_len must be in 0..{limit - 1}, got {rows.tolist()}"[:200])
+    return rows
+
+
+def call_slots(feeds: dict[str, np.ndarray], batch: int, pool: int) -> np.ndarray | None:
+    """A call's rows of the cache pool (`slots`, (B,), distinct, each below the pool's `pool` rows), or None when the
+    call brings no slots (its rows are a cache of its own batch size)."""
+    slots = feeds.get("slots")
+    if slots is None:
+        return None
+    rows = np.asarray(slots)
+    if not pool:
+        raise DllmError("slots given, but no cache pool is open (open_slots)")
+    if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer) or rows.min() < 0 or rows.max() >= pool or len(set(rows.tolist())) != batch:
+        raise DllmError(f"slots must be {batch} distinct rows of the pool's {pool}, got {slots!r}"[:200])
+    return rows.astype(np.int64)
 
 
 def check_tokens(feeds: dict[str, np.ndarray], canvas_lengths: list[int], vocab_size: int) -> np.ndarray:

@@ -1,18 +1,24 @@
 """The onnxruntime runner's key/value cache: buffers allocated once per batch size and bound to every cached graph.
 
-The cache (n_layer, batch, heads, max_len, head_dim), the tokens (a block, or one token) and valid length, the
-finished block of the commit step, the top-K outputs and the new keys and values of a cache-writing graph are
-allocated once and bound to the sessions through I/O binding. A call writes its feeds into the bound buffers and
-runs; a cache-writing graph's keys and values are then copied into the cache at the valid length, in place. Nothing
-is allocated or converted between calls. The buffers are host memory: on the CPU provider that is where the graphs
-run; with the CUDA provider onnxruntime would copy the bound cache to the GPU on each call, which is why the GPU
-path for cached graphs is TensorRT (trt_blocks.py).
+The cache (n_layer, batch, heads, max_len, head_dim), the tokens (a block, or one token) and each row's valid
+length, the finished block of the commit step, the top-K outputs and the new keys and values of a cache-writing
+graph are allocated once and bound to the sessions through I/O binding. A call writes its feeds into the bound
+buffers and runs; a cache-writing graph's keys and values are then copied into the cache at each row's valid
+length, in place. Nothing is allocated or converted between calls. The buffers are host memory: on the CPU provider
+that is where the graphs run; with the CUDA provider onnxruntime would copy the bound cache to the GPU on each call,
+which is why the GPU path for cached graphs is TensorRT (trt_blocks.py).
+
+A pool (`open_slots`) is such buffers at the pool's rows. A call on some of its rows (`slots`) runs on buffers of
+its own batch size into which those rows' caches are copied first (up to the furthest valid length), and its new
+keys and values go straight into the pool's rows; a call on all of them, in order, runs on the pool itself.
+Graphs exported before per-row valid lengths take one scalar for every row (`legacy`): their rows must agree.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from jetson_dllm.errors import DllmError
 from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_spec
 
 
@@ -23,9 +29,11 @@ class CacheBuffers:
     def __init__(self, sessions: dict, cfg, batch: int, k: int, width: int):
         cache = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
         new = (cfg.n_layer, batch, cfg.n_kv_head, width, cfg.head_dim)
+        self.batch = batch
+        self.legacy = any(not valid_rank(s) for s in sessions.values())  # one valid length for every row
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
-                       "valid_len": np.zeros((), np.int32), "k_cache": self.k, "v_cache": self.v}
+                       "valid_len": np.zeros(() if self.legacy else (batch,), np.int32), "k_cache": self.k, "v_cache": self.v}
         self.out = {"topk_logprobs": np.zeros((batch, width, k), np.float32), "topk_ids": np.zeros((batch, width, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32), ENTROPY: np.zeros((batch, width), np.float32)}
         self.bindings = {graph: self._binding(session, graph, cfg) for graph, session in sessions.items()}
@@ -42,16 +50,32 @@ class CacheBuffers:
             io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         return io
 
-    def load(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
+    def load(self, graph: str, feeds: dict[str, np.ndarray], valid: np.ndarray) -> None:
         for name in GRAPHS[graph].inputs:
-            np.copyto(self.inputs[name], feeds[name], casting="unsafe")
+            if name != "valid_len":
+                np.copyto(self.inputs[name], feeds[name], casting="unsafe")
+        if self.legacy and (valid != valid[0]).any():
+            raise DllmError("this bundle's cached graphs take one valid length for every row (exported before per-row positions); "
+                            "re-export it (dllm export) to run rows at different positions in one call")
+        np.copyto(self.inputs["valid_len"], valid[0] if self.legacy else valid)
 
-    def write_new(self) -> None:
-        """The new keys and values into the cache at the valid length, in place."""
-        valid, b = int(self.inputs["valid_len"]), self.inputs["tokens"].shape[1]
-        self.k[:, :, :, valid : valid + b] = self.out["k_new"]
-        self.v[:, :, :, valid : valid + b] = self.out["v_new"]
+    def gather(self, pool: CacheBuffers, slots: np.ndarray, upto: int) -> None:
+        """The pool's rows `slots` into these buffers' rows, up to position `upto` (what the call can attend to)."""
+        for r, slot in enumerate(slots):
+            self.k[:, r, :, :upto] = pool.k[:, slot, :, :upto]
+            self.v[:, r, :, :upto] = pool.v[:, slot, :, :upto]
+
+    def write_new(self, into: CacheBuffers, rows: np.ndarray, valid: np.ndarray) -> None:
+        """The new keys and values into `into`'s cache rows `rows`, each at its row's valid length, in place."""
+        b = self.inputs["tokens"].shape[1]
+        for r, (row, at) in enumerate(zip(rows, valid)):
+            into.k[:, row, :, at : at + b] = self.out["k_new"][:, r]
+            into.v[:, row, :, at : at + b] = self.out["v_new"][:, r]
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def valid_rank(session) -> int:
+    return next(len(i.shape) for i in session.get_inputs() if i.name == "valid_len")

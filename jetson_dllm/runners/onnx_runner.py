@@ -10,8 +10,8 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import ENTROPY, GRAPHS, RunnerBase, check_graph, check_tokens, graph_signature, valid_length
-from jetson_dllm.runners.onnx_cache import CacheBuffers
+from jetson_dllm.runners import ENTROPY, GRAPHS, RunnerBase, call_slots, check_graph, check_tokens, graph_signature, valid_length
+from jetson_dllm.runners.onnx_cache import CacheBuffers, valid_rank
 from jetson_dllm.tokenizer import TextTokenizer
 
 PROVIDER_ALIASES = {
@@ -92,6 +92,8 @@ def check_signature(graph: str, session, cfg: ModelConfig, topk: int, where: str
         raise DllmError(f"{where}: the {graph} graph has no output {missing[0]}; re-export the bundle")
     for name, (dtype, dims) in {**want_in, **want_out}.items():
         got_type, got_dims = have_in[name] if name in have_in else have_out[name]
+        if name == "valid_len" and got_type == dtype and not got_dims:
+            continue  # exported before per-row valid lengths: one for every row (runs, but rows must agree)
         bad = got_type != dtype or len(got_dims) != len(dims) or any(
             isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(got_dims, dims))
         if bad:
@@ -141,6 +143,10 @@ class OnnxRunner(RunnerBase):
         self.extra = {g: (ENTROPY,) if ENTROPY in {o.name for o in s.get_outputs()} else () for g, s in sessions.items()}
         self._bound: dict[tuple[int, int], tuple] = {}
         self.cache: dict[int, CacheBuffers] = {}  # batch -> the cache and its bindings, allocated once
+        # Graphs exported before per-row valid lengths take one for every row: rows in a call must agree.
+        self.legacy_positions = any(GRAPHS[g].cache and not valid_rank(s) for g, s in sessions.items())
+        self.pool: CacheBuffers | None = None  # open_slots: the server's rows, one request per slot
+        self.scratch: dict[int, CacheBuffers] = {}
 
     def _binding(self, shape: tuple[int, int]):
         """Input and output buffers for a canvas shape, bound once and reused by every later step."""
@@ -176,19 +182,44 @@ class OnnxRunner(RunnerBase):
         tokens = feeds.get("tokens")
         if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
-        valid_length(feeds, self.cfg.canvas_len - self.width + 1)
-        buffers = self._cache(tokens.shape[0])
-        buffers.load(graph, feeds)
+        batch = tokens.shape[0]
+        valid = valid_length(feeds, batch, self.cfg.canvas_len - self.width + 1)
+        slots = call_slots(feeds, batch, self.pool.batch if self.pool else 0)
+        if slots is None:  # the call's rows are a cache of their own
+            into = buffers = self._cache(batch)
+            slots = np.arange(batch)
+        elif batch == self.pool.batch and (slots == np.arange(batch)).all():  # every row of the pool, in order
+            into = buffers = self.pool
+        else:  # some rows of the pool: their caches copied to buffers of the call's size, the new keys written back
+            into, buffers = self.pool, self._scratch(batch)
+            buffers.gather(self.pool, slots, int(valid.max()))
+        buffers.load(graph, feeds, valid)
         self.sessions[graph].run_with_iobinding(buffers.bindings[graph])
         if GRAPHS[graph].cache == "write":
-            buffers.write_new()
+            buffers.write_new(into, slots, valid)
         return {name: buffers.out[name] for name in outputs}
+
+    def _buffers(self, batch: int) -> CacheBuffers:
+        return CacheBuffers({g: s for g, s in self.sessions.items() if GRAPHS[g].cache}, self.cfg, batch, self.topk, self.width)
 
     def _cache(self, batch: int) -> CacheBuffers:
         if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache
-            cached = {g: s for g, s in self.sessions.items() if GRAPHS[g].cache}
-            self.cache = {batch: CacheBuffers(cached, self.cfg, batch, self.topk, self.width)}
+            self.cache = {batch: self._buffers(batch)}
         return self.cache[batch]
+
+    def _scratch(self, batch: int) -> CacheBuffers:
+        """Buffers for a call on `batch` rows of the pool: the last few sizes kept (a server's calls vary in size)."""
+        if batch not in self.scratch:
+            if len(self.scratch) >= 4:
+                self.scratch.pop(next(iter(self.scratch)))
+            self.scratch[batch] = self._buffers(batch)
+        return self.scratch[batch]
+
+    def open_slots(self, rows: int) -> int:
+        if not any(GRAPHS[g].cache for g in self.sessions):
+            return 0  # a canvas model keeps no cache
+        self.pool, self.scratch = self._buffers(rows), {}
+        return self.pool.nbytes
 
     def cache_arrays(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """The cache's keys and values for a batch size, as the runner holds them (INT8 calibration records the
@@ -197,11 +228,14 @@ class OnnxRunner(RunnerBase):
         return buffers.k, buffers.v
 
     def memory(self) -> dict[str, int]:
-        return {"weights": self.weight_bytes, "cache": sum(b.nbytes for b in self.cache.values())}
+        held = [*self.cache.values(), *([self.pool] if self.pool else []), *self.scratch.values()]
+        return {"weights": self.weight_bytes, "cache": sum(b.nbytes for b in held)}
 
     def close(self) -> None:
         self._bound.clear()
         self.cache.clear()
+        self.scratch.clear()
+        self.pool = None
         self.sessions = {}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
-from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens, valid_length
+from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, RunnerBase, call_slots, check_graph, check_tokens, valid_length
 
 DEFAULT_TOPK = 64
 MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840; the same bound everywhere
@@ -42,7 +42,8 @@ class TorchRunner(RunnerBase):
         self.name = f"torch-{device}"
         self.canvas_lengths = cfg.canvas_buckets()
         self.graphs = family_of(cfg).graphs
-        self.cache: dict = {}  # batch -> KVCache, for the cached graphs
+        self.cache: dict = {}  # batch -> (keys, values) tensors, for the cached graphs
+        self.pool = None  # open_slots: the server's rows
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         spec = check_graph(self, graph)
@@ -69,24 +70,47 @@ class TorchRunner(RunnerBase):
         return result
 
     def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """A cached graph over this runner's KV cache (one per batch size, the model's whole context): the same
-        computation the exported graph does (train_host.cached_graphs)."""
-        from train_host.cached_graphs import run_cached
-        from train_host.model import KVCache
+        """A cached graph over this runner's cache (n_layer, rows, heads, context, head_dim): the exported graph's
+        own computation (train_host.graph_modules.graph_outputs) on the rows' caches up to the furthest valid length,
+        the new keys and values then written at each row's."""
+        from train_host.graph_modules import graph_outputs
 
         torch = self.torch
         tokens = feeds.get("tokens")
         if tokens is None or np.ndim(tokens) != 2:
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, positions)")
-        valid = valid_length(feeds, self.cfg.canvas_len - tokens.shape[1] + 1)
-        batch = tokens.shape[0]
-        if batch not in self.cache:
-            self.cache = {batch: KVCache(self.cfg, batch, self.cfg.canvas_len, self.device)}
+        batch, width = tokens.shape
+        valid = valid_length(feeds, batch, self.cfg.canvas_len - width + 1)
+        slots = call_slots(feeds, batch, self.pool[0].shape[1] if self.pool else 0)
+        if slots is None:
+            if batch not in self.cache:  # one batch size at a time, as the other runners
+                self.cache = {batch: self._tensors(batch)}
+            k_all, v_all = self.cache[batch]
+            slots, rows = np.arange(batch), slice(None)  # a view of the whole cache, no copy
+        else:
+            k_all, v_all = self.pool
+            rows = torch.from_numpy(slots).to(self.device)
+        upto = int(valid.max())
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = {name: as_tensor(feeds[name]) for name in ("tokens", "prev_tokens") if name in feeds}
         with torch.inference_mode():
-            logits = run_cached(self.model, self.cache[batch], graph, valid, **inputs)
-            return self._heads(logits, outputs) if logits is not None else {}
+            got = graph_outputs(self.model, graph, self.topk, k_all[:, rows, :, :upto], v_all[:, rows, :, :upto], as_tensor(valid), **inputs)
+            if "k_new" in got:
+                for r, (slot, at) in enumerate(zip(slots, valid)):
+                    k_all[:, slot, :, at : at + width] = got["k_new"][:, r]
+                    v_all[:, slot, :, at : at + width] = got["v_new"][:, r]
+        return {name: got[name].cpu().numpy() for name in outputs if name in got}
+
+    def _tensors(self, rows: int):
+        c = self.cfg
+        shape = (c.n_layer, rows, c.n_kv_head, c.canvas_len, c.head_dim)
+        return self.torch.zeros(shape, device=self.device), self.torch.zeros(shape, device=self.device)
+
+    def open_slots(self, rows: int) -> int:
+        if not family_of(self.cfg).cached:
+            return 0
+        self.pool = self._tensors(rows)
+        return 2 * self.pool[0].numel() * 4
 
     def memory(self) -> dict[str, int]:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -97,6 +121,7 @@ class TorchRunner(RunnerBase):
 
     def close(self) -> None:
         self.cache.clear()
+        self.pool = None
         self.model = None
 
 

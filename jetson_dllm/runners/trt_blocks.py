@@ -7,7 +7,8 @@ every step re-reads the cache, and the GPU caches device memory where it does no
 (tensorrt-jetson.md 5.5). The cache is zeroed when allocated: positions past the valid length are masked out of
 attention, but a masked weight of 0 times a NaN of uninitialised memory would still be NaN. After a commit engine
 runs, one 2-D device-to-device copy per tensor on the same stream writes the block into the cache at its valid
-length, in place (n_layer x B x heads rows of b x head_dim floats, into rows of max_len x head_dim). The block's
+length, in place (n_layer x B x heads rows of b x head_dim floats, into rows of max_len x head_dim; per layer and
+row when the rows sit at different positions). The block's
 tokens, its valid length and the top-K outputs are small: zero-copy mapped pinned memory on an integrated GPU
 (the Jetson), pinned host memory and async copies elsewhere. Engines come from jetson_dllm.engine_build, one block
 step and one commit per (precision, batch), over the whole cache.
@@ -62,10 +63,10 @@ class _BlockSession:
         self.start, self.end = cuda.Event(), cuda.Event()
         self.gpu_ms = 0.0
 
-    def _enqueue(self, graph: str, tokens: np.ndarray, valid: int) -> None:
+    def _enqueue(self, graph: str, tokens: np.ndarray, valid: np.ndarray) -> None:
         cuda = self.cuda
         np.copyto(self.host["tokens"], tokens)
-        self.host["valid_len"][0] = valid
+        np.copyto(self.host["valid_len"], valid)
         if not self.integrated:
             for name in SMALL_INPUTS:
                 cuda.memcpy_htod_async(self.device[name], self.host[name], self.stream)
@@ -74,7 +75,7 @@ class _BlockSession:
             raise DllmError(f"TensorRT failed to enqueue the {graph} engine; rebuild it or check the messages above")
         self.end.record(self.stream)
 
-    def step(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._enqueue("block_step", tokens, valid)
         if not self.integrated:
             for name in SAMPLING_OUTPUTS:
@@ -83,25 +84,31 @@ class _BlockSession:
         self.gpu_ms = self.end.time_since(self.start)
         return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS)
 
-    def commit(self, tokens: np.ndarray, valid: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Run the commit engine, then write its keys and values into the cache at `valid`, on the GPU; a shifted
-        model's commit engine also writes the block's top-K (the block step's buffers), which come back."""
+    def commit(self, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Run the commit engine, then write its keys and values into the cache at each row's valid length, on the
+        GPU; a shifted model's commit engine also writes the block's top-K (the block step's buffers), which come back."""
         self._enqueue("commit", tokens, valid)
         if self.cfg.shift and not self.integrated:
             for name in SAMPLING_OUTPUTS:
                 self.cuda.memcpy_dtoh_async(self.host[name], self.device[name], self.stream)
-        c, b = self.cfg, tokens.shape[1]
+        c, (batch, b) = self.cfg, tokens.shape
         row = 4 * c.head_dim  # bytes of one position's key (float32)
+        # Every row at the same position (one request): one 2-D copy per tensor over all n_layer x B x heads rows;
+        # rows at different positions: one per (layer, row), over its heads.
+        parts = [(0, 0, c.n_layer * batch * c.n_kv_head, int(valid[0]))] if (valid == valid[0]).all() else [
+            ((layer * batch + r) * c.n_kv_head, (layer * batch + r) * c.n_kv_head, c.n_kv_head, int(valid[r]))
+            for layer in range(c.n_layer) for r in range(batch)]
         for new, cache in zip(COMMIT_OUTPUTS, ("k_cache", "v_cache")):
-            copy = self.cuda.Memcpy2D()
-            copy.set_src_device(self.device[new])
-            copy.src_pitch = b * row
-            copy.set_dst_device(self.device[cache])
-            copy.dst_pitch = c.canvas_len * row
-            copy.dst_x_in_bytes = valid * row
-            copy.width_in_bytes = b * row
-            copy.height = c.n_layer * tokens.shape[0] * c.n_kv_head
-            copy(self.stream)
+            for src_row, dst_row, height, at in parts:
+                copy = self.cuda.Memcpy2D()
+                copy.set_src_device(int(self.device[new]) + src_row * b * row)
+                copy.src_pitch = b * row
+                copy.set_dst_device(int(self.device[cache]) + dst_row * c.canvas_len * row)
+                copy.dst_pitch = c.canvas_len * row
+                copy.dst_x_in_bytes = at * row
+                copy.width_in_bytes = b * row
+                copy.height = height
+                copy(self.stream)
         self.stream.synchronize()  # the next call rewrites the tokens the engine read
         return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS) if self.cfg.shift else None
 
@@ -139,7 +146,9 @@ class TrtBlockRunner(RunnerBase):
         tokens = feeds.get("tokens")
         if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
-        valid = valid_length(feeds, self.cfg.canvas_len - self.width + 1)
+        valid = valid_length(feeds, tokens.shape[0], self.cfg.canvas_len - self.width + 1)
+        if feeds.get("slots") is not None:
+            raise DllmError("the TensorRT runner has no cache pool yet (per-request slots): serve this bundle with --backend onnx")
         session = self._session(tokens.shape[0])
         if graph == "commit":
             got = session.commit(tokens, valid)
@@ -147,6 +156,9 @@ class TrtBlockRunner(RunnerBase):
         lp, ids = session.step(tokens, valid)
         self.last_gpu_ms = session.gpu_ms
         return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
+
+    def open_slots(self, rows: int) -> int:
+        raise DllmError("the TensorRT runner has no cache pool yet (per-request slots): serve this bundle with --backend onnx")
 
     def memory(self) -> dict[str, int]:
         return {**self.trt_engines.memory(), "cache": sum(s.cache_bytes() for s in self.sessions.values())}

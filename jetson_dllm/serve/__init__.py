@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
+from jetson_dllm.profiler import check_fits, memory_plan
 
 
 def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", host: str = "127.0.0.1", port: int = 8000,
@@ -24,12 +25,13 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
     from jetson_dllm.generate import open_model
 
     runner = open_model(model, backend=backend, precision=precision, threads=threads)
-    if "canvas" not in runner.graphs:  # the batcher steps whole canvases; cached families' loops are not batched yet
+    try:
+        check_pool(runner.cfg, runner.precision, max_batch)
+        app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                         batching=batching, max_body=max_body, timeout_s=timeout_s)
+    except BaseException:
         runner.close()
-        raise DllmError(f"dllm serve takes a masked-diffusion (MDLM) model for now; {family_of(runner.cfg).title} models are "
-                        "not served yet (dllm run generates with them)")
-    app = create_app(runner, model_name or Path(model).name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     batching=batching, max_body=max_body, timeout_s=timeout_s)
+        raise
     # uvicorn drains on SIGTERM, then raises the signal again for whoever handled it before: that is us, and a
     # drained server exits 0 (not "killed by SIGTERM").
     if announce is not None:
@@ -40,3 +42,13 @@ def serve(model: str | Path, backend: str = "auto", precision: str = "fp32", hos
     finally:
         signal.signal(signal.SIGTERM, previous)
         runner.close()
+
+
+def check_pool(cfg, precision: str, max_batch: int) -> None:
+    """A cached family's server allocates `max_batch` rows of cache at start (its slots): refuse, before allocating,
+    a pool that this machine's memory cannot hold beside the model."""
+    if not family_of(cfg).cached:
+        return
+    plan = memory_plan(cfg, precision, max_batch, cfg.canvas_len, device=False)
+    check_fits(plan["kv_cache"] + plan["activations"] + plan["io"],
+               f"a cache pool of --max-batch {max_batch} rows of {cfg.canvas_len} positions", "serve with a smaller --max-batch")

@@ -24,11 +24,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import SAMPLER_OPTIONS, family_of
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 from jetson_dllm.serve.batcher import Batcher, Job, QueueFull
 from jetson_dllm.serve.metrics import Metrics
 from jetson_dllm.serve.schemas import ChatRequest, CompletionRequest, chat_prompt, error_body
-from jetson_dllm.serve.text import canvas_view, cut_at_stop, generated, request_canvas
+from jetson_dllm.serve.text import canvas_view, cut_at_stop, generated, safe_to_send
 
 STATIC = Path(__file__).parent / "static"
 
@@ -71,8 +72,11 @@ class Server:
 
     def __init__(self, runner, model_name: str, api_key: str | None, max_batch: int, max_queue: int, batching: bool, timeout_s: float):
         self.runner, self.model_name, self.api_key, self.max_batch, self.timeout_s = runner, model_name, api_key, max_batch, timeout_s
+        self.family = family_of(runner.cfg)
+        self.module = self.family.runtime_module()  # its serve_calls: a request as graph calls
         self.metrics = Metrics()
         self.batcher = Batcher(runner, max_batch=max_batch, max_queue=max_queue, batching=batching, observe=self.metrics.observe)
+        self.metrics.slots_total.set(max_batch if self.batcher.cached else 0)
         self.tok = runner.tokenizer
         self.special = SpecialIds(self.tok.mask_id, self.tok.eot_id, self.tok.pad_id)
 
@@ -109,21 +113,36 @@ class Server:
 
     # --- generation -------------------------------------------------------------------------------------------
 
+    def check_knobs(self, body, suffix) -> None:
+        """Refuse what this model's family cannot do: infilling for a left-to-right family, diffusion knobs it does
+        not use (each with the reason), rather than ignore them."""
+        if suffix and self.family.left_to_right:
+            raise ApiError(400, f"suffix: the {self.family.title} writes left to right and cannot fill a gap; leave suffix out", param="suffix")
+        unused = sorted((body.model_fields_set & set(SAMPLER_OPTIONS)) - set(self.family.options))
+        if getattr(body, "canvas", False) and not self.family.steps:
+            unused = ["canvas", *unused]
+        if unused:
+            uses = f"it uses {', '.join(self.family.options)}" if self.family.options else "one network call per token: it takes no diffusion knobs"
+            raise ApiError(400, f"{unused[0]} does not apply to the {self.family.title} ({uses}); leave it out", param=unused[0])
+
     def jobs_for(self, prompts: list[str], suffix, max_tokens: int, knobs, n: int, seed, stop, queue_put) -> list[dict]:
         if n > self.max_batch:
             raise ApiError(400, f"n={n} is more than this server generates at once (--max-batch {self.max_batch})", param="n")
+        self.check_knobs(knobs, suffix)
         out = []
         for i, prompt in enumerate(prompts):
+            emit = lambda kind, value, i=i: queue_put((i, kind, value))  # noqa: E731
             try:
-                canvas = request_canvas(self.tok, prompt, suffix, max_tokens, self.runner.canvas_lengths)
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
                                     temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
+                served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg,
+                                                 on_step=lambda view, step, emit=emit: emit("step", (view.copy(), step)))  # the loop goes on changing it
             except DllmError as e:  # the prompt's text, or what it and max_tokens need
                 raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
-            tokens, fixed = canvas.batch(n)
-            job = Job(tokens, fixed, cfg, self.special, emit=lambda kind, value, i=i: queue_put((i, kind, value)), timeout_s=self.timeout_s)
-            out.append({"job": job, "fixed": fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False})
+            job = Job(served, n, emit=emit, timeout_s=self.timeout_s)
+            out.append({"job": job, "fixed": served.fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False,
+                        "steps": knobs.steps})
         for entry in out:
             try:
                 self.batcher.submit(entry["job"])
@@ -157,19 +176,36 @@ class Server:
                         e["job"].cancelled.set()
                     raise ApiError(499, "client disconnected") from None
 
-    def finished_choices(self, entry, result) -> list[dict]:
+    def finished_choices(self, entry, tokens) -> list[dict]:
         rows = []
-        for r in range(result.tokens.shape[0]):
-            text, ended = generated(result.tokens[r], entry["fixed"][r], self.tok, True, entry["max_tokens"])
+        for r in range(tokens.shape[0]):
+            text, ended = generated(tokens[r], entry["fixed"][r][: tokens.shape[1]], self.tok, True, entry["max_tokens"])
             text, stopped = cut_at_stop(text, entry["stop"])
             rows.append({"text": text, "finish_reason": "stop" if ended or stopped else "length", "tokens": len(self.tok.encode(text))})
         self.metrics.tokens.inc(sum(c["tokens"] for c in rows))
         return rows
 
+    def partial(self, entry, view) -> list[tuple[str, bool]]:
+        """(text so far that will not change, whether it met a stop sequence) of each row of a step's view."""
+        out = []
+        for r in range(view.shape[0]):
+            text, _ = generated(view[r], entry["fixed"][r][: view.shape[1]], self.tok, False, entry["max_tokens"])
+            out.append(cut_at_stop(text, entry["stop"]))
+        return out
+
     async def collect(self, request: Request, entries, events) -> dict:
         choices = {}
         while len(choices) < len(entries):
             i, kind, value = await self.next_event(request, entries, events)
+            if i in choices:
+                continue
+            if kind == "step" and entries[i]["stop"]:
+                texts = self.partial(entries[i], value[0])
+                if all(stopped for _, stopped in texts):  # every row met a stop sequence: done, its rows freed now
+                    entries[i]["job"].cancelled.set()
+                    choices[i] = [{"text": t, "finish_reason": "stop", "tokens": len(self.tok.encode(t))} for t, _ in texts]
+                    self.metrics.tokens.inc(sum(c["tokens"] for c in choices[i]))
+                continue
             if kind == "error":
                 for e in entries:
                     e["job"].cancelled.set()
@@ -218,21 +254,28 @@ class Server:
                 except ApiError:  # the client left mid-stream: nobody to tell
                     return
                 entry = entries[i]
+                if entry["done"]:  # ended early (every row met a stop sequence): what comes after is not sent
+                    continue
                 if kind == "error":
                     yield f"data: {json.dumps(error_body(f'generation failed: {value}', 'server_error'))}\n\n"
                     left -= 1
                     continue
                 if kind == "step":
-                    canvas, step = value
-                    for r in range(canvas.shape[0]):
-                        text, _ = generated(canvas[r], entry["fixed"][r], self.tok, False, entry["max_tokens"])
-                        text, _ = cut_at_stop(text, entry["stop"])
+                    view, step = value
+                    texts = self.partial(entry, view)
+                    for r, (text, stopped) in enumerate(texts):
+                        text = text if stopped else safe_to_send(text, entry["stop"])
                         delta = text[len(entry["sent"][r]):] if text.startswith(entry["sent"][r]) else ""
-                        extra = ({"step": step.index, "steps": entry["job"].cfg.steps, "evaluated": step.evaluated,
-                                  "network_ms": step.network_ms, **canvas_view(canvas[r], step.committed[r], self.tok)} if with_canvas else None)
+                        extra = ({"step": step.index, "steps": entry["steps"], "evaluated": step.evaluated, "network_ms": step.network_ms,
+                                  **canvas_view(view[r], step.committed[r], self.tok)} if with_canvas and step is not None else None)
                         if delta or extra:
                             entry["sent"][r] += delta
                             yield self.chunk(ident, created, chat, i * n + r, delta, None, extra)
+                    if all(stopped for _, stopped in texts):  # every row is done: free its rows now
+                        entry["done"], left = True, left - 1
+                        entry["job"].cancelled.set()
+                        for r in range(n):
+                            yield self.chunk(ident, created, chat, i * n + r, "", "stop")
                     continue
                 for r, c in enumerate(self.finished_choices(entry, value)):  # done: whatever is left, and why it ended
                     rest = c["text"][len(entry["sent"][r]):] if c["text"].startswith(entry["sent"][r]) else ""
@@ -255,19 +298,28 @@ class Server:
 
     async def models(self, request: Request):
         self.authorize(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "jetson-dllm"}]}
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "jetson-dllm", **self.limits()}]}
+
+    def limits(self) -> dict:
+        """What a client may ask of this model: its family, context, the most rows at once, what it can do."""
+        cfg = self.runner.cfg
+        return {"family": self.family.name, "family_title": self.family.title, "context": cfg.canvas_len, "max_batch": self.max_batch,
+                "infilling": not self.family.left_to_right, "knobs": list(self.family.options),
+                **({"block_size": cfg.block_size} if self.family.attention == "block" else {})}
 
     async def health(self):
-        return {"status": "ok", "model": self.model_name, "backend": self.runner.name, "queue": self.batcher.depth(), "active": len(self.batcher.active)}
+        return {"status": "ok", "model": self.model_name, "backend": self.runner.name, "queue": self.batcher.depth(), "active": len(self.batcher.active),
+                "slots_in_use": self.batcher.slots_in_use() if self.batcher.cached else 0}
 
     async def prometheus(self):
         self.metrics.queue.set(self.batcher.depth())
+        self.metrics.slots.set(self.batcher.slots_in_use() if self.batcher.cached else 0)
         return PlainTextResponse(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def info(self):
         """What the page needs: the model, its canvas lengths and the sampler's defaults."""
         return {"model": self.model_name, "backend": self.runner.name, "canvas_lengths": self.runner.canvas_lengths, "max_batch": self.max_batch,
-                "api_key": bool(self.api_key)}
+                "api_key": bool(self.api_key), **self.limits()}
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")  # a union member pydantic names in the location

@@ -1,10 +1,15 @@
-"""Batched denoising: one runner, one worker thread, and every request's sampler stepping in the same network calls.
+"""Continuous batching: one runner, one worker thread, and every request's generation loop stepping in shared
+network calls.
 
-Each request is a sampler generator (`sampler.sample_steps`): it yields the canvas it needs evaluated and is sent
-the top-K outputs back. The worker stacks the pending canvases of the same length on the batch axis, runs the
-network once, and hands each request its rows; a request with `n` samples is `n` rows. Requests keep their own
-prompt, seed, strategy, step budget and stopping point, join between steps and leave when done. The queue is
-bounded (a full queue is the caller's 429); a cancelled or timed-out request frees its rows at the next step.
+Each request is its family's loop as a generator of graph calls (`families.*.serve_calls`): a canvas step (MDLM), a
+block step, commit or commit step (block diffusion), a decode step (AR). The worker takes the least recently
+served request's pending call and every other request's pending call of the same graph and width (and canvas
+length), stacks their rows, runs the network once and hands each request its rows. A cached family's request owns rows of the runner's
+cache pool (`slots`, allocated once at start with `open_slots(max_batch)`) from admission to its end; rows at
+different positions share a call (each row's own `valid_len`). Requests join at any step (admitted before every
+call) and leave when done, cancelled (a client gone, a stop sequence met) or timed out; their slots are free at once.
+A long prompt is read block by block (or token by token), one call each, interleaved with the others' steps.
+The queue is bounded (a full queue is the caller's 429).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jetson_dllm.runners import ENTROPY
-from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
+from jetson_dllm.families import family_of
+from jetson_dllm.families.common import Served
+from jetson_dllm.runners import GRAPHS, Call
+from jetson_dllm.sampler import SampleResult, Step
 
 
 class QueueFull(Exception):
@@ -27,32 +34,35 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request: its rows, its sampler settings, and where its events go."""
+    """One request: its rows, its loop, and where its events go."""
 
-    tokens: np.ndarray  # (n, T) int32
-    fixed: np.ndarray  # (n, T) bool
-    cfg: SamplerConfig
-    special: SpecialIds
-    emit: Callable[[str, object], None]  # ("step", (canvas, Step)) per step, ("done", SampleResult) or ("error", message) once
+    served: Served
+    rows: int
+    emit: Callable[[str, object], None]  # ("step", (view, Step | None)) per step, ("done", tokens) or ("error", message) once
     timeout_s: float = 120.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
-    steps: object = None  # the sampler generator, once admitted
-    pending: np.ndarray | None = None  # the canvas it waits to have evaluated
-
-    @property
-    def rows(self) -> int:
-        return self.tokens.shape[0]
+    started: float | None = None  # its first network call
+    slots: np.ndarray | None = None  # its rows of the cache pool (cached families)
+    pending: Call | None = None  # the call it waits to have run
+    admitted: bool = False
+    last_call: int = -1  # the worker's call count when it was last served (the least recently served goes next)
 
 
 class Batcher:
-    """The worker: admits jobs up to `max_batch` rows, and runs one network call per step for each canvas length."""
+    """The worker: admits jobs up to `max_batch` rows, and runs one network call per step for each group of pending
+    calls that can share one."""
 
     def __init__(self, runner, max_batch: int = 16, max_queue: int = 64, batching: bool = True, observe=None):
         self.runner, self.max_batch, self.batching = runner, max_batch, batching
+        self.cached = family_of(runner.cfg).cached
+        self.pool_bytes = runner.open_slots(max_batch) if self.cached else 0
+        self.free = list(range(max_batch))  # slots not owned by a job
+        self.calls = 0
+        self.legacy = getattr(runner, "legacy_positions", False)  # graphs with one valid length for all rows
         self.waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.active: list[Job] = []
-        self.observe = observe or (lambda **kw: None)  # metrics: batch_rows, step_seconds, evaluations
+        self.observe = observe or (lambda **kw: None)  # metrics: batch_rows, step_seconds, evaluations, graph, wait
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dllm-batcher", daemon=True)
 
@@ -69,6 +79,9 @@ class Batcher:
 
     def depth(self) -> int:
         return self.waiting.qsize()
+
+    def slots_in_use(self) -> int:
+        return self.max_batch - len(self.free)
 
     def stop(self, drain_s: float = 30.0) -> None:
         """Finish what is admitted or waiting (up to `drain_s`), then stop the worker."""
@@ -94,8 +107,8 @@ class Batcher:
                     self._finish(job, "error", f"the model failed: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
 
     def _admit(self) -> None:
-        rows = sum(j.rows for j in self.active)
         limit = self.max_batch if self.batching else 1
+        rows = sum(j.rows for j in self.active)
         while not self.waiting.empty() and (not self.active or (self.batching and rows < limit)):
             job = self.waiting.queue[0]
             if self.active and rows + job.rows > limit:
@@ -103,15 +116,17 @@ class Batcher:
             self.waiting.get_nowait()
             if job.cancelled.is_set():
                 continue
-            job.steps = sample_steps(job.tokens, job.fixed, job.special, job.cfg, on_step=lambda c, s, j=job: j.emit("step", (c.copy(), s)))  # the sampler goes on changing c
             try:
-                job.pending = next(job.steps)
+                job.pending = next(job.served.calls)
             except StopIteration as done:  # nothing to generate
-                job.emit("done", done.value)
+                job.emit("done", job.served.tokens(done.value))
                 continue
             except Exception as e:
                 job.emit("error", str(e))
                 continue
+            if self.cached:
+                job.slots, self.free = np.array(self.free[: job.rows], np.int32), self.free[job.rows :]
+            job.admitted = True
             self.active.append(job)
             rows += job.rows
 
@@ -123,33 +138,55 @@ class Batcher:
             elif now - job.submitted > job.timeout_s:
                 self._finish(job, "error", f"timed out after {job.timeout_s:g} s")
 
+    def _key(self, call: Call) -> tuple:
+        """Calls that can share one network call: the same graph on the same width (a canvas length, a block);
+        graphs with one valid length for every row also need the same valid length."""
+        return call.graph, call.feeds["tokens"].shape[1], int(np.max(call.feeds["valid_len"])) if self.legacy and "valid_len" in call.feeds else 0
+
     def _step(self) -> None:
-        """One network call for the oldest job's canvas length (and every job of that length, when batching)."""
-        length = self.active[0].pending.shape[1]
-        group = [j for j in self.active if j.pending.shape[1] == length] if self.batching else self.active[:1]
-        stacked = np.concatenate([j.pending for j in group])
+        """One network call for the least recently served job's pending call and (when batching) every job's that can
+        share it: no kind of call (a prompt's commit, a block step, a canvas of another length) waits behind another
+        for more than one call per kind pending."""
+        first = min(self.active, key=lambda j: j.last_call)  # the least recently served (admission order breaks ties)
+        key = self._key(first.pending)
+        group = [j for j in self.active if self._key(j.pending) == key] if self.batching else [first]
+        self.calls += 1
+        call = self._stack(key[0], group)
+        rows = len(call.feeds["tokens"])
         t0 = time.perf_counter()
-        out = self.runner.run("canvas", {"tokens": stacked})
-        self.observe(batch_rows=len(stacked), step_seconds=time.perf_counter() - t0, evaluations=1)
+        out = self.runner.run(call.graph, call.feeds)
+        now = time.perf_counter()
+        self.observe(batch_rows=rows, step_seconds=now - t0, evaluations=1, graph=call.graph,
+                     waits=[time.monotonic() - j.submitted for j in group if j.started is None])
         start = 0
         for job in group:
-            rows = slice(start, start + job.rows)
+            job.started, job.last_call = job.started or now, self.calls
+            part = slice(start, start + job.rows)
             start += job.rows
-            entropy = out.get(ENTROPY)
-            outputs = (out["topk_logprobs"][rows].copy(), out["topk_ids"][rows].copy(),  # the runner reuses its buffers
-                       None if entropy is None else entropy[rows].copy())
+            mine = {name: value[part].copy() for name, value in out.items()}  # the runner reuses its buffers
             try:
-                job.pending = job.steps.send(outputs)
+                job.pending = job.served.calls.send(mine)
             except StopIteration as done:
-                self._finish(job, "done", done.value)
+                self._finish(job, "done", job.served.tokens(done.value))
             except Exception as e:
                 self._finish(job, "error", str(e))
+
+    def _stack(self, graph: str, group: list[Job]) -> Call:
+        """The group's pending calls as one: rows stacked; a cached graph's each row's valid length and slot."""
+        feeds = {name: np.concatenate([j.pending.feeds[name] for j in group]) for name in ("tokens", "prev_tokens") if name in group[0].pending.feeds}
+        if GRAPHS[graph].cache:
+            feeds["valid_len"] = np.concatenate([np.broadcast_to(np.asarray(j.pending.feeds["valid_len"], np.int32), (j.rows,)) for j in group])
+            feeds["slots"] = np.concatenate([j.slots for j in group])
+        return Call(graph, feeds)
 
     def _finish(self, job: Job, kind: str, value) -> None:
         if job in self.active:
             self.active.remove(job)
-        if kind != "done" and job.steps is not None:
-            job.steps.close()
+            if job.slots is not None:
+                self.free.extend(int(s) for s in job.slots)
+                job.slots = None
+        if kind != "done":
+            job.served.calls.close()
         job.emit(kind, value)
 
 

@@ -1,19 +1,10 @@
-"""From a request to canvases, and from canvases back to OpenAI-shaped text: what is generated, what is final."""
+"""From canvases and views back to OpenAI-shaped text: what is generated, what is final, what may be streamed."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from jetson_dllm.prompt import Canvas, build_canvas
 from jetson_dllm.tokenizer import TextTokenizer
-
-
-def request_canvas(tok: TextTokenizer, prompt: str, suffix: str | None, max_tokens: int, allowed: list[int]) -> Canvas:
-    """The canvas of one prompt: `max_tokens` to generate after it, or (with `suffix`) a gap of `max_tokens`
-    between prompt and suffix, filled by infilling."""
-    if suffix:
-        return build_canvas(tok, f"{prompt.rstrip()} ____ {suffix.lstrip()}", 0, allowed, gap=max_tokens, allow_empty=True)
-    return build_canvas(tok, prompt, max_tokens, allowed, allow_empty=True)
 
 
 def generated(row: np.ndarray, fixed: np.ndarray, tok: TextTokenizer, final: bool, max_tokens: int) -> tuple[str, bool]:
@@ -36,6 +27,14 @@ def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     cuts = [text.find(s) for s in stops if s and s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def safe_to_send(text: str, stop: str | list[str] | None) -> str:
+    """The text less any tail that could be the start of a stop sequence (the next chunk may complete it, and then
+    none of it may have been sent)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    hold = max((k for s in stops if s for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold]
 
 
 def canvas_view(row: np.ndarray, new: np.ndarray, tok: TextTokenizer) -> dict:

@@ -73,12 +73,6 @@ def test_sampler_options_a_family_does_not_use_are_refused_not_ignored(bd3_bundl
     assert code == 0 and out.startswith("Once upon a time"), err  # every family samples with these
 
 
-def test_serve_refuses_what_it_cannot_serve_before_saying_it_serves(bd3_bundle, ar_bundle):
-    for bundle in (bd3_bundle, ar_bundle):
-        code, _, err = run("serve", bundle, "--port", "18931")
-        assert_clean_failure(code, err, "not served yet")  # one line: no "serving ... at http://" before it
-
-
 def test_backend_options_on_another_backend_are_refused(ar_bundle, ar_run):
     """--providers is onnxruntime's, --device torch's, --threads not TensorRT's: given to another backend, named and
     refused (they used to be dropped)."""

@@ -30,8 +30,9 @@ def test_feeds_cover_the_noise_levels_and_the_cache_lengths(graphs, canvases):
     assert len(steps) == len(commits) == len(canvases)
     shares, positions = [], set()
     for canvas, feed, clean in zip(canvases, steps, commits):
-        valid = int(feed["valid_len"])
-        assert valid % 16 == 0 and valid // 16 < text_blocks(canvas, 16, pad) and int(clean["valid_len"]) == valid
+        assert feed["valid_len"].shape == (1,)  # one per row, as the graphs take it
+        valid = int(feed["valid_len"][0])
+        assert valid % 16 == 0 and valid // 16 < text_blocks(canvas, 16, pad) and int(clean["valid_len"][0]) == valid
         assert np.abs(feed["k_cache"][:, :, :, :valid]).sum() > 0 or valid == 0  # the clean prefix is cached ...
         past = {**feed, "k_cache": feed["k_cache"].copy(), "v_cache": feed["v_cache"].copy()}
         past["k_cache"][:, :, :, valid:], past["v_cache"][:, :, :, valid:] = 7.0, -7.0  # past the valid length: never read

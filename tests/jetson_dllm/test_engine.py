@@ -80,7 +80,7 @@ def test_io_buffers_are_sized_and_aligned():
     bd3 = ModelConfig(d_model=64, n_head=4, n_kv_head=2, n_layer=3, vocab_size=500, canvas_len=128, family="bd3", block_size=16)
     cached = eng.io_buffers(bd3, ("block_step", "commit"), batch=2, k=8)
     assert cached["k_cache"][0] == (3, 2, 2, 128, 16) and cached["k_new"][0] == (3, 2, 2, 16, 16)  # n_kv_head heads
-    assert cached["tokens"][0] == (2, 16) and cached["valid_len"][:2] == ((), "int32") and "prev_tokens" not in cached
+    assert cached["tokens"][0] == (2, 16) and cached["valid_len"][:2] == ((2,), "int32") and "prev_tokens" not in cached
 
 
 def test_meminfo_and_the_build_memory_check():

@@ -32,7 +32,7 @@ def test_block_engines_have_their_own_specs_names_and_settings(bd3_bundle, bundl
         eng.engine_spec(load_bundle(bundle_dir), "fp16", 1, 32, "commit")
     cfg = bundle.config
     assert eng.input_shapes(cfg, step.batch, step.canvas, step.graph) == {"tokens": (1, 16), "k_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim),
-                                           "v_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim)}
+                                           "v_cache": (cfg.n_layer, 1, cfg.n_head, 64, cfg.head_dim), "valid_len": (1,)}
 
 
 def test_a_canvas_engine_keeps_its_key():
@@ -132,8 +132,8 @@ def test_a_commit_writes_the_block_into_the_cache_in_place():
                "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
     session = _BlockSession(fake_cuda(memory), cfg, engines, batch=2, k=4, integrated=False)
     blocks = [np.arange(16, dtype=np.int32).reshape(2, 8) + 100 * j for j in range(2)]
-    session.commit(blocks[0], 0)
-    session.commit(blocks[1], 8)
+    session.commit(blocks[0], np.array([0, 0]))
+    session.commit(blocks[1], np.array([8, 8]))
     shape = (cfg.n_layer, 2, cfg.n_head, cfg.canvas_len, cfg.head_dim)
     k = memory.at(session.device["k_cache"], 4 * int(np.prod(shape))).view(np.float32).reshape(shape)
     v = memory.at(session.device["v_cache"], 4 * int(np.prod(shape))).view(np.float32).reshape(shape)
@@ -142,5 +142,23 @@ def test_a_commit_writes_the_block_into_the_cache_in_place():
         want[:, :, :, 8 * j : 8 * (j + 1)] = block[None, :, None, :, None] + np.arange(cfg.n_layer)[:, None, None, None, None] * 1000.0
     np.testing.assert_array_equal(k, want)  # each block at its valid length, every layer, sample and head
     np.testing.assert_array_equal(v, -want)
-    lp, ids = session.step(blocks[0], 16)
+    lp, ids = session.step(blocks[0], np.array([16, 16]))
     assert lp.shape == ids.shape == (2, 8, 4) and session.gpu_ms == 0.5
+
+
+def test_rows_at_different_positions_commit_each_at_its_own():
+    """Two requests' rows in one commit (the server): each row's keys land at its own valid length, no other row's."""
+    cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
+    memory = _Memory()
+    engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
+               "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+    session = _BlockSession(fake_cuda(memory), cfg, engines, batch=2, k=4, integrated=False)
+    block = np.arange(16, dtype=np.int32).reshape(2, 8)
+    session.commit(block, np.array([0, 16]))
+    shape = (cfg.n_layer, 2, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    k = memory.at(session.device["k_cache"], 4 * int(np.prod(shape))).view(np.float32).reshape(shape)
+    want = np.zeros(shape, np.float32)
+    layers = np.arange(cfg.n_layer)[:, None, None, None] * 1000.0
+    want[:, 0, :, 0:8] = block[0][None, None, :, None] + layers
+    want[:, 1, :, 16:24] = block[1][None, None, :, None] + layers
+    np.testing.assert_array_equal(k, want)

@@ -110,7 +110,7 @@ def _runner(model, tokenizer):
 def test_shifted_block_one_writes_its_parents_greedy_text(ar_run):
     """The whole loop (bos first, each block's first token from the commit before, the commit folded or not):
     at block size 1 the shifted child writes token for token what its AR parent writes."""
-    from jetson_dllm.families import bd3, ar
+    from jetson_dllm.families import ar, bd3
     from jetson_dllm.sampler import SamplerConfig
     from train_host import checkpoint as ck
 
@@ -133,7 +133,6 @@ def test_shifted_block_one_writes_its_parents_greedy_text(ar_run):
 
 def test_train_refuses_a_shift_its_parent_cannot_give(data_dir, trained_run, tmp_path):
     from jetson_dllm.errors import DllmError
-
     from tests.conftest import train_small
 
     with pytest.raises(DllmError, match="--shift needs a parent that predicts the next token"):
@@ -157,9 +156,8 @@ def adapted_run(ar_run, data_dir, tmp_path_factory):
 
 def test_adapted_model_records_the_shift_and_refuses_to_lose_it(adapted_run, data_dir, tmp_path):
     from jetson_dllm.errors import DllmError
-    from train_host import checkpoint as ck
-
     from tests.conftest import train_small
+    from train_host import checkpoint as ck
 
     cfg = ck.load_checkpoint(str(adapted_run))[0]
     assert (cfg.family, cfg.block_size, cfg.shift) == ("bd3", 4, True)

@@ -28,7 +28,7 @@ def test_the_graphs_agree_with_the_torch_cache(tmp_path):
             block = x[:, j * 8 : (j + 1) * 8]
             z = block.clone()
             z[:, ::2] = 2  # half masked
-            feeds = {"tokens": z.numpy().astype(np.int32), "k_cache": k_cache, "v_cache": v_cache, "valid_len": np.array(j * 8, np.int32)}
+            feeds = {"tokens": z.numpy().astype(np.int32), "k_cache": k_cache, "v_cache": v_cache, "valid_len": np.full(2, j * 8, np.int32)}
             logprobs, ids, entropy = step.run(None, feeds)
             want_lp, want_ids = block_step(model, cache, z, 8)
             np.testing.assert_allclose(logprobs, want_lp.numpy(), atol=1e-5)

@@ -1,13 +1,21 @@
-// The live canvas: POST /v1/completions with stream and canvas on, and draw every step as it arrives.
+// The live canvas: POST /v1/completions with stream and canvas on, and draw every step as it arrives. A masked
+// diffusion model's canvas fills anywhere; a block-diffusion model's grows block by block, left to right; the
+// autoregressive baseline streams token by token (no canvas, no diffusion knobs).
 "use strict";
 const $ = (id) => document.getElementById(id);
-let needsKey = false;
+let needsKey = false, knobs = ["steps", "strategy"], blockSize = 0;
 
 fetch("v1/info").then((r) => r.json()).then((info) => {
-  const longest = Math.max(...info.canvas_lengths);
-  $("model").textContent = `${info.model} on ${info.backend}, canvas up to ${longest} tokens`;
+  const longest = info.family === "mdlm" ? Math.max(...info.canvas_lengths) : info.context;
+  const what = info.family === "mdlm" ? `canvas up to ${longest} tokens` : `context ${longest} tokens`;
+  $("model").textContent = `${info.model} (${info.family_title || info.family}) on ${info.backend}, ${what}`;
   $("max_tokens").max = longest - 1;  // the prompt needs room too
   $("max_tokens").value = Math.min(+$("max_tokens").value, Math.floor(longest / 2));
+  knobs = info.knobs || knobs;
+  blockSize = info.block_size || 0;
+  $("stepslabel").hidden = !knobs.includes("steps");
+  $("strategylabel").hidden = !knobs.includes("strategy");
+  if (blockSize) $("stepsname").textContent = "steps per block";
   needsKey = info.api_key;
   $("keylabel").hidden = !needsKey;
 });
@@ -29,10 +37,9 @@ async function generate(event) {
   $("go").disabled = true;
   $("text").textContent = "";
   $("status").textContent = "waiting for the model…";
-  const body = {
-    prompt: $("prompt").value, max_tokens: +$("max_tokens").value, steps: +$("steps").value,
-    strategy: $("strategy").value, temperature: +$("temperature").value, seed: +$("seed").value, stream: true, canvas: true,
-  };
+  const body = { prompt: $("prompt").value, max_tokens: +$("max_tokens").value, temperature: +$("temperature").value, seed: +$("seed").value, stream: true };
+  if (knobs.includes("steps")) { body.steps = +$("steps").value; body.canvas = true; }
+  if (knobs.includes("strategy")) body.strategy = $("strategy").value;
   const headers = { "content-type": "application/json" };
   if (needsKey) headers.authorization = `Bearer ${$("apikey").value}`;
   const started = performance.now();
@@ -44,7 +51,7 @@ async function generate(event) {
     }
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
-    let buffer = "", text = "", steps = 0, network = 0;
+    let buffer = "", text = "", steps = 0, network = 0, chunks = 0;
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -58,15 +65,20 @@ async function generate(event) {
         if (msg.error) throw new Error(msg.error.message);
         const choice = msg.choices[0];
         text += choice.text;
+        chunks += 1;
         $("text").textContent = body.prompt + text;
         if (msg.dllm) {
           draw(msg.dllm);
-          steps = msg.dllm.step;
+          steps += 1;
           network += msg.dllm.network_ms;
-          $("status").textContent = `step ${steps}/${msg.dllm.steps} · ${network.toFixed(0)} ms in the network · ${(performance.now() - started).toFixed(0)} ms`;
+          const where = blockSize ? `block ${Math.ceil(msg.dllm.pieces.length / blockSize)}, step ${msg.dllm.step}/${msg.dllm.steps}` : `step ${msg.dllm.step}/${msg.dllm.steps}`;
+          $("status").textContent = `${where} · ${network.toFixed(0)} ms in the network · ${(performance.now() - started).toFixed(0)} ms`;
+        } else if (!choice.finish_reason) {
+          $("status").textContent = `${chunks} tokens · ${(performance.now() - started).toFixed(0)} ms`;
         }
         if (choice.finish_reason) {
-          $("status").textContent = `done in ${steps} steps (${choice.finish_reason}) · ${network.toFixed(0)} ms in the network · ${(performance.now() - started).toFixed(0)} ms in all`;
+          const work = body.canvas ? `${steps} steps (${choice.finish_reason}) · ${network.toFixed(0)} ms in the network` : `${chunks} chunks (${choice.finish_reason})`;
+          $("status").textContent = `done in ${work} · ${(performance.now() - started).toFixed(0)} ms in all`;
         }
       }
     }

@@ -1,0 +1,133 @@
+"""The cached graphs as torch modules over explicit cache tensors: what bd3_export and ar_export export to ONNX and
+what the torch runner runs (`graph_outputs`), one computation for both.
+
+Each takes tokens (B, w), the cache's keys and values (n_layer, B, heads, positions, head_dim) and each row's valid
+length (B,): a row's queries sit at its valid length onward and attend to its first valid_len cached positions
+(past them the cache is masked out, so what it holds there never matters) and to the call's own positions.
+
+    BlockStep   a noised block over the cache: its top-K (and entropy)
+    Commit      a final block's keys and values (a shifted model's also its block's top-K)
+    CommitStep  the finished block committed and the next noised block stepped in one pass (training's mask)
+    Decode      one token read (its keys and values) and the next one's top-K
+"""
+
+from __future__ import annotations
+
+import torch
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, graph_spec
+from train_host.bd3 import fused_mask
+from train_host.model import Denoiser, sampling_head, shifted, topk_logprobs
+
+
+class TensorCache:
+    """The model's cache interface over explicit tensors: reads past keys, records the block's, writes nothing."""
+
+    frozen = True
+    len = 0
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+
+
+def row_mask(valid_len: torch.Tensor, queries: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's rotary positions (B, Q) and attention mask over [cache; the call's own positions] (B, 1, Q,
+    max_len + Q): row r's queries sit at valid_len[r] onward and see its first valid_len[r] cached positions, and
+    among the call's own positions what `queries` (Q, Q) bool allows."""
+    valid_len = valid_len.to(torch.int64)
+    q = queries.shape[0]
+    positions = valid_len.unsqueeze(1) + torch.arange(q, device=valid_len.device)
+    past = (torch.arange(max_len, device=valid_len.device) < valid_len.unsqueeze(1)).unsqueeze(1).expand(-1, q, -1)
+    own = queries.unsqueeze(0).expand(valid_len.shape[0], -1, -1)
+    return positions, torch.cat([past, own], dim=2).unsqueeze(1)
+
+
+def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len) -> tuple[torch.Tensor, TensorCache]:
+    b, max_len = tokens.shape[1], k_cache.shape[3]
+    cache = TensorCache(k_cache, v_cache)
+    positions, mask = row_mask(valid_len, torch.ones(b, b, dtype=torch.bool, device=tokens.device), max_len)
+    return model.hidden(tokens, cache=cache, attn_mask=mask, rope_positions=positions), cache
+
+
+class BlockStep(torch.nn.Module):
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, tokens, k_cache, v_cache, valid_len):
+        h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+        logits = self.model.logits_from_hidden(h)
+        return sampling_head(shifted(logits) if self.model.cfg.shift else logits, self.k)
+
+
+class CommitStep(torch.nn.Module):
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, prev_tokens, tokens, k_cache, v_cache, valid_len):
+        b, max_len = tokens.shape[1], k_cache.shape[3]
+        cache = TensorCache(k_cache, v_cache)
+        positions, mask = row_mask(valid_len, fused_mask(b, tokens.device), max_len)
+        h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
+        rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
+        lp, ids, entropy = sampling_head(self.model.logits_from_hidden(rows), self.k)
+        return lp, ids, entropy, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
+
+
+class Commit(torch.nn.Module):
+    """A shifted model's commit also returns its block's top-K (position 0: the next block's first token)."""
+
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, tokens, k_cache, v_cache, valid_len):
+        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+        new = (torch.stack(cache.new_k), torch.stack(cache.new_v))
+        if self.model.cfg.shift:
+            return (*sampling_head(shifted(self.model.logits_from_hidden(h)), self.k), *new)
+        return new
+
+
+def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
+    cfg = model.cfg
+    shape = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
+    tokens = torch.full((batch, cfg.block_size), cfg.mask_id, dtype=torch.int32)
+    return tokens, torch.zeros(shape), torch.zeros(shape), torch.zeros(batch, dtype=torch.int32)
+
+
+class Decode(torch.nn.Module):
+    def __init__(self, model: Denoiser, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, tokens, k_cache, v_cache, valid_len):
+        h, cache = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+        lp, ids = topk_logprobs(self.model.logits_from_hidden(h), self.k)
+        return lp, ids, torch.stack(cache.new_k), torch.stack(cache.new_v)
+
+
+def graph_outputs(model: Denoiser, graph: str, k: int, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor,
+                  tokens: torch.Tensor, prev_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One cached graph (jetson_dllm.runners.GRAPHS) through the export's own modules, on explicit cache tensors
+    (n_layer, B, heads, positions, head_dim) and each row's valid length (B,): the graph's outputs by name (the
+    new keys and values included, for the caller to write). What the torch runner runs: the exported computation."""
+    modules = {"block_step": BlockStep, "commit": Commit, "commit_step": CommitStep, "decode": Decode}
+    if graph not in modules:
+        raise DllmError(f"no cached graph {graph!r}")
+    spec = graph_spec(graph, model.cfg)
+    inputs = (prev_tokens, tokens) if graph == "commit_step" else (tokens,)
+    got = modules[graph](model, k)(*inputs, k_cache, v_cache, valid_len)
+    names = [*spec.outputs, *((ENTROPY,) if spec.outputs and graph != "decode" else ()), *(COMMIT_OUTPUTS if spec.cache == "write" else ())]
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(got) == len(names), (graph, names)
+    return dict(zip(names, got))
