@@ -60,3 +60,17 @@ def test_adaptation_benchmark(data_dir, ar_run, tmp_path):
     adapted = [r for r in rows if r.startswith("| bd3-4-shift-comp")][0]
     assert float(adapted.split("|")[7]) <= 1.0  # calls per token: at most one at one step per token
     assert "b=1 shifted" in out  # the zero-shot bounds
+
+
+@pytest.mark.slow
+def test_serve_load_and_the_openai_client_on_a_cached_family(bd3_bundle, ar_bundle, tmp_path):
+    """benchmarks/serve_load.py on a block-diffusion bundle (rows per call from the server's metrics) and
+    benchmarks/serve_openai.py on the AR baseline (the openai client, streaming the same text, a clean SIGTERM)."""
+    out = script("serve_load.py", bd3_bundle, "--clients", "1,4", "--requests", "2", "--max-tokens", "16", "--steps", "2", "--threads", "1",
+                 "--out", tmp_path / "load.json")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| batched") or line.startswith("| unbatched")]
+    assert len(rows) == 4 and all(float(r[6]) >= 1 for r in rows)  # rows per call
+    assert float(next(r for r in rows if r[1].strip() == "batched" and r[2].strip() == "4")[6]) > 1  # shared calls
+    assert all(float(r[6]) == 1 for r in rows if r[1].strip() == "unbatched")
+    out = script("serve_openai.py", ar_bundle, "--max-tokens", "8", "--threads", "1")
+    assert "(ar, context 64" in out and "the same text" in out and "exit status after SIGTERM 0" in out

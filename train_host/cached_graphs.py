@@ -6,8 +6,10 @@ the same computation the exported graphs do (bd3_export, ar_export), through the
     commit_step  the finished block committed and the next noised block stepped in one pass (training's mask)
     decode       one token read (its keys and values written), the next token's logits out
 
-These run on the model's own KVCache (one valid length for the batch): benchmarks and tests use them; the graphs as
-exported and as the torch runner runs them, each row at its own valid length, are train_host.graph_modules.
+These run on the model's own KVCache (one valid length for the batch, attending to exactly the filled positions):
+the torch runner's path for a batch at one position (`dllm run`, bench), benchmarks and tests. The graphs as
+exported, each row at its own valid length, are train_host.graph_modules (the torch runner's path for a server's
+rows at different positions); tests/jetson_dllm/test_slots.py checks the two paths write the same tokens.
 
 A shifted model's block graphs return each position's prediction from the position before (`model.shifted`): the
 commit also returns its block's, whose position 0 predicts the next block's first token.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from jetson_dllm.errors import DllmError
 from train_host.bd3 import fused_mask
 from train_host.model import Denoiser, KVCache, shifted, topk_logprobs
 
@@ -58,3 +61,17 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     """The autoregressive baseline's step: the logits that follow `tokens` (B, 1), whose keys and values are
     written into the cache at its length."""
     return model.logits_from_hidden(model.hidden(tokens, cache=cache))
+def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
+               prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One cached graph (jetson_dllm.runners.GRAPHS) on the model with a torch cache at `valid` positions: the
+    logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back)."""
+    cache.len = valid
+    if graph == "block_step":
+        return block_step_logits(model, cache, tokens)
+    if graph == "commit":
+        return commit(model, cache, tokens)
+    if graph == "commit_step":
+        return commit_step_logits(model, cache, prev_tokens, tokens)
+    if graph == "decode":
+        return decode(model, cache, tokens)
+    raise DllmError(f"no cached graph {graph!r}")

@@ -53,6 +53,13 @@ class KVCache:
         self.len = 0  # positions filled
         self.frozen = False  # block diffusion's denoising steps: attend to the cache and the block, write nothing
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, length: int) -> KVCache:
+        """A cache over tensors someone else holds (a runner's), `length` positions filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.len, cache.frozen = k, v, length, False
+        return cache
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
         if self.frozen:
