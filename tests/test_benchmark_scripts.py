@@ -74,3 +74,10 @@ def test_serve_load_and_the_openai_client_on_a_cached_family(bd3_bundle, ar_bund
     assert all(float(r[6]) == 1 for r in rows if r[1].strip() == "unbatched")
     out = script("serve_openai.py", ar_bundle, "--max-tokens", "8", "--threads", "1")
     assert "(ar, context 64" in out and "the same text" in out and "exit status after SIGTERM 0" in out
+
+
+def test_call_batching(bd3_bundle, ar_bundle):
+    out = script("call_batching.py", bd3_bundle, ar_bundle, "--threads", "1", "--calls", "2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| bd3") or line.startswith("| ar")]
+    assert len(rows) == 2 + 6  # a per-call row per bundle, three pool rows each
+    assert all(float(r[2].split()[0]) > 0 for r in rows[:2]) and all(r[5].strip().endswith("%") for r in rows[2:])
