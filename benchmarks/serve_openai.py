@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="steps (per block for BD3) where the family uses steps")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chat", default="Tell me a short story about a cat.", help="the user's message (a story model continues it)")
     args = p.parse_args()
     from openai import OpenAI
 
@@ -60,7 +61,7 @@ def main() -> None:
                 first = time.perf_counter() - t0
             chunks, text = chunks + 1, text + chunk.choices[0].text
         stream_s = time.perf_counter() - t0
-        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a short story about a cat."}],
+        chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": args.chat}],
                                               max_tokens=args.max_tokens, temperature=0, seed=1, extra_body=extra)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -71,7 +72,7 @@ def main() -> None:
           f"{chunks} chunks in {stream_s * 1e3:,.0f} ms, {'the same text' if text == out.choices[0].text else 'A DIFFERENT TEXT'}; "
           f"server exit status after SIGTERM {code}\n")
     print(f"> {args.prompt}{out.choices[0].text}\n")
-    print(f"chat: > {chat.choices[0].message.content.strip()}")
+    print(f"chat ({args.chat!r}): > {chat.choices[0].message.content.strip()}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def _text(text) -> str:
     return text
 
 
+CHAT_TEMPLATE = "chat_template.jinja"  # beside tokenizer.json, as Hugging Face keeps it
+
+
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the ids of padding, end-of-text and mask (and the start token, which is the
     end-of-text for our own tokenizers, as stories are separated by it).
@@ -36,8 +39,9 @@ class TextTokenizer:
     and mask are always ours; an imported tokenizer's end-of-text and start token are its own); without them, our own
     special tokens are looked up by name (a tokenizer `dllm data` made)."""
 
-    def __init__(self, tok: Tokenizer, source: str = "<memory>", special_ids: dict | None = None):
+    def __init__(self, tok: Tokenizer, source: str = "<memory>", special_ids: dict | None = None, chat_template: str | None = None):
         self.tok = tok
+        self.chat_template = chat_template  # an imported instruct model's own (Jinja), kept as chat_template.jinja beside it
         if special_ids is None:
             ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
             missing = [t for t, i in ids.items() if i is None]
@@ -64,7 +68,8 @@ class TextTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise DllmError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:80]})") from None
-        return cls(tok, str(path), special_ids)
+        template = path.with_name(CHAT_TEMPLATE)
+        return cls(tok, str(path), special_ids, template.read_text(encoding="utf-8") if template.is_file() else None)
 
     @property
     def vocab_size(self) -> int:
@@ -110,3 +115,5 @@ class TextTokenizer:
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
+        if self.chat_template:
+            Path(path).with_name(CHAT_TEMPLATE).write_text(self.chat_template, encoding="utf-8")

@@ -103,5 +103,6 @@ def read_gguf(path: Path, say=lambda msg: None) -> Imported:
                   "quantization": sorted(qtypes), "tokenizer_pre": pre,
                   "converted": "dequantized to float32; Q and K rows un-permuted from llama.cpp's rotary layout; q/k/v stacked "
                                "into wqkv; <|pad|> and <|mask|> added"}
+    template = _field(reader, "tokenizer.chat_template", "")  # "" when the file has none
     return Imported(cfg, tensors, tokenizer, int(_field(reader, "tokenizer.ggml.eos_token_id")),
-                    int(bos.contents()) if bos is not None else None, provenance)
+                    int(bos.contents()) if bos is not None else None, provenance, template if isinstance(template, str) and template.strip() else None)

@@ -39,6 +39,7 @@ class Imported:
     eot_id: int
     bos_id: int | None
     provenance: dict = field(default_factory=dict)
+    chat_template: str | None = None  # an instruct model's own (Jinja): the server's chat requests use it
 
 
 def sha256_of(path: Path) -> str:
@@ -126,7 +127,21 @@ def read_hf_folder(folder: Path, say=lambda msg: None) -> Imported:
                   "files": {f.name: sha256_of(f) for f in [folder / "config.json", tok_path, *files]},
                   "converted": "q/k/v stacked into wqkv; gate, up, down as w1, w3, w2; <|pad|> and <|mask|> added"}
     bos = hf.get("bos_token_id")
-    return Imported(cfg, tensors, tokenizer, eos, bos if isinstance(bos, int) else None, provenance)
+    return Imported(cfg, tensors, tokenizer, eos, bos if isinstance(bos, int) else None, provenance, hf_chat_template(folder))
+
+
+def hf_chat_template(folder: Path) -> str | None:
+    """A Hugging Face folder's chat template: chat_template.jinja, or tokenizer_config.json's `chat_template` (a
+    string; a list of named templates gives its "default")."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _take(raw: dict, name: str, source) -> torch.Tensor:

@@ -51,7 +51,7 @@ def build_checkpoint(imp: Imported, context: int) -> tuple[ModelConfig, dict[str
     c.pop("vocab_size")
     cfg = ModelConfig(name="imported", family="ar", vocab_size=vocab, canvas_len=canvas, mask_id=mask_id, **c)
     ids = {"pad": pad_id, "eot": imp.eot_id, "mask": mask_id, **({"bos": imp.bos_id} if imp.bos_id is not None else {})}
-    return cfg, tensors, TextTokenizer(tok, "the imported tokenizer", ids)
+    return cfg, tensors, TextTokenizer(tok, "the imported tokenizer", ids, imp.chat_template)
 
 
 def import_model(source: str | Path, out_dir: str | Path, context: int = DEFAULT_CONTEXT, overwrite: bool = False, progress=None) -> Path:

@@ -5,7 +5,7 @@ attends in training, the objective and its NLL (its host module), the graphs a b
 loop (a generator of graph calls, in its runtime module), what `--steps` means to it, its memory terms and what it
 refuses. Code outside this package and the family modules asks the record, never the family's name.
 
-Adding a family: a record here, a runtime module (jetson_dllm/families/NAME.py: `complete`, `bench_generate`) and a
+Adding a family: a record here, a runtime module (jetson_dllm/families/NAME.py: `complete`, `bench_generate`, `serve_calls`) and a
 host module (train_host/families/NAME.py: `train_loss`, `evaluate`, `export`); docs/architecture.md walks through it.
 """
 

@@ -21,7 +21,7 @@ import numpy as np
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase, check_graph, valid_length
+from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase, call_slots, check_graph, valid_length
 from jetson_dllm.runners.trt_common import TrtEngines
 
 ON_DEVICE = ("k_cache", "v_cache", "k_new", "v_new")  # GPU-only tensors, never mapped to the host
@@ -32,7 +32,7 @@ class _BlockSession:
     """One batch size's buffers, the two engines' execution contexts bound to them, and the stream they share."""
 
     def __init__(self, cuda, cfg, engines: dict, batch: int, k: int, integrated: bool):
-        self.cuda, self.cfg, self.integrated = cuda, cfg, integrated
+        self.cuda, self.cfg, self.integrated, self.batch = cuda, cfg, integrated, batch
         self.stream = cuda.Stream()
         self.host, self.device, address = {}, {}, {}
         self.nbytes = {}
@@ -84,9 +84,10 @@ class _BlockSession:
         self.gpu_ms = self.end.time_since(self.start)
         return tuple(self.host[name].copy() for name in SAMPLING_OUTPUTS)
 
-    def commit(self, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def commit(self, tokens: np.ndarray, valid: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Run the commit engine, then write its keys and values into the cache at each row's valid length, on the
-        GPU; a shifted model's commit engine also writes the block's top-K (the block step's buffers), which come back."""
+        GPU (only `rows` when given: a pool call's other rows are padding); a shifted model's commit engine also
+        writes the block's top-K (the block step's buffers), which come back."""
         self._enqueue("commit", tokens, valid)
         if self.cfg.shift and not self.integrated:
             for name in SAMPLING_OUTPUTS:
@@ -95,9 +96,9 @@ class _BlockSession:
         row = 4 * c.head_dim  # bytes of one position's key (float32)
         # Every row at the same position (one request): one 2-D copy per tensor over all n_layer x B x heads rows;
         # rows at different positions: one per (layer, row), over its heads.
-        parts = [(0, 0, c.n_layer * batch * c.n_kv_head, int(valid[0]))] if (valid == valid[0]).all() else [
+        parts = [(0, 0, c.n_layer * batch * c.n_kv_head, int(valid[0]))] if rows is None and (valid == valid[0]).all() else [
             ((layer * batch + r) * c.n_kv_head, (layer * batch + r) * c.n_kv_head, c.n_kv_head, int(valid[r]))
-            for layer in range(c.n_layer) for r in range(batch)]
+            for layer in range(c.n_layer) for r in (range(batch) if rows is None else rows)]
         for new, cache in zip(COMMIT_OUTPUTS, ("k_cache", "v_cache")):
             for src_row, dst_row, height, at in parts:
                 copy = self.cuda.Memcpy2D()
@@ -132,6 +133,7 @@ class TrtBlockRunner(RunnerBase):
             bundle.onnx_path(precision, graph)  # the bundle must have each graph at this precision
         self.name = f"trt-{precision}"
         self.sessions: dict[int, _BlockSession] = {}
+        self.pool: _BlockSession | None = None  # open_slots: the server's rows
 
     def _session(self, batch: int) -> _BlockSession:
         if batch not in self.sessions:
@@ -147,8 +149,9 @@ class TrtBlockRunner(RunnerBase):
         if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
         valid = valid_length(feeds, tokens.shape[0], self.cfg.canvas_len - self.width + 1)
-        if feeds.get("slots") is not None:
-            raise DllmError("the TensorRT runner has no cache pool yet (per-request slots): serve this bundle with --backend onnx")
+        slots = call_slots(feeds, tokens.shape[0], self.pool.batch if self.pool else 0)
+        if slots is not None:
+            return self._run_pool(graph, tokens, valid, slots, outputs)
         session = self._session(tokens.shape[0])
         if graph == "commit":
             got = session.commit(tokens, valid)
@@ -157,12 +160,31 @@ class TrtBlockRunner(RunnerBase):
         self.last_gpu_ms = session.gpu_ms
         return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
 
+    def _run_pool(self, graph: str, tokens: np.ndarray, valid: np.ndarray, slots: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        """A call on some rows of the pool: the engines run on every row of the pool (one engine per graph at the
+        pool's batch, no copy of any cache: on a GPU a small model's call is bound by launches, not rows), the rows
+        not in the call masked tokens at position 0, and a commit writes only the call's rows."""
+        pool = self.pool
+        full = np.full((pool.batch, self.width), self.cfg.mask_id, np.int32)
+        at = np.zeros(pool.batch, np.int32)
+        full[slots], at[slots] = tokens, valid
+        if graph == "commit":
+            got = pool.commit(full, at, rows=slots)
+            return {} if got is None else {name: value[slots] for name, value in zip(SAMPLING_OUTPUTS, got) if name in outputs}
+        lp, ids = pool.step(full, at)
+        self.last_gpu_ms = pool.gpu_ms
+        return {name: value[slots] for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
+
     def open_slots(self, rows: int) -> int:
-        raise DllmError("the TensorRT runner has no cache pool yet (per-request slots): serve this bundle with --backend onnx")
+        engines = {graph: self.trt_engines.engine(rows, self.cfg.canvas_len, graph) for graph in self.graphs}
+        self.pool = _BlockSession(self.cuda, self.cfg, engines, rows, self.topk, self.device.integrated)
+        return self.pool.cache_bytes()
 
     def memory(self) -> dict[str, int]:
-        return {**self.trt_engines.memory(), "cache": sum(s.cache_bytes() for s in self.sessions.values())}
+        held = [*self.sessions.values(), *([self.pool] if self.pool else [])]
+        return {**self.trt_engines.memory(), "cache": sum(s.cache_bytes() for s in held)}
 
     def close(self) -> None:
         self.sessions.clear()
+        self.pool = None
         self.trt_engines.close()

@@ -294,7 +294,11 @@ class Server:
         return await self.run_jobs(request, body, prompts, body.suffix, body.max_tokens, chat=False)
 
     async def chat_completions(self, body: ChatRequest, request: Request):
-        return await self.run_jobs(request, body, [chat_prompt(body.messages)], None, body.max_completion_tokens or body.max_tokens or 64, chat=True)
+        try:
+            prompt = chat_prompt(body.messages, self.tok)
+        except DllmError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return await self.run_jobs(request, body, [prompt], None, body.max_completion_tokens or body.max_tokens or 64, chat=True)
 
     async def models(self, request: Request):
         self.authorize(request)

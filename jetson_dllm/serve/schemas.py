@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jetson_dllm.errors import DllmError
 from jetson_dllm.sampler import STRATEGIES
 
 
@@ -63,10 +64,29 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=16384)
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The chat template: our models continue stories, they do not take turns. The conversation's text, one message
-    per line (system and user alike), is the story so far; the assistant's reply is its continuation."""
-    return "\n".join(m.content.strip() for m in messages if m.content.strip())
+def chat_prompt(messages: list[ChatMessage], tokenizer=None) -> str:
+    """The prompt of a chat. A model with a chat template of its own (an imported instruct model: the GGUF's
+    `tokenizer.chat_template`, a Hugging Face folder's) gets the conversation rendered by it, with the assistant's
+    turn opened, in a sandboxed Jinja environment as transformers renders it. Otherwise (our story models, which
+    continue stories and do not take turns) the conversation's text, one message per line, is the story so far and
+    the reply its continuation."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "\n".join(m.content.strip() for m in messages if m.content.strip())
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # what templates written for transformers call on a conversation they refuse
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    piece = lambda i: tokenizer.tok.id_to_token(int(i)) or ""  # noqa: E731
+    try:
+        return env.from_string(template).render(messages=[{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True,
+                                                bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eot_id))
+    except TemplateError as e:
+        raise DllmError(f"the model's chat template failed: {str(e)[:160]}") from None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:

@@ -181,3 +181,27 @@ def test_a_thousand_requests_leak_no_slot_and_no_memory(ar_bundle):
         assert grown < 24 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 1,000 requests"
     finally:
         s.stop()
+
+
+def test_a_full_pool_and_queue_answer_429_with_retry_after(bd3_bundle):
+    """Two slots and a queue of one: of eight simultaneous requests some are refused at once with Retry-After,
+    the rest are answered, and the slots all come back."""
+    s = Server(bd3_bundle, "--max-batch", "2", "--max-queue", "1")
+    try:
+        results, lock = [], threading.Lock()
+
+        def one(i):
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Once", "max_tokens": 40, "steps": 4, "seed": i}, timeout=120)
+            with lock:
+                results.append((r.status_code, r.headers.get("retry-after")))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        assert sorted({status for status, _ in results}) == [200, 429], results
+        assert all(ra == "1" for status, ra in results if status == 429)
+        assert httpx.get(f"{s.url}/health", timeout=5).json()["slots_in_use"] == 0
+    finally:
+        s.stop()

@@ -162,3 +162,33 @@ def test_rows_at_different_positions_commit_each_at_its_own():
     want[:, 0, :, 0:8] = block[0][None, None, :, None] + layers
     want[:, 1, :, 16:24] = block[1][None, None, :, None] + layers
     np.testing.assert_array_equal(k, want)
+
+
+def test_a_pool_call_runs_every_row_and_commits_only_its_own():
+    """The server's rows on TensorRT: a call on slot 1 of a 2-row pool runs the engines on both rows (no cache copy)
+    and writes keys into row 1 only; row 0, another request's, keeps what it had."""
+    from jetson_dllm.runners.trt_blocks import TrtBlockRunner
+
+    cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
+    memory = _Memory()
+    engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
+               "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+    runner = TrtBlockRunner.__new__(TrtBlockRunner)  # the runner's own logic over the simulated device
+    runner.cfg, runner.width, runner.graphs, runner.topk = cfg, 8, ("block_step", "commit"), 4
+    runner.cuda, runner.device, runner.sessions = fake_cuda(memory), SimpleNamespace(integrated=False), {}
+    runner.trt_engines = SimpleNamespace(engine=lambda batch, canvas, graph: engines[graph])
+    assert runner.open_slots(2) > 0
+    first = np.arange(16, dtype=np.int32).reshape(2, 8)
+    runner.run("commit", {"tokens": first, "valid_len": np.array([0, 0], np.int32), "slots": np.array([0, 1], np.int32)})
+    block = np.full((1, 8), 50, np.int32)
+    assert runner.run("commit", {"tokens": block, "valid_len": np.array([8], np.int32), "slots": np.array([1], np.int32)}) == {}
+    shape = (cfg.n_layer, 2, cfg.n_head, cfg.canvas_len, cfg.head_dim)
+    k = memory.at(runner.pool.device["k_cache"], 4 * int(np.prod(shape))).view(np.float32).reshape(shape)
+    layers = np.arange(cfg.n_layer)[:, None, None, None] * 1000.0
+    want = np.zeros(shape, np.float32)
+    want[:, 0, :, :8] = first[0][None, None, :, None] + layers
+    want[:, 1, :, :8] = first[1][None, None, :, None] + layers
+    want[:, 1, :, 8:16] = 50 + layers
+    np.testing.assert_array_equal(k, want)  # row 0's second block untouched by the padding row's commit
+    got = runner.run("block_step", {"tokens": block, "valid_len": np.array([16], np.int32), "slots": np.array([1], np.int32)})
+    assert got["topk_ids"].shape == (1, 8, 4)

@@ -82,7 +82,7 @@ def test_the_imported_model_computes_what_transformers_computes(hf_folder, impor
     assert config["provenance"]["format"] == "huggingface" and "model.safetensors" in config["provenance"]["files"]
 
 
-def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "llama") -> None:
+def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "llama", chat_template: str = "") -> None:
     """The tiny model as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
@@ -111,6 +111,8 @@ def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "lla
     writer.add_token_types([3 if t in ("<unk>", "<s>", "</s>") else 1 for t, _ in vocab])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     q = getattr(gguf.GGMLQuantizationType, qtype)
 
     def add(name, a):
@@ -239,3 +241,37 @@ def test_an_imported_model_is_adapted_into_block_diffusion(imported, tmp_path):
     code, _, err = run("train", "-o", tmp_path / "other", *common, "--n-layer", "3")
     assert_clean_failure(code, err, "with --init the model's shape is its parent's")
     assert not (tmp_path / "other").exists()
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_an_instruct_models_chat_template_comes_in_and_shapes_its_chat_prompt(hf_folder, tmp_path):
+    """The GGUF's tokenizer.chat_template (and a Hugging Face folder's tokenizer_config.json one) is kept beside the
+    tokenizer through import and export, and the server's chat prompt is that template's rendering; a model
+    without one keeps the story template."""
+    import json
+    import shutil
+
+    from jetson_dllm.bundle import load_bundle
+    from jetson_dllm.serve.schemas import ChatMessage, chat_prompt
+    from train_host.checkpoint import load_model
+    from train_host.export import export_bundle
+    from train_host.importer import import_model
+
+    write_gguf(hf_folder, tmp_path / "chat.gguf", chat_template=TEMPLATE)
+    import_model(tmp_path / "chat.gguf", tmp_path / "run", context=64)
+    _, tok, _ = load_model(tmp_path / "run")
+    bundle = export_bundle(tmp_path / "run", tmp_path / "bundle")
+    assert tok.chat_template == TEMPLATE == load_bundle(bundle.path).tokenizer().chat_template
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="A fox?")]
+    assert chat_prompt(messages, tok) == "<s>system: Be brief.</s>user: A fox?</s>assistant:"
+    assert tok.encode(chat_prompt(messages, tok))[0] == 1  # <s> read as the special token, not as characters
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_folder, hf)
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    import_model(hf, tmp_path / "hf-run", context=64)
+    assert load_model(tmp_path / "hf-run")[1].chat_template == TEMPLATE
+    import_model(hf_folder, tmp_path / "plain", context=64)
+    assert chat_prompt(messages, load_model(tmp_path / "plain")[1]) == "Be brief.\nA fox?"  # no template: the story so far
