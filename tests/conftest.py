@@ -167,3 +167,20 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=60)
         return self.proc.returncode
+
+
+def concurrently(fn, count: int, timeout: float = 150) -> list:
+    """fn(0) .. fn(count - 1) at once, each in its own thread; their return values (None for one still running)."""
+    import threading
+
+    results = [None] * count
+
+    def one(i):
+        results[i] = fn(i)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return results

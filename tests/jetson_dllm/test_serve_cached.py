@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import Server, concurrently
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'jetson-dllm[dev]')")
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
@@ -84,20 +84,14 @@ def test_a_stop_sequence_ends_the_request_and_is_never_streamed(which, request):
 @pytest.mark.parametrize("which", ["bd3_server", "ar_server"])
 def test_concurrent_clients_share_calls_and_every_slot_comes_back(which, request):
     server = request.getfixturevalue(which)
-    results, lock = [], threading.Lock()
 
     def one(i):
         body = {"prompt": "Once upon a time" * (i % 3), "max_tokens": 8 + 4 * (i % 4), "seed": i}
         r = httpx.post(f"{server.url}/v1/completions", json={**body, **({"steps": 4} if which == "bd3_server" else {})}, timeout=120)
-        with lock:
-            results.append((r.status_code, r.headers.get("retry-after")))
+        return r.status_code, r.headers.get("retry-after")
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=150)
-    assert len(results) == 32 and all(s == 200 or (s == 429 and ra) for s, ra in results)
+    results = concurrently(one, 32)
+    assert None not in results and all(s == 200 or (s == 429 and ra) for s, ra in results)
     assert sum(s == 200 for s, _ in results) >= 16
     metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
     value = {ln.split()[0]: float(ln.split()[-1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")}
@@ -188,18 +182,11 @@ def test_a_full_pool_and_queue_answer_429_with_retry_after(bd3_bundle):
     the rest are answered, and the slots all come back."""
     s = Server(bd3_bundle, "--max-batch", "2", "--max-queue", "1")
     try:
-        results, lock = [], threading.Lock()
-
         def one(i):
             r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "Once", "max_tokens": 40, "steps": 4, "seed": i}, timeout=120)
-            with lock:
-                results.append((r.status_code, r.headers.get("retry-after")))
+            return r.status_code, r.headers.get("retry-after")
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=150)
+        results = concurrently(one, 8)
         assert sorted({status for status, _ in results}) == [200, 429], results
         assert all(ra == "1" for status, ra in results if status == 429)
         assert httpx.get(f"{s.url}/health", timeout=5).json()["slots_in_use"] == 0

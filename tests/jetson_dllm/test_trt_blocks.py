@@ -124,12 +124,16 @@ class _Engine:
                                set_tensor_address=lambda name, a: addresses.__setitem__(name, a) or True)
 
 
+def _engines(memory, cfg) -> dict:
+    return {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
+            "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+
+
 def test_a_commit_writes_the_block_into_the_cache_in_place():
     """Discrete-GPU buffers (the Jetson's zero-copy inputs differ only in where the small tensors live)."""
     cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
     memory = _Memory()
-    engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
-               "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+    engines = _engines(memory, cfg)
     session = _BlockSession(fake_cuda(memory), cfg, engines, batch=2, k=4, integrated=False)
     blocks = [np.arange(16, dtype=np.int32).reshape(2, 8) + 100 * j for j in range(2)]
     session.commit(blocks[0], np.array([0, 0]))
@@ -150,8 +154,7 @@ def test_rows_at_different_positions_commit_each_at_its_own():
     """Two requests' rows in one commit (the server): each row's keys land at its own valid length, no other row's."""
     cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
     memory = _Memory()
-    engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
-               "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+    engines = _engines(memory, cfg)
     session = _BlockSession(fake_cuda(memory), cfg, engines, batch=2, k=4, integrated=False)
     block = np.arange(16, dtype=np.int32).reshape(2, 8)
     session.commit(block, np.array([0, 16]))
@@ -171,8 +174,7 @@ def test_a_pool_call_runs_every_row_and_commits_only_its_own():
 
     cfg = ModelConfig(d_model=32, n_head=2, n_layer=3, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
     memory = _Memory()
-    engines = {"block_step": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "topk_logprobs", "topk_ids"], memory, cfg, "block_step"),
-               "commit": _Engine(["tokens", "k_cache", "v_cache", "valid_len", "k_new", "v_new"], memory, cfg, "commit")}
+    engines = _engines(memory, cfg)
     runner = TrtBlockRunner.__new__(TrtBlockRunner)  # the runner's own logic over the simulated device
     runner.cfg, runner.width, runner.graphs, runner.topk = cfg, 8, ("block_step", "commit"), 4
     runner.cuda, runner.device, runner.sessions = fake_cuda(memory), SimpleNamespace(integrated=False), {}
