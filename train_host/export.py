@@ -38,8 +38,11 @@ def export_bundle(
     overwrite: bool = False,
     int8: Int8Options | None = None,
     progress=None,
+    calibration_given: frozenset[str] = frozenset(),
 ) -> Bundle:
-    """Export a checkpoint to a bundle; fails (writing nothing) if FP32 parity with PyTorch is broken."""
+    """Export a checkpoint to a bundle; fails (writing nothing) if FP32 parity with PyTorch is broken.
+    `calibration_given`: the INT8 calibration options the user gave (a family whose INT8 calibrates nothing refuses
+    them)."""
     say = progress or (lambda msg: None)
     unknown = set(precisions) - {p.name for p in PRECISIONS.values() if p.exported}
     if unknown:
@@ -56,6 +59,10 @@ def export_bundle(
     family = family_of(cfg)
     if "int8" in precisions and not family.int8:
         raise DllmError(f"the {family.title} exports FP32 and FP16 graphs only; drop --int8")
+    if "int8" in precisions and family.int8 == "dynamic" and (calibration_given or data_dir is not None):
+        given = f"--{sorted(calibration_given)[0].replace('_', '-')}" if calibration_given else "--data"
+        raise DllmError(f"the {family.title}'s INT8 is dynamic (INT8 weights, activations quantized as the graph runs on "
+                        f"onnxruntime's CPU provider): nothing is calibrated, so {given} would be read by nothing; drop it")
     if data_dir is not None:
         _check_data(data_dir, tokenizer, family, "int8" in precisions)
     options = ExportOptions(tuple(precisions), topk, data_dir, parity_canvases, overwrite, int8, say)

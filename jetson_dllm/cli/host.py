@@ -188,7 +188,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="run folder (its best checkpoint) or a checkpoints/step_* folder")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="bundle folder to write")] = Path("runs/bundle"),
     fp16: Annotated[bool, typer.Option("--fp16/--no-fp16", help="also write the FP16 graph (RMSNorm, softmax, residuals in FP32)")] = True,
-    int8: Annotated[bool, typer.Option("--int8", help="also calibrate and write the INT8 Q/DQ graph")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="also write INT8: calibrated Q/DQ graphs (MDLM, BD3), dynamic INT8 weights (AR)")] = False,
     topk: Annotated[int, typer.Option(help="K of the sampling head (top-K log-probabilities computed in the graph)", min=1, max=3839)] = 64,
     data_dir: Annotated[Optional[Path], typer.Option("--data", help="the model's data folder: validation canvases for parity and calibration")] = None,
     parity_canvases: Annotated[int, typer.Option(help="validation canvases in the parity report", min=1)] = 16,
@@ -218,7 +218,8 @@ def export(
                           allow_over_budget=allow_over_budget, extra_file=str(calib_file) if calib_file else None, seed=seed)
     with err.status("exporting") as status:
         bundle = export_bundle(checkpoint, out_dir, precisions=precisions, topk=topk, data_dir=str(data_dir) if data_dir else None,
-                               parity_canvases=parity_canvases, overwrite=overwrite, int8=options, progress=status.update)
+                               parity_canvases=parity_canvases, overwrite=overwrite, int8=options, progress=status.update,
+                               calibration_given=frozenset(given_options(ctx) & INT8_OPTIONS))
     out.print(parity_table(bundle.manifest), *([calibration_table(c)] if (c := bundle.manifest.get("calibration")) else []), sep="\n")
     out.print(export_summary(bundle, out_dir))
     check_int8_budget(c, options)

@@ -33,7 +33,9 @@ class Family:
         steps: what `--steps` means to it ("" when it does not use steps: one call per token).
         nll: "bound" (a variational upper bound) or "exact".
         options: the `dllm run` sampler options it uses beyond temperature, top-k, top-p and seed.
-        int8: INT8 Q/DQ graphs can be exported.
+        int8: what `dllm export --int8` writes: "qdq" (calibrated Q/DQ graphs for TensorRT, and for the canvas graph
+            the dynamic CPU variant too), "dynamic" (INT8 weights with activations quantized as the graph runs, for
+            onnxruntime on a CPU: nothing to calibrate), or "" (no INT8).
         runtime: its runtime module (torch-free): the generation loop and bench point.
         host: its host module (torch): objective, evaluation and export.
         train_options: the `dllm train` options of its own (others' are refused when given).
@@ -49,7 +51,7 @@ class Family:
     steps: str
     nll: str
     options: tuple[str, ...]
-    int8: bool
+    int8: str
     runtime: str
     host: str
     train_options: tuple[str, ...] = ()
@@ -81,13 +83,13 @@ SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadli
 FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
-                   options=SAMPLER_OPTIONS, int8=True, runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm"),
+                   options=SAMPLER_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm"),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
-                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8=True,
+                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8="qdq",
                   runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", train_options=("block_size", "t_min", "t_max", "shift", "complementary")),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
-                 nll="exact", options=(), int8=False, runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
+                 nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }
 
 
