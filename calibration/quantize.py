@@ -267,13 +267,18 @@ def search_exclusions(nodes: list[str], drop_of, budget: float, max_share: float
 
 
 def write_dynamic_cpu_variant(fp32_path: Path, out_path: Path, work: Path) -> None:
-    """Dynamic INT8 weight MatMuls (per-channel), saved in onnxruntime's format after basic optimizations."""
+    """Dynamic INT8 weight MatMuls (per-channel, 7-bit range), saved in onnxruntime's format after basic optimizations.
+
+    `reduce_range`: on x86 cores without VNNI (AVX2, as this project's VM has) onnxruntime multiplies uint8
+    activations by int8 weights with an instruction whose 16-bit sums saturate at full 8-bit range; measured on
+    SmolLM2-135M's decode graph: top-1 agreement with FP32 2.5% over the export's parity calls at full range,
+    25/28 on real text at 7 bits. ARM and VNNI cores lose one bit of weight precision to it."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dynamic = work / "dynamic.onnx"
     with _quiet():
-        quantize_dynamic(str(fp32_path), str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True,
+        quantize_dynamic(str(fp32_path), str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across CPUs
