@@ -41,6 +41,59 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160, soft_wrap=not sys.stderr.isatty())
 
 
+class working:  # noqa: N801 (a context manager, used as `with working("exporting") as status`)
+    """Long work's progress on stderr: a spinner on a terminal; piped, each update as a line with the time so far,
+    and a line at least every `every` seconds while nothing else is said (so a log never looks like a hang). Nothing
+    is printed before the first update or the first interval: a refusal stays the one line it is."""
+
+    def __init__(self, what: str, every: float = 30.0, console: Console | None = None):
+        self.console, self.what, self.every = console or err, what, every
+        self.tty = self.console.is_terminal
+        self.last = self.t0 = 0.0
+
+    def __enter__(self):
+        import threading
+        import time
+
+        self.t0 = self.last = time.monotonic()
+        if self.tty:
+            self.status = self.console.status(self.what)
+            self.status.__enter__()
+            return self
+        self.done = threading.Event()  # (nothing printed yet: a refusal in the first seconds stays one line)
+        self.beat = threading.Thread(target=self._beat, daemon=True)
+        self.beat.start()
+        return self
+
+    def update(self, message: str) -> None:
+        self.what = message
+        if self.tty:
+            self.status.update(message)
+        else:
+            self.line(message)
+
+    def line(self, message: str, still: bool = False) -> None:
+        import time
+
+        self.last = time.monotonic()
+        self.console.print(f"[{self.last - self.t0:5.0f} s] {'still: ' if still else ''}{message}", markup=False, highlight=False)
+
+    def _beat(self) -> None:
+        import time
+
+        while not self.done.wait(min(self.every, 1.0)):
+            if time.monotonic() - self.last >= self.every:
+                self.line(self.what, still=True)
+
+    def __exit__(self, *exc) -> bool:
+        if self.tty:
+            self.status.__exit__(*exc)
+        else:
+            self.done.set()
+            self.beat.join(timeout=2)
+        return False
+
+
 def parse_duration(text: str) -> float:
     """Seconds from "90", "90s", "5m", "1h30m"."""
     text = text.strip().lower()

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from jetson_dllm.bench import run_sweep
-from jetson_dllm.cli.common import Bar, app, err, int_list, names, out
+from jetson_dllm.cli.common import Bar, app, err, int_list, names, out, working
 from jetson_dllm.config import SIZES
 from jetson_dllm.engine import bundle_report
 from jetson_dllm.engine_build import build_engines
@@ -109,7 +109,7 @@ def bench(
       dllm bench runs/bundle --backend trt --precision fp16,int8 --canvas 128,256      (on the Jetson)
     """
     t0 = time.time()
-    with err.status("measuring") as status:
+    with working("measuring") as status:
         results, env, paths = run_sweep(
             [str(m) for m in (models or [])] + (configs_of(config) if config else []), backends=names(backend), precisions=names(precision),
             steps=int_list(steps, "--steps"), canvases=int_list(canvas, "--canvas"), batches=int_list(batch, "--batch"),

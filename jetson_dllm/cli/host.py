@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jetson_dllm.cli.common import Bar, app, err, given_options, out, parse_duration
+from jetson_dllm.cli.common import Bar, app, err, given_options, out, parse_duration, working
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_train_options
 from jetson_dllm.tables import calibration_table, eval_table, export_summary, parity_table
@@ -210,16 +210,15 @@ def export(
     from calibration.quantize import Int8Options
     from train_host.export import check_int8_budget, export_bundle
 
-    unused = sorted(given_options(ctx) & INT8_OPTIONS) if not int8 else []
-    if unused:
-        raise DllmError(f"--{unused[0].replace('_', '-')} is an INT8 calibration option; add --int8 or leave it out")
+    if (given := sorted(given_options(ctx) & INT8_OPTIONS)) and not int8:
+        raise DllmError(f"--{given[0].replace('_', '-')} is an INT8 calibration option; add --int8 or leave it out")
     precisions = ("fp32",) + (("fp16",) if fp16 or int8 else ()) + (("int8",) if int8 else ())
     options = Int8Options(n_canvases=calib_canvases, canvas_len=calib_canvas_len, method=calib_method, budget=int8_budget,
                           allow_over_budget=allow_over_budget, extra_file=str(calib_file) if calib_file else None, seed=seed)
-    with err.status("exporting") as status:
+    with working("exporting") as status:
         bundle = export_bundle(checkpoint, out_dir, precisions=precisions, topk=topk, data_dir=str(data_dir) if data_dir else None,
                                parity_canvases=parity_canvases, overwrite=overwrite, int8=options, progress=status.update,
-                               calibration_given=frozenset(given_options(ctx) & INT8_OPTIONS))
+                               calibration_given=frozenset(given))
     out.print(parity_table(bundle.manifest), *([calibration_table(c)] if (c := bundle.manifest.get("calibration")) else []), sep="\n")
     out.print(export_summary(bundle, out_dir))
     check_int8_budget(c, options)

@@ -18,7 +18,7 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it on this machine")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=1, max=65535)] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="require Authorization: Bearer KEY (or set DLLM_API_KEY)", envvar="DLLM_API_KEY")] = None,
-    max_batch: Annotated[int, typer.Option(help="samples denoised together in one network call (and the cap on n)", min=1, max=256)] = 16,
+    max_batch: Annotated[int, typer.Option(help="rows in one network call, the cache slots of a BD3/AR model, and the cap on n", min=1, max=256)] = 16,
     max_queue: Annotated[int, typer.Option(help="requests that may wait; more get 429 with Retry-After", min=1, max=10000)] = 64,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="requests share network calls (off: one request per call)")] = True,
     max_body: Annotated[int, typer.Option(help="largest request body, bytes", min=1024)] = 1 << 20,
@@ -26,7 +26,8 @@ def serve(
     model_name: Annotated[Optional[str], typer.Option(help="the model's name in the API (default: the folder's name)")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = physical cores", min=0, max=1024)] = 0,
 ) -> None:
-    """Serve a model over an OpenAI-compatible API (completions, chat, streaming, suffix infilling) with a live page at /.
+    """Serve any model (MDLM, block diffusion, AR) over an OpenAI-compatible API (completions, chat, streaming, suffix
+    infilling where the family can) with continuous batching and a live page at /.
 
     Examples:
       dllm serve runs/bundle                                   (http://127.0.0.1:8000, the page at /)

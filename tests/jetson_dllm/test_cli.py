@@ -217,3 +217,26 @@ def test_an_undertrained_model_says_so_in_train_and_run(capsys, data_dir, tmp_pa
     assert code == 0 and "the model is undertrained" in out and "--resume --steps" in out
     code, _, err = dllm(capsys, "run", tmp_path / "r", "-p", "Once", "--steps", 2, "--no-live")
     assert code == 0 and "warning: this model is undertrained" in err
+
+
+def test_long_work_piped_prints_a_line_at_least_every_interval():
+    """Piped (no terminal), `working` prints each update with the time so far, and a `still:` line whenever the
+    interval passes without one; nothing is lost when it ends."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from jetson_dllm.cli.common import working
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=False, width=200)
+    with working("exporting", every=0.3, console=console) as status:
+        time.sleep(1.0)  # quiet work: heartbeats
+        status.update("calibrating")
+        time.sleep(0.1)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].endswith("] still: exporting") and lines[-1].endswith("] calibrating")  # no line before the first interval
+    still = [ln for ln in lines if "still: exporting" in ln]
+    assert 2 <= len(still) <= 4, lines  # about one per 0.3 s of the quiet second
+    assert all(ln.startswith("[") and " s] " in ln for ln in lines)
