@@ -65,6 +65,10 @@ def export_bundle(
                         f"onnxruntime's CPU provider): nothing is calibrated, so {given} would be read by nothing; drop it")
     if data_dir is not None:
         _check_data(data_dir, tokenizer, family, "int8" in precisions)
+    if "int8" in precisions and int8.extra_file:  # read before minutes of export, not after
+        from calibration.data import load_recorded
+
+        load_recorded(int8.extra_file, tokenizer.sha256, cfg.vocab_size, cfg.canvas_len)
     options = ExportOptions(tuple(precisions), topk, data_dir, parity_canvases, overwrite, int8, say)
     return family.host_module().export(model, tokenizer, ckpt, out_dir, options)
 
