@@ -62,8 +62,9 @@ def decode_parity(model: Denoiser, path: Path, k: int, precision: str = "fp32", 
 def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",)):
     """A bundle of the autoregressive baseline: the decode graph (FP32, and FP16 with the usual FP32 islands), the
     tokenizer, a manifest and the graph's parity with the torch model (refused, writing nothing, if FP32 disagrees);
-    with "int8" in `precisions`, the dynamic INT8 variant for onnxruntime's CPU provider (INT8 weights: a quarter of
-    the bytes a decode step reads, which is what bounds it on a CPU)."""
+    with "int8" in `precisions`, the dynamic INT8 variant for onnxruntime's CPU provider (INT8 weights of every
+    MatMul with a constant weight; the tied head stays FP32; slower than FP32 on an AVX2 core without VNNI,
+    docs/import.md)."""
     import shutil
 
     import onnx

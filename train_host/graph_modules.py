@@ -50,10 +50,13 @@ def row_mask(valid_len: torch.Tensor, queries: torch.Tensor, max_len: int) -> tu
     return positions, torch.cat([past, own], dim=2).unsqueeze(1)
 
 
-def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len) -> tuple[torch.Tensor, TensorCache]:
-    b, max_len = tokens.shape[1], k_cache.shape[3]
+def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorCache]:
+    """Hidden states of `tokens` over the cache; `queries` (Q, Q) what the call's own positions see of each other
+    (default: all of them)."""
+    q = tokens.shape[1]
     cache = TensorCache(k_cache, v_cache)
-    positions, mask = row_mask(valid_len, torch.ones(b, b, dtype=torch.bool, device=tokens.device), max_len)
+    own = queries if queries is not None else torch.ones(q, q, dtype=torch.bool, device=tokens.device)
+    positions, mask = row_mask(valid_len, own, k_cache.shape[3])
     return model.hidden(tokens, cache=cache, attn_mask=mask, rope_positions=positions), cache
 
 
@@ -74,10 +77,8 @@ class CommitStep(torch.nn.Module):
         self.model, self.k = model, k
 
     def forward(self, prev_tokens, tokens, k_cache, v_cache, valid_len):
-        b, max_len = tokens.shape[1], k_cache.shape[3]
-        cache = TensorCache(k_cache, v_cache)
-        positions, mask = row_mask(valid_len, fused_mask(b, tokens.device), max_len)
-        h = self.model.hidden(torch.cat([prev_tokens, tokens], dim=1), cache=cache, attn_mask=mask, rope_positions=positions)
+        b = tokens.shape[1]
+        h, cache = _hidden(self.model, torch.cat([prev_tokens, tokens], dim=1), k_cache, v_cache, valid_len, fused_mask(b, tokens.device))
         rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
         lp, ids, entropy = sampling_head(self.model.logits_from_hidden(rows), self.k)
         return lp, ids, entropy, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
@@ -127,7 +128,7 @@ def graph_outputs(model: Denoiser, graph: str, k: int, k_cache: torch.Tensor, v_
     spec = graph_spec(graph, model.cfg)
     inputs = (prev_tokens, tokens) if graph == "commit_step" else (tokens,)
     got = modules[graph](model, k)(*inputs, k_cache, v_cache, valid_len)
-    names = [*spec.outputs, *((ENTROPY,) if spec.outputs and graph != "decode" else ()), *(COMMIT_OUTPUTS if spec.cache == "write" else ())]
+    names = [*spec.outputs, *((ENTROPY,) if spec.entropy else ()), *(COMMIT_OUTPUTS if spec.cache == "write" else ())]
     got = got if isinstance(got, tuple) else (got,)
     assert len(got) == len(names), (graph, names)
     return dict(zip(names, got))

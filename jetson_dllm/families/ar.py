@@ -21,8 +21,8 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     Served,
     check_bench_length,
     check_context,
-    fixed_prefix,
     left_to_right_ids,
+    left_to_right_request,
     quality_length,
 )
 from jetson_dllm.runners import Call, drive
@@ -113,13 +113,11 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     """A server request: `max_tokens` tokens after the prompt, one decode call per token over the request's own
     cache rows; `on_step(text so far, None)` sees each token."""
     ids = left_to_right_ids(runner, prompt, "the autoregressive baseline")
-    if len(ids) + max_tokens > runner.cfg.canvas_len:
-        raise DllmError(f"the prompt is {len(ids)} tokens; this model's context holds {runner.cfg.canvas_len}, "
-                        f"room for {max(runner.cfg.canvas_len - len(ids), 0)} more")
+    fixed = left_to_right_request(runner, ids, max_tokens, n)  # the start token, and the last token is never read
     tok = runner.tokenizer
     calls = decode_calls(ids, max_tokens, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len, n, sampler.temperature,
                          sampler.top_k, sampler.top_p, sampler.seed, on_token=None if on_step is None else (lambda view: on_step(view, None)))
-    return Served(calls, fixed_prefix(n, len(ids), len(ids) + max_tokens), lambda r: r.tokens)
+    return Served(calls, fixed)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,

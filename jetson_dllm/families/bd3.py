@@ -28,8 +28,8 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     Served,
     check_bench_length,
     check_context,
-    fixed_prefix,
     left_to_right_ids,
+    left_to_right_request,
     quality_length,
 )
 from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, Call, drive
@@ -204,14 +204,12 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     """A server request: `max_tokens` after the prompt, block by block over the request's own cache rows (the
     batcher names them); `on_step(text so far, Step)` sees every denoising step, each block as it fills."""
     ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
-    room = runner.cfg.canvas_len - len(ids) - int(runner.cfg.shift)
-    if room <= 0 or max_tokens > room:
-        raise DllmError(f"the prompt is {len(ids)} tokens; this model's context holds {runner.cfg.canvas_len}, room for {max(room, 0)} more")
+    fixed = left_to_right_request(runner, ids, max_tokens, n, reserved=int(runner.cfg.shift))  # a shifted model's start token
     tok = runner.tokenizer
     special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
     calls = block_calls(ids, max_tokens, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len, n, on_step,
                         fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if runner.cfg.shift else None)
-    return Served(calls, fixed_prefix(n, len(ids), len(ids) + max_tokens), lambda r: r.tokens)
+    return Served(calls, fixed)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,

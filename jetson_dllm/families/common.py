@@ -3,7 +3,7 @@ that writes left to right into a cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,18 +30,22 @@ class Generated:
 @dataclass
 class Served:
     """One request's generation as the server drives it: the family's loop as graph calls (`calls`, interleaved with
-    other requests' by the batcher), which of the `n` rows' positions the request did not generate (`fixed`, (n, T):
-    the prompt, an infilling suffix), and the loop's result as (n, T) tokens over the same positions (`tokens`)."""
+    other requests' by the batcher; its result's `.tokens` are the (n, T) rows), and which of those positions the
+    request did not generate (`fixed`, (n, T): the prompt, an infilling suffix)."""
 
     calls: Generator
     fixed: np.ndarray
-    tokens: Callable[[object], np.ndarray]
 
 
-def fixed_prefix(n: int, prompt: int, total: int) -> np.ndarray:
-    """A left-to-right request's `fixed`: its prompt's positions, then the `total - prompt` it generates."""
-    fixed = np.zeros((n, total), dtype=bool)
-    fixed[:, :prompt] = True
+def left_to_right_request(runner, ids: list[int], max_tokens: int, n: int, reserved: int = 0) -> np.ndarray:
+    """A left-to-right request's `fixed` (its prompt's positions, then the `max_tokens` it generates), once its
+    context is checked: the prompt, `reserved` positions of the loop's own (a shifted model's start token) and
+    `max_tokens` must fit. The server's wording: max_tokens, not --length."""
+    room = runner.cfg.canvas_len - len(ids) - reserved
+    if room <= 0 or max_tokens > room:
+        raise DllmError(f"the prompt is {len(ids)} tokens; this model's context holds {runner.cfg.canvas_len}, room for {max(room, 0)} more")
+    fixed = np.zeros((n, len(ids) + max_tokens), dtype=bool)
+    fixed[:, : len(ids)] = True
     return fixed
 
 

@@ -94,7 +94,7 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     tok = runner.tokenizer
     tokens, fixed = request_canvas(tok, prompt, suffix, max_tokens, runner.canvas_lengths).batch(n)
     special = SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
-    return Served(canvas_calls(tokens, fixed, special, sampler, on_step), fixed, lambda r: r.tokens)
+    return Served(canvas_calls(tokens, fixed, special, sampler, on_step), fixed)
 
 
 def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:

@@ -24,13 +24,13 @@ from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_spec
 
 class CacheBuffers:
     """One batch size's buffers, bound once to each cached graph's session. `sessions`: graph -> session; `width`:
-    the tokens a call takes (the block, or 1)."""
+    the tokens a call takes (the block, or 1); `legacy`: the graphs take one valid length for every row."""
 
-    def __init__(self, sessions: dict, cfg, batch: int, k: int, width: int):
+    def __init__(self, sessions: dict, cfg, batch: int, k: int, width: int, legacy: bool = False):
         cache = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
         new = (cfg.n_layer, batch, cfg.n_kv_head, width, cfg.head_dim)
         self.batch = batch
-        self.legacy = any(not valid_rank(s) for s in sessions.values())  # one valid length for every row
+        self.legacy = legacy  # graphs exported before per-row valid lengths: one for every row
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
                        "valid_len": np.zeros(() if self.legacy else (batch,), np.int32), "k_cache": self.k, "v_cache": self.v}

@@ -200,7 +200,8 @@ class OnnxRunner(RunnerBase):
         return {name: buffers.out[name] for name in outputs}
 
     def _buffers(self, batch: int) -> CacheBuffers:
-        return CacheBuffers({g: s for g, s in self.sessions.items() if GRAPHS[g].cache}, self.cfg, batch, self.topk, self.width)
+        return CacheBuffers({g: s for g, s in self.sessions.items() if GRAPHS[g].cache}, self.cfg, batch, self.topk, self.width,
+                            self.legacy_positions)
 
     def _cache(self, batch: int) -> CacheBuffers:
         if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache

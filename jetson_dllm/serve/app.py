@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import SAMPLER_OPTIONS, family_of
-from jetson_dllm.sampler import SamplerConfig, SpecialIds
+from jetson_dllm.sampler import SamplerConfig
 from jetson_dllm.serve.batcher import Batcher, Job, QueueFull
 from jetson_dllm.serve.metrics import Metrics
 from jetson_dllm.serve.schemas import ChatRequest, CompletionRequest, chat_prompt, error_body
@@ -78,7 +78,6 @@ class Server:
         self.batcher = Batcher(runner, max_batch=max_batch, max_queue=max_queue, batching=batching, observe=self.metrics.observe)
         self.metrics.slots_total.set(max_batch if self.batcher.cached else 0)
         self.tok = runner.tokenizer
-        self.special = SpecialIds(self.tok.mask_id, self.tok.eot_id, self.tok.pad_id)
 
     # --- errors and checks ------------------------------------------------------------------------------------
 
@@ -136,8 +135,8 @@ class Server:
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
                                     temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
-                served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg,
-                                                 on_step=lambda view, step, emit=emit: emit("step", (view.copy(), step)))  # the loop goes on changing it
+                watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
+                served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop
             except DllmError as e:  # the prompt's text, or what it and max_tokens need
                 raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
             job = Job(served, n, emit=emit, timeout_s=self.timeout_s)
@@ -313,11 +312,11 @@ class Server:
 
     async def health(self):
         return {"status": "ok", "model": self.model_name, "backend": self.runner.name, "queue": self.batcher.depth(), "active": len(self.batcher.active),
-                "slots_in_use": self.batcher.slots_in_use() if self.batcher.cached else 0}
+                "slots_in_use": self.batcher.slots_in_use()}
 
     async def prometheus(self):
         self.metrics.queue.set(self.batcher.depth())
-        self.metrics.slots.set(self.batcher.slots_in_use() if self.batcher.cached else 0)
+        self.metrics.slots.set(self.batcher.slots_in_use())
         return PlainTextResponse(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def info(self):

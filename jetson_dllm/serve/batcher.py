@@ -45,7 +45,6 @@ class Job:
     started: float | None = None  # its first network call
     slots: np.ndarray | None = None  # its rows of the cache pool (cached families)
     pending: Call | None = None  # the call it waits to have run
-    admitted: bool = False
     last_call: int = -1  # the worker's call count when it was last served (the least recently served goes next)
 
 
@@ -56,7 +55,8 @@ class Batcher:
     def __init__(self, runner, max_batch: int = 16, max_queue: int = 64, batching: bool = True, observe=None):
         self.runner, self.max_batch, self.batching = runner, max_batch, batching
         self.cached = family_of(runner.cfg).cached
-        self.pool_bytes = runner.open_slots(max_batch) if self.cached else 0
+        if self.cached:
+            runner.open_slots(max_batch)  # the cache pool, allocated once
         self.free = list(range(max_batch))  # slots not owned by a job
         self.calls = 0
         self.legacy = getattr(runner, "legacy_positions", False)  # graphs with one valid length for all rows
@@ -81,6 +81,7 @@ class Batcher:
         return self.waiting.qsize()
 
     def slots_in_use(self) -> int:
+        """Pool rows owned by requests (0 for a family without a cache: its jobs take no slots)."""
         return self.max_batch - len(self.free)
 
     def stop(self, drain_s: float = 30.0) -> None:
@@ -119,14 +120,13 @@ class Batcher:
             try:
                 job.pending = next(job.served.calls)
             except StopIteration as done:  # nothing to generate
-                job.emit("done", job.served.tokens(done.value))
+                job.emit("done", done.value.tokens)
                 continue
             except Exception as e:
                 job.emit("error", str(e))
                 continue
             if self.cached:
                 job.slots, self.free = np.array(self.free[: job.rows], np.int32), self.free[job.rows :]
-            job.admitted = True
             self.active.append(job)
             rows += job.rows
 
@@ -167,7 +167,7 @@ class Batcher:
             try:
                 job.pending = job.served.calls.send(mine)
             except StopIteration as done:
-                self._finish(job, "done", job.served.tokens(done.value))
+                self._finish(job, "done", done.value.tokens)
             except Exception as e:
                 self._finish(job, "error", str(e))
 

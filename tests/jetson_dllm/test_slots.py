@@ -36,7 +36,7 @@ def _alone(runner, prompt: str, max_tokens: int, n: int, sampler: SamplerConfig)
     """The request's tokens generated on its own, and its network calls."""
     module = __import__(f"jetson_dllm.families.{runner.cfg.family}", fromlist=["serve_calls"])
     served, counted = module.serve_calls(runner, prompt, None, max_tokens, n, sampler), _Counted(runner)
-    return served.tokens(drive(counted, served.calls)), counted.calls
+    return drive(counted, served.calls).tokens, counted.calls
 
 
 def _batched(runner, requests: list[tuple[str, int, int]], sampler: SamplerConfig, max_batch: int = 8):
