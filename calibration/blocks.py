@@ -26,6 +26,7 @@ from calibration.quantize import Int8Options, _quiet, qdq_problems, quantizable_
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families.common import soft_feeds, still_masked
 from jetson_dllm.parity import mask_at_ratios
 from jetson_dllm.runners import SAMPLING_OUTPUTS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
@@ -72,7 +73,18 @@ class BlockFeeds(FeedReader):
             if self.which == "step":
                 block = mask_at_ratios(block, ratio, self.mask_id, self.pad_id, rng)[0]
             k, v = ref.cache_arrays(1)
-            yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b)}
+            soft = previous_step(ref, block, j * b, self.mask_id) if self.which == "step" else {}
+            yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b), **soft}
+
+
+def previous_step(runner, z: np.ndarray, start: int, mask_id: int) -> dict[str, np.ndarray]:
+    """A self-conditioned model's soft inputs for noised blocks `z` (n, b) at `start`: the runner's own top-k on them
+    without soft inputs, at the masked positions (what its sampler feeds the next step); {} for other models."""
+    k = runner.cfg.soft_k
+    if not k:
+        return {}
+    out = runner.run("block_step", {"tokens": z, "valid_len": _at(start, len(z))})
+    return still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], k), z == mask_id)
 
 
 def _heads(out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +105,8 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
         clean = canvases[:, j * b : (j + 1) * b]
         for lo, hi in BUCKETS:
             z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
-            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b, n)})) for name, g in pairs.items()}
+            soft = previous_step(reference, z, j * b, mask_id)  # a self-conditioned model: the reference's own prediction
+            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b, n), **soft})) for name, g in pairs.items()}
             want = clean[masked]
             ref_lp, ref_ids = outs["ref"]
             for name in others:

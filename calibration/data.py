@@ -64,10 +64,12 @@ class FeedReader:
 
 
 class CalibrationReader(FeedReader):
-    """Iterable of {"tokens": (1, T) int32}; also an onnxruntime CalibrationDataReader (get_next/rewind)."""
+    """Iterable of {"tokens": (1, T) int32} (with `soft`, a self-conditioned model's: each canvas's soft inputs, the
+    model's own previous prediction, alongside); also an onnxruntime CalibrationDataReader (get_next/rewind)."""
 
-    def __init__(self, canvases: list[np.ndarray] | np.ndarray):
+    def __init__(self, canvases: list[np.ndarray] | np.ndarray, soft=None):
         self.canvases = [np.asarray(c, dtype=np.int32).reshape(1, -1) for c in canvases]
+        self.soft = soft  # (tokens (1, T)) -> {"soft_ids", "soft_probs"}, or None
         if len(self.canvases) < MIN_CANVASES:
             raise DllmError(f"only {len(self.canvases)} calibration canvases; at least {MIN_CANVASES} are needed "
                             "(raise --calib-canvases, or give --data with a larger validation split)")
@@ -77,4 +79,4 @@ class CalibrationReader(FeedReader):
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for c in self.canvases:
-            yield {"tokens": c}
+            yield {"tokens": c, **(self.soft(c) if self.soft else {})}

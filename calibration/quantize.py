@@ -32,7 +32,7 @@ from calibration.data import CalibrationReader, load_recorded, stratified_maskin
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.parity import compare_runners
+from jetson_dllm.parity import compare_runners, extra_feeds
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -93,9 +93,11 @@ class Int8Options:
 
 
 def quantizable_nodes(model) -> list[str]:
-    """MatMul/Gemm nodes whose second input is a weight (initializer): what gets INT8."""
+    """MatMul/Gemm nodes whose second input is a weight (initializer): what gets INT8. A Gemm with a bias (an SDD
+    model's small time embedding) stays FP32: its quantized bias would be INT32, which TensorRT's Q/DQ rules refuse."""
     weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    return [n.name for n in model.graph.node
+            if (n.op_type == "MatMul" or (n.op_type == "Gemm" and len(n.input) < 3)) and n.input[1] in weights]
 
 
 def _quiet():
@@ -148,8 +150,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
         extra = load_recorded(options.extra_file, tokenizer_sha256, cfg.vocab_size, cfg.canvas_len)
         calib_set += list(extra)
         recorded = len(extra)
-    reader = CalibrationReader(calib_set)
     fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
+    reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, options.seed) if cfg.soft_k else None)
     fp16_path = bundle_dir / manifest["precisions"]["fp16"]["file"] if "fp16" in manifest["precisions"] else None
     t0 = time.time()
     work = bundle_dir / ".int8-work"
@@ -181,6 +183,25 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
         "seconds": round(time.time() - t0, 1),
         "report": report,
     }
+
+
+def _extra_feeds(fp32_path: Path, cfg: ModelConfig, clean: np.ndarray, masked: list[np.ndarray], seed: int):
+    """The calibration canvases' other inputs, computed once per canvas (`parity.extra_feeds`): a sparse-distribution
+    model's candidates at the canvas's noise level, a self-conditioned model's own previous prediction (the FP32
+    graph's top-k on the canvas, what the sampler feeds the next step). Recorded canvases (--calib-file) have no
+    clean text behind them: they get the FP32 graph's prediction, or for SDD are refused before any work."""
+    ref = onnx_runner_from_file(fp32_path, cfg)
+    truth = {m.tobytes(): c for m, c in zip(masked, clean)}
+    memo: dict[bytes, dict] = {}
+
+    def feeds(tokens: np.ndarray) -> dict[str, np.ndarray]:
+        key = tokens.tobytes()
+        if key not in memo:
+            c = truth.get(key, tokens.reshape(-1))[None]
+            memo[key] = {n: np.array(v, copy=True) for n, v in extra_feeds(ref, c, tokens, cfg.mask_id, seed).items()}
+        return memo[key]
+
+    return feeds
 
 
 def _split(canvases: np.ndarray, options: Int8Options) -> tuple[np.ndarray, np.ndarray, bool]:

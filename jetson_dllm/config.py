@@ -47,6 +47,7 @@ _FIELD_RANGES = (
     ("family", str, "", "~"),
     ("block_size", int, 0, 16384),
     ("shift", bool, False, True),
+    ("soft_k", int, 0, 64),
 )
 
 
@@ -71,6 +72,10 @@ class ModelConfig:
         shift: block diffusion with the token shift of a model adapted from an autoregressive parent: the input
             starts with the start token, the hidden state at position i predicts token i + 1 (a block's first
             token from the previous block's last clean position), so the parent's head is used as it was trained.
+        soft_k: soft inputs of k candidates per position (0: none): each position's input also takes the
+            probability-weighted sum of k candidate embeddings (`soft_ids`, `soft_probs`). For a family that
+            self-conditions (MDLM, BD3), the previous step's top-k prediction at the positions still masked; for
+            sparse distribution diffusion (SDD), the k weighted candidates every position holds.
     """
 
     name: str = "custom"
@@ -88,6 +93,7 @@ class ModelConfig:
     family: str = "mdlm"
     block_size: int = 0  # block diffusion (BD3-LM): generates blocks of this many tokens left to right
     shift: bool = False  # block diffusion adapted from an AR parent: position i predicts token i + 1
+    soft_k: int = 0  # soft inputs (self-conditioning): k candidate ids and probabilities per position
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -113,6 +119,11 @@ class ModelConfig:
             raise DllmError(f"model config: a {self.family} model {need}")
         if self.shift and family_of(self).attention != "block":
             raise DllmError(f"model config: the token shift is block diffusion's; a {self.family} model takes none")
+        if family_of(self).soft_inputs == "sdd" and not self.soft_k:
+            raise DllmError(f"model config: a {self.family} model needs its candidates per position (soft_k > 0)")
+        if self.soft_k and not family_of(self).soft_inputs:
+            raise DllmError(f"model config: a {self.family} model takes no soft inputs (soft_k {self.soft_k}); "
+                            f"self-conditioning is for: {', '.join(n for n, f in FAMILIES.items() if f.soft_inputs)}")
         if self.block_size and self.canvas_len % self.block_size:
             raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len})")
         if self.d_ff == 0:
@@ -146,6 +157,8 @@ class ModelConfig:
             data = {**data, "n_kv_head": data["n_head"]}
         if "shift" not in data and "family" in data:  # written before adapted models: none was shifted
             data = {**data, "shift": False}
+        if "soft_k" not in data and "family" in data:  # written before soft inputs: none had them
+            data = {**data, "soft_k": 0}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:
@@ -165,6 +178,10 @@ class ModelConfig:
         d, f, kv = self.d_model, self.d_ff, self.n_kv_head * self.head_dim
         per_block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; w1, w2, w3; two RMSNorm weights
         n = self.n_layer * per_block + d  # final norm
+        if family_of(self).soft_inputs == "sdd":
+            n += 32 * d + d + d * d + d  # the time embedding's two layers (model.TIME_FEATURES features)
+        elif self.soft_k:
+            n += d * d  # the soft input's projection
         if include_embedding:
             n += self.vocab_size * d
         if not self.tie_embeddings:

@@ -58,22 +58,51 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray, score:
     }
 
 
-def logits_of(runner, tokens: np.ndarray, batch: int = 16) -> np.ndarray:
-    """The full head's logits of a runner, `batch` canvases per call."""
-    return np.concatenate([runner.run("canvas", {"tokens": tokens[i : i + batch]}, outputs=("logits",))["logits"]
-                           for i in range(0, len(tokens), batch)])
+def previous_prediction(reference, tokens: np.ndarray, k: int, mask_id: int, batch: int = 16) -> dict[str, np.ndarray]:
+    """A self-conditioned model's soft inputs for canvases, as its sampler feeds them: `reference`'s own top-k (ids,
+    probabilities) on the canvases without soft inputs, at the masked positions (zero elsewhere)."""
+    ids, probs = [], []
+    for i in range(0, len(tokens), batch):
+        out = reference.run("canvas", {"tokens": tokens[i : i + batch]})
+        ids.append(out["topk_ids"][..., :k].astype(np.int32))
+        probs.append(np.exp(out["topk_logprobs"][..., :k]).astype(np.float32))
+    masked = (tokens == mask_id)[..., None]
+    return {"soft_ids": np.where(masked, np.concatenate(ids), 0).astype(np.int32),
+            "soft_probs": np.where(masked, np.concatenate(probs), 0.0).astype(np.float32)}
+
+
+def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, seed: int = 0, batch: int = 16) -> dict | None:
+    """What a graph takes beside the masked canvases `z`: a sparse-distribution model's candidates and noise level (its
+    family's `probe_feeds`), a self-conditioned model's previous prediction, or nothing."""
+    from jetson_dllm.families import family_of
+
+    cfg = reference.cfg
+    probe = getattr(family_of(cfg).runtime_module(), "probe_feeds", None)
+    if probe is not None:
+        return probe(clean, z, mask_id, cfg, seed)
+    return previous_prediction(reference, z, cfg.soft_k, mask_id, batch) if getattr(cfg, "soft_k", 0) else None
+
+
+def logits_of(runner, tokens: np.ndarray, batch: int = 16, soft: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The full head's logits of a runner, `batch` canvases per call (with `soft` inputs, their rows alongside)."""
+    def feeds(i):
+        return {"tokens": tokens[i : i + batch], **{name: value[i : i + batch] for name, value in (soft or {}).items()}}
+
+    return np.concatenate([runner.run("canvas", feeds(i), outputs=("logits",))["logits"] for i in range(0, len(tokens), batch)])
 
 
 def compare_runners(reference, runners: dict, canvases: np.ndarray, levels, mask_id: int, pad_id: int,
                     seed: int = 0, batch: int = 16) -> dict:
     """Every runner in `runners` (name -> Runner) against `reference`, per noise level: name -> level -> row.
 
-    The one parity loop of the project: the same masked canvases go through every runner."""
+    The one parity loop of the project: the same masked canvases go through every runner; a self-conditioned
+    model's (soft inputs) with the reference's own previous prediction (`previous_prediction`), as it samples."""
     report = {name: {} for name in runners}
     for label, z, score in masked_views(canvases, levels, mask_id, pad_id, seed):
-        ref = logits_of(reference, z, batch)
+        soft = extra_feeds(reference, canvases, z, mask_id, seed, batch)
+        ref = logits_of(reference, z, batch, soft)
         for name, runner in runners.items():
-            got = ref if runner is reference else logits_of(runner, z, batch)
+            got = ref if runner is reference else logits_of(runner, z, batch, soft)
             report[name][label] = compare_logits(ref, got, canvases, score, mask_id)
     return report
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from jetson_dllm.errors import DllmError
 from train_host.autoregressive import shift_right
 from train_host.diffusion import T_EPS, alpha, complement_time, loss_weight
+from train_host.self_cond import conditioned
 
 
 def block_attention_mask(length: int, block: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -191,7 +192,7 @@ def clip_search(model: torch.nn.Module, batches: list[torch.Tensor], mask_id: in
                 B, L = x.shape
                 t = block_times(B, L // block, low, high, g)
                 noise = torch.rand(x.shape, generator=g)
-                _, st = bd3_loss(model, x, mask_id, block, schedule, t=t, noise=noise)
+                _, st = bd3_loss(conditioned(model, model.cfg.soft_k), x, mask_id, block, schedule, t=t, noise=noise)
                 per_pos = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
                 per_pos[st["masked_at"]] = st["weighted"].float()
                 total += float(per_pos.view(B, L // block, block).mean(-1).var())

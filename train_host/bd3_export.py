@@ -39,9 +39,11 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
     paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
     try:
         with quiet_exporter(), torch.no_grad():
-            torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model), str(paths["block_step"]), input_names=names,
-                              output_names=["topk_logprobs", "topk_ids", "entropy"], opset_version=opset, dynamo=True, external_data=False,
-                              dynamic_shapes=dynamic)
+            soft = bool(model.cfg.soft_k)  # self-conditioned: the block step also takes the previous step's top-k
+            extra = {"soft_ids": {0: batch}, "soft_probs": {0: batch}} if soft else {}
+            torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model, soft=soft), str(paths["block_step"]),
+                              input_names=names + list(extra), output_names=["topk_logprobs", "topk_ids", "entropy"], opset_version=opset,
+                              dynamo=True, external_data=False, dynamic_shapes=dynamic | extra)
             commit_out = ["topk_logprobs", "topk_ids", "entropy"] * model.cfg.shift + ["k_new", "v_new"]
             torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
                               output_names=commit_out, opset_version=opset, dynamo=True, external_data=False,
@@ -115,8 +117,9 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
 
 def parity_calls(cfg, batch: int = 2, seed: int = 0) -> list:
     """The calls block parity sends to both runners: a canvas of random tokens, block by block: the block half
-    masked through the block step, then (from the second block on) through the commit step with the previous block,
-    then committed clean."""
+    masked through the block step (a self-conditioned model's with soft inputs: random candidates at the masked
+    positions, probabilities summing below 1), then (from the second block on) through the commit step with the
+    previous block, then committed clean."""
     import numpy as np
 
     from jetson_dllm.runners import Call
@@ -127,7 +130,11 @@ def parity_calls(cfg, batch: int = 2, seed: int = 0) -> list:
     for j in range(cfg.canvas_len // b):
         block = x[:, j * b : (j + 1) * b]
         z = np.where(rng.random(block.shape) < 0.5, cfg.mask_id, block).astype(np.int32)
-        calls.append(Call("block_step", {"tokens": z, "valid_len": np.int32(j * b)}))
+        soft = {}
+        if cfg.soft_k:
+            probs = rng.dirichlet(np.ones(cfg.soft_k + 1), z.shape)[..., : cfg.soft_k] * (z == cfg.mask_id)[..., None]
+            soft = {"soft_ids": rng.integers(3, cfg.vocab_size, (*z.shape, cfg.soft_k)).astype(np.int32), "soft_probs": probs.astype(np.float32)}
+        calls.append(Call("block_step", {"tokens": z, "valid_len": np.int32(j * b), **soft}))
         if j > 0:  # the previous block's commit folded into this step: it rewrites that block's keys, the same
             calls.append(Call("commit_step", {"prev_tokens": x[:, (j - 1) * b : j * b], "tokens": z, "valid_len": np.int32((j - 1) * b)}))
         calls.append(Call("commit", {"tokens": block, "valid_len": np.int32(j * b)}))

@@ -31,11 +31,12 @@ def commit(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor
     return shifted(model.logits_from_hidden(h)) if model.cfg.shift else None
 
 
-def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor:
-    """The logits of a noised block that sees the cache and itself; the cache is left as it was."""
+def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor, soft: tuple | None = None) -> torch.Tensor:
+    """The logits of a noised block that sees the cache and itself; the cache is left as it was. `soft`: a
+    self-conditioned model's soft inputs."""
     cache.frozen = True
     try:
-        logits = model(block, cache=cache)
+        logits = model(block, cache=cache, soft=soft)
         return shifted(logits) if model.cfg.shift else logits
     finally:
         cache.frozen = False
@@ -62,12 +63,13 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     written into the cache at its length."""
     return model.logits_from_hidden(model.hidden(tokens, cache=cache))
 def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
-               prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+               prev_tokens: torch.Tensor | None = None, soft: tuple | None = None) -> torch.Tensor | None:
     """One cached graph (jetson_dllm.runners.GRAPHS) on the model with a torch cache at `valid` positions: the
-    logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back)."""
+    logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back). `soft`: a
+    self-conditioned block step's soft inputs."""
     cache.len = valid
     if graph == "block_step":
-        return block_step_logits(model, cache, tokens)
+        return block_step_logits(model, cache, tokens, soft)
     if graph == "commit":
         return commit(model, cache, tokens)
     if graph == "commit_step":

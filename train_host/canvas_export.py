@@ -34,14 +34,17 @@ FP32_MIN_TOP1 = 0.999
 
 
 class ExportedDenoiser(torch.nn.Module):
-    """The exported graph: tokens -> (logits, top-K log-probabilities, top-K ids, each position's entropy)."""
+    """The exported graph: tokens (and a self-conditioned model's soft inputs: ids (B, T, k) int32, probabilities
+    (B, T, k) float32) -> (logits, top-K log-probabilities, top-K ids, each position's entropy)."""
 
     def __init__(self, model: Denoiser, k: int):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, tokens: torch.Tensor):
-        logits = self.model(tokens)
+    def forward(self, tokens: torch.Tensor, soft_ids: torch.Tensor | None = None, soft_probs: torch.Tensor | None = None,
+                t: torch.Tensor | None = None):
+        soft = (soft_ids, soft_probs) if soft_ids is not None else None
+        logits = self.model(tokens, soft=soft, t=t)
         values, ids, entropy = sampling_head(logits, self.k)
         return logits, values, ids, entropy
 
@@ -56,10 +59,18 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
     example = torch.randint(3, cfg.vocab_size, (2, min(24, cfg.canvas_len)), dtype=torch.int32)
     batch = torch.export.Dim("batch", min=1, max=1024)
     canvas = torch.export.Dim("canvas", min=2, max=cfg.canvas_len)
+    inputs, names, shapes = (example,), ["tokens"], {"tokens": {0: batch, 1: canvas}}
+    if cfg.soft_k:  # self-conditioning: the previous step's top-k candidates (any probabilities in the example)
+        ids = torch.randint(3, cfg.vocab_size, (*example.shape, cfg.soft_k), dtype=torch.int32)
+        probs = torch.softmax(torch.randn(*example.shape, cfg.soft_k + 1), -1)[..., : cfg.soft_k]
+        inputs, names = (example, ids, probs), ["tokens", "soft_ids", "soft_probs"]
+        shapes |= {"soft_ids": {0: batch, 1: canvas}, "soft_probs": {0: batch, 1: canvas}}
+        if model.mixture:  # SDD: each row's noise level
+            inputs, names, shapes = (*inputs, torch.tensor([0.3, 0.9])), [*names, "t"], shapes | {"t": {0: batch}}
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            ExportedDenoiser(model, k).eval(), (example,), str(path), input_names=["tokens"],
-            output_names=["logits", "topk_logprobs", "topk_ids", "entropy"], dynamic_shapes={"tokens": {0: batch, 1: canvas}},
+            ExportedDenoiser(model, k).eval(), inputs, str(path), input_names=names,
+            output_names=["logits", "topk_logprobs", "topk_ids", "entropy"], dynamic_shapes=shapes,
             opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
         )
     model.set_attention("sdpa")
@@ -80,6 +91,8 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
     every precision against PyTorch (refused, writing nothing, if FP32 disagrees)."""
     cfg, topk, precisions, int8, say, data_dir = model.cfg, options.topk, options.precisions, options.int8, options.say, options.data_dir
     parity_canvases = options.parity_canvases
+    if cfg.soft_k > topk:
+        raise DllmError(f"--topk {topk} is fewer than the {cfg.soft_k} candidates this model self-conditions on; export with --topk {cfg.soft_k} or more")
 
     def build(tmp: Path) -> dict:
         manifest = write_graphs(tmp, model, tokenizer, ckpt, precisions, topk, say)

@@ -228,9 +228,11 @@ def load_model(path: str | Path, which: str = "best", device: str = "cpu"):
     return model.to(device).eval(), tokenizer, config
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, fresh: frozenset[str] = frozenset()) -> None:
+    """`weights` into `model`, every tensor's name and shape checked; `fresh` names tensors `source` may lack (they keep
+    the model's initial values: a self-conditioning projection post-trained onto a checkpoint without one)."""
     expected = state_dict_for_save(model)
-    missing = set(expected) - set(weights)
+    missing = set(expected) - set(weights) - set(fresh)
     unexpected = set(weights) - set(expected)
     if missing or unexpected:
         raise DllmError(f"{source} does not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -16,6 +16,7 @@ from train_host.data import CanvasDataset, load_manifest
 from train_host.diffusion import masked_accuracy
 from train_host.families import EvalContext
 from train_host.judge import Judge, judge_generations
+from train_host.self_cond import conditioned
 from train_host.sources import Source
 
 FIXED_RATIOS = (0.15, 0.5, 0.9)
@@ -51,28 +52,33 @@ def evaluate(
     ev = EvalContext(dataset.pad_id, mask_id, bos_id, n_t, schedule, g)
     n = min(n_canvases, len(dataset))
     nll = tokens = masked = correct = 0.0
+    extra: dict[str, list[int]] = {}  # a family's own accuracies: name -> (correct, total)
     fixed = {r: [0, 0] for r in (ratios if family.FIXED_RATIO_ACCURACY else ())}
     for start in range(0, n, batch_size):
         x = torch.from_numpy(dataset.batch(np.arange(start, min(n, start + batch_size)))).to(device)
         out = family.nll_batch(model, x, ev)
-        nll += out["nll"]
+        nll += out["nll"] if "nll" in out else out["loss"]  # SDD: a denoising loss, no likelihood
+        for name, (c, t) in out.get("extra", {}).items():
+            extra.setdefault(name, [0, 0])
+            extra[name][0] += c
+            extra[name][1] += t
         tokens += out["tokens"]
         masked += out["masked"]
         correct += out["correct"]
         for r in fixed:
-            c, t = masked_accuracy(model, x, r, dataset.pad_id, mask_id, generator=g)
+            c, t = masked_accuracy(conditioned(model, model.cfg.soft_k), x, r, dataset.pad_id, mask_id, generator=g)
             fixed[r][0] += c
             fixed[r][1] += t
         if progress:
             progress("evaluate", min(n, start + batch_size), n)
     model.train(was_training)
     per_token = nll / max(tokens, 1)
-    metrics = {
-        "val_nll": per_token,
-        "val_ppl": math.exp(min(per_token, 50.0)),
-        "val_acc": correct / max(masked, 1),
-        "val_tokens": int(tokens),
-    }
+    if family_of(model.cfg).nll:
+        metrics = {"val_nll": per_token, "val_ppl": math.exp(min(per_token, 50.0))}
+    else:  # no likelihood: the loss is not an NLL and goes in no NLL column
+        metrics = {"val_loss": per_token}
+    metrics |= {"val_acc": correct / max(masked, 1), "val_tokens": int(tokens)}
+    metrics |= {name: c / max(t, 1) for name, (c, t) in extra.items()}
     for r, (c, t) in fixed.items():
         if t:
             metrics[f"val_acc@{r:g}"] = c / t

@@ -50,14 +50,15 @@ def row_mask(valid_len: torch.Tensor, queries: torch.Tensor, max_len: int) -> tu
     return positions, torch.cat([past, own], dim=2).unsqueeze(1)
 
 
-def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, TensorCache]:
+def _hidden(model: Denoiser, tokens, k_cache, v_cache, valid_len, queries: torch.Tensor | None = None,
+            soft: tuple | None = None) -> tuple[torch.Tensor, TensorCache]:
     """Hidden states of `tokens` over the cache; `queries` (Q, Q) what the call's own positions see of each other
-    (default: all of them)."""
+    (default: all of them); `soft` a self-conditioned model's soft inputs (ids, probabilities)."""
     q = tokens.shape[1]
     cache = TensorCache(k_cache, v_cache)
     own = queries if queries is not None else torch.ones(q, q, dtype=torch.bool, device=tokens.device)
     positions, mask = row_mask(valid_len, own, k_cache.shape[3])
-    return model.hidden(tokens, cache=cache, attn_mask=mask, rope_positions=positions), cache
+    return model.hidden(tokens, cache=cache, attn_mask=mask, rope_positions=positions, soft=soft), cache
 
 
 class BlockStep(torch.nn.Module):
@@ -65,8 +66,9 @@ class BlockStep(torch.nn.Module):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, tokens, k_cache, v_cache, valid_len):
-        h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len)
+    def forward(self, tokens, k_cache, v_cache, valid_len, soft_ids=None, soft_probs=None):
+        soft = (soft_ids, soft_probs) if soft_ids is not None else None
+        h, _ = _hidden(self.model, tokens, k_cache, v_cache, valid_len, soft=soft)
         logits = self.model.logits_from_hidden(h)
         return sampling_head(shifted(logits) if self.model.cfg.shift else logits, self.k)
 
@@ -99,11 +101,16 @@ class Commit(torch.nn.Module):
         return new
 
 
-def example_inputs(model: Denoiser, batch: int = 2) -> tuple:
+def example_inputs(model: Denoiser, batch: int = 2, soft: bool = False) -> tuple:
+    """Example inputs of the block graphs; with `soft`, a self-conditioned block step's soft inputs after them."""
     cfg = model.cfg
     shape = (cfg.n_layer, batch, cfg.n_kv_head, cfg.canvas_len, cfg.head_dim)
     tokens = torch.full((batch, cfg.block_size), cfg.mask_id, dtype=torch.int32)
-    return tokens, torch.zeros(shape), torch.zeros(shape), torch.zeros(batch, dtype=torch.int32)
+    out = (tokens, torch.zeros(shape), torch.zeros(shape), torch.zeros(batch, dtype=torch.int32))
+    if soft:
+        out += (torch.randint(3, cfg.vocab_size, (batch, cfg.block_size, cfg.soft_k), dtype=torch.int32),
+                torch.full((batch, cfg.block_size, cfg.soft_k), 1.0 / (cfg.soft_k + 1)))
+    return out
 
 
 class Decode(torch.nn.Module):
@@ -118,16 +125,17 @@ class Decode(torch.nn.Module):
 
 
 def graph_outputs(model: Denoiser, graph: str, k: int, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor,
-                  tokens: torch.Tensor, prev_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  tokens: torch.Tensor, prev_tokens: torch.Tensor | None = None, soft: tuple | None = None) -> dict[str, torch.Tensor]:
     """One cached graph (jetson_dllm.runners.GRAPHS) through the export's own modules, on explicit cache tensors
     (n_layer, B, heads, positions, head_dim) and each row's valid length (B,): the graph's outputs by name (the
-    new keys and values included, for the caller to write). What the torch runner runs: the exported computation."""
+    new keys and values included, for the caller to write). What the torch runner runs: the exported computation.
+    `soft`: a self-conditioned block step's soft inputs."""
     modules = {"block_step": BlockStep, "commit": Commit, "commit_step": CommitStep, "decode": Decode}
     if graph not in modules:
         raise DllmError(f"no cached graph {graph!r}")
     spec = graph_spec(graph, model.cfg)
     inputs = (prev_tokens, tokens) if graph == "commit_step" else (tokens,)
-    got = modules[graph](model, k)(*inputs, k_cache, v_cache, valid_len)
+    got = modules[graph](model, k)(*inputs, k_cache, v_cache, valid_len, *(soft if soft is not None and graph == "block_step" else ()))
     names = [*spec.outputs, *((ENTROPY,) if spec.entropy else ()), *(COMMIT_OUTPUTS if spec.cache == "write" else ())]
     got = got if isinstance(got, tuple) else (got,)
     assert len(got) == len(names), (graph, names)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jetson_dllm.config import ModelConfig
+from jetson_dllm.families import family_of
 
 # The mask token's logit gets this bias: exp() of it underflows to 0 in fp32 and fp16 alike, and unlike
 # -inf it survives fp16 conversion and INT8 graphs without turning a softmax into NaN.
@@ -27,6 +28,17 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight).to(x.dtype)
+
+
+TIME_FEATURES = 32  # sinusoidal features of an SDD model's noise level
+
+
+def time_features(t: torch.Tensor) -> torch.Tensor:
+    """(B,) noise levels in [0, 1] -> (B, TIME_FEATURES) sines and cosines at geometric frequencies (1 to 1000)."""
+    half = TIME_FEATURES // 2
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = (t.float() * 1000.0).unsqueeze(1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
 def rope_tables(canvas_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +165,13 @@ class Denoiser(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
+        # Soft inputs: self-conditioning adds a projection of the candidates' weighted embedding (zero at first); a
+        # sparse-distribution model's input is the mixture itself, with its noise level t as a time embedding.
+        self.mixture = family_of(cfg).soft_inputs == "sdd"
+        if cfg.soft_k and not self.mixture:
+            self.soft_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        if self.mixture:
+            self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, cfg.d_model), nn.SiLU(), nn.Linear(cfg.d_model, cfg.d_model))
         cos, sin = rope_tables(cfg.canvas_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -163,6 +182,8 @@ class Denoiser(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w2.weight")):  # residual projections, GPT-2 style
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.soft_k and not self.mixture:  # zero: a model starts as if it had no soft inputs (post-training one too)
+            nn.init.zeros_(self.soft_proj.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -174,11 +195,38 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             block.attn.impl = impl
 
+    def embed(self, tokens: torch.Tensor, soft: tuple[torch.Tensor, torch.Tensor] | None = None, t: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The input embeddings (B, T, d_model): each token's, plus (a model with soft inputs, `soft` given as ids
+        (B, T, k) and probabilities (B, T, k)) the projection of sum_j p_j * embedding(id_j). k is small: the gather
+        is (B, T, k, d_model), no vocabulary-sized tensor; probabilities of 0 add nothing.
+
+        A sparse-distribution (SDD) model's input at a position is the mixture itself: sum_j p_j * embedding(id_j),
+        the mass the k candidates do not hold (1 - sum_j p_j) on its token's embedding (the mask where it generates,
+        the prompt's token where that is given with no candidates), plus the embedding of its noise level `t` (B,)
+        and, in training, Gaussian `noise` (B, T, d_model)."""
+        x = self.tok_emb(tokens)
+        if self.mixture:
+            if soft is not None:
+                ids, probs = soft
+                probs = probs.unsqueeze(-1).to(x.dtype)
+                x = (1.0 - probs.sum(dim=-2)) * x + (probs * self.tok_emb(ids)).sum(dim=-2)
+            if t is not None:
+                x = x + self.time_mlp(time_features(t)).unsqueeze(1).to(x.dtype)
+            return x if noise is None else x + noise
+        if soft is None or not self.cfg.soft_k:
+            return x
+        ids, probs = soft
+        mixed = (probs.unsqueeze(-1).to(x.dtype) * self.tok_emb(ids)).sum(dim=-2)
+        return x + self.soft_proj(mixed)
+
     def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
-               rope_positions: torch.Tensor | None = None) -> torch.Tensor:
+               rope_positions: torch.Tensor | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions.
         `attn_mask` and `rope_positions` (T,) serve block diffusion, whose input holds two copies of the text; the
-        cached graphs give each row its own: `rope_positions` (B, T) and `attn_mask` (B, 1, T, S)."""
+        cached graphs give each row its own: `rope_positions` (B, T) and `attn_mask` (B, 1, T, S). `soft`: the soft
+        inputs, `t` and `noise` an SDD model's noise level and training noise (`embed`)."""
         start = cache.len if cache is not None else 0
         T = tokens.shape[1]
         if rope_positions is not None:
@@ -187,7 +235,7 @@ class Denoiser(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         else:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        x = self.tok_emb(tokens)
+        x = self.embed(tokens, soft, t, noise)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, attn_mask)
         if cache is not None and not cache.frozen:
@@ -200,14 +248,16 @@ class Denoiser(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 rope_positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                sources: torch.Tensor | None = None) -> torch.Tensor:
+                sources: torch.Tensor | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask; `sources`
-        (T',) first gathers the hidden states whose logits each output position gets (block diffusion's token shift).
+        (T',) first gathers the hidden states whose logits each output position gets (block diffusion's token shift);
+        `soft` the soft inputs, `t` and `noise` an SDD model's (`embed`).
 
         Selecting positions before the head is what makes training fast: the head over the vocabulary
         is the largest matmul of a small model, and the loss needs it only on masked positions.
         """
-        h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions)
+        h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions, soft=soft, t=t, noise=noise)
         if sources is not None:
             h = h[:, sources]
         if positions is not None:

@@ -244,7 +244,8 @@ def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tu
 
 def _initialise(r: _Run, weights: dict, path: str) -> None:
     """Start from --init's weights (checked by `_init_weights`)."""
-    ckpt_io.load_weights(r.core, weights, path)
+    fresh = frozenset({"soft_proj.weight"}) if r.cfg.soft_k else frozenset()  # self-conditioning post-trained: starts at zero
+    ckpt_io.load_weights(r.core, weights, path, fresh)
     if r.ema is not None:
         r.ema.load_state_dict(r.core.state_dict())
     if r.d.main:
@@ -361,10 +362,12 @@ def evaluate_and_save(r: _Run) -> None:
         r.last_metrics = run_eval(r)
         r.metrics_log.write({"step": r.step, **r.last_metrics})
         path = save(r, r.last_metrics)
-        what = ("val NLL", "next-token acc") if family_of(r.cfg).nll == "exact" else ("val NLL bound", "masked acc")
+        what = {"exact": ("val NLL", "next-token acc"), "bound": ("val NLL bound", "masked acc")}.get(family_of(r.cfg).nll,
+                                                                                                  ("val denoising loss", "acc"))
         extra = r.family.eval_extra(r)
         clip = f", noise range [{extra['t_min']:.3g}, {extra['t_max']:.3g}]" if "t_min" in extra else ""
-        r.console.print(f"step {r.step}: {what[0]} {r.last_metrics['val_nll']:.3f} nats/token, "
+        value = r.last_metrics.get("val_nll", r.last_metrics.get("val_loss"))
+        r.console.print(f"step {r.step}: {what[0]} {value:.3f} nats/token, "
                         f"{what[1]} {r.last_metrics['val_acc']:.3f}{clip}  [dim]saved {path.name}[/]")
         r.last_saved = r.step
     if r.d.world > 1:

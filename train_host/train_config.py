@@ -31,6 +31,9 @@ class TrainConfig:
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
     shift: bool = False  # bd3: the token shift (a model adapted from an AR parent: position i predicts token i + 1)
     complementary: bool = False  # bd3: each canvas also trained with the complementary mask
+    self_cond: int = 0  # mdlm: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
+    self_cond_rate: float = 0.5  # share of steps whose loss sees a first pass's prediction
+    candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
@@ -82,11 +85,16 @@ class TrainConfig:
                                        ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
                                     family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0,
-                                    shift=self.shift)
+                                    shift=self.shift, soft_k=self.soft_k())
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg
 
+
+    def soft_k(self) -> int:
+        """The model's soft inputs: SDD's candidates, a self-conditioned model's top-k, or none."""
+        kind = get_family(self.objective).soft_inputs
+        return self.candidates if kind == "sdd" else self.self_cond if kind == "self" else 0
 
     def _from_parent(self) -> ModelConfig:
         from train_host.checkpoint import read_config, resolve_checkpoint
@@ -98,9 +106,11 @@ class TrainConfig:
                                 f"({getattr(parent, name)}); with --init the model's shape is its parent's")
         if self.canvas_len > parent.canvas_len:
             raise DllmError(f"--canvas-len {self.canvas_len} is longer than --init {self.init} takes ({parent.canvas_len})")
+        if parent.soft_k and parent.soft_k != self.soft_k() and get_family(parent.family).soft_inputs == "self":
+            raise DllmError(f"--init {self.init} self-conditions on {parent.soft_k} candidates; train on with --self-cond {parent.soft_k}")
         block = self.block_size if get_family(self.objective).attention == "block" else 0
         return ModelConfig.from_dict({**parent.to_dict(), "family": self.objective, "block_size": block, "shift": self.shift,
-                                      "canvas_len": self.canvas_len}, where=f"--init {self.init}")
+                                      "canvas_len": self.canvas_len, "soft_k": self.soft_k()}, where=f"--init {self.init}")
 
 
 def validate(tc: TrainConfig) -> None:
@@ -114,6 +124,9 @@ def validate(tc: TrainConfig) -> None:
         check_range(flag, value, low)
     check_range("--lr", tc.lr, 0, 10, low_open=True)
     check_range("--min-lr-ratio", tc.min_lr_ratio, 0, 1)
+    check_range("--self-cond", tc.self_cond, 0, 64)
+    check_range("--self-cond-rate", tc.self_cond_rate, 0, 1)
+    check_range("--candidates", tc.candidates, 1, 64)
     check_range("--ema", tc.ema, 0, 1, high_open=True)
     check_range("--canvas-len", tc.canvas_len, 8, 16384)
     check_choice("--config", tc.config, SIZES)

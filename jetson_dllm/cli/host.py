@@ -54,7 +54,7 @@ def train(
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
-    objective: Annotated[str, typer.Option("--objective", "--family", help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
+    objective: Annotated[str, typer.Option("--objective", "--family", help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | sdd (sparse distribution diffusion: k weighted candidates per position) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
     canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)", min=8, max=16384)] = 128,
     block_size: Annotated[int, typer.Option(help="--objective bd3: tokens per block (divides --canvas-len; 1 = autoregression, the canvas = MDLM)", min=1, max=16384)] = 16,
     t_min: Annotated[float, typer.Option(help="--objective bd3: a fixed clipped noise range, low end (0 and 0: searched from the data at each evaluation, as BD3-LM does)")] = 0.0,
@@ -62,6 +62,9 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data): BD3 adapted from an AR parent, or fine-tuned from MDLM")] = None,
     shift: Annotated[bool, typer.Option("--shift", help="--objective bd3: the token shift (position i predicts token i + 1, as an AR parent's head does): adapt from an AR --init")] = False,
     complementary: Annotated[bool, typer.Option("--complementary", help="--objective bd3: each canvas also trained with the complementary mask (every token scored once per pair; twice the rows per step)")] = False,
+    self_cond: Annotated[int, typer.Option(help="--objective mdlm: self-conditioning on the previous prediction's top-K candidates (e.g. 8; 0 = off): a soft input of K ids and probabilities per position", min=0, max=64)] = 0,
+    self_cond_rate: Annotated[float, typer.Option(help="--self-cond: share of steps whose loss sees a first pass's prediction (0.5 the standard recipe; 1 to post-train an --init checkpoint, as SCMDM)")] = 0.5,
+    candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -92,19 +95,16 @@ def train(
 ) -> None:
     """Train a diffusion LM (MDLM, or block diffusion with --objective bd3) or the AR baseline; resumable, with progress and curves.
 
-    Examples:
-      dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
+    Examples: dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
       dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
-      dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)
-    """
+      dllm train --self-cond 8 --self-cond-rate 1 --init runs/tiny ...   (post-train an MDLM model to self-condition)
+      dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)"""
     from train_host.launch import launch, summary
     from train_host.train_config import TrainConfig
-
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
                                    "init": str(init) if init else ""})
     _check_given(tc, given_options(ctx))
-    result = launch(tc, nproc=nproc, console=err)
-    if result is None:  # not rank 0 of a torchrun job
+    if (result := launch(tc, nproc=nproc, console=err)) is None:  # not rank 0 of a torchrun job
         return
     out.print(summary(result, tc))
     if result["stop"] == "interrupted":
@@ -114,6 +114,8 @@ def train(
 def _check_given(tc, given: set[str]) -> None:
     """Options given that this run would not use: another family's, or a shape when --init gives the parent's."""
     check_train_options(tc.objective, given)
+    if "self_cond_rate" in given and not tc.self_cond:
+        raise DllmError("--self-cond-rate applies with --self-cond K (self-conditioning); give both or neither")
     shaped = sorted(given & {"config", "d_model", "n_layer", "n_head", "n_kv_head"})
     if tc.init and shaped:
         raise DllmError(f"--{shaped[0].replace('_', '-')} sets a shape, but with --init the model's shape is its parent's; leave it out")

@@ -31,7 +31,8 @@ class Family:
         left_to_right: writes left to right, so it cannot fill gaps (infilling is refused).
         cached: runs over a key/value cache the runner owns (allocated once for the whole context).
         steps: what `--steps` means to it ("" when it does not use steps: one call per token).
-        nll: "bound" (a variational upper bound) or "exact".
+        nll: "bound" (a variational upper bound), "exact", or "" (none: SDD has no likelihood; its evaluation reports
+            a denoising loss and accuracies, never in an NLL column).
         options: the `dllm run` sampler options it uses beyond temperature, top-k, top-p and seed.
         int8: what `dllm export --int8` writes: "qdq" (calibrated Q/DQ graphs for TensorRT, and for the canvas graph
             the dynamic CPU variant too), "dynamic" (INT8 weights with activations quantized as the graph runs, for
@@ -39,6 +40,10 @@ class Family:
         runtime: its runtime module (torch-free): the generation loop and bench point.
         host: its host module (torch): objective, evaluation and export.
         train_options: the `dllm train` options of its own (others' are refused when given).
+        soft_inputs: "" (none) or "self" (self-conditioning: with `soft_k` set, its denoising graph, the canvas or
+            the block step, also takes the previous step's top-k candidates, `soft_ids` and `soft_probs`, at the
+            positions still masked; zeros: none), or "sdd" (every position's input is a mixture of `soft_k` weighted
+            candidates, and the canvas graph takes the noise level `t`).
     """
 
     name: str
@@ -55,6 +60,7 @@ class Family:
     runtime: str
     host: str
     train_options: tuple[str, ...] = ()
+    soft_inputs: str = ""
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -83,11 +89,16 @@ SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadli
 FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
-                   options=SAMPLER_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm"),
+                   options=SAMPLER_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
+                   train_options=("self_cond", "self_cond_rate"), soft_inputs="self"),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8="qdq",
-                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", train_options=("block_size", "t_min", "t_max", "shift", "complementary")),
+                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", soft_inputs="self",
+                  train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate")),
+    "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
+                  cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
+                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates",), soft_inputs="sdd"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }

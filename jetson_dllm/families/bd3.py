@@ -30,7 +30,10 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     check_context,
     left_to_right_ids,
     left_to_right_request,
+    no_soft,
     quality_length,
+    soft_feeds,
+    still_masked,
 )
 from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
@@ -115,31 +118,38 @@ class _First:
         return tuple(out[k] for k in HEADS)
 
 
-def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First) -> Generator[Call, dict, object]:
+def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First, soft_k: int = 0,
+             mask_id: int = 0) -> Generator[Call, dict, object]:
     """One block's sampler as graph calls: block steps at `start`, the first one a commit step when a finished block
-    is `pending`; the sampler's result."""
+    is `pending`; the sampler's result. A self-conditioned model's block steps (`soft_k`) also get the previous step's
+    top-k at the positions still masked (none on the block's first step)."""
     try:
         z = next(steps)
+        soft = no_soft(z.shape, soft_k) if soft_k else {}
         while True:
             if pending is not None:  # the finished block's commit folded into this block's first call
                 call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1])}), None
                 got = yield call
                 first.keep(got)  # the shifted commit step's position 0 is the finished block's last position's
             else:
-                got = yield Call("block_step", {"tokens": z, "valid_len": np.int32(start)})
-            z = steps.send(first.splice(got))
+                got = yield Call("block_step", {"tokens": z, "valid_len": np.int32(start), **soft})
+            heads = first.splice(got)
+            previous = soft_feeds(heads[0], heads[1], soft_k) if soft_k else {}
+            z = steps.send(heads)
+            soft = still_masked(previous, z == mask_id) if soft_k else {}
     except StopIteration as done:
         return done.value
 
 
 def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
                 num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False,
-                shift_bos: int | None = None) -> Generator[Call, dict, BlockResult]:
+                shift_bos: int | None = None, soft_k: int = 0) -> Generator[Call, dict, BlockResult]:
     """Generation block by block as graph calls: `block_step` (a noised block over the cache's first `valid_len`
     positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `fold`,
     `commit_step` (the previous block's commit and this block's first step in one call). `on_step(text so far,
     Step)` sees every denoising step (the live view). `shift_bos`: a shifted model's start token, read first (not
-    part of the result's tokens or the live view, as the autoregressive baseline's is not)."""
+    part of the result's tokens or the live view, as the autoregressive baseline's is not). `soft_k`: a
+    self-conditioned model's candidates per position (its block steps are fed the previous step's top-k)."""
     first, given = _First(shift_bos is not None), prompt
     if shift_bos is not None:
         prompt = [shift_bos, *prompt]
@@ -165,7 +175,7 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
         fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
         canvas[:, e - s :] = special.pad
         steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e, len(prompt) - len(given)))
-        result = yield from _denoise(steps, s, pending, first)
+        result = yield from _denoise(steps, s, pending, first, soft_k, special.mask)
         if pending is not None and result.evaluations:
             folded, pending = folded + 1, None
         if pending is not None:  # no network call in this block (nothing to denoise): commit on its own
@@ -197,7 +207,7 @@ def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: in
     special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
     shift_bos = tok.bos_id if runner.cfg.shift else None
     return drive(runner, block_calls(prompt_ids, max_new, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len,
-                                     num_samples, on_step, fold="commit_step" in runner.graphs, shift_bos=shift_bos))
+                                     num_samples, on_step, fold="commit_step" in runner.graphs, shift_bos=shift_bos, soft_k=runner.cfg.soft_k))
 
 
 def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
@@ -208,7 +218,7 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     tok = runner.tokenizer
     special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
     calls = block_calls(ids, max_tokens, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len, n, on_step,
-                        fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if runner.cfg.shift else None)
+                        fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if runner.cfg.shift else None, soft_k=runner.cfg.soft_k)
     return Served(calls, fixed)
 
 

@@ -37,6 +37,24 @@ class Served:
     fixed: np.ndarray
 
 
+def no_soft(shape: tuple[int, int], k: int) -> dict[str, np.ndarray]:
+    """Soft inputs that add nothing (every probability 0): a self-conditioned model's first step."""
+    return {"soft_ids": np.zeros((*shape, k), dtype=np.int32), "soft_probs": np.zeros((*shape, k), dtype=np.float32)}
+
+
+def soft_feeds(logprobs: np.ndarray, ids: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """A call's top-k candidates (log-probabilities and ids, (B, T, K) with K >= k) as soft inputs: ids and true
+    probabilities, copied (a runner's output buffers are reused by its next call)."""
+    return {"soft_ids": ids[..., :k].astype(np.int32), "soft_probs": np.exp(logprobs[..., :k]).astype(np.float32)}
+
+
+def still_masked(soft: dict[str, np.ndarray], masked: np.ndarray) -> dict[str, np.ndarray]:
+    """Soft inputs kept at the positions still masked (B, T) and none elsewhere: what a self-conditioned model's next
+    step is fed (the previous step's prediction of the tokens it has yet to choose)."""
+    return {"soft_ids": np.where(masked[..., None], soft["soft_ids"], 0).astype(np.int32),
+            "soft_probs": np.where(masked[..., None], soft["soft_probs"], 0.0).astype(np.float32)}
+
+
 def left_to_right_request(runner, ids: list[int], max_tokens: int, n: int, reserved: int = 0) -> np.ndarray:
     """A left-to-right request's `fixed` (its prompt's positions, then the `max_tokens` it generates), once its
     context is checked: the prompt, `reserved` positions of the loop's own (a shifted model's start token) and

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served
+from jetson_dllm.families.common import BenchRun, Served, no_soft, soft_feeds, still_masked
 from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import Canvas, build_canvas, request_canvas
 from jetson_dllm.runners import ENTROPY, Call, drive
@@ -55,14 +55,20 @@ class Generation:
 
 
 def canvas_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig,
-                 on_step: Callable[[np.ndarray, Step], None] | None = None) -> Generator[Call, dict, SampleResult]:
-    """The sampler over a canvas, as graph calls: each step's canvas through the canvas graph."""
+                 on_step: Callable[[np.ndarray, Step], None] | None = None, soft_k: int = 0) -> Generator[Call, dict, SampleResult]:
+    """The sampler over a canvas, as graph calls: each step's canvas through the canvas graph. A self-conditioned
+    model (`soft_k` > 0) also gets the previous call's top-`soft_k` (ids and probabilities) at the positions still
+    masked, and none (zeros) on the first call and elsewhere: no extra network call."""
     steps = sample_steps(tokens, fixed, special, sampler, on_step)
     try:
         canvas = next(steps)
+        soft = no_soft(canvas.shape, soft_k) if soft_k else {}
         while True:
-            out = yield Call("canvas", {"tokens": canvas})
-            canvas = steps.send((out["topk_logprobs"], out["topk_ids"], out.get(ENTROPY)))
+            out = yield Call("canvas", {"tokens": canvas, **soft})
+            heads = (out["topk_logprobs"], out["topk_ids"], out.get(ENTROPY))
+            previous = soft_feeds(heads[0], heads[1], soft_k) if soft_k else {}  # copied: the runner reuses its buffers
+            canvas = steps.send(heads)
+            soft = still_masked(previous, canvas == special.mask) if soft_k else {}
     except StopIteration as done:
         return done.value
 
@@ -79,7 +85,7 @@ def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int =
                "generate fewer samples at once (-n) or a shorter --length")
     tokens, fixed = canvas.batch(num_samples)
     special = SpecialIds(mask=tokenizer.mask_id, eot=tokenizer.eot_id, pad=tokenizer.pad_id)
-    result = drive(runner, canvas_calls(tokens, fixed, special, sampler, on_step))
+    result = drive(runner, canvas_calls(tokens, fixed, special, sampler, on_step, runner.cfg.soft_k))
     return Generation([tokenizer.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
 
 
@@ -94,7 +100,7 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     tok = runner.tokenizer
     tokens, fixed = request_canvas(tok, prompt, suffix, max_tokens, runner.canvas_lengths).batch(n)
     special = SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
-    return Served(canvas_calls(tokens, fixed, special, sampler, on_step), fixed)
+    return Served(canvas_calls(tokens, fixed, special, sampler, on_step, runner.cfg.soft_k), fixed)
 
 
 def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
@@ -108,5 +114,6 @@ def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerC
         raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
     tok = runner.tokenizer
     canvas = np.full((batch, tokens), tok.mask_id, dtype=np.int32)
-    r = drive(runner, canvas_calls(canvas, np.zeros_like(canvas, dtype=bool), SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler))
+    r = drive(runner, canvas_calls(canvas, np.zeros_like(canvas, dtype=bool), SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler,
+                                   soft_k=runner.cfg.soft_k))
     return BenchRun(r.total_s, [s.network_ms for s in r.history if s.evaluated], r.sampler_s, r.evaluations)

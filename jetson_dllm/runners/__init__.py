@@ -62,10 +62,18 @@ GRAPHS: dict[str, GraphSpec] = {
 }
 
 
+SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning)
+
+
 def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
     """A graph's spec for this model: a shifted block-diffusion model's commit also returns its block's top-K
-    (position 0 predicts the next block's first token)."""
+    (position 0 predicts the next block's first token); a model with soft inputs (`cfg.soft_k`) takes them in its
+    denoising graph, the canvas or the block step (SOFT_INPUTS; a runner fills zeros, no soft input, when a call
+    brings none; a block's first step, the commit step, has no previous prediction to take)."""
     spec = GRAPHS[graph]
+    if graph in ("canvas", "block_step") and cfg.soft_k:
+        extra = SOFT_INPUTS + (("t",) if family_of(cfg).soft_inputs == "sdd" else ())  # SDD: its noise level too
+        return GraphSpec(spec.inputs + extra, spec.outputs, spec.cache, spec.entropy)
     if graph == "commit" and cfg.shift:
         return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache, entropy=True)
     return spec
@@ -82,7 +90,8 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
     new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
     known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ("B",)),
              "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", ("B", width, topk)),
-             "topk_ids": ("int32", ("B", width, topk)), ENTROPY: ("float32", ("B", width)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
+             "topk_ids": ("int32", ("B", width, topk)), "soft_ids": ("int32", ("B", width, cfg.soft_k)),
+             "soft_probs": ("float32", ("B", width, cfg.soft_k)), "t": ("float32", ("B",)), ENTROPY: ("float32", ("B", width)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
     outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
@@ -215,6 +224,51 @@ def check_tokens(feeds: dict[str, np.ndarray], canvas_lengths: list[int], vocab_
     if tokens.shape[1] > max(canvas_lengths):
         raise DllmError(f"canvas of {tokens.shape[1]} tokens is longer than this model takes ({max(canvas_lengths)})")
     return np.ascontiguousarray(tokens, dtype=np.int32)
+
+
+def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The canvas graph's inputs from a call's feeds, checked: `tokens`, and for a model with soft inputs
+    `soft_ids` / `soft_probs` (zeros when the call brings none); soft inputs to a model without them are refused."""
+    tokens = check_tokens(feeds, canvas_lengths, cfg.vocab_size)
+    if not cfg.soft_k:
+        if any(name in feeds for name in SOFT_INPUTS):
+            raise DllmError("this model takes no soft inputs (it was trained without --self-cond)")
+        return {"tokens": tokens}
+    ids, probs = soft_inputs(feeds, tokens.shape, cfg.soft_k, cfg.vocab_size)
+    out = {"tokens": tokens, "soft_ids": ids, "soft_probs": probs}
+    if family_of(cfg).soft_inputs == "sdd":  # the noise level of each row, in [0, 1]
+        t = feeds.get("t")
+        t = None if t is None else np.asarray(t, dtype=np.float32)
+        if t is None or t.shape != (tokens.shape[0],) or not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise DllmError(f"the sparse-distribution graph takes t, each row's noise level in [0, 1], shaped ({tokens.shape[0]},)")
+        out["t"] = np.ascontiguousarray(t)
+    return out
+
+
+def soft_inputs(feeds: dict[str, np.ndarray], shape: tuple[int, int], k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A canvas call's soft inputs (ids (B, T, k) int32, probabilities (B, T, k) float32), checked: both or neither
+    (neither: zeros, no soft input), k at most the model's, ids in the vocabulary, probabilities in [0, 1] summing to
+    at most 1 per position (true softmax values of k candidates). Fewer than k candidates are padded with zeros."""
+    ids, probs = feeds.get("soft_ids"), feeds.get("soft_probs")
+    full = (*shape, k)
+    if ids is None and probs is None:
+        return np.zeros(full, dtype=np.int32), np.zeros(full, dtype=np.float32)
+    if ids is None or probs is None:
+        raise DllmError("soft inputs come as a pair: soft_ids and soft_probs")
+    ids, probs = np.asarray(ids), np.asarray(probs)
+    if ids.shape != probs.shape or ids.ndim != 3 or ids.shape[:2] != tuple(shape):
+        raise DllmError(f"soft_ids and soft_probs must both be shaped (batch, canvas, k) = {(*shape, 'k')}, got {ids.shape} and {probs.shape}")
+    if ids.shape[2] > k:
+        raise DllmError(f"{ids.shape[2]} soft candidates per position; this model's graph takes at most {k} (its soft_k)")
+    if not np.issubdtype(ids.dtype, np.integer) or (ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
+        raise DllmError(f"soft_ids must be token ids in 0..{vocab_size - 1}")
+    sums = probs.sum(-1, dtype=np.float64) if probs.size else np.zeros(1)
+    if not np.isfinite(probs).all() or (probs.size and probs.min() < 0) or sums.max() > 1 + 1e-3:
+        raise DllmError("soft_probs must be probabilities: each in [0, 1], each position's summing to at most 1")
+    if ids.shape[2] < k:
+        pad = ((0, 0), (0, 0), (0, k - ids.shape[2]))
+        ids, probs = np.pad(ids, pad), np.pad(probs, pad)
+    return np.ascontiguousarray(ids, dtype=np.int32), np.ascontiguousarray(probs, dtype=np.float32)
 
 
 def is_bundle(path: str | Path) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_spec
+from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, SOFT_INPUTS, graph_spec, soft_inputs
 
 
 class CacheBuffers:
@@ -32,8 +32,10 @@ class CacheBuffers:
         self.batch = batch
         self.legacy = legacy  # graphs exported before per-row valid lengths: one for every row
         self.k, self.v = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
+        self.cfg = cfg
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
-                       "valid_len": np.zeros(() if self.legacy else (batch,), np.int32), "k_cache": self.k, "v_cache": self.v}
+                       "valid_len": np.zeros(() if self.legacy else (batch,), np.int32), "k_cache": self.k, "v_cache": self.v,
+                       "soft_ids": np.zeros((batch, width, cfg.soft_k), np.int32), "soft_probs": np.zeros((batch, width, cfg.soft_k), np.float32)}
         self.out = {"topk_logprobs": np.zeros((batch, width, k), np.float32), "topk_ids": np.zeros((batch, width, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32), ENTROPY: np.zeros((batch, width), np.float32)}
         self.bindings = {graph: self._binding(session, graph, cfg) for graph, session in sessions.items()}
@@ -51,9 +53,16 @@ class CacheBuffers:
         return io
 
     def load(self, graph: str, feeds: dict[str, np.ndarray], valid: np.ndarray) -> None:
+        names = graph_spec(graph, self.cfg).inputs
         for name in GRAPHS[graph].inputs:
             if name != "valid_len":
                 np.copyto(self.inputs[name], feeds[name], casting="unsafe")
+        if SOFT_INPUTS[0] in names:  # a self-conditioned block step: the previous step's top-k, or zeros
+            ids, probs = soft_inputs(feeds, self.inputs["tokens"].shape, self.cfg.soft_k, self.cfg.vocab_size)
+            np.copyto(self.inputs["soft_ids"], ids)
+            np.copyto(self.inputs["soft_probs"], probs)
+        elif any(name in feeds for name in SOFT_INPUTS):
+            raise DllmError(f"the {graph} graph of this model takes no soft inputs")
         if self.legacy and (valid != valid[0]).any():
             raise DllmError("this bundle's cached graphs take one valid length for every row (exported before per-row positions); "
                             "re-export it (dllm export) to run rows at different positions in one call")

@@ -10,7 +10,17 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import ENTROPY, GRAPHS, RunnerBase, call_slots, check_graph, check_tokens, graph_signature, valid_length
+from jetson_dllm.runners import (
+    ENTROPY,
+    GRAPHS,
+    RunnerBase,
+    call_slots,
+    canvas_inputs,
+    check_graph,
+    graph_signature,
+    graph_spec,
+    valid_length,
+)
 from jetson_dllm.runners.onnx_cache import CacheBuffers, valid_rank
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -154,15 +164,19 @@ class OnnxRunner(RunnerBase):
             if len(self._bound) > 8:  # many shapes (a sweep): keep memory bounded
                 self._bound.clear()
             B, T = shape
-            tokens = np.zeros(shape, dtype=np.int32)
+            k = self.cfg.soft_k
+            ins = {"tokens": np.zeros(shape, dtype=np.int32),
+                   **({"soft_ids": np.zeros((B, T, k), dtype=np.int32), "soft_probs": np.zeros((B, T, k), dtype=np.float32)} if k else {}),
+                   **({"t": np.zeros(B, dtype=np.float32)} if "t" in graph_spec("canvas", self.cfg).inputs else {})}
             outs = {"topk_logprobs": np.zeros((B, T, self.topk), dtype=np.float32),
                     "topk_ids": np.zeros((B, T, self.topk), dtype=np.int32),
                     **({ENTROPY: np.zeros((B, T), dtype=np.float32)} if self.extra["canvas"] else {})}
             binding = self.sessions["canvas"].io_binding()
-            binding.bind_input("tokens", "cpu", 0, np.int32, list(shape), tokens.ctypes.data)
+            for name, arr in ins.items():
+                binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             for name, arr in outs.items():
                 binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-            self._bound[shape] = (binding, tokens, outs)
+            self._bound[shape] = (binding, ins, outs)
         return self._bound[shape]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -170,11 +184,12 @@ class OnnxRunner(RunnerBase):
         outputs = outputs or spec.outputs + (self.extra[graph] if spec.outputs else ())
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
-        tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)
+        inputs = canvas_inputs(feeds, self.canvas_lengths, self.cfg)
         if "logits" in outputs:
-            return dict(zip(outputs, self.sessions[graph].run(list(outputs), {"tokens": tokens})))
-        binding, buf, outs = self._binding(tokens.shape)
-        np.copyto(buf, tokens)
+            return dict(zip(outputs, self.sessions[graph].run(list(outputs), inputs)))
+        binding, bufs, outs = self._binding(inputs["tokens"].shape)
+        for name, value in inputs.items():
+            np.copyto(bufs[name], value)
         self.sessions[graph].run_with_iobinding(binding)
         return {name: outs[name] for name in outputs}
 

@@ -8,7 +8,17 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
-from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, RunnerBase, call_slots, check_graph, check_tokens, valid_length
+from jetson_dllm.runners import (
+    ENTROPY,
+    SAMPLING_OUTPUTS,
+    SOFT_INPUTS,
+    RunnerBase,
+    call_slots,
+    canvas_inputs,
+    check_graph,
+    soft_inputs,
+    valid_length,
+)
 
 DEFAULT_TOPK = 64
 MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840; the same bound everywhere
@@ -51,9 +61,10 @@ class TorchRunner(RunnerBase):
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
         torch = self.torch
-        tokens = torch.from_numpy(check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)).to(self.device)
+        inputs = {k: torch.from_numpy(v).to(self.device) for k, v in canvas_inputs(feeds, self.canvas_lengths, self.cfg).items()}
+        soft = (inputs["soft_ids"].long(), inputs["soft_probs"]) if "soft_ids" in inputs else None
         with torch.inference_mode():
-            return self._heads(self.model(tokens), outputs)
+            return self._heads(self.model(inputs["tokens"], soft=soft, t=inputs.get("t")), outputs)
 
     def _heads(self, logits, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         result = {}
@@ -93,6 +104,11 @@ class TorchRunner(RunnerBase):
             rows = torch.from_numpy(slots).to(self.device)
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = {name: as_tensor(feeds[name]) for name in ("tokens", "prev_tokens") if name in feeds}
+        if SOFT_INPUTS[0] in check_graph(self, graph).inputs:  # a self-conditioned block step: top-k or zeros
+            ids, probs = soft_inputs(feeds, (batch, width), self.cfg.soft_k, self.cfg.vocab_size)
+            inputs["soft"] = (as_tensor(ids), torch.from_numpy(probs).to(self.device))
+        elif any(name in feeds for name in SOFT_INPUTS):
+            raise DllmError(f"the {graph} graph of this model takes no soft inputs")
         with torch.inference_mode():
             if isinstance(rows, slice) and (valid == valid[0]).all():  # one batch at one position: the model's own cache
                 return self._run_kv(graph, k_all, v_all, int(valid[0]), inputs, outputs)

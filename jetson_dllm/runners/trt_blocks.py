@@ -21,11 +21,20 @@ import numpy as np
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, SAMPLING_OUTPUTS, RunnerBase, call_slots, check_graph, valid_length
+from jetson_dllm.runners import (
+    COMMIT_OUTPUTS,
+    SAMPLING_OUTPUTS,
+    SOFT_INPUTS,
+    RunnerBase,
+    call_slots,
+    check_graph,
+    graph_spec,
+    soft_inputs,
+    valid_length,
+)
 from jetson_dllm.runners.trt_common import TrtEngines
 
 ON_DEVICE = ("k_cache", "v_cache", "k_new", "v_new")  # GPU-only tensors, never mapped to the host
-SMALL_INPUTS = ("tokens", "valid_len")
 
 
 class _BlockSession:
@@ -63,20 +72,21 @@ class _BlockSession:
         self.start, self.end = cuda.Event(), cuda.Event()
         self.gpu_ms = 0.0
 
-    def _enqueue(self, graph: str, tokens: np.ndarray, valid: np.ndarray) -> None:
+    def _enqueue(self, graph: str, tokens: np.ndarray, valid: np.ndarray, soft: dict | None = None) -> None:
         cuda = self.cuda
-        np.copyto(self.host["tokens"], tokens)
-        np.copyto(self.host["valid_len"], valid)
+        small = {"tokens": tokens, "valid_len": valid, **(soft or {})}  # a self-conditioned block step's soft inputs too
+        for name, value in small.items():
+            np.copyto(self.host[name], value)
         if not self.integrated:
-            for name in SMALL_INPUTS:
+            for name in small:
                 cuda.memcpy_htod_async(self.device[name], self.host[name], self.stream)
         self.start.record(self.stream)
         if not self.contexts[graph].execute_async_v3(self.stream.handle):
             raise DllmError(f"TensorRT failed to enqueue the {graph} engine; rebuild it or check the messages above")
         self.end.record(self.stream)
 
-    def step(self, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self._enqueue("block_step", tokens, valid)
+    def step(self, tokens: np.ndarray, valid: np.ndarray, soft: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        self._enqueue("block_step", tokens, valid, soft)
         if not self.integrated:
             for name in SAMPLING_OUTPUTS:
                 self.cuda.memcpy_dtoh_async(self.host[name], self.device[name], self.stream)
@@ -150,17 +160,26 @@ class TrtBlockRunner(RunnerBase):
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
         valid = valid_length(feeds, tokens.shape[0], self.cfg.canvas_len - self.width + 1)
         slots = call_slots(feeds, tokens.shape[0], self.pool.batch if self.pool else 0)
+        soft = self._soft(graph, feeds, tokens.shape)
         if slots is not None:
-            return self._run_pool(graph, tokens, valid, slots, outputs)
+            return self._run_pool(graph, tokens, valid, slots, outputs, soft)
         session = self._session(tokens.shape[0])
         if graph == "commit":
             got = session.commit(tokens, valid)
             return {} if got is None else {name: value for name, value in zip(SAMPLING_OUTPUTS, got) if name in outputs}
-        lp, ids = session.step(tokens, valid)
+        lp, ids = session.step(tokens, valid, soft)
         self.last_gpu_ms = session.gpu_ms
         return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
 
-    def _run_pool(self, graph: str, tokens: np.ndarray, valid: np.ndarray, slots: np.ndarray, outputs) -> dict[str, np.ndarray]:
+    def _soft(self, graph: str, feeds: dict, shape: tuple[int, int]) -> dict | None:
+        """A self-conditioned block step's soft inputs (zeros when the call brings none), checked."""
+        if SOFT_INPUTS[0] not in graph_spec(graph, self.cfg).inputs:
+            if any(name in feeds for name in SOFT_INPUTS):
+                raise DllmError(f"the {graph} graph of this model takes no soft inputs")
+            return None
+        return dict(zip(SOFT_INPUTS, soft_inputs(feeds, shape, self.cfg.soft_k, self.cfg.vocab_size)))
+
+    def _run_pool(self, graph: str, tokens: np.ndarray, valid: np.ndarray, slots: np.ndarray, outputs, soft: dict | None = None) -> dict[str, np.ndarray]:
         """A call on some rows of the pool: the engines run on every row of the pool (one engine per graph at the
         pool's batch, no copy of any cache: on a GPU a small model's call is bound by launches, not rows), the rows
         not in the call masked tokens at position 0, and a commit writes only the call's rows."""
@@ -171,7 +190,12 @@ class TrtBlockRunner(RunnerBase):
         if graph == "commit":
             got = pool.commit(full, at, rows=slots)
             return {} if got is None else {name: value[slots] for name, value in zip(SAMPLING_OUTPUTS, got) if name in outputs}
-        lp, ids = pool.step(full, at)
+        if soft is not None:  # the call's rows' soft inputs; the other rows none
+            padded = {name: np.zeros((pool.batch, *v.shape[1:]), v.dtype) for name, v in soft.items()}
+            for name, v in soft.items():
+                padded[name][slots] = v
+            soft = padded
+        lp, ids = pool.step(full, at, soft)
         self.last_gpu_ms = pool.gpu_ms
         return {name: value[slots] for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
 

@@ -15,9 +15,9 @@ import threading
 import numpy as np
 
 from jetson_dllm.bundle import Bundle
-from jetson_dllm.engine import io_buffers
+from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, check_graph, check_tokens
+from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, canvas_inputs, check_graph
 from jetson_dllm.runners.trt_common import TrtEngines
 
 
@@ -51,8 +51,10 @@ class _EngineRun:
                 address = int(self.device[name])
             if not self.context.set_tensor_address(name, address):
                 raise DllmError(f"TensorRT refused the buffer for {name}; rebuild the engine")
-        if not self.context.set_input_shape("tokens", (batch, canvas)):
-            raise DllmError(f"the engine does not take a {batch} x {canvas} canvas; rebuild it for that shape")
+        self.inputs = input_shapes(cfg, batch, canvas)  # tokens, and a model's soft inputs
+        for name, shape in self.inputs.items():
+            if not self.context.set_input_shape(name, shape):
+                raise DllmError(f"the engine does not take a {batch} x {canvas} canvas; rebuild it for that shape")
         self.start, self.end = cuda.Event(), cuda.Event()
         self.gpu_ms = 0.0
         self.graph = None
@@ -85,11 +87,12 @@ class _EngineRun:
         except Exception:  # any cuda-python mismatch: plain enqueue is always correct
             return None
 
-    def run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda = self.cuda
-        np.copyto(self.host["tokens"], tokens)
-        if not self.integrated:
-            cuda.memcpy_htod_async(self.device["tokens"], self.host["tokens"], self.stream)
+        for name in self.inputs:
+            np.copyto(self.host[name], inputs[name])
+            if not self.integrated:
+                cuda.memcpy_htod_async(self.device[name], self.host[name], self.stream)
         self.start.record(self.stream)
         if self.graph is not None:
             cudart, handle, _, graph_exec = self.graph
@@ -143,9 +146,9 @@ class TrtRunner(RunnerBase):
         outputs = outputs or check_graph(self, graph).outputs
         if "logits" in outputs:
             raise DllmError("TensorRT engines carry the sampling head only; use the onnx backend for logits")
-        tokens = check_tokens(feeds, self.canvas_lengths, self.cfg.vocab_size)
-        runner = self._runner(tokens.shape)
-        result = runner.run(tokens)
+        inputs = canvas_inputs(feeds, self.canvas_lengths, self.cfg)
+        runner = self._runner(inputs["tokens"].shape)
+        result = runner.run(inputs)
         self.last_gpu_ms = runner.gpu_ms
         return {name: result[name] for name in outputs}
 

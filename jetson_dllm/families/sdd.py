@@ -1,0 +1,159 @@
+"""Sparse Distribution Diffusion (SDD), at run time: every position holds k weighted candidates, denoised from noise
+level 1 to 0, one canvas-graph call per step (train_host/families/sdd.py describes the model and its noise).
+
+The loop (the study's deterministic, DDIM-style one): every generated position starts as k random candidates at 1/V
+each (the input at t = 1); each step the graph's top-k (ids and their true probabilities) become the next step's
+candidates, at the next, lower level; after the last step each position takes its top-1. Two things may be changed,
+both measured in benchmarks/sdd.py: `renoise` flattens the fed-back probabilities toward 1/V to the next level's
+noise (p' = alpha(t') p + (1 - alpha(t')) / V) instead of feeding the prediction as it is, and the temperature (of
+`dllm run`) reshapes the fed-back probabilities (p^(1/T), their mass kept) and samples the final pick. The prompt is a
+clean prefix (its tokens, no candidates); SDD is trained on prefixes only, so gaps to fill (infilling) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.families.common import BenchRun, Served
+from jetson_dllm.families.mdlm import Generation
+from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
+from jetson_dllm.runners import Call, drive
+from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
+
+RENOISE = True  # the default loop (benchmarks/sdd.py measured both; docs/sdd.md has the numbers)
+FIRST_ID = 3  # candidate ids start past the special tokens (pad, end-of-text, mask)
+
+
+def alpha(t: float) -> float:
+    """The clean distribution's weight at noise level t (cosine), as training noised it."""
+    return math.cos(0.5 * math.pi * t)
+
+
+def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig, k: int, vocab: int,
+              renoise: bool = RENOISE, on_step=None) -> Generator[Call, dict, SampleResult]:
+    """The SDD loop as canvas-graph calls over `tokens` (B, T) whose `fixed` positions are the prompt; returns the
+    result with each generated position's final top-1 (the text after the first end-of-text becomes padding)."""
+    rng = np.random.default_rng(sampler.seed)
+    B, T = tokens.shape
+    free = ~fixed
+    ids = rng.integers(FIRST_ID, vocab, (B, T, k)).astype(np.int32)
+    probs = np.broadcast_to(np.where(free[..., None], 1.0 / vocab, 0.0), (B, T, k)).astype(np.float32)
+    canvas = np.where(free, special.mask, tokens).astype(np.int32)
+    top1 = canvas.copy()
+    t0, network_s, history = time.perf_counter(), 0.0, []
+    for s in range(sampler.steps):
+        level = 1.0 - s / sampler.steps
+        c0 = time.perf_counter()
+        out = yield Call("canvas", {"tokens": canvas, "soft_ids": ids, "soft_probs": probs, "t": np.full(B, level, np.float32)})
+        net = time.perf_counter() - c0
+        network_s += net
+        lp, got = out["topk_logprobs"][..., :k].astype(np.float64), out["topk_ids"][..., :k]
+        last = s == sampler.steps - 1
+        if last:
+            logits = candidate_distribution(out["topk_logprobs"], sampler.temperature, sampler.top_k, sampler.top_p)
+            pick = np.argmax(logits if sampler.temperature == 0 else logits - np.log(-np.log(rng.random(logits.shape) + 1e-20) + 1e-20), -1)
+            chosen = np.take_along_axis(out["topk_ids"], pick[..., None], -1)[..., 0]
+        else:
+            chosen = got[..., 0]
+            p = np.exp(lp)
+            if sampler.temperature > 0 and sampler.temperature != 1.0:  # reshaped, the k candidates' mass kept
+                q = np.exp((lp - lp[..., :1]) / sampler.temperature)
+                p = q / q.sum(-1, keepdims=True) * p.sum(-1, keepdims=True)
+            if renoise:
+                a = alpha(1.0 - (s + 1) / sampler.steps)
+                p = a * p + (1.0 - a) / vocab
+            ids = np.where(free[..., None], got, 0).astype(np.int32)
+            probs = np.where(free[..., None], p, 0.0).astype(np.float32)
+        new = np.where(free, chosen, tokens).astype(np.int32)
+        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0)
+        top1 = new
+        history.append(step)
+        if on_step is not None:
+            on_step(top1, step)
+    result = _ended(top1, free, special)
+    total = time.perf_counter() - t0
+    return SampleResult(result, sampler.steps, sampler.steps, False, network_s, total - network_s, history)
+
+
+def _ended(tokens: np.ndarray, free: np.ndarray, special: SpecialIds) -> np.ndarray:
+    """Padding after each row's first generated end-of-text (or padding); padding never starts mid-text otherwise."""
+    out = tokens.copy()
+    stop = (free & ((tokens == special.eot) | (tokens == special.pad))).cumsum(1) > 0
+    after = np.concatenate([np.zeros_like(stop[:, :1]), stop[:, :-1]], axis=1)
+    out[after & free] = special.pad
+    return out
+
+
+def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:
+    if PLACEHOLDER.search(prompt) or suffix:
+        raise DllmError("a sparse-distribution (SDD) model continues a prompt; it was not trained to fill gaps (infilling): "
+                        "use a masked-diffusion (MDLM) model for that")
+
+
+def _special(tok) -> SpecialIds:
+    return SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
+
+
+def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
+             gap: int = 12, on_step=None, allow_empty: bool = False, renoise: bool = RENOISE) -> Generation:
+    sampler = (sampler or SamplerConfig()).validate()
+    _refuse_gaps(prompt)
+    if num_samples <= 0:
+        raise DllmError(f"--num-samples must be positive, got {num_samples}")
+    canvas = build_canvas(tokenizer, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
+    tokens, fixed = canvas.batch(num_samples)
+    cfg = runner.cfg
+    result = drive(runner, sdd_calls(tokens, fixed, _special(tokenizer), sampler, cfg.soft_k, cfg.vocab_size, renoise, on_step))
+    return Generation([tokenizer.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
+
+
+def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
+             on_step=None) -> Generation:
+    return generate(runner, runner.tokenizer, prompt, length, num_samples, sampler, gap, on_step=on_step)
+
+
+def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
+    """A server request: `max_tokens` after the prompt on the smallest canvas that holds them (no suffix: SDD does
+    not fill gaps)."""
+    _refuse_gaps(prompt, suffix)
+    tok = runner.tokenizer
+    tokens, fixed = request_canvas(tok, prompt, None, max_tokens, runner.canvas_lengths).batch(n)
+    return Served(sdd_calls(tokens, fixed, _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size, on_step=on_step), fixed)
+
+
+def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
+    return tokens - 8
+
+
+def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
+    """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
+    if tokens not in runner.canvas_lengths:
+        raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
+    tok = runner.tokenizer
+    canvas = np.full((batch, tokens), tok.mask_id, dtype=np.int32)
+    r = drive(runner, sdd_calls(canvas, np.zeros_like(canvas, dtype=bool), _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size))
+    return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
+
+
+def probe_feeds(clean: np.ndarray, z: np.ndarray, mask_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """The inputs that check an SDD graph (export parity, INT8 calibration and its accuracy report) for canvases
+    `z` masked from `clean`: each masked position holds the truth and k - 1 random candidates (shuffled) at the noise
+    level of its row's masked share, the rest are given (their tokens, no candidates), as training noised them."""
+    rng = np.random.default_rng(seed)
+    B, T = z.shape
+    k, vocab = cfg.soft_k, cfg.vocab_size
+    masked = z == mask_id
+    t = (masked.sum(1) / np.maximum((clean != 0).sum(1), 1)).clip(0.0, 1.0).astype(np.float32)
+    ids = rng.integers(FIRST_ID, vocab, (B, T, k))
+    slot = rng.integers(0, k, (B, T))
+    np.put_along_axis(ids, slot[..., None], clean[..., None], -1)
+    a = np.cos(0.5 * np.pi * t)[:, None, None]
+    probs = np.broadcast_to((1.0 - a) / vocab, (B, T, k)).copy()
+    np.put_along_axis(probs, slot[..., None], np.take_along_axis(probs, slot[..., None], -1) + a, -1)
+    return {"soft_ids": np.where(masked[..., None], ids, 0).astype(np.int32),
+            "soft_probs": np.where(masked[..., None], probs, 0.0).astype(np.float32), "t": t}
