@@ -81,3 +81,26 @@ def test_call_batching(bd3_bundle, ar_bundle):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| bd3") or line.startswith("| ar")]
     assert len(rows) == 2 + 6  # a per-call row per bundle, three pool rows each
     assert all(float(r[2].split()[0]) > 0 for r in rows[:2]) and all(r[5].strip().endswith("%") for r in rows[2:])
+
+
+@pytest.mark.slow
+def test_self_conditioning_benchmark(data_dir, ar_run, tmp_path):
+    """benchmarks/self_cond.py end to end on a few steps: four MDLM runs (plain, self-conditioned, and both after the
+    plain one), measured (NLL, judged samples at 8..64 steps, the per-call cost with and without soft inputs)."""
+    out = script("self_cond.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "sc", "--steps", "2", "--post-steps", "1",
+                 "--samples", "1", "--lanes", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| mdlm")]
+    assert [r[1].strip() for r in rows] == ["mdlm", "mdlm-sc", "mdlm+", "mdlm+sc"]
+    assert all(float(r[4]) > 0 for r in rows)  # a judged perplexity at 8 steps
+    assert "self-conditioned, soft input" in out
+
+
+@pytest.mark.slow
+def test_sdd_benchmark(data_dir, ar_run, tmp_path):
+    """benchmarks/sdd.py end to end on a few steps: AR, MDLM (with and without self-conditioning) and SDD trained
+    the same way, their table (no NLL for SDD) and SDD's four loops."""
+    out = script("sdd.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "sdd", "--steps", "2", "--samples", "2")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert {"ar", "mdlm", "mdlm-sc", "sdd"} <= set(rows)
+    assert "none (no bound)" in rows["sdd"][2] and "exact" in rows["ar"][2] and "bound" in rows["mdlm"][2]
+    assert "re-noised, T 0.8" in out and "deterministic, greedy" in out

@@ -29,6 +29,8 @@ class Family:
         graphs: the graphs a bundle of it carries, the first one the precision entry's `file`.
         trt_graphs: the graphs TensorRT builds engines for (empty: onnxruntime only, `dllm build` refuses it).
         left_to_right: writes left to right, so it cannot fill gaps (infilling is refused).
+        infilling: fills gaps anywhere in a canvas (`____` in a prompt, a server's `suffix`): MDLM; a left-to-right
+            family cannot, nor SDD (it was trained on prefixes).
         cached: runs over a key/value cache the runner owns (allocated once for the whole context).
         steps: what `--steps` means to it ("" when it does not use steps: one call per token).
         nll: "bound" (a variational upper bound), "exact", or "" (none: SDD has no likelihood; its evaluation reports
@@ -61,6 +63,7 @@ class Family:
     host: str
     train_options: tuple[str, ...] = ()
     soft_inputs: str = ""
+    infilling: bool = False
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -90,7 +93,7 @@ FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
                    options=SAMPLER_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
-                   train_options=("self_cond", "self_cond_rate"), soft_inputs="self"),
+                   train_options=("self_cond", "self_cond_rate"), soft_inputs="self", infilling=True),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8="qdq",

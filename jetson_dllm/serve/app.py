@@ -115,8 +115,9 @@ class Server:
     def check_knobs(self, body, suffix) -> None:
         """Refuse what this model's family cannot do: infilling for a left-to-right family, diffusion knobs it does
         not use (each with the reason), rather than ignore them."""
-        if suffix and self.family.left_to_right:
-            raise ApiError(400, f"suffix: the {self.family.title} writes left to right and cannot fill a gap; leave suffix out", param="suffix")
+        if suffix and not self.family.infilling:
+            how = "writes left to right" if self.family.left_to_right else "continues a prompt (it was not trained to fill gaps)"
+            raise ApiError(400, f"suffix: the {self.family.title} {how} and cannot fill a gap; leave suffix out", param="suffix")
         unused = sorted((body.model_fields_set & set(SAMPLER_OPTIONS)) - set(self.family.options))
         if getattr(body, "canvas", False) and not self.family.steps:
             unused = ["canvas", *unused]
@@ -307,7 +308,7 @@ class Server:
         """What a client may ask of this model: its family, context, the most rows at once, what it can do."""
         cfg = self.runner.cfg
         return {"family": self.family.name, "family_title": self.family.title, "context": cfg.canvas_len, "max_batch": self.max_batch,
-                "infilling": not self.family.left_to_right, "knobs": list(self.family.options),
+                "infilling": self.family.infilling, "knobs": list(self.family.options),
                 **({"block_size": cfg.block_size} if self.family.attention == "block" else {})}
 
     async def health(self):
