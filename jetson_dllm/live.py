@@ -28,14 +28,18 @@ class LiveCanvas:
         return self.live.__exit__(*exc)
 
     def __call__(self, canvas: np.ndarray, step: Step) -> None:
-        rows = [self.render_row(canvas[b], step.committed[b]) for b in range(canvas.shape[0])]
-        head = Text(f"step {step.index}/{self.steps}  " + ("network run" if step.evaluated else "cached"), style="bold")
+        weight = step.weight
+        rows = [self.render_row(canvas[b], step.committed[b], None if weight is None else weight[b]) for b in range(canvas.shape[0])]
+        head = Text(f"step {step.index}/{self.steps}  " + ("network run" if step.evaluated else "cached")
+                    + ("  (each position's top candidate; dim: weight under 0.3, bold: over 0.7)" if weight is not None else ""), style="bold")
         self.live.update(Group(head, *rows))
 
-    def render_row(self, tokens: np.ndarray, new: np.ndarray) -> Text:
+    def render_row(self, tokens: np.ndarray, new: np.ndarray, weight: np.ndarray | None = None) -> Text:
+        """One sample's text; `weight` (SDD): each position's top candidate's probability, shown as its shade."""
         text = Text()
         tok = self.tok
-        for t, fresh in zip(tokens, new):
+        weights = weight if weight is not None else np.full(len(tokens), np.nan)
+        for t, fresh, w in zip(tokens, new, weights):
             t = int(t)
             if t == tok.mask_id:
                 text.append("▒", style="dim")
@@ -44,7 +48,8 @@ class LiveCanvas:
             elif t == tok.eot_id:
                 text.append(" ⏎", style="dim cyan")
             else:
-                text.append(tok.piece(t), style="bold black on yellow" if fresh else "")
+                shade = "" if np.isnan(w) else "dim" if w < 0.3 else "bold" if w > 0.7 else ""
+                text.append(tok.piece(t), style=("bold black on yellow" if fresh else "") + (" " + shade if shade else ""))
         return text
 
 

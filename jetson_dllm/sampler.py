@@ -83,6 +83,7 @@ class Step:
     committed: np.ndarray  # (B, T) bool, newly committed this step
     network_ms: float
     sampler_ms: float
+    weight: np.ndarray | None = None  # (B, T) SDD: each position's top candidate's probability (the live view shades by it)
 
 
 @dataclass

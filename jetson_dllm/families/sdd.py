@@ -70,7 +70,7 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
             ids = np.where(free[..., None], got, 0).astype(np.int32)
             probs = np.where(free[..., None], p, 0.0).astype(np.float32)
         new = np.where(free, chosen, tokens).astype(np.int32)
-        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0)
+        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(out["topk_logprobs"][..., 0]), 1.0))
         top1 = new
         history.append(step)
         if on_step is not None:

@@ -173,3 +173,19 @@ def test_the_server_serves_it_and_refuses_a_suffix(sdd_bundle):
         assert bad.status_code == 400 and "fill gaps" in bad.text
     finally:
         assert s.stop() == 0
+
+
+def test_the_live_view_shades_each_position_by_its_top_candidates_weight(data_dir):
+    from rich.console import Console
+
+    from jetson_dllm.live import LiveCanvas
+    from jetson_dllm.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
+    ids = tok.encode("Once upon a time")[:3]
+    view = LiveCanvas(Console(file=None, record=True), tok, 4)
+    row = view.render_row(np.array(ids), np.zeros(3, bool), np.array([0.1, 0.5, 0.9]))
+    styles = [str(span.style) for span in row.spans]
+    assert "dim" in styles[0] and "bold" in styles[-1] and "dim" not in styles[-1]
+    plain = view.render_row(np.array(ids), np.zeros(3, bool))
+    assert row.plain == plain.plain and not any(str(s.style).strip() for s in plain.spans)

@@ -67,8 +67,7 @@ def _inputs(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | No
 
 
 def train_loss(model, x, run, t, noise, generator):
-    cfg = run.cfg
-    tokens, soft, emb_noise, scored = _inputs(model_core(model, cfg), x, t, generator, None, train=True)
+    tokens, soft, emb_noise, scored = _inputs(model_core(model), x, t, generator, None, train=True)
     logits = model(tokens, scored, soft=soft, t=t.to(x.device), noise=emb_noise)
     targets = x[scored]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
@@ -76,7 +75,7 @@ def train_loss(model, x, run, t, noise, generator):
     return loss, {"masked": scored.sum().detach(), "ce_sum": ce.sum().detach(), "correct": (logits.argmax(-1) == targets).sum().detach()}
 
 
-def model_core(model, cfg):
+def model_core(model):
     """The Denoiser behind a data-parallel or compiled wrapper (for its embedding table and config)."""
     core = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
     return getattr(core, "_orig_mod", core)
