@@ -4,8 +4,8 @@ the comparison study's table re-made here (issue 25), and SDD's sampling variant
     python benchmarks/sdd.py --data runs/adapt/data --judge runs/smollm2 --out runs/sdd [--steps 1000]
 
 Runs (each batch 16 x 128, one thread, the same step budget; a run already in OUT/NAME is not trained again, so
-`benchmarks/self_cond.py`'s MDLM runs can be linked in): `ar`, `mdlm`, `mdlm-sc` (--self-cond 8) and `sdd`
-(--candidates 8). Per model: the held-out NLL where one is defined (AR exact, MDLM a bound; SDD has none), accuracy
+`benchmarks/self_cond.py`'s MDLM runs can be linked in): `ar`, `mdlm`, `mdlm-sc` (--self-cond 8), `sdd`
+(--candidates 8) and `sdd-swap` (the same with --swap-ids: the truth left out at high noise). Per model: the held-out NLL where one is defined (AR exact, MDLM a bound; SDD has none), accuracy
 (AR next-token; MDLM masked tokens at the ELBO's noise levels; SDD the plain one, inflated by copying, and the two
 honest ones: the truth left out of the candidates, and at t = 1), `--samples` stories of 64 tokens from nothing at
 temperature 0.8 (diffusion: 64 steps) scored by the judge (SmolLM2-135M imported: none of these), repetition,
@@ -30,7 +30,8 @@ STEPS = 64  # diffusion steps for 64 tokens: one network call per token, as the 
 def plan(steps: int) -> dict[str, dict]:
     base = ["--lr", "2e-3", "--warmup", "40", "--steps", str(steps), "--eval-every", str(steps)]
     return {"ar": {"args": ["--family", "ar", *base]}, "mdlm": {"args": ["--family", "mdlm", *base]},
-            "mdlm-sc": {"args": ["--family", "mdlm", *base, "--self-cond", "8"]}, "sdd": {"args": ["--family", "sdd", *base, "--candidates", "8"]}}
+            "mdlm-sc": {"args": ["--family", "mdlm", *base, "--self-cond", "8"]}, "sdd": {"args": ["--family", "sdd", *base, "--candidates", "8"]},
+            "sdd-swap": {"args": ["--family", "sdd", *base, "--candidates", "8", "--swap-ids"]}}
 
 
 def stories(run: Path, samples: int, temperature: float, renoise: bool | None = None) -> list[str]:
@@ -82,7 +83,7 @@ def measure(name: str, out: Path, data: str, judge, samples: int) -> dict:
     texts = stories(out / name, samples, 0.8)
     row = {"metrics": {k: v for k, v in m.items() if k.startswith("val_")}, "nll_kind": m["nll_kind"], **sample_quality(texts),
            "judge_ppl": judge.perplexity(texts), "gen_ms": speed_ms(out / name, out), "samples": texts[:2]}
-    if name == "sdd":
+    if name.startswith("sdd"):
         row["variants"] = {}
         for label, renoise, temperature in (("deterministic, greedy", False, 0.0), ("deterministic, T 0.8", False, 0.8),
                                             ("re-noised, greedy", True, 0.0), ("re-noised, T 0.8", True, 0.8)):
@@ -103,10 +104,10 @@ def table(rows: dict, reference: dict, load: str) -> str:
         honest = f"{m['val_acc_hidden']:.3f} / {m['val_acc_t1']:.3f}" if "val_acc_hidden" in m else "-"
         lines.append(f"| {name} | {nll} | {m['val_acc']:.3f} | {honest} | {r['gen_ms']:.0f} | {r['judge_ppl']:.1f} | {r['repetition']:.3f} | {r['distinct2']:.3f} |")
     lines.append(f"| held-out stories | | | | | {reference['judge_ppl']:.1f} | {reference['repetition']:.3f} | {reference['distinct2']:.3f} |")
-    if "sdd" in rows and "variants" in rows["sdd"]:
-        lines += ["", "| SDD loop (64 steps) | judge ppl | repetition | distinct-2 | first story |", "|---|---|---|---|---|"]
-        for label, v in rows["sdd"]["variants"].items():
-            lines.append(f"| {label} | {v['judge_ppl']:.1f} | {v['repetition']:.3f} | {v['distinct2']:.3f} | {v['sample'][:120]!r} |")
+    lines += ["", "| SDD model | loop (64 steps) | judge ppl | repetition | distinct-2 | first story |", "|---|---|---|---|---|---|"]
+    for name in (n for n in rows if "variants" in rows[n]):
+        for label, v in rows[name]["variants"].items():
+            lines.append(f"| {name} | {label} | {v['judge_ppl']:.1f} | {v['repetition']:.3f} | {v['distinct2']:.3f} | {v['sample'][:120]!r} |")
     lines += ["", "Two stories each (temperature 0.8):", ""]
     for name, r in rows.items():
         lines += [f"- **{name}**: {s[:240]!r}" for s in r["samples"]]

@@ -34,6 +34,7 @@ class TrainConfig:
     self_cond: int = 0  # mdlm: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
     self_cond_rate: float = 0.5  # share of steps whose loss sees a first pass's prediction
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
+    swap_ids: bool = False  # sdd: above t = 0.5, leave the truth out of the candidates with probability 2t - 1
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0

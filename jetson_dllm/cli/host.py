@@ -65,6 +65,7 @@ def train(
     self_cond: Annotated[int, typer.Option(help="--objective mdlm: self-conditioning on the previous prediction's top-K candidates (e.g. 8; 0 = off): a soft input of K ids and probabilities per position", min=0, max=64)] = 0,
     self_cond_rate: Annotated[float, typer.Option(help="--self-cond: share of steps whose loss sees a first pass's prediction (0.5 the standard recipe; 1 to post-train an --init checkpoint, as SCMDM)")] = 0.5,
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
+    swap_ids: Annotated[bool, typer.Option("--swap-ids", help="--objective sdd: above t = 0.5 leave the truth out of the candidates with probability 2t - 1 (sampling starts from random ids)")] = False,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -97,7 +98,6 @@ def train(
 
     Examples: dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
       dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
-      dllm train --self-cond 8 --self-cond-rate 1 --init runs/tiny ...   (post-train an MDLM model to self-condition)
       dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)"""
     from train_host.launch import launch, summary
     from train_host.train_config import TrainConfig

@@ -101,7 +101,7 @@ FAMILIES: dict[str, Family] = {
                   train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate")),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
-                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates",), soft_inputs="sdd"),
+                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), soft_inputs="sdd"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }

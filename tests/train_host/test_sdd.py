@@ -189,3 +189,12 @@ def test_the_live_view_shades_each_position_by_its_top_candidates_weight(data_di
     assert "dim" in styles[0] and "bold" in styles[-1] and "dim" not in styles[-1]
     plain = view.render_row(np.array(ids), np.zeros(3, bool))
     assert row.plain == plain.plain and not any(str(s.style).strip() for s in plain.spans)
+
+
+def test_swapping_leaves_the_truth_out_only_at_high_noise():
+    x = torch.randint(3, 4096, (3, 4000))
+    t = torch.tensor([0.4, 0.75, 1.0])
+    ids, probs = noised(x, t, 8, 4096, torch.Generator().manual_seed(0), swap=True)
+    held = (ids == x.unsqueeze(-1)).any(-1).float().mean(1)  # (a random id is the truth 0.2% of the time)
+    assert held[0] == 1.0 and abs(float(held[1]) - 0.5) < 0.03 and float(held[2]) < 0.01  # kept with probability 2 - 2t
+    assert float(probs[2].max()) == pytest.approx(1 / 4096)  # no position carries the truth's mass

@@ -8,7 +8,8 @@ the true token and k - 1 random ones, in a shuffled slot order (a slot's place c
 fixed as the probabilities flatten. The input embedding also gets Gaussian noise, sin(pi t / 2) times the embedding
 table's RMS. Half of the rows keep a random clean prefix (a prompt: its token, no candidates), which is not scored.
 The network (time-conditioned through `t`) predicts the clean token at every other position; the loss is the plain
-cross-entropy there. There is no likelihood bound: the evaluation reports that loss, the accuracy where the input
+cross-entropy there. `--swap-ids` (the alternative to fixed ids): above t = 0.5 the truth is left out of a position's
+candidates with probability 2t - 1, as sampling starts from random ids. There is no likelihood bound: the evaluation reports that loss, the accuracy where the input
 does not already rank the truth first, and the accuracy at t = 1, never an NLL.
 """
 
@@ -32,27 +33,32 @@ def alpha(t: torch.Tensor) -> torch.Tensor:
 
 
 def noised(x: torch.Tensor, t: torch.Tensor, k: int, vocab: int, generator: torch.Generator | None, first_id: int = 3,
-           truth: bool = True):
+           truth: bool = True, swap: bool = False):
     """The noised inputs of clean canvases x (B, L) at levels t (B,): candidate ids (B, L, k) with the truth among
     them in a shuffled slot, and their probabilities (B, L, k). `truth=False`: the truth and its mass left out
-    (k random candidates at (1 - alpha) / V each), an input that does not hold the answer."""
+    (k random candidates at (1 - alpha) / V each), an input that does not hold the answer. `swap`: so for each position
+    with probability max(0, 2t - 1) (above t = 0.5, every one at t = 1: where sampling starts from random ids)."""
     B, L = x.shape
     ids = torch.randint(first_id, vocab, (B, L, k), generator=generator).to(x.device)
     slot = torch.randint(0, k, (B, L), generator=generator).to(x.device)
     a = alpha(t).to(x.device).view(B, 1, 1)
     probs = ((1.0 - a) / vocab).expand(B, L, k).clone()
-    if truth:
-        ids = ids.scatter(2, slot.unsqueeze(-1), x.unsqueeze(-1))
-        probs.scatter_add_(2, slot.unsqueeze(-1), a.expand(B, L, 1).clone())
+    if not truth:
+        return ids, probs
+    keep = torch.ones(B, L, dtype=torch.bool, device=x.device)
+    if swap:
+        keep = torch.rand((B, L), generator=generator).to(x.device) >= (2.0 * t.to(x.device) - 1.0).clamp(0.0, 1.0).view(B, 1)
+    ids = torch.where(keep.unsqueeze(-1), ids.scatter(2, slot.unsqueeze(-1), x.unsqueeze(-1)), ids)
+    probs.scatter_add_(2, slot.unsqueeze(-1), a.expand(B, L, 1) * keep.unsqueeze(-1))
     return ids, probs
 
 
-def _inputs(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | None, train: bool, truth: bool = True):
+def _inputs(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | None, train: bool, truth: bool = True, swap: bool = False):
     """The model's inputs for clean canvases: tokens (mask where generated, the prefix's tokens), soft inputs, the
     Gaussian embedding noise (training only), and the scored positions (generated, not padding)."""
     cfg = model.cfg
     B, L = x.shape
-    ids, probs = noised(x, t, cfg.soft_k, cfg.vocab_size, generator, truth=truth)
+    ids, probs = noised(x, t, cfg.soft_k, cfg.vocab_size, generator, truth=truth, swap=swap)
     prefix = (torch.rand(B, generator=generator) < PREFIX_SHARE).to(x.device) * (torch.rand(B, generator=generator).to(x.device) * L / 2).long()
     given = torch.arange(L, device=x.device).unsqueeze(0) < prefix.unsqueeze(1)  # (B, L)
     tokens = torch.where(given, x, torch.full_like(x, cfg.mask_id))
@@ -67,7 +73,7 @@ def _inputs(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | No
 
 
 def train_loss(model, x, run, t, noise, generator):
-    tokens, soft, emb_noise, scored = _inputs(model_core(model), x, t, generator, None, train=True)
+    tokens, soft, emb_noise, scored = _inputs(model_core(model), x, t, generator, None, train=True, swap=run.tc.swap_ids)
     logits = model(tokens, scored, soft=soft, t=t.to(x.device), noise=emb_noise)
     targets = x[scored]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
