@@ -5,10 +5,11 @@ the comparison study's table re-made here (issue 25), and SDD's sampling variant
 
 Runs (each batch 16 x 128, one thread, the same step budget; a run already in OUT/NAME is not trained again, so
 `benchmarks/self_cond.py`'s MDLM runs can be linked in): `ar`, `mdlm`, `mdlm-sc` (--self-cond 8), `sdd`
-(--candidates 8) and `sdd-swap` (the same with --swap-ids: the truth left out at high noise). Per model: the held-out NLL where one is defined (AR exact, MDLM a bound; SDD has none), accuracy
+(--candidates 8) and `sdd-swap` (the same with --swap-ids: the truth left out at high noise), and `bd3` (block 4, half the steps: it passes two
+copies of the canvas, so the same compute). Per model: the held-out NLL where one is defined (AR exact, MDLM a bound; SDD has none), accuracy
 (AR next-token; MDLM masked tokens at the ELBO's noise levels; SDD the plain one, inflated by copying, and the two
 honest ones: the truth left out of the candidates, and at t = 1), `--samples` stories of 64 tokens from nothing at
-temperature 0.8 (diffusion: 64 steps) scored by the judge (SmolLM2-135M imported: none of these), repetition,
+temperature 0.8 (diffusion: 64 steps, block diffusion 4 per block of 4: one token per call everywhere) scored by the judge (SmolLM2-135M imported: none of these), repetition,
 distinct-2 and the first two stories; generation time for 64 tokens on onnxruntime (FP32, batch 1, one thread,
 greedy, median of 3). Then SDD's loop four ways (deterministic or re-noised feedback, greedy or temperature 0.8).
 """
@@ -31,7 +32,10 @@ def plan(steps: int) -> dict[str, dict]:
     base = ["--lr", "2e-3", "--warmup", "40", "--steps", str(steps), "--eval-every", str(steps)]
     return {"ar": {"args": ["--family", "ar", *base]}, "mdlm": {"args": ["--family", "mdlm", *base]},
             "mdlm-sc": {"args": ["--family", "mdlm", *base, "--self-cond", "8"]}, "sdd": {"args": ["--family", "sdd", *base, "--candidates", "8"]},
-            "sdd-swap": {"args": ["--family", "sdd", *base, "--candidates", "8", "--swap-ids"]}}
+            "sdd-swap": {"args": ["--family", "sdd", *base, "--candidates", "8", "--swap-ids"]},
+            # block diffusion passes two copies of the canvas (noised and clean): half the steps for the same compute
+            "bd3": {"args": ["--family", "bd3", "--block-size", "4", "--lr", "2e-3", "--warmup", "40", "--steps", str(max(1, steps // 2)),
+                             "--eval-every", str(max(1, steps // 2))]}}
 
 
 def stories(run: Path, samples: int, temperature: float, renoise: bool | None = None) -> list[str]:
@@ -45,8 +49,9 @@ def stories(run: Path, samples: int, temperature: float, renoise: bool | None = 
         family = family_of(runner.cfg)
         module = family.runtime_module()
         for i in range(samples):
-            if family.attention == "causal":
-                g = module.complete(runner, "", length=64, sampler=SamplerConfig(temperature=temperature, seed=i))
+            if family.left_to_right:  # AR: a call per token; BD3: block-size steps per block, a token per call too
+                steps = runner.cfg.block_size or STEPS
+                g = module.complete(runner, "", length=64, sampler=SamplerConfig(steps=steps, temperature=temperature, seed=i))
             else:
                 extra = {"renoise": renoise} if renoise is not None else {}
                 sampler = SamplerConfig(steps=STEPS, temperature=temperature, seed=i)
@@ -67,7 +72,7 @@ def speed_ms(run: Path, out: Path) -> float:
         export_bundle(run, bundle, overwrite=True)
     with open_runner("onnx", bundle, threads=1) as runner:
         family = family_of(runner.cfg)
-        sampler = SamplerConfig(steps=STEPS, temperature=0.0, allow_end=False)
+        sampler = SamplerConfig(steps=runner.cfg.block_size or STEPS, temperature=0.0, allow_end=False)
         times = [family.runtime_module().bench_generate(runner, run.name, 1, 64, sampler).seconds for _ in range(4)][1:]
     return 1e3 * sorted(times)[1]
 
