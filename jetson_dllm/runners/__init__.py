@@ -62,7 +62,7 @@ GRAPHS: dict[str, GraphSpec] = {
 }
 
 
-SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning)
+SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning, SDD)
 
 
 def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
@@ -230,6 +230,8 @@ def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: 
     """The canvas graph's inputs from a call's feeds, checked: `tokens`, and for a model with soft inputs
     `soft_ids` / `soft_probs` (zeros when the call brings none); soft inputs to a model without them are refused."""
     tokens = check_tokens(feeds, canvas_lengths, cfg.vocab_size)
+    if "t" in feeds and family_of(cfg).soft_inputs != "sdd":
+        raise DllmError("t (a noise level) is a sparse-distribution model's input; this model takes none")
     if not cfg.soft_k:
         if any(name in feeds for name in SOFT_INPUTS):
             raise DllmError("this model takes no soft inputs (it was trained without --self-cond)")

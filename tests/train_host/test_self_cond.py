@@ -214,6 +214,8 @@ def test_soft_inputs_to_a_model_without_them_are_refused(bundle_dir):
     with pytest.raises(DllmError, match="no soft inputs"):
         open_runner("onnx", bundle_dir).run("canvas", {"tokens": tokens, "soft_ids": np.zeros((1, 32, 4), np.int32),
                                                        "soft_probs": np.zeros((1, 32, 4), np.float32)})
+    with pytest.raises(DllmError, match="takes none"):
+        open_runner("onnx", bundle_dir).run("canvas", {"tokens": tokens, "t": np.array([0.5], np.float32)})
 
 
 def test_cli_runs_a_self_conditioned_bundle_and_refuses_a_small_top_k(sc_run, sc_bundle, tmp_path):
