@@ -69,7 +69,7 @@ def speed_ms(run: Path, out: Path) -> float:
 
     bundle = out / "bundles" / run.name
     if not (bundle / "manifest.json").is_file():
-        export_bundle(run, bundle, overwrite=True)
+        export_bundle(run, bundle, precisions=("fp32",), overwrite=True)
     with open_runner("onnx", bundle, threads=1) as runner:
         family = family_of(runner.cfg)
         sampler = SamplerConfig(steps=runner.cfg.block_size or STEPS, temperature=0.0, allow_end=False)
@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/sdd")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--runs", default="", help="only these runs (comma-separated names), e.g. ar,sdd")
     args = p.parse_args()
     import torch
     from adapt import reference_texts
@@ -136,6 +137,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.steps)
+    if args.runs:
+        unknown = set(args.runs.split(",")) - set(runs)
+        if unknown:
+            raise SystemExit(f"unknown run {sorted(unknown)[0]!r}; choose from {', '.join(runs)}")
+        runs = {n: runs[n] for n in args.runs.split(",")}
     t0 = time.time()
     for name, spec in runs.items():
         train(name, spec, args.data, out)

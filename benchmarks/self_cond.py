@@ -98,7 +98,7 @@ def step_cost(out: Path, calls: int = 60) -> dict[str, float]:
     for name in ("mdlm+", "mdlm+sc"):
         bundle = out / "bundles" / name
         if not (bundle / "manifest.json").is_file():
-            export_bundle(out / name, bundle, overwrite=True)
+            export_bundle(out / name, bundle, precisions=("fp32",), overwrite=True)
         runners[name] = open_runner("onnx", bundle, threads=1)
     rng = np.random.default_rng(0)
     tokens = np.full((1, 64), runners["mdlm+"].cfg.mask_id, np.int32)
