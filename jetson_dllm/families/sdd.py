@@ -52,12 +52,13 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
         out = yield Call("canvas", {"tokens": canvas, "soft_ids": ids, "soft_probs": probs, "t": np.full(B, level, np.float32)})
         net = time.perf_counter() - c0
         network_s += net
-        lp, got = out["topk_logprobs"][..., :k].astype(np.float64), out["topk_ids"][..., :k]
+        all_lp, all_ids = _allowed(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
+        lp, got = all_lp[..., :k].astype(np.float64), all_ids[..., :k]
         last = s == sampler.steps - 1
         if last:
-            logits = candidate_distribution(out["topk_logprobs"], sampler.temperature, sampler.top_k, sampler.top_p)
+            logits = candidate_distribution(all_lp, sampler.temperature, sampler.top_k, sampler.top_p)
             pick = np.argmax(logits if sampler.temperature == 0 else logits - np.log(-np.log(rng.random(logits.shape) + 1e-20) + 1e-20), -1)
-            chosen = np.take_along_axis(out["topk_ids"], pick[..., None], -1)[..., 0]
+            chosen = np.take_along_axis(all_ids, pick[..., None], -1)[..., 0]
         else:
             chosen = got[..., 0]
             p = np.exp(lp)
@@ -68,9 +69,9 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
                 a = alpha(1.0 - (s + 1) / sampler.steps)
                 p = a * p + (1.0 - a) / vocab
             ids = np.where(free[..., None], got, 0).astype(np.int32)
-            probs = np.where(free[..., None], p, 0.0).astype(np.float32)
+            probs = np.where(free[..., None] & np.isfinite(lp), p, 0.0).astype(np.float32)
         new = np.where(free, chosen, tokens).astype(np.int32)
-        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(out["topk_logprobs"][..., 0]), 1.0))
+        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(all_lp[..., 0]), 1.0))
         top1 = new
         history.append(step)
         if on_step is not None:
@@ -78,6 +79,16 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
     result = _ended(top1, free, special)
     total = time.perf_counter() - t0
     return SampleResult(result, sampler.steps, sampler.steps, False, network_s, total - network_s, history)
+
+
+def _allowed(logprobs: np.ndarray, ids: np.ndarray, special: SpecialIds, allow_end: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The head's top-K without padding (the likeliest token where the model knows nothing, as much of a canvas is)
+    and, when ends are not allowed, the end-of-text: still sorted, banned ones last at -inf (their probability is not
+    given to the others: the values stay the model's)."""
+    banned = (ids == special.pad) | (ids == special.mask) | ((ids == special.eot) & (not allow_end))
+    lp = np.where(banned, -np.inf, logprobs)
+    order = np.argsort(-lp, axis=-1, kind="stable")
+    return np.take_along_axis(lp, order, -1), np.take_along_axis(ids, order, -1)
 
 
 def _ended(tokens: np.ndarray, free: np.ndarray, special: SpecialIds) -> np.ndarray:

@@ -198,3 +198,19 @@ def test_swapping_leaves_the_truth_out_only_at_high_noise():
     held = (ids == x.unsqueeze(-1)).any(-1).float().mean(1)  # (a random id is the truth 0.2% of the time)
     assert held[0] == 1.0 and abs(float(held[1]) - 0.5) < 0.03 and float(held[2]) < 0.01  # kept with probability 2 - 2t
     assert float(probs[2].max()) == pytest.approx(1 / 4096)  # no position carries the truth's mass
+
+
+def test_padding_is_never_a_candidate_nor_the_text():
+    """Where the model knows nothing its likeliest token is padding (much of a canvas is); the loop skips it (and the
+    end-of-text when ends are not allowed), keeping the others' true probabilities."""
+    tokens = np.full((1, 4), 2, np.int32)
+    loop = sdd_calls(tokens, np.zeros_like(tokens, bool), SpecialIds(mask=2, eot=1, pad=0), SamplerConfig(steps=2, allow_end=False), 2, 50)
+    ids = np.tile(np.array([0, 1, 20, 21, 22], np.int32), (1, 4, 1))
+    lp = np.log(np.tile(np.array([0.5, 0.2, 0.1, 0.05, 0.01], np.float32), (1, 4, 1)))
+    call = next(loop)
+    call = loop.send({"topk_logprobs": lp, "topk_ids": ids})
+    assert (call.feeds["soft_ids"] == [20, 21]).all()
+    assert np.allclose(call.feeds["soft_probs"][0, 0], np.cos(0.25 * np.pi) * np.array([0.1, 0.05]) + (1 - np.cos(0.25 * np.pi)) / 50)
+    with pytest.raises(StopIteration) as done:
+        loop.send({"topk_logprobs": lp, "topk_ids": ids})
+    assert (done.value.value.tokens == 20).all()
