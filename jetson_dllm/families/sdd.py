@@ -25,7 +25,7 @@ from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
-RENOISE = True  # the default loop (benchmarks/sdd.py measured both; docs/sdd.md has the numbers)
+RENOISE = True  # the default loop: the deterministic one falls into one repeated word (docs/soft-inputs.md)
 FIRST_ID = 3  # candidate ids start past the special tokens (pad, end-of-text, mask)
 
 
