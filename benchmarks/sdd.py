@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--runs", default="", help="only these runs (comma-separated names), e.g. ar,sdd")
+    p.add_argument("--size", default="", help='shape options for every run, e.g. "--d-model 64 --n-layer 2 --n-head 2" (default: tiny)')
     args = p.parse_args()
     import torch
     from adapt import reference_texts
@@ -144,7 +145,7 @@ def main() -> None:
         runs = {n: runs[n] for n in args.runs.split(",")}
     t0 = time.time()
     for name, spec in runs.items():
-        train(name, spec, args.data, out)
+        train(name, spec, args.data, out, args.size.split())
     print(f"training done in {time.time() - t0:.0f} s", file=sys.stderr)
     judge = Judge(args.judge)
     rows = {name: measure(name, out, args.data, judge, args.samples) for name in runs}

@@ -46,14 +46,17 @@ def plan(steps: int, post: int) -> dict[str, dict]:
     }
 
 
-def train(name: str, spec: dict, data: str, out: Path) -> None:
+def train(name: str, spec: dict, data: str, out: Path, size: list[str] = ()) -> None:
+    """Train one run of a plan unless its folder holds a checkpoint; `size` (shape options) goes to the runs that do not
+    start from another (with --init the shape is the parent's)."""
     folder = out / name
     if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*")):
         return
     init = ["--init", str(out / spec["after"])] if "after" in spec else []
     t0 = time.time()
     with (out / f"{name}.log").open("w") as log:
-        done = subprocess.run([sys.executable, "-m", "jetson_dllm", "train", "--data", data, "--out", str(folder), *COMMON, *spec["args"], *init],
+        done = subprocess.run([sys.executable, "-m", "jetson_dllm", "train", "--data", data, "--out", str(folder), *COMMON, *spec["args"], *init,
+                               *(size if not init else [])],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     print(f"trained {name} in {time.time() - t0:.0f} s (rc {done.returncode})", file=sys.stderr, flush=True)
     if done.returncode:
@@ -102,7 +105,8 @@ def step_cost(out: Path, calls: int = 60) -> dict[str, float]:
         runners[name] = open_runner("onnx", bundle, threads=1)
     rng = np.random.default_rng(0)
     tokens = np.full((1, 64), runners["mdlm+"].cfg.mask_id, np.int32)
-    soft = {"soft_ids": rng.integers(3, 1000, (1, 64, 8)).astype(np.int32), "soft_probs": np.full((1, 64, 8), 0.1, np.float32)}
+    vocab = runners["mdlm+"].cfg.vocab_size
+    soft = {"soft_ids": rng.integers(3, vocab, (1, 64, 8)).astype(np.int32), "soft_probs": np.full((1, 64, 8), 0.1, np.float32)}
     cases = {"plain": ("mdlm+", {}), "self-conditioned, no soft input": ("mdlm+sc", {}), "self-conditioned, soft input": ("mdlm+sc", soft)}
     times = {label: [] for label in cases}
     for _ in range(calls):
@@ -110,7 +114,7 @@ def step_cost(out: Path, calls: int = 60) -> dict[str, float]:
             t0 = time.perf_counter()
             runners[name].run("canvas", {"tokens": tokens, **extra})
             times[label].append(1e3 * (time.perf_counter() - t0))
-    return {label: float(np.median(v[5:])) for label, v in times.items()}
+    return {label: float(np.median(v[min(5, len(v) - 1):])) for label, v in times.items()}  # the first calls warm up
 
 
 def report(rows: dict, reference: dict, cost: dict, load: str) -> str:
@@ -136,13 +140,15 @@ def main() -> None:
     p.add_argument("--post-steps", type=int, default=200, help="steps after `mdlm` of the post-trained runs")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--lanes", type=int, default=2, help="runs trained / measured at once (one thread each)")
+    p.add_argument("--calls", type=int, default=60, help="interleaved calls per case of the per-call cost")
+    p.add_argument("--size", default="", help='shape options for every run, e.g. "--d-model 64 --n-layer 2 --n-head 2" (default: tiny)')
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.steps, args.post_steps)
     with ThreadPoolExecutor(args.lanes) as pool:
-        list(pool.map(lambda n: train(n, runs[n], args.data, out), ["mdlm", "mdlm-sc"]))
-        list(pool.map(lambda n: train(n, runs[n], args.data, out), ["mdlm+", "mdlm+sc"]))
+        list(pool.map(lambda n: train(n, runs[n], args.data, out, args.size.split()), ["mdlm", "mdlm-sc"]))
+        list(pool.map(lambda n: train(n, runs[n], args.data, out, args.size.split()), ["mdlm+", "mdlm+sc"]))
     load = os.popen("uptime").read().strip()
     with ThreadPoolExecutor(args.lanes) as pool:
         rows = dict(zip(runs, pool.map(lambda n: measure(n, out, args.data, args.judge, args.samples), runs)))
@@ -150,7 +156,7 @@ def main() -> None:
 
     texts = reference_texts(args.data, args.samples, 64)
     reference = {**sample_quality(texts), "judge_ppl": Judge(args.judge).perplexity(texts)}
-    cost = step_cost(out)
+    cost = step_cost(out, args.calls)
     table = report(rows, reference, cost, load)
     (out / "self_cond.md").write_text(table + "\n")
     print(table)

@@ -88,7 +88,7 @@ def test_self_conditioning_benchmark(data_dir, ar_run, tmp_path):
     """benchmarks/self_cond.py end to end on a few steps: four MDLM runs (plain, self-conditioned, and both after the
     plain one), measured (NLL, judged samples at 8..64 steps, the per-call cost with and without soft inputs)."""
     out = script("self_cond.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "sc", "--steps", "2", "--post-steps", "1",
-                 "--samples", "1", "--lanes", "1")
+                 "--samples", "1", "--lanes", "1", "--calls", "6", "--size", "--d-model 64 --n-layer 2 --n-head 2")
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| mdlm")]
     assert [r[1].strip() for r in rows] == ["mdlm", "mdlm-sc", "mdlm+", "mdlm+sc"]
     assert all(float(r[4]) > 0 for r in rows)  # a judged perplexity at 8 steps
@@ -99,8 +99,12 @@ def test_self_conditioning_benchmark(data_dir, ar_run, tmp_path):
 def test_sdd_benchmark(data_dir, ar_run, tmp_path):
     """benchmarks/sdd.py end to end on a few steps: AR and SDD trained the same way (the other runs are the same code),
     their table (no NLL for SDD) and SDD's four loops."""
-    out = script("sdd.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "sdd", "--steps", "2", "--samples", "2", "--runs", "ar,sdd")
-    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    out = script("sdd.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "sdd", "--steps", "2", "--samples", "2", "--runs", "ar,sdd",
+                 "--size", "--d-model 64 --n-layer 2 --n-head 2")
+    rows = {}
+    for line in out.splitlines():  # the first table's rows (the loops' table names the SDD model again)
+        if line.startswith("| "):
+            rows.setdefault(line.split("|")[1].strip(), line.split("|"))
     assert {"ar", "sdd"} <= set(rows)
     assert "none (no bound)" in rows["sdd"][2] and "exact" in rows["ar"][2]
     assert "re-noised, T 0.8" in out and "deterministic, greedy" in out
