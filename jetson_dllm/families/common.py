@@ -78,6 +78,14 @@ class BenchRun:
     extra: dict = field(default_factory=dict)  # family columns (cache passes, folded commits, commit times)
 
 
+def bench_canvas(runner, name: str, batch: int, tokens: int) -> np.ndarray:
+    """A whole-canvas family's bench input: `batch` canvases of `tokens` positions, all to generate (one of the
+    model's canvas shapes)."""
+    if tokens not in runner.canvas_lengths:
+        raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
+    return np.full((batch, tokens), runner.tokenizer.mask_id, dtype=np.int32)
+
+
 def left_to_right_ids(runner, prompt: str, what: str) -> list[int]:
     """The prompt's ids for a model that writes left to right (no gaps to fill)."""
     if PLACEHOLDER.search(prompt):

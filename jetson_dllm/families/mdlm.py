@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served, no_soft, soft_feeds, still_masked
+from jetson_dllm.families.common import BenchRun, Served, bench_canvas, no_soft, soft_feeds, still_masked
 from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import Canvas, build_canvas, request_canvas
 from jetson_dllm.runners import ENTROPY, Call, drive
@@ -110,10 +110,7 @@ def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
     """A fixed-length canvas of `tokens` positions, all masked, denoised in `sampler.steps` steps."""
-    if tokens not in runner.canvas_lengths:
-        raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
-    tok = runner.tokenizer
-    canvas = np.full((batch, tokens), tok.mask_id, dtype=np.int32)
+    tok, canvas = runner.tokenizer, bench_canvas(runner, name, batch, tokens)
     r = drive(runner, canvas_calls(canvas, np.zeros_like(canvas, dtype=bool), SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler,
                                    soft_k=runner.cfg.soft_k))
     return BenchRun(r.total_s, [s.network_ms for s in r.history if s.evaluated], r.sampler_s, r.evaluations)

@@ -19,8 +19,8 @@ from collections.abc import Generator
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served
-from jetson_dllm.families.mdlm import Generation
+from jetson_dllm.families.common import BenchRun, Served, bench_canvas
+from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
@@ -137,16 +137,9 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     return Served(sdd_calls(tokens, fixed, _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size, on_step=on_step), fixed)
 
 
-def quality_length(runner, prompt_ids: list[int], tokens: int) -> int:
-    return tokens - 8
-
-
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
     """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
-    if tokens not in runner.canvas_lengths:
-        raise DllmError(f"canvas {tokens} is not one of {name}'s shapes ({', '.join(map(str, runner.canvas_lengths))})")
-    tok = runner.tokenizer
-    canvas = np.full((batch, tokens), tok.mask_id, dtype=np.int32)
+    tok, canvas = runner.tokenizer, bench_canvas(runner, name, batch, tokens)
     r = drive(runner, sdd_calls(canvas, np.zeros_like(canvas, dtype=bool), _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size))
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 
