@@ -151,7 +151,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
         calib_set += list(extra)
         recorded = len(extra)
     fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
-    reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, options.seed) if cfg.soft_k else None)
+    reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, pad_id, options.seed) if cfg.soft_k else None)
     fp16_path = bundle_dir / manifest["precisions"]["fp16"]["file"] if "fp16" in manifest["precisions"] else None
     t0 = time.time()
     work = bundle_dir / ".int8-work"
@@ -185,7 +185,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
     }
 
 
-def _extra_feeds(fp32_path: Path, cfg: ModelConfig, clean: np.ndarray, masked: list[np.ndarray], seed: int):
+def _extra_feeds(fp32_path: Path, cfg: ModelConfig, clean: np.ndarray, masked: list[np.ndarray], pad_id: int, seed: int):
     """The calibration canvases' other inputs, computed once per canvas (`parity.extra_feeds`): a sparse-distribution
     model's candidates at the canvas's noise level, a self-conditioned model's own previous prediction (the FP32
     graph's top-k on the canvas, what the sampler feeds the next step). Recorded canvases (--calib-file) have no
@@ -198,7 +198,7 @@ def _extra_feeds(fp32_path: Path, cfg: ModelConfig, clean: np.ndarray, masked: l
         key = tokens.tobytes()
         if key not in memo:
             c = truth.get(key, tokens.reshape(-1))[None]
-            memo[key] = {n: np.array(v, copy=True) for n, v in extra_feeds(ref, c, tokens, cfg.mask_id, seed).items()}
+            memo[key] = {n: np.array(v, copy=True) for n, v in extra_feeds(ref, c, tokens, cfg.mask_id, pad_id, seed).items()}
         return memo[key]
 
     return feeds

@@ -71,7 +71,7 @@ def previous_prediction(reference, tokens: np.ndarray, k: int, mask_id: int, bat
             "soft_probs": np.where(masked, np.concatenate(probs), 0.0).astype(np.float32)}
 
 
-def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, seed: int = 0, batch: int = 16) -> dict | None:
+def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_id: int, seed: int = 0, batch: int = 16) -> dict | None:
     """What a graph takes beside the masked canvases `z`: a sparse-distribution model's candidates and noise level (its
     family's `probe_feeds`), a self-conditioned model's previous prediction, or nothing."""
     from jetson_dllm.families import family_of
@@ -79,7 +79,7 @@ def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, seed:
     cfg = reference.cfg
     probe = getattr(family_of(cfg).runtime_module(), "probe_feeds", None)
     if probe is not None:
-        return probe(clean, z, mask_id, cfg, seed)
+        return probe(clean, z, mask_id, pad_id, cfg, seed)
     return previous_prediction(reference, z, cfg.soft_k, mask_id, batch) if getattr(cfg, "soft_k", 0) else None
 
 
@@ -99,7 +99,7 @@ def compare_runners(reference, runners: dict, canvases: np.ndarray, levels, mask
     model's (soft inputs) with the reference's own previous prediction (`previous_prediction`), as it samples."""
     report = {name: {} for name in runners}
     for label, z, score in masked_views(canvases, levels, mask_id, pad_id, seed):
-        soft = extra_feeds(reference, canvases, z, mask_id, seed, batch)
+        soft = extra_feeds(reference, canvases, z, mask_id, pad_id, seed, batch)
         ref = logits_of(reference, z, batch, soft)
         for name, runner in runners.items():
             got = ref if runner is reference else logits_of(runner, z, batch, soft)

@@ -31,7 +31,7 @@ class TrainConfig:
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
     shift: bool = False  # bd3: the token shift (a model adapted from an AR parent: position i predicts token i + 1)
     complementary: bool = False  # bd3: each canvas also trained with the complementary mask
-    self_cond: int = 0  # mdlm: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
+    self_cond: int = 0  # mdlm, bd3: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
     self_cond_rate: float = 0.5  # share of steps whose loss sees a first pass's prediction
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
     swap_ids: bool = False  # sdd: above t = 0.5, leave the truth out of the candidates with probability 2t - 1

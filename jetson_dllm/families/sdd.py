@@ -144,15 +144,15 @@ def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerC
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 
 
-def probe_feeds(clean: np.ndarray, z: np.ndarray, mask_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+def probe_feeds(clean: np.ndarray, z: np.ndarray, mask_id: int, pad_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """The inputs that check an SDD graph (export parity, INT8 calibration and its accuracy report) for canvases
     `z` masked from `clean`: each masked position holds the truth and k - 1 random candidates (shuffled) at the noise
-    level of its row's masked share, the rest are given (their tokens, no candidates), as training noised them."""
+    level of its row's masked share of its text (padding is never masked), the rest are given (their tokens, no candidates), as training noised them."""
     rng = np.random.default_rng(seed)
     B, T = z.shape
     k, vocab = cfg.soft_k, cfg.vocab_size
     masked = z == mask_id
-    t = (masked.sum(1) / np.maximum((clean != 0).sum(1), 1)).clip(0.0, 1.0).astype(np.float32)
+    t = (masked.sum(1) / np.maximum((clean != pad_id).sum(1), 1)).clip(0.0, 1.0).astype(np.float32)
     ids = rng.integers(FIRST_ID, vocab, (B, T, k))
     slot = rng.integers(0, k, (B, T))
     np.put_along_axis(ids, slot[..., None], clean[..., None], -1)

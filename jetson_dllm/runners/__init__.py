@@ -227,17 +227,12 @@ def check_tokens(feeds: dict[str, np.ndarray], canvas_lengths: list[int], vocab_
 
 
 def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The canvas graph's inputs from a call's feeds, checked: `tokens`, and for a model with soft inputs
-    `soft_ids` / `soft_probs` (zeros when the call brings none); soft inputs to a model without them are refused."""
+    """The canvas graph's inputs from a call's feeds, checked: `tokens`, a model's soft inputs (`graph_soft_inputs`)
+    and an SDD model's noise level `t`; `t` to another model is refused."""
     tokens = check_tokens(feeds, canvas_lengths, cfg.vocab_size)
     if "t" in feeds and family_of(cfg).soft_inputs != "sdd":
         raise DllmError("t (a noise level) is a sparse-distribution model's input; this model takes none")
-    if not cfg.soft_k:
-        if any(name in feeds for name in SOFT_INPUTS):
-            raise DllmError("this model takes no soft inputs (it was trained without --self-cond)")
-        return {"tokens": tokens}
-    ids, probs = soft_inputs(feeds, tokens.shape, cfg.soft_k, cfg.vocab_size)
-    out = {"tokens": tokens, "soft_ids": ids, "soft_probs": probs}
+    out = {"tokens": tokens, **(graph_soft_inputs("canvas", feeds, tokens.shape, cfg) or {})}
     if family_of(cfg).soft_inputs == "sdd":  # the noise level of each row, in [0, 1]
         t = feeds.get("t")
         t = None if t is None else np.asarray(t, dtype=np.float32)
@@ -245,6 +240,16 @@ def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: 
             raise DllmError(f"the sparse-distribution graph takes t, each row's noise level in [0, 1], shaped ({tokens.shape[0]},)")
         out["t"] = np.ascontiguousarray(t)
     return out
+
+
+def graph_soft_inputs(graph: str, feeds: dict[str, np.ndarray], shape: tuple[int, int], cfg: ModelConfig) -> dict[str, np.ndarray] | None:
+    """A call's soft inputs for `graph` (`soft_inputs`: zeros when it brings none), or None when the graph takes none
+    (soft inputs brought to it are refused): the one check every runner makes."""
+    if SOFT_INPUTS[0] not in graph_spec(graph, cfg).inputs:
+        if any(name in feeds for name in SOFT_INPUTS):
+            raise DllmError(f"the {graph} graph of this model takes no soft inputs (it was trained without them)")
+        return None
+    return dict(zip(SOFT_INPUTS, soft_inputs(feeds, shape, cfg.soft_k, cfg.vocab_size)))
 
 
 def soft_inputs(feeds: dict[str, np.ndarray], shape: tuple[int, int], k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, SOFT_INPUTS, graph_spec, soft_inputs
+from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_soft_inputs, graph_spec
 
 
 class CacheBuffers:
@@ -53,16 +53,11 @@ class CacheBuffers:
         return io
 
     def load(self, graph: str, feeds: dict[str, np.ndarray], valid: np.ndarray) -> None:
-        names = graph_spec(graph, self.cfg).inputs
         for name in GRAPHS[graph].inputs:
             if name != "valid_len":
                 np.copyto(self.inputs[name], feeds[name], casting="unsafe")
-        if SOFT_INPUTS[0] in names:  # a self-conditioned block step: the previous step's top-k, or zeros
-            ids, probs = soft_inputs(feeds, self.inputs["tokens"].shape, self.cfg.soft_k, self.cfg.vocab_size)
-            np.copyto(self.inputs["soft_ids"], ids)
-            np.copyto(self.inputs["soft_probs"], probs)
-        elif any(name in feeds for name in SOFT_INPUTS):
-            raise DllmError(f"the {graph} graph of this model takes no soft inputs")
+        for name, value in (graph_soft_inputs(graph, feeds, self.inputs["tokens"].shape, self.cfg) or {}).items():
+            np.copyto(self.inputs[name], value)  # a self-conditioned block step: the previous step's top-k, or zeros
         if self.legacy and (valid != valid[0]).any():
             raise DllmError("this bundle's cached graphs take one valid length for every row (exported before per-row positions); "
                             "re-export it (dllm export) to run rows at different positions in one call")

@@ -11,12 +11,11 @@ from jetson_dllm.families import family_of
 from jetson_dllm.runners import (
     ENTROPY,
     SAMPLING_OUTPUTS,
-    SOFT_INPUTS,
     RunnerBase,
     call_slots,
     canvas_inputs,
     check_graph,
-    soft_inputs,
+    graph_soft_inputs,
     valid_length,
 )
 
@@ -104,11 +103,9 @@ class TorchRunner(RunnerBase):
             rows = torch.from_numpy(slots).to(self.device)
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
         inputs = {name: as_tensor(feeds[name]) for name in ("tokens", "prev_tokens") if name in feeds}
-        if SOFT_INPUTS[0] in check_graph(self, graph).inputs:  # a self-conditioned block step: top-k or zeros
-            ids, probs = soft_inputs(feeds, (batch, width), self.cfg.soft_k, self.cfg.vocab_size)
-            inputs["soft"] = (as_tensor(ids), torch.from_numpy(probs).to(self.device))
-        elif any(name in feeds for name in SOFT_INPUTS):
-            raise DllmError(f"the {graph} graph of this model takes no soft inputs")
+        soft = graph_soft_inputs(graph, feeds, (batch, width), self.cfg)  # a self-conditioned block step: top-k or zeros
+        if soft is not None:
+            inputs["soft"] = (as_tensor(soft["soft_ids"]), torch.from_numpy(soft["soft_probs"]).to(self.device))
         with torch.inference_mode():
             if isinstance(rows, slice) and (valid == valid[0]).all():  # one batch at one position: the model's own cache
                 return self._run_kv(graph, k_all, v_all, int(valid[0]), inputs, outputs)

@@ -24,12 +24,10 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.runners import (
     COMMIT_OUTPUTS,
     SAMPLING_OUTPUTS,
-    SOFT_INPUTS,
     RunnerBase,
     call_slots,
     check_graph,
-    graph_spec,
-    soft_inputs,
+    graph_soft_inputs,
     valid_length,
 )
 from jetson_dllm.runners.trt_common import TrtEngines
@@ -160,7 +158,7 @@ class TrtBlockRunner(RunnerBase):
             raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
         valid = valid_length(feeds, tokens.shape[0], self.cfg.canvas_len - self.width + 1)
         slots = call_slots(feeds, tokens.shape[0], self.pool.batch if self.pool else 0)
-        soft = self._soft(graph, feeds, tokens.shape)
+        soft = graph_soft_inputs(graph, feeds, tokens.shape, self.cfg)
         if slots is not None:
             return self._run_pool(graph, tokens, valid, slots, outputs, soft)
         session = self._session(tokens.shape[0])
@@ -170,14 +168,6 @@ class TrtBlockRunner(RunnerBase):
         lp, ids = session.step(tokens, valid, soft)
         self.last_gpu_ms = session.gpu_ms
         return {name: value for name, value in zip(SAMPLING_OUTPUTS, (lp, ids)) if name in outputs}
-
-    def _soft(self, graph: str, feeds: dict, shape: tuple[int, int]) -> dict | None:
-        """A self-conditioned block step's soft inputs (zeros when the call brings none), checked."""
-        if SOFT_INPUTS[0] not in graph_spec(graph, self.cfg).inputs:
-            if any(name in feeds for name in SOFT_INPUTS):
-                raise DllmError(f"the {graph} graph of this model takes no soft inputs")
-            return None
-        return dict(zip(SOFT_INPUTS, soft_inputs(feeds, shape, self.cfg.soft_k, self.cfg.vocab_size)))
 
     def _run_pool(self, graph: str, tokens: np.ndarray, valid: np.ndarray, slots: np.ndarray, outputs, soft: dict | None = None) -> dict[str, np.ndarray]:
         """A call on some rows of the pool: the engines run on every row of the pool (one engine per graph at the
