@@ -60,8 +60,9 @@ def stories(run: Path, samples: int, temperature: float, renoise: bool | None = 
     return texts
 
 
-def speed_ms(run: Path, out: Path) -> float:
-    """ms to generate 64 tokens on onnxruntime (FP32, batch 1, one thread, greedy, end-of-text banned)."""
+def speed_ms(run: Path, out: Path, steps: int = STEPS) -> float:
+    """ms to generate 64 tokens on onnxruntime (FP32, batch 1, one thread, greedy, end-of-text banned), diffusion in
+    `steps` steps."""
     from jetson_dllm.families import family_of
     from jetson_dllm.runners import open_runner
     from jetson_dllm.sampler import SamplerConfig
@@ -72,7 +73,7 @@ def speed_ms(run: Path, out: Path) -> float:
         export_bundle(run, bundle, precisions=("fp32",), overwrite=True)
     with open_runner("onnx", bundle, threads=1) as runner:
         family = family_of(runner.cfg)
-        sampler = SamplerConfig(steps=runner.cfg.block_size or STEPS, temperature=0.0, allow_end=False)
+        sampler = SamplerConfig(steps=runner.cfg.block_size or steps, temperature=0.0, allow_end=False)
         times = [family.runtime_module().bench_generate(runner, run.name, 1, 64, sampler).seconds for _ in range(4)][1:]
     return 1e3 * sorted(times)[1]
 

@@ -32,6 +32,7 @@ from calibration.data import CalibrationReader, load_recorded, stratified_maskin
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 from jetson_dllm.parity import compare_runners, extra_feeds
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
 
@@ -93,11 +94,15 @@ class Int8Options:
 
 
 def quantizable_nodes(model) -> list[str]:
-    """MatMul/Gemm nodes whose second input is a weight (initializer): what gets INT8. A Gemm with a bias (an SDD
-    model's small time embedding) stays FP32: its quantized bias would be INT32, which TensorRT's Q/DQ rules refuse."""
+    """MatMul nodes whose second input is a weight (initializer): what gets INT8. Gemm nodes stay FP32: the exporter
+    writes them only for 2-D inputs, the time embedding of SDD and continuous models (a row per sequence, not per
+    token: nothing to gain), whose quantized bias would be INT32 and whose transposed weight quantizes on the wrong
+    axis, both refused by TensorRT's Q/DQ rules. Nor a MatMul whose weight another kind of node also reads (continuous
+    diffusion's latent table: gathered for the prompt and multiplied for the expected latent; one per-channel weight
+    may feed only weight MatMuls)."""
     weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if (n.op_type == "MatMul" or (n.op_type == "Gemm" and len(n.input) < 3)) and n.input[1] in weights]
+    shared = {i for n in model.graph.node if n.op_type != "MatMul" for i in n.input if i in weights}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.input[1] not in shared]
 
 
 def _quiet():
@@ -151,7 +156,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
         calib_set += list(extra)
         recorded = len(extra)
     fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
-    reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, pad_id, options.seed) if cfg.soft_k else None)
+    reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, pad_id, options.seed)
+                               if cfg.soft_k or family_of(cfg).canvas_inputs else None)
     fp16_path = bundle_dir / manifest["precisions"]["fp16"]["file"] if "fp16" in manifest["precisions"] else None
     t0 = time.time()
     work = bundle_dir / ".int8-work"

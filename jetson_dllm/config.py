@@ -48,6 +48,7 @@ _FIELD_RANGES = (
     ("block_size", int, 0, 16384),
     ("shift", bool, False, True),
     ("soft_k", int, 0, 64),
+    ("latent_dim", int, 0, 4096),
 )
 
 
@@ -76,6 +77,8 @@ class ModelConfig:
             probability-weighted sum of k candidate embeddings (`soft_ids`, `soft_probs`). For a family that
             self-conditions (MDLM, BD3), the previous step's top-k prediction at the positions still masked; for
             sparse distribution diffusion (SDD), the k weighted candidates every position holds.
+        latent_dim: continuous embedding diffusion's latent width (its token embeddings, kept L2-normalised, are
+            what is noised and what the canvas graph takes as `x`); 0 for the other families.
     """
 
     name: str = "custom"
@@ -94,6 +97,7 @@ class ModelConfig:
     block_size: int = 0  # block diffusion (BD3-LM): generates blocks of this many tokens left to right
     shift: bool = False  # block diffusion adapted from an AR parent: position i predicts token i + 1
     soft_k: int = 0  # soft inputs (self-conditioning): k candidate ids and probabilities per position
+    latent_dim: int = 0  # continuous embedding diffusion: the width of the noised token embeddings
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -124,6 +128,11 @@ class ModelConfig:
         if self.soft_k and not family_of(self).soft_inputs:
             raise DllmError(f"model config: a {self.family} model takes no soft inputs (soft_k {self.soft_k}); "
                             f"self-conditioning is for: {', '.join(n for n, f in FAMILIES.items() if f.soft_inputs)}")
+        if (family_of(self).latent == "embedding") != (self.latent_dim > 0):
+            need = "needs its latent width (latent_dim > 0)" if not self.latent_dim else f"takes no latent width (latent_dim {self.latent_dim})"
+            raise DllmError(f"model config: a {self.family} model {need}")
+        if self.latent_dim and self.tie_embeddings:
+            raise DllmError(f"model config: a {self.family} model's head cannot share its latent embedding (tie_embeddings false)")
         if self.block_size and self.canvas_len % self.block_size:
             raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len})")
         if self.d_ff == 0:
@@ -159,6 +168,8 @@ class ModelConfig:
             data = {**data, "shift": False}
         if "soft_k" not in data and "family" in data:  # written before soft inputs: none had them
             data = {**data, "soft_k": 0}
+        if "latent_dim" not in data and "family" in data:  # written before continuous diffusion: none had a latent
+            data = {**data, "latent_dim": 0}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:
@@ -178,12 +189,14 @@ class ModelConfig:
         d, f, kv = self.d_model, self.d_ff, self.n_kv_head * self.head_dim
         per_block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; w1, w2, w3; two RMSNorm weights
         n = self.n_layer * per_block + d  # final norm
-        if family_of(self).soft_inputs == "sdd":
+        if family_of(self).soft_inputs == "sdd" or self.latent_dim:
             n += 32 * d + d + d * d + d  # the time embedding's two layers (model.TIME_FEATURES features)
-        elif self.soft_k:
+        if self.latent_dim:  # its input projection, the given positions' marker, a time projection per layer
+            n += self.latent_dim * d + d + self.n_layer * d * d + (self.latent_dim * d if self.soft_k else 0)  # (+ self-conditioning's)
+        elif self.soft_k and family_of(self).soft_inputs != "sdd":
             n += d * d  # the soft input's projection
         if include_embedding:
-            n += self.vocab_size * d
+            n += self.vocab_size * (self.latent_dim or d)
         if not self.tie_embeddings:
             n += self.vocab_size * d
         return n

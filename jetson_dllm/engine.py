@@ -130,7 +130,7 @@ def fp32_layers(bundle: Bundle, graph: str = "") -> list[str]:
 
 
 def _engine_outputs(graph: str, cfg=None) -> tuple[str, ...]:
-    spec = graph_spec(graph, cfg) if cfg is not None and graph else GRAPHS[graph or "canvas"]
+    spec = graph_spec(graph or "canvas", cfg) if cfg is not None else GRAPHS[graph or "canvas"]  # a family's own outputs too
     return spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ())
 
 

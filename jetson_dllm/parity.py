@@ -79,7 +79,7 @@ def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_i
     cfg = reference.cfg
     probe = getattr(family_of(cfg).runtime_module(), "probe_feeds", None)
     if probe is not None:
-        return probe(clean, z, mask_id, pad_id, cfg, seed)
+        return probe(reference, clean, z, mask_id, pad_id, cfg, seed)
     return previous_prediction(reference, z, cfg.soft_k, mask_id, batch) if getattr(cfg, "soft_k", 0) else None
 
 

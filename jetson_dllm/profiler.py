@@ -203,7 +203,7 @@ def memory_plan(cfg, precision: str, batch: int, canvas: int, k: int = 64, works
     # The two widest live tensors of a block (or the head's logits), the attention scores, in the run's precision.
     activations = 2 * B * Q * widest * act_bytes + B * cfg.n_head * Q * (T + (Q if cached else 0)) * act_bytes
     cache = 2 * cfg.n_layer * B * cfg.n_kv_head * cfg.canvas_len * cfg.head_dim * 4 if cached else 0  # keys and values, FP32, the whole context
-    io = B * Q * (4 + 8 * k)
+    io = B * Q * (4 + 8 * k + 3 * 4 * cfg.latent_dim)  # tokens, the top-K; continuous diffusion's x, x0 and x0_top1
     runtime = HOST_RUNTIME + (CUDA_CONTEXT if device else 0)
     run = weights + activations + cache + io + runtime
     onnx_bytes = cfg.weight_bytes("fp32" if precision == "fp32" else "fp16")
@@ -265,14 +265,15 @@ def one_call(bundle_dir: str, precision: str, batch: int, canvas: int) -> None:
     token over the whole cache (which a cached family allocates on its first call)."""
     import numpy as np
 
-    from jetson_dllm.runners import GRAPHS, open_runner
+    from jetson_dllm.runners import graph_spec, open_runner, tensor_shapes
 
     with open_runner("onnx", bundle_dir, precision=precision) as runner:
         graph = runner.graphs[0]
         width = family_of(runner.cfg).positions_per_call(runner.cfg, canvas)
+        shapes = tensor_shapes((graph,), runner.cfg, runner.topk, batch, width)
         feeds = {"tokens": np.full((batch, width), runner.cfg.mask_id, dtype=np.int32)}
-        if GRAPHS[graph].cache:
-            feeds["valid_len"] = np.int32(0)
+        for name in graph_spec(graph, runner.cfg).inputs:  # the rest zeros: no soft input, level 0, zero latents
+            feeds.setdefault(name, np.zeros(*shapes[name]))
         runner.run(graph, feeds)
 
 

@@ -51,6 +51,8 @@ class SamplerConfig:
     deadline_ms: float = 0.0  # 0: no deadline
     allow_end: bool = True  # False: fixed-length generation (no end-of-text), as benchmarks run
     defer_twins: bool = True  # two neighbours picked in one step with the same token: commit one, re-predict the other
+    eta: float = 0.0  # continuous diffusion: 0 = DDIM (deterministic), 1 = DDPM (the posterior's full noise)
+    clamp: bool = False  # continuous diffusion: step with the top-1 token's latent instead of the expected one
 
     def validate(self) -> SamplerConfig:
         """Every setting's range (NaN refused); returns the config."""
@@ -64,6 +66,7 @@ class SamplerConfig:
         check_range("--span", self.span, 0)
         check_range("--deadline-ms", self.deadline_ms, 0)
         check_range("--seed", self.seed, 0)
+        check_range("--eta", self.eta, 0, 1)
         return self
 
 

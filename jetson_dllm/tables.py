@@ -40,10 +40,13 @@ def eval_table(metrics: dict) -> Table:
     table = _table(f"{metrics['checkpoint']} on {metrics['scored']} ({metrics['val_tokens']:,} tokens)", ("metric", "value"), left=("metric",))
     if metrics["nll_kind"] == "exact":
         rows = [("NLL (nats/token, exact)", "val_nll", 4), ("perplexity", "val_ppl", 2), ("next-token accuracy", "val_acc", 4)]
-    elif not metrics["nll_kind"]:  # SDD: no likelihood, and accuracy that copying inflates, beside two honest ones
+    elif not metrics["nll_kind"] and "val_acc_hidden" in metrics:  # SDD: accuracy that copying inflates, beside two honest ones
         rows = [("denoising loss (nats/token; not an NLL: SDD has no bound)", "val_loss", 4),
                 ("accuracy (inflated: the input ranks the truth first below t = 1)", "val_acc", 4),
                 ("accuracy with the truth left out of the candidates", "val_acc_hidden", 4), ("accuracy at t = 1 (as sampling starts)", "val_acc_t1", 4)]
+    elif not metrics["nll_kind"]:  # continuous diffusion: no likelihood here either
+        rows = [("denoising loss (nats/token; not an NLL: no bound is computed)", "val_loss", 4),
+                ("top-1 accuracy (stratified noise levels)", "val_acc", 4), ("accuracy at t = 1 (as sampling starts)", "val_acc_t1", 4)]
     else:
         rows = [("NLL bound (nats/token)", "val_nll", 4), ("perplexity bound", "val_ppl", 2),
                 ("masked-token accuracy (ELBO noise levels)", "val_acc", 4)]

@@ -25,7 +25,7 @@ from train_host.checkpoint import list_checkpoints, load_checkpoint, save_checkp
 from train_host.corpus import stories
 from train_host.data import train_tokenizer
 from train_host.export import export_bundle
-from train_host.model import Denoiser
+from train_host.networks import build_model
 
 CACHE = Path(os.environ.get("JETSON_DLLM_CACHE", Path.home() / ".cache" / "jetson-dllm"))
 
@@ -41,7 +41,7 @@ def random_model_dir(name: str, canvas_len: int) -> Path:
     tokenizer = train_tokenizer(stories(2000), vocab_size=BENCH_VOCAB)  # the built-in corpus gives ~1.2k tokens
     cfg = ModelConfig.from_name(name, vocab_size=BENCH_VOCAB, canvas_len=canvas_len, mask_id=tokenizer.mask_id)
     torch.manual_seed(0)
-    save_checkpoint(run, 0, Denoiser(cfg), cfg, tokenizer, {"note": "random weights for benchmarks"})
+    save_checkpoint(run, 0, build_model(cfg), cfg, tokenizer, {"note": "random weights for benchmarks"})
     return run
 
 

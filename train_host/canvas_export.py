@@ -18,6 +18,7 @@ import torch
 from calibration.quantize import quantize_bundle
 from jetson_dllm.bundle import Bundle, write_bundle
 from jetson_dllm.errors import DllmError
+from jetson_dllm.families import family_of
 from jetson_dllm.parity import compare_runners, summarize
 from jetson_dllm.precisions import PRECISIONS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
@@ -34,18 +35,22 @@ FP32_MIN_TOP1 = 0.999
 
 
 class ExportedDenoiser(torch.nn.Module):
-    """The exported graph: tokens (and a self-conditioned model's soft inputs: ids (B, T, k) int32, probabilities
-    (B, T, k) float32) -> (logits, top-K log-probabilities, top-K ids, each position's entropy)."""
+    """The exported graph: tokens, then the inputs `names` lists (a self-conditioned model's soft inputs: ids (B, T, k)
+    int32, probabilities (B, T, k) float32; a noise level t (B,); continuous diffusion's latents x (B, T, latent_dim))
+    -> (logits, top-K log-probabilities, top-K ids, each position's entropy[, the expected clean latent, the top-1's])."""
 
-    def __init__(self, model: Denoiser, k: int):
+    def __init__(self, model: Denoiser, k: int, names: tuple[str, ...] = ()):
         super().__init__()
-        self.model, self.k = model, k
+        self.model, self.k, self.names = model, k, names
 
-    def forward(self, tokens: torch.Tensor, soft_ids: torch.Tensor | None = None, soft_probs: torch.Tensor | None = None,
-                t: torch.Tensor | None = None):
-        soft = (soft_ids, soft_probs) if soft_ids is not None else None
-        logits = self.model(tokens, soft=soft, t=t)
+    def forward(self, tokens: torch.Tensor, *extra: torch.Tensor):
+        given = dict(zip(self.names, extra))
+        soft = (given["soft_ids"], given["soft_probs"]) if "soft_ids" in given else None
+        latent = {"x": given["x"]} if "x" in given else {}
+        logits = self.model(tokens, soft=soft, t=given.get("t"), **latent)
         values, ids, entropy = sampling_head(logits, self.k)
+        if latent:
+            return logits, values, ids, entropy, self.model.expected_latent(logits), self.model.top1_latent(logits)
         return logits, values, ids, entropy
 
 
@@ -55,7 +60,7 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
 
     model = model.eval()
     model.set_attention("math")
-    cfg = model.cfg
+    cfg, family = model.cfg, family_of(model.cfg)
     example = torch.randint(3, cfg.vocab_size, (2, min(24, cfg.canvas_len)), dtype=torch.int32)
     batch = torch.export.Dim("batch", min=1, max=1024)
     canvas = torch.export.Dim("canvas", min=2, max=cfg.canvas_len)
@@ -65,12 +70,16 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
         probs = torch.softmax(torch.randn(*example.shape, cfg.soft_k + 1), -1)[..., : cfg.soft_k]
         inputs, names = (example, ids, probs), ["tokens", "soft_ids", "soft_probs"]
         shapes |= {"soft_ids": {0: batch, 1: canvas}, "soft_probs": {0: batch, 1: canvas}}
-        if model.mixture:  # SDD: each row's noise level
-            inputs, names, shapes = (*inputs, torch.tensor([0.3, 0.9])), [*names, "t"], shapes | {"t": {0: batch}}
+    if "x" in family.canvas_inputs:  # continuous diffusion: the noised latents
+        inputs, names = (*inputs, torch.randn(*example.shape, cfg.latent_dim)), [*names, "x"]
+        shapes |= {"x": {0: batch, 1: canvas}}
+    if "t" in family.canvas_inputs:  # each row's noise level
+        inputs, names, shapes = (*inputs, torch.tensor([0.3, 0.9])), [*names, "t"], shapes | {"t": {0: batch}}
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            ExportedDenoiser(model, k).eval(), inputs, str(path), input_names=names,
-            output_names=["logits", "topk_logprobs", "topk_ids", "entropy"], dynamic_shapes=shapes,
+            ExportedDenoiser(model, k, tuple(names[1:])).eval(), inputs, str(path), input_names=names,
+            output_names=["logits", "topk_logprobs", "topk_ids", "entropy", *family.canvas_outputs],
+            dynamic_shapes={"tokens": shapes["tokens"], **({"extra": tuple(shapes[n] for n in names[1:])} if names[1:] else {})},
             opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
         )
     model.set_attention("sdpa")

@@ -26,7 +26,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, sha256_file
 from jetson_dllm.manifests import CheckpointConfig, member, read_manifest, write_manifest
 from jetson_dllm.tokenizer import TextTokenizer
-from train_host.model import Denoiser
+from train_host.networks import build_model
 
 CKPT_FORMAT = "jetson-dllm-checkpoint"
 CKPT_VERSION = 2  # 2: sealed config.json, checked schema, every file hashed and verified
@@ -223,7 +223,7 @@ def load_checkpoint(path: str | Path, which: str = "best") -> tuple[ModelConfig,
 def load_model(path: str | Path, which: str = "best", device: str = "cpu"):
     """A Denoiser in eval mode from a checkpoint, plus its tokenizer and config.json."""
     cfg, weights, tokenizer, config = load_checkpoint(path, which)
-    model = Denoiser(cfg)
+    model = build_model(cfg)
     load_weights(model, weights, config["path"])
     return model.to(device).eval(), tokenizer, config
 

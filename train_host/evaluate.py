@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
+from jetson_dllm.threads import resolve as resolve_threads
 from train_host.checkpoint import load_model
 from train_host.data import CanvasDataset, load_manifest
 from train_host.diffusion import masked_accuracy
@@ -112,7 +112,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
         if data_dir is None or load_manifest(data_dir)["tokenizer_sha256"] != tokenizer.sha256:
             raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with, or a text file with --text")
         ds, scored = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id), f"{data_dir} (val)"
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(resolve_threads(threads))
     with torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.bos_id, progress=progress)
     if generation is not None:

@@ -51,7 +51,8 @@ def summary(result: dict, tc: TrainConfig) -> str:
     kind = ("val NLL", "next-token accuracy") if get_family(tc.objective).nll == "exact" else ("val NLL bound", "masked accuracy")
     nll = f"; {kind[0]} {result['val_nll']:.3f} nats/token, {kind[1]} {result['val_acc']:.3f}" if "val_nll" in result else ""
     if "val_loss" in result:  # no likelihood (SDD): its loss and the accuracy where the input hides the truth
-        nll = f"; val denoising loss {result['val_loss']:.3f} nats/token, accuracy with the truth hidden {result['val_acc_hidden']:.3f}"
+        honest = ("accuracy with the truth hidden", "val_acc_hidden") if "val_acc_hidden" in result else ("accuracy at t = 1", "val_acc_t1")
+        nll = f"; val denoising loss {result['val_loss']:.3f} nats/token, {honest[0]} {result[honest[1]]:.3f}"
     line = f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
     baseline = result.get("unigram_nll")
     if baseline is not None and "val_nll" in result and result["val_nll"] > UNDERTRAINED * baseline:

@@ -291,3 +291,4 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     logits = logits.float()
     values, ids = torch.topk(logits, k, dim=-1)
     return values - torch.logsumexp(logits, dim=-1, keepdim=True), ids.to(torch.int32)
+

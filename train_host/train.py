@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from jetson_dllm.families import family_of
 from jetson_dllm.files import output_lock
 from jetson_dllm.manifests import check_replaceable
 from jetson_dllm.profiler import check_fits, training_bytes
+from jetson_dllm.threads import resolve as resolve_threads
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
@@ -33,7 +33,7 @@ from train_host.data import CanvasDataset, batch_indices, load_manifest, verifie
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
 from train_host.metrics import MetricsLog, log, progress_bar
-from train_host.model import Denoiser
+from train_host.networks import build_model
 from train_host.optim import lr_at, param_groups
 from train_host.train_config import RUN_FORMAT, TrainConfig, validate
 
@@ -53,11 +53,11 @@ class _Run:
     tokenizer: TextTokenizer
     train_ds: CanvasDataset
     val_ds: CanvasDataset
-    core: Denoiser
+    core: torch.nn.Module
     model: torch.nn.Module  # DDP-wrapped when world > 1
     fwd: torch.nn.Module  # compiled when --compile
     opt: torch.optim.Optimizer
-    ema: Denoiser | None
+    ema: torch.nn.Module | None
     metrics_log: MetricsLog | None
     step: int = 0
     samples_seen: int = 0
@@ -136,7 +136,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     device = pick_device(tc.device, d)
     amp_dtype = autocast_dtype(tc.dtype, device)
     if device.type == "cpu":
-        torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // d.world))
+        torch.set_num_threads(resolve_threads(tc.threads, d.world))
     per_rank, rem = divmod(tc.batch_size, d.world * tc.grad_accum)
     if rem or per_rank == 0:
         raise DllmError(f"--batch-size {tc.batch_size} must split evenly over {d.world} process(es) x {tc.grad_accum} accumulation steps")
@@ -157,7 +157,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
         if tc.resume and resume_from is None:
             console.print(f"[yellow]nothing to resume in {run}; starting a new run[/]")
     torch.manual_seed(tc.seed)
-    core = Denoiser(cfg).to(device)
+    core = build_model(cfg).to(device)
     opt = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
     ema = copy.deepcopy(core).eval().requires_grad_(False) if tc.ema > 0 else None
     model = core

@@ -31,10 +31,11 @@ class TrainConfig:
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
     shift: bool = False  # bd3: the token shift (a model adapted from an AR parent: position i predicts token i + 1)
     complementary: bool = False  # bd3: each canvas also trained with the complementary mask
-    self_cond: int = 0  # mdlm, bd3: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
+    self_cond: int = 0  # mdlm, bd3, continuous: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
     self_cond_rate: float = 0.5  # share of steps whose loss sees a first pass's prediction
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
     swap_ids: bool = False  # sdd: above t = 0.5, leave the truth out of the candidates with probability 2t - 1
+    latent_dim: int = 64  # continuous: the width of the noised token embeddings
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
@@ -86,11 +87,15 @@ class TrainConfig:
                                        ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
                                     family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0,
-                                    shift=self.shift, soft_k=self.soft_k())
+                                    shift=self.shift, soft_k=self.soft_k(), **self.latent())
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg
 
+
+    def latent(self) -> dict:
+        """Continuous embedding diffusion's latent width (and its untied head), or nothing."""
+        return {"latent_dim": self.latent_dim, "tie_embeddings": False} if get_family(self.objective).latent else {}
 
     def soft_k(self) -> int:
         """The model's soft inputs: SDD's candidates, a self-conditioned model's top-k, or none."""
@@ -128,6 +133,7 @@ def validate(tc: TrainConfig) -> None:
     check_range("--self-cond", tc.self_cond, 0, 64)
     check_range("--self-cond-rate", tc.self_cond_rate, 0, 1)
     check_range("--candidates", tc.candidates, 1, 64)
+    check_range("--latent-dim", tc.latent_dim, 1, 4096)
     check_range("--ema", tc.ema, 0, 1, high_open=True)
     check_range("--canvas-len", tc.canvas_len, 8, 16384)
     check_choice("--config", tc.config, SIZES)

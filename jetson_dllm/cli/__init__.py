@@ -12,6 +12,7 @@ import sys
 from jetson_dllm.cli import device, generation, host, serve  # noqa: F401  (each module registers its verbs on the app)
 from jetson_dllm.cli.common import app, int_list, parse_duration
 from jetson_dllm.errors import DllmError
+from jetson_dllm.threads import quiet_waiting
 
 __all__ = ["app", "entry", "int_list", "main", "parse_duration"]
 
@@ -47,4 +48,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    quiet_waiting()  # before any verb loads torch: OpenMP reads its wait policy once, at load
     sys.exit(main())

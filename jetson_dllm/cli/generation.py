@@ -37,9 +37,11 @@ def run(
     deadline_ms: Annotated[float, typer.Option(help="stop refining after this long and commit the best tokens; 0 = none")] = 0.0,
     defer_twins: Annotated[bool, typer.Option("--defer-twins/--no-defer-twins", help="neighbours picked in one step with the same token: commit one, re-predict the other (against 'play play'; see the sampler results in docs/results.md)")] = True,
     gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template", min=1, max=16384)] = 12,
+    eta: Annotated[float, typer.Option(help="continuous diffusion: 0 = DDIM (deterministic), 1 = DDPM (fresh noise each step), or between")] = 0.0,
+    clamp: Annotated[bool, typer.Option("--clamp", help="continuous diffusion: step with each position's top-1 token's latent (Diffusion-LM's clamping), not the expected one")] = False,
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
-    threads: Annotated[int, typer.Option(help="CPU threads for torch / onnxruntime; 0 = the physical cores (on a busy machine fewer can be much faster)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
     save_canvases: Annotated[Optional[Path], typer.Option(help="save the inputs of every network call (.npz), any model family; a masked-diffusion model's canvases feed INT8 calibration (dllm export --calib-file)")] = None,
@@ -56,7 +58,7 @@ def run(
     text = read_prompt(prompt)
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, span=span, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
-                            eb_bound=eb_bound).validate()
+                            eb_bound=eb_bound, eta=eta, clamp=clamp).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers, threads=threads)
     with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:

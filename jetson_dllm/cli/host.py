@@ -48,13 +48,20 @@ def data(
               + (f"; {manifest['skipped_empty_records']:,} records with no text (null or NaN) skipped" if manifest["skipped_empty_records"] else ""))
 
 
-@app.command()
+TRAIN_EXAMPLES = """Examples: dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
+
+  dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
+
+  dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)"""
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
 def train(
     ctx: typer.Context,
     data_dir: Annotated[Path, typer.Option("--data", help="folder written by `dllm data`")] = Path("runs/data"),
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="run folder: checkpoints, metrics, curves")] = Path("runs/tiny"),
     config: Annotated[str, typer.Option(help="tiny | small | medium | large | xlarge | xxlarge")] = "tiny",
-    objective: Annotated[str, typer.Option("--objective", "--family", help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | sdd (sparse distribution diffusion: k weighted candidates per position) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
+    objective: Annotated[str, typer.Option("--objective", "--family", help="mdlm (masked diffusion) | bd3 (block diffusion, BD3-LM) | sdd (sparse distribution diffusion: k weighted candidates per position) | continuous (Gaussian diffusion of token embeddings) | ar (the autoregressive baseline, same network with a causal mask)")] = "mdlm",
     canvas_len: Annotated[int, typer.Option(help="canvas length (tokens per training example)", min=8, max=16384)] = 128,
     block_size: Annotated[int, typer.Option(help="--objective bd3: tokens per block (divides --canvas-len; 1 = autoregression, the canvas = MDLM)", min=1, max=16384)] = 16,
     t_min: Annotated[float, typer.Option(help="--objective bd3: a fixed clipped noise range, low end (0 and 0: searched from the data at each evaluation, as BD3-LM does)")] = 0.0,
@@ -62,10 +69,11 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data): BD3 adapted from an AR parent, or fine-tuned from MDLM")] = None,
     shift: Annotated[bool, typer.Option("--shift", help="--objective bd3: the token shift (position i predicts token i + 1, as an AR parent's head does): adapt from an AR --init")] = False,
     complementary: Annotated[bool, typer.Option("--complementary", help="--objective bd3: each canvas also trained with the complementary mask (every token scored once per pair; twice the rows per step)")] = False,
-    self_cond: Annotated[int, typer.Option(help="--objective mdlm: self-conditioning on the previous prediction's top-K candidates (e.g. 8; 0 = off): a soft input of K ids and probabilities per position", min=0, max=64)] = 0,
+    self_cond: Annotated[int, typer.Option(help="--objective mdlm, bd3, continuous: self-conditioning on the previous prediction's top-K candidates (e.g. 8; 0 = off): a soft input of K ids and probabilities per position", min=0, max=64)] = 0,
     self_cond_rate: Annotated[float, typer.Option(help="--self-cond: share of steps whose loss sees a first pass's prediction (0.5 the standard recipe; 1 to post-train an --init checkpoint, as SCMDM)")] = 0.5,
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
     swap_ids: Annotated[bool, typer.Option("--swap-ids", help="--objective sdd: above t = 0.5 leave the truth out of the candidates with probability 2t - 1 (sampling starts from random ids)")] = False,
+    latent_dim: Annotated[int, typer.Option(help="--objective continuous: width of the noised token embeddings (L2-normalised)", min=1, max=4096)] = 64,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -83,7 +91,7 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and every noise draw", min=0, max=4294967295)] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on GPU; CPU is fp32)")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = cores / processes", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue the run in --out from its last checkpoint")] = False,
     pause_after: Annotated[int, typer.Option(help="stop with a checkpoint after N steps of this invocation (continue with --resume)", min=0)] = 0,
@@ -94,11 +102,7 @@ def train(
     n_kv_head: Annotated[int, typer.Option(help="grouped-query attention: key/value heads, dividing the heads (0: one per head)", min=0, max=256)] = 0,
     log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
-    """Train a diffusion LM (MDLM, or block diffusion with --objective bd3) or the AR baseline; resumable, with progress and curves.
-
-    Examples: dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
-      dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
-      dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)"""
+    """Train a model of a family (--family mdlm, bd3, sdd, continuous, ar); resumable, with progress and curves."""
     from train_host.launch import launch, summary
     from train_host.train_config import TrainConfig
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
@@ -156,7 +160,7 @@ def eval_cmd(
     strategy: Annotated[str, typer.Option(help="--generate: sampler strategy")] = "confidence",
     temperature: Annotated[float, typer.Option(help="--generate: sampling temperature")] = 0.8,
     json_out: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
-    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = all cores (on a busy machine fewer can be much faster)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
 ) -> None:
     """Score a checkpoint: NLL (a bound for diffusion, exact for the AR baseline), perplexity, accuracy;
     with --generate, judge its samples (generative perplexity under --judge, repetition, distinct-n).

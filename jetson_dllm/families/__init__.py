@@ -46,6 +46,12 @@ class Family:
             the block step, also takes the previous step's top-k candidates, `soft_ids` and `soft_probs`, at the
             positions still masked; zeros: none), or "sdd" (every position's input is a mixture of `soft_k` weighted
             candidates, and the canvas graph takes the noise level `t`).
+        latent: "" (the canvas holds tokens) or "embedding" (continuous diffusion: the canvas graph also takes the
+            noised latent `x` (B, T, latent_dim) and its level `t`, and returns the expected clean latent `x0`).
+        canvas_inputs, canvas_outputs: what its canvas graph takes and returns beyond tokens, soft inputs and the
+            sampling head.
+        network: the host module whose `Network(cfg)` is its network when that is not the Denoiser (continuous
+            diffusion's, over latents); "" for the Denoiser.
     """
 
     name: str
@@ -64,6 +70,10 @@ class Family:
     train_options: tuple[str, ...] = ()
     soft_inputs: str = ""
     infilling: bool = False
+    latent: str = ""
+    canvas_inputs: tuple[str, ...] = ()
+    canvas_outputs: tuple[str, ...] = ()
+    network: str = ""
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -76,6 +86,10 @@ class Family:
                 raise DllmError(f"{self.title} training and export need torch: pip install 'jetson-dllm[train,export]'") from None
             raise
 
+    def network_module(self) -> ModuleType | None:
+        """The module of its own network (host side, torch), or None for the Denoiser."""
+        return importlib.import_module(self.network) if self.network else None
+
     def describe(self, cfg) -> str:
         """What a model of this family adds to its title in tables: block diffusion's block and token shift."""
         if self.attention != "block":
@@ -87,12 +101,13 @@ class Family:
         return {"bidirectional": canvas, "block": cfg.block_size, "causal": 1}[self.attention]
 
 
-SAMPLER_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadline_ms", "defer_twins", "gap")
+MASKED_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadline_ms", "defer_twins", "gap")  # MDLM's
+SAMPLER_OPTIONS = (*MASKED_OPTIONS, "eta", "clamp")  # every family's together: one given that a family does not use is refused
 
 FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
-                   options=SAMPLER_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
+                   options=MASKED_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
                    train_options=("self_cond", "self_cond_rate"), soft_inputs="self", infilling=True),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
@@ -101,7 +116,13 @@ FAMILIES: dict[str, Family] = {
                   train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate")),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
-                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), soft_inputs="sdd"),
+                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), soft_inputs="sdd",
+                  canvas_inputs=("t",)),
+    "continuous": Family("continuous", "continuous embedding diffusion", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
+                         cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps", "eta", "clamp"),
+                         int8="qdq", runtime="jetson_dllm.families.continuous", host="train_host.families.continuous",
+                         train_options=("latent_dim", "self_cond", "self_cond_rate"), soft_inputs="self", latent="embedding", canvas_inputs=("x", "t"), canvas_outputs=("x0", "x0_top1"),
+                         network="train_host.continuous_model"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }

@@ -10,6 +10,7 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.prompt import PLACEHOLDER
+from jetson_dllm.sampler import SpecialIds
 
 
 @dataclass
@@ -110,3 +111,22 @@ def check_bench_length(runner, name: str, tokens: int) -> None:
     """A cached model generates at most its context."""
     if tokens > runner.cfg.canvas_len:
         raise DllmError(f"{name} generates at most {runner.cfg.canvas_len} tokens (its cache); asked for {tokens}")
+
+
+def allowed_head(logprobs: np.ndarray, ids: np.ndarray, special: SpecialIds, allow_end: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The head's top-K without padding (the likeliest token where the model knows nothing, as much of a canvas is)
+    and, when ends are not allowed, the end-of-text: still sorted, banned ones last at -inf (their probability is not
+    given to the others: the values stay the model's)."""
+    banned = (ids == special.pad) | (ids == special.mask) | ((ids == special.eot) & (not allow_end))
+    lp = np.where(banned, -np.inf, logprobs)
+    order = np.argsort(-lp, axis=-1, kind="stable")
+    return np.take_along_axis(lp, order, -1), np.take_along_axis(ids, order, -1)
+
+
+def ended_rows(tokens: np.ndarray, free: np.ndarray, special: SpecialIds) -> np.ndarray:
+    """Padding after each row's first generated end-of-text (or padding); padding never starts mid-text otherwise."""
+    out = tokens.copy()
+    stop = (free & ((tokens == special.eot) | (tokens == special.pad))).cumsum(1) > 0
+    after = np.concatenate([np.zeros_like(stop[:, :1]), stop[:, :-1]], axis=1)
+    out[after & free] = special.pad
+    return out

@@ -19,7 +19,7 @@ from collections.abc import Generator
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served, bench_canvas
+from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
 from jetson_dllm.runners import Call, drive
@@ -52,7 +52,7 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
         out = yield Call("canvas", {"tokens": canvas, "soft_ids": ids, "soft_probs": probs, "t": np.full(B, level, np.float32)})
         net = time.perf_counter() - c0
         network_s += net
-        all_lp, all_ids = _allowed(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
+        all_lp, all_ids = allowed_head(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
         lp, got = all_lp[..., :k].astype(np.float64), all_ids[..., :k]
         last = s == sampler.steps - 1
         if last:
@@ -76,28 +76,9 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
         history.append(step)
         if on_step is not None:
             on_step(top1, step)
-    result = _ended(top1, free, special)
+    result = ended_rows(top1, free, special)
     total = time.perf_counter() - t0
     return SampleResult(result, sampler.steps, sampler.steps, False, network_s, total - network_s, history)
-
-
-def _allowed(logprobs: np.ndarray, ids: np.ndarray, special: SpecialIds, allow_end: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The head's top-K without padding (the likeliest token where the model knows nothing, as much of a canvas is)
-    and, when ends are not allowed, the end-of-text: still sorted, banned ones last at -inf (their probability is not
-    given to the others: the values stay the model's)."""
-    banned = (ids == special.pad) | (ids == special.mask) | ((ids == special.eot) & (not allow_end))
-    lp = np.where(banned, -np.inf, logprobs)
-    order = np.argsort(-lp, axis=-1, kind="stable")
-    return np.take_along_axis(lp, order, -1), np.take_along_axis(ids, order, -1)
-
-
-def _ended(tokens: np.ndarray, free: np.ndarray, special: SpecialIds) -> np.ndarray:
-    """Padding after each row's first generated end-of-text (or padding); padding never starts mid-text otherwise."""
-    out = tokens.copy()
-    stop = (free & ((tokens == special.eot) | (tokens == special.pad))).cumsum(1) > 0
-    after = np.concatenate([np.zeros_like(stop[:, :1]), stop[:, :-1]], axis=1)
-    out[after & free] = special.pad
-    return out
 
 
 def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:
@@ -144,7 +125,7 @@ def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerC
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 
 
-def probe_feeds(clean: np.ndarray, z: np.ndarray, mask_id: int, pad_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+def probe_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """The inputs that check an SDD graph (export parity, INT8 calibration and its accuracy report) for canvases
     `z` masked from `clean`: each masked position holds the truth and k - 1 random candidates (shuffled) at the noise
     level of its row's masked share of its text (padding is never masked), the rest are given (their tokens, no candidates), as training noised them."""

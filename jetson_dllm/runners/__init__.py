@@ -29,7 +29,7 @@ import numpy as np
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
+from jetson_dllm.families import FAMILIES, family_of
 from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -70,10 +70,12 @@ def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
     (position 0 predicts the next block's first token); a model with soft inputs (`cfg.soft_k`) takes them in its
     denoising graph, the canvas or the block step (SOFT_INPUTS; a runner fills zeros, no soft input, when a call
     brings none; a block's first step, the commit step, has no previous prediction to take)."""
-    spec = GRAPHS[graph]
-    if graph in ("canvas", "block_step") and cfg.soft_k:
-        extra = SOFT_INPUTS + (("t",) if family_of(cfg).soft_inputs == "sdd" else ())  # SDD: its noise level too
-        return GraphSpec(spec.inputs + extra, spec.outputs, spec.cache, spec.entropy)
+    spec, family = GRAPHS[graph], family_of(cfg)
+    if graph == "canvas" and (cfg.soft_k or family.canvas_inputs):  # SDD: its noise level too; continuous: x and t
+        extra = (SOFT_INPUTS if cfg.soft_k else ()) + family.canvas_inputs
+        return GraphSpec(spec.inputs + extra, spec.outputs + family.canvas_outputs, spec.cache, spec.entropy)
+    if graph == "block_step" and cfg.soft_k:
+        return GraphSpec(spec.inputs + SOFT_INPUTS, spec.outputs, spec.cache, spec.entropy)
     if graph == "commit" and cfg.shift:
         return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache, entropy=True)
     return spec
@@ -91,7 +93,9 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
     known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ("B",)),
              "k_cache": cache, "v_cache": cache, "topk_logprobs": ("float32", ("B", width, topk)),
              "topk_ids": ("int32", ("B", width, topk)), "soft_ids": ("int32", ("B", width, cfg.soft_k)),
-             "soft_probs": ("float32", ("B", width, cfg.soft_k)), "t": ("float32", ("B",)), ENTROPY: ("float32", ("B", width)), "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new}
+             "soft_probs": ("float32", ("B", width, cfg.soft_k)), "t": ("float32", ("B",)), ENTROPY: ("float32", ("B", width)),
+             "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new, "x": ("float32", ("B", width, cfg.latent_dim)),
+             "x0": ("float32", ("B", width, cfg.latent_dim)), "x0_top1": ("float32", ("B", width, cfg.latent_dim))}
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
     outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
@@ -228,17 +232,28 @@ def check_tokens(feeds: dict[str, np.ndarray], canvas_lengths: list[int], vocab_
 
 def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The canvas graph's inputs from a call's feeds, checked: `tokens`, a model's soft inputs (`graph_soft_inputs`)
-    and an SDD model's noise level `t`; `t` to another model is refused."""
+    and its family's own (`Family.canvas_inputs`: a noise level `t` per row in [0, 1], continuous diffusion's noised
+    latents `x`, finite); one a model does not take is refused."""
     tokens = check_tokens(feeds, canvas_lengths, cfg.vocab_size)
-    if "t" in feeds and family_of(cfg).soft_inputs != "sdd":
-        raise DllmError("t (a noise level) is a sparse-distribution model's input; this model takes none")
+    family = family_of(cfg)
+    for name in ("t", "x"):
+        if name in feeds and name not in family.canvas_inputs:
+            raise DllmError(f"{name} is an input of the {', '.join(f.title for f in FAMILIES.values() if name in f.canvas_inputs)}; "
+                            f"this {family.title} model takes none")
     out = {"tokens": tokens, **(graph_soft_inputs("canvas", feeds, tokens.shape, cfg) or {})}
-    if family_of(cfg).soft_inputs == "sdd":  # the noise level of each row, in [0, 1]
+    B, T = tokens.shape
+    if "t" in family.canvas_inputs:  # the noise level of each row, in [0, 1]
         t = feeds.get("t")
         t = None if t is None else np.asarray(t, dtype=np.float32)
-        if t is None or t.shape != (tokens.shape[0],) or not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
-            raise DllmError(f"the sparse-distribution graph takes t, each row's noise level in [0, 1], shaped ({tokens.shape[0]},)")
+        if t is None or t.shape != (B,) or not np.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise DllmError(f"the {family.title} graph takes t, each row's noise level in [0, 1], shaped ({B},)")
         out["t"] = np.ascontiguousarray(t)
+    if "x" in family.canvas_inputs:
+        x = feeds.get("x")
+        x = None if x is None else np.asarray(x, dtype=np.float32)
+        if x is None or x.shape != (B, T, cfg.latent_dim) or not np.isfinite(x).all():
+            raise DllmError(f"the {family.title} graph takes x, the noised latents, finite, shaped ({B}, {T}, {cfg.latent_dim})")
+        out["x"] = np.ascontiguousarray(x)
     return out
 
 

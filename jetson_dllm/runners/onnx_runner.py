@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,12 @@ from jetson_dllm.runners import (
     check_graph,
     graph_signature,
     graph_spec,
+    tensor_shapes,
     valid_length,
 )
 from jetson_dllm.runners.onnx_cache import CacheBuffers, valid_rank
+from jetson_dllm.threads import resolve as resolve_threads
+from jetson_dllm.threads import spinning
 from jetson_dllm.tokenizer import TextTokenizer
 
 PROVIDER_ALIASES = {
@@ -30,15 +32,6 @@ PROVIDER_ALIASES = {
     "trt": "TensorrtExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def resolve_providers(spec: str, available: list[str], cache_dir: str, fp16: bool) -> list:
@@ -70,7 +63,9 @@ def session_from_onnx(path: str | Path, providers: list | None = None, threads: 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = resolve_threads(threads)
+    # idle workers sleep unless the user asked OpenMP to spin (jetson_dllm.threads: spinning collapses on a busy machine)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning() else "0")
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
@@ -164,13 +159,9 @@ class OnnxRunner(RunnerBase):
             if len(self._bound) > 8:  # many shapes (a sweep): keep memory bounded
                 self._bound.clear()
             B, T = shape
-            k = self.cfg.soft_k
-            ins = {"tokens": np.zeros(shape, dtype=np.int32),
-                   **({"soft_ids": np.zeros((B, T, k), dtype=np.int32), "soft_probs": np.zeros((B, T, k), dtype=np.float32)} if k else {}),
-                   **({"t": np.zeros(B, dtype=np.float32)} if "t" in graph_spec("canvas", self.cfg).inputs else {})}
-            outs = {"topk_logprobs": np.zeros((B, T, self.topk), dtype=np.float32),
-                    "topk_ids": np.zeros((B, T, self.topk), dtype=np.int32),
-                    **({ENTROPY: np.zeros((B, T), dtype=np.float32)} if self.extra["canvas"] else {})}
+            spec, shapes = graph_spec("canvas", self.cfg), tensor_shapes(("canvas",), self.cfg, self.topk, B, T) | {ENTROPY: ((B, T), "float32")}
+            ins = {name: np.zeros(*shapes[name]) for name in spec.inputs}
+            outs = {name: np.zeros(*shapes[name]) for name in (*spec.outputs, *self.extra["canvas"])}
             binding = self.sessions["canvas"].io_binding()
             for name, arr in ins.items():
                 binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)

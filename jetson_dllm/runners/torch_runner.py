@@ -18,6 +18,7 @@ from jetson_dllm.runners import (
     graph_soft_inputs,
     valid_length,
 )
+from jetson_dllm.threads import resolve as resolve_threads
 
 DEFAULT_TOPK = 64
 MAX_TOPK = 3839  # TensorRT's TopK takes K < 3840; the same bound everywhere
@@ -38,8 +39,8 @@ class TorchRunner(RunnerBase):
                  metrics: dict | None = None):
         torch = _torch()
         check_device(torch, device)
-        if threads:
-            torch.set_num_threads(threads)
+        if device == "cpu":
+            torch.set_num_threads(resolve_threads(threads))
         self.torch = torch
         self.model, self.tokenizer, self.source = model.to(device).eval(), tokenizer, source
         self.metrics = metrics or {}  # the checkpoint's validation metrics
@@ -62,8 +63,9 @@ class TorchRunner(RunnerBase):
         torch = self.torch
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in canvas_inputs(feeds, self.canvas_lengths, self.cfg).items()}
         soft = (inputs["soft_ids"].long(), inputs["soft_probs"]) if "soft_ids" in inputs else None
+        latent = {"x": inputs["x"]} if "x" in inputs else {}  # continuous diffusion's noised latents
         with torch.inference_mode():
-            return self._heads(self.model(inputs["tokens"], soft=soft, t=inputs.get("t")), outputs)
+            return self._heads(self.model(inputs["tokens"], soft=soft, t=inputs.get("t"), **latent), outputs)
 
     def _heads(self, logits, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         result = {}
@@ -77,6 +79,10 @@ class TorchRunner(RunnerBase):
             result["topk_ids"] = ids.cpu().numpy()
             if ENTROPY in outputs:
                 result[ENTROPY] = entropy.cpu().numpy()
+        if "x0" in outputs:  # continuous diffusion: the expected clean latent, and its top-1's (clamping)
+            result["x0"] = self.model.expected_latent(logits).cpu().numpy()
+        if "x0_top1" in outputs:
+            result["x0_top1"] = self.model.top1_latent(logits).float().cpu().numpy()
         return result
 
     def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:

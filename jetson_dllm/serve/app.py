@@ -134,7 +134,7 @@ class Server:
             emit = lambda kind, value, i=i: queue_put((i, kind, value))  # noqa: E731
             try:
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
-                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound,
+                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound, eta=knobs.eta, clamp=knobs.clamp,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
                 watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
                 served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop

@@ -24,7 +24,7 @@ import numpy as np
 
 from jetson_dllm.families import family_of
 from jetson_dllm.families.common import Served
-from jetson_dllm.runners import GRAPHS, SOFT_INPUTS, Call
+from jetson_dllm.runners import GRAPHS, Call
 from jetson_dllm.sampler import SampleResult, Step
 
 
@@ -173,8 +173,8 @@ class Batcher:
 
     def _stack(self, graph: str, group: list[Job]) -> Call:
         """The group's pending calls as one: rows stacked; a cached graph's each row's valid length and slot."""
-        feeds = {name: np.concatenate([j.pending.feeds[name] for j in group]) for name in ("tokens", "prev_tokens", *SOFT_INPUTS, "t")
-                 if name in group[0].pending.feeds}
+        per_row = [name for name in group[0].pending.feeds if name not in ("valid_len", "slots")]  # tokens, soft inputs, t, x...
+        feeds = {name: np.concatenate([j.pending.feeds[name] for j in group]) for name in per_row}
         if GRAPHS[graph].cache:
             feeds["valid_len"] = np.concatenate([np.broadcast_to(np.asarray(j.pending.feeds["valid_len"], np.int32), (j.rows,)) for j in group])
             feeds["slots"] = np.concatenate([j.slots for j in group])

@@ -22,6 +22,8 @@ class Knobs(BaseModel):
     span: int = Field(0, ge=0, le=16384, description="semi-autoregressive span length; 0 = the whole canvas")
     eb_bound: float = Field(0.1, ge=0, le=100, allow_inf_nan=False, description="strategy eb: the entropy (nats) one step may commit")
     deadline_ms: float = Field(0.0, ge=0, le=3_600_000, allow_inf_nan=False, description="commit the best tokens after this long")
+    eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="continuous diffusion: 0 = DDIM, 1 = DDPM")
+    clamp: bool = Field(False, description="continuous diffusion: step with the top-1 token's latent (clamping)")
     canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")
 
 

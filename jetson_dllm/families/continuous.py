@@ -1,0 +1,147 @@
+"""Continuous embedding diffusion, at run time: the canvas of noised latents denoised from level 1 to 0, one
+canvas-graph call per step (train_host/families/continuous.py describes the model and its noise).
+
+The loop: every generated position starts as Gaussian noise (B, T, latent_dim); each step the graph returns the
+expected clean latent x0 (sum_v p_v e_v over the whole vocabulary: score interpolation) and the step moves to the
+next, lower level with DDIM's update, x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps_hat + sigma z, where
+eps_hat = (x - sqrt(abar) x0) / sqrt(1 - abar) and sigma = eta * sqrt((1 - abar') / (1 - abar) * (1 - abar / abar')):
+`eta` 0 is DDIM (deterministic), 1 is DDPM's ancestral step. `clamp` steps with the latent of each position's top-1
+token instead (Diffusion-LM's clamping). Rounding: after the last step each position takes the head's top-1 (the
+temperature samples it, as every family's final pick). The prompt is a clean prefix (its tokens; the graph puts their
+clean latents in); the model was trained on prefixes, so gaps to fill are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Generator
+
+import numpy as np
+
+from jetson_dllm.errors import DllmError
+from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows, no_soft, soft_feeds, still_masked
+from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
+from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
+from jetson_dllm.runners import Call, drive
+from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
+
+
+def abar(t: float) -> float:
+    """The clean latent's share of the variance at level t (cosine), as training noised it."""
+    return math.cos(0.5 * math.pi * t) ** 2
+
+
+def ddim_step(x: np.ndarray, x0: np.ndarray, t: float, t_next: float, eta: float, rng: np.random.Generator) -> np.ndarray:
+    """x at level t -> level t_next < t, given the predicted clean latent x0 (DDIM; eta 1 = DDPM's posterior)."""
+    a, a_next = abar(t), abar(t_next)
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(max(1.0 - a, 1e-12))
+    sigma = 0.0
+    if eta > 0 and a_next < 1.0:
+        sigma = eta * math.sqrt((1.0 - a_next) / max(1.0 - a, 1e-12) * max(1.0 - a / a_next, 0.0))
+    out = math.sqrt(a_next) * x0 + math.sqrt(max(1.0 - a_next - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        out = out + sigma * rng.standard_normal(x.shape)
+    return out.astype(np.float32)
+
+
+def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig, latent_dim: int,
+                     on_step=None, soft_k: int = 0) -> Generator[Call, dict, SampleResult]:
+    """The loop as canvas-graph calls over `tokens` (B, T) whose `fixed` positions are the prompt; returns each
+    generated position's final top-1 (the text after the first end-of-text becomes padding). A self-conditioned
+    model (`soft_k`) gets each step the previous step's top-k at the generated positions (none at the first)."""
+    rng = np.random.default_rng(sampler.seed)
+    B, T = tokens.shape
+    free = ~fixed
+    x = rng.standard_normal((B, T, latent_dim)).astype(np.float32)
+    canvas = np.where(free, special.mask, tokens).astype(np.int32)
+    top1 = canvas.copy()
+    t0, network_s, history, chosen = time.perf_counter(), 0.0, [], canvas
+    soft = no_soft((B, T), soft_k) if soft_k else {}
+    for s in range(sampler.steps):
+        level, below = 1.0 - s / sampler.steps, 1.0 - (s + 1) / sampler.steps
+        c0 = time.perf_counter()
+        feeds = {"tokens": canvas, "x": x, "t": np.full(B, level, np.float32), **soft}
+        out = yield Call("canvas", feeds)
+        net = time.perf_counter() - c0
+        network_s += net
+        all_lp, all_ids = allowed_head(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
+        if s == sampler.steps - 1:  # rounding: the last prediction's pick
+            logits = candidate_distribution(all_lp, sampler.temperature, sampler.top_k, sampler.top_p)
+            gumbel = -np.log(-np.log(rng.random(logits.shape) + 1e-20) + 1e-20)
+            pick = np.argmax(logits if sampler.temperature == 0 else logits + gumbel, -1)
+            chosen = np.take_along_axis(all_ids, pick[..., None], -1)[..., 0]
+        else:
+            chosen = all_ids[..., 0]
+            x = ddim_step(x, out["x0_top1" if sampler.clamp else "x0"], level, below, sampler.eta, rng)
+            if soft_k:  # the model's own prediction (not the sampled or banned view of it), where text is generated
+                soft = still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], soft_k), free)
+        new = np.where(free, chosen, tokens).astype(np.int32)
+        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(all_lp[..., 0]), 1.0))
+        top1 = new
+        history.append(step)
+        if on_step is not None:
+            on_step(top1, step)
+    result = ended_rows(top1, free, special)
+    return SampleResult(result, sampler.steps, sampler.steps, False, network_s, time.perf_counter() - t0 - network_s, history)
+
+
+def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:
+    if PLACEHOLDER.search(prompt) or suffix:
+        raise DllmError("a continuous-diffusion model continues a prompt; it was not trained to fill gaps (infilling): "
+                        "use a masked-diffusion (MDLM) model for that")
+
+
+def _special(tok) -> SpecialIds:
+    return SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
+
+
+def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
+             on_step=None, allow_empty: bool = False) -> Generation:
+    sampler = (sampler or SamplerConfig()).validate()
+    _refuse_gaps(prompt)
+    if num_samples <= 0:
+        raise DllmError(f"--num-samples must be positive, got {num_samples}")
+    tok = runner.tokenizer
+    canvas = build_canvas(tok, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
+    tokens, fixed = canvas.batch(num_samples)
+    result = drive(runner, continuous_calls(tokens, fixed, _special(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k))
+    return Generation([tok.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
+
+
+def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
+             gap: int = 12, on_step=None, allow_empty: bool = False) -> Generation:
+    return complete(runner, prompt, length, num_samples, sampler, gap, on_step, allow_empty)
+
+
+def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
+    """A server request: `max_tokens` after the prompt on the smallest canvas that holds them (no suffix)."""
+    _refuse_gaps(prompt, suffix)
+    tok = runner.tokenizer
+    tokens, fixed = request_canvas(tok, prompt, None, max_tokens, runner.canvas_lengths).batch(n)
+    return Served(continuous_calls(tokens, fixed, _special(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k), fixed)
+
+
+def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
+    """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
+    canvas = bench_canvas(runner, name, batch, tokens)
+    r = drive(runner, continuous_calls(canvas, np.zeros_like(canvas, dtype=bool), _special(runner.tokenizer), sampler, runner.cfg.latent_dim,
+                                        soft_k=runner.cfg.soft_k))
+    return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
+
+
+def probe_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_id: int, cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """The inputs that check a continuous graph (export parity, INT8 calibration) for canvases `z` masked from
+    `clean`: each row at the noise level of its masked share, its masked positions' latents what the sampler would
+    hold there: the reference's own clean-latent guess from pure noise (a first call at t = 1), noised to that level;
+    a self-conditioned model's previous prediction: that first call's top-k."""
+    rng = np.random.default_rng(seed)
+    B, T = z.shape
+    t = ((z == mask_id).sum(1) / np.maximum((clean != pad_id).sum(1), 1)).clip(0.0, 1.0).astype(np.float32)
+    noise = rng.standard_normal((B, T, cfg.latent_dim)).astype(np.float32)
+    first = reference.run("canvas", {"tokens": z, "x": noise, "t": np.ones(B, np.float32), **(no_soft((B, T), cfg.soft_k) if cfg.soft_k else {})},
+                          outputs=("x0", "topk_logprobs", "topk_ids"))
+    a = np.cos(0.5 * np.pi * t)[:, None, None] ** 2
+    x = np.sqrt(a) * first["x0"] + np.sqrt(1.0 - a) * rng.standard_normal(first["x0"].shape)
+    soft = still_masked(soft_feeds(first["topk_logprobs"], first["topk_ids"], cfg.soft_k), z == mask_id) if cfg.soft_k else {}
+    return {"x": x.astype(np.float32), "t": t, **soft}  # (self-conditioned: that first guess is the previous prediction)
