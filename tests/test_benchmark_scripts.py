@@ -108,3 +108,23 @@ def test_sdd_benchmark(data_dir, ar_run, tmp_path):
     assert {"ar", "sdd"} <= set(rows)
     assert "none (no bound)" in rows["sdd"][2] and "exact" in rows["ar"][2]
     assert "re-noised, T 0.8" in out and "deterministic, greedy" in out
+
+
+@pytest.mark.slow
+def test_continuous_benchmark(data_dir, ar_run, tmp_path):
+    """benchmarks/continuous.py end to end on a few steps: both continuous runs, every sampler and step count."""
+    out = script("continuous.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "c", "--steps", "2", "--samples", "2",
+                 "--size", "--d-model 64 --n-layer 2 --n-head 2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| continuous")]
+    assert {r[2].strip() for r in rows} >= {"DDIM @ 16", "DDPM @ 256", "DDIM + clamp @ 64"} and {r[1].strip() for r in rows} == {"continuous", "continuous-sc"}
+    assert all(int(r[3]) == int(r[2].split("@")[1]) for r in rows)  # one network call per step
+    assert "not an NLL" in out
+
+
+@pytest.mark.slow
+def test_threads_benchmark():
+    """benchmarks/threads.py on one round beside one busy process: every setting, each in its own process."""
+    out = script("threads.py", "--rounds", "1", "--settle", "0", "--busy", "1", "--cap", "2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| idle") or line.startswith("| 1 busy")]
+    assert len(rows) == 10 and {r[2].replace("(capped)", "").strip() for r in rows} >= {"library defaults", "short spins", "dllm default"}
+    assert all(float(r[4].split()[0]) > 0 for r in rows)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jetson_dllm.config import ModelConfig
-from train_host.model import MASK_LOGIT_BIAS, TIME_FEATURES, Layer, RMSNorm, rope_tables, time_features
+from train_host.model import TIME_FEATURES, Layer, RMSNorm, register_tables, time_features
 
 
 class ContinuousDenoiser(nn.Module):
@@ -40,12 +40,7 @@ class ContinuousDenoiser(nn.Module):
         self.blocks = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.canvas_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        bias = torch.zeros(cfg.vocab_size)
-        bias[cfg.mask_id] = MASK_LOGIT_BIAS
-        self.register_buffer("logit_bias", bias, persistent=False)
+        register_tables(self, cfg)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -41,6 +41,17 @@ def time_features(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
+def register_tables(module: nn.Module, cfg: ModelConfig) -> None:
+    """The buffers every network of ours carries (not saved): the rotary tables and the head's bias that keeps the
+    mask token from being predicted."""
+    cos, sin = rope_tables(cfg.canvas_len, cfg.head_dim, cfg.rope_theta)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+    bias = torch.zeros(cfg.vocab_size)
+    bias[cfg.mask_id] = MASK_LOGIT_BIAS
+    module.register_buffer("logit_bias", bias, persistent=False)
+
+
 def rope_tables(canvas_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, each (canvas_len, head_dim // 2)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -172,12 +183,7 @@ class Denoiser(nn.Module):
             self.soft_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         if self.mixture:
             self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, cfg.d_model), nn.SiLU(), nn.Linear(cfg.d_model, cfg.d_model))
-        cos, sin = rope_tables(cfg.canvas_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        bias = torch.zeros(cfg.vocab_size)
-        bias[cfg.mask_id] = MASK_LOGIT_BIAS
-        self.register_buffer("logit_bias", bias, persistent=False)
+        register_tables(self, cfg)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w2.weight")):  # residual projections, GPT-2 style

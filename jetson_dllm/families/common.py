@@ -130,3 +130,15 @@ def ended_rows(tokens: np.ndarray, free: np.ndarray, special: SpecialIds) -> np.
     after = np.concatenate([np.zeros_like(stop[:, :1]), stop[:, :-1]], axis=1)
     out[after & free] = special.pad
     return out
+
+
+def refuse_gaps(title: str, prompt: str, suffix: str | None = None) -> None:
+    """A family trained on prefixes only (SDD, continuous diffusion) continues a prompt: gaps to fill are refused."""
+    if PLACEHOLDER.search(prompt) or suffix:
+        raise DllmError(f"a {title} model continues a prompt; it was not trained to fill gaps (infilling): "
+                        "use a masked-diffusion (MDLM) model for that")
+
+
+def special_ids(tok) -> SpecialIds:
+    """The mask, end-of-text and padding ids of a tokenizer, as the loops take them."""
+    return SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)

@@ -20,9 +20,20 @@ from collections.abc import Generator
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows, no_soft, soft_feeds, still_masked
+from jetson_dllm.families.common import (
+    BenchRun,
+    Served,
+    allowed_head,
+    bench_canvas,
+    ended_rows,
+    no_soft,
+    refuse_gaps,
+    soft_feeds,
+    special_ids,
+    still_masked,
+)
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
-from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
+from jetson_dllm.prompt import build_canvas, request_canvas
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
@@ -87,13 +98,7 @@ def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds,
 
 
 def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:
-    if PLACEHOLDER.search(prompt) or suffix:
-        raise DllmError("a continuous-diffusion model continues a prompt; it was not trained to fill gaps (infilling): "
-                        "use a masked-diffusion (MDLM) model for that")
-
-
-def _special(tok) -> SpecialIds:
-    return SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
+    refuse_gaps("continuous-diffusion", prompt, suffix)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
@@ -105,7 +110,7 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
     tok = runner.tokenizer
     canvas = build_canvas(tok, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
     tokens, fixed = canvas.batch(num_samples)
-    result = drive(runner, continuous_calls(tokens, fixed, _special(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k))
+    result = drive(runner, continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k))
     return Generation([tok.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
 
 
@@ -119,13 +124,13 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     _refuse_gaps(prompt, suffix)
     tok = runner.tokenizer
     tokens, fixed = request_canvas(tok, prompt, None, max_tokens, runner.canvas_lengths).batch(n)
-    return Served(continuous_calls(tokens, fixed, _special(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k), fixed)
+    return Served(continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k), fixed)
 
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
     """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
     canvas = bench_canvas(runner, name, batch, tokens)
-    r = drive(runner, continuous_calls(canvas, np.zeros_like(canvas, dtype=bool), _special(runner.tokenizer), sampler, runner.cfg.latent_dim,
+    r = drive(runner, continuous_calls(canvas, np.zeros_like(canvas, dtype=bool), special_ids(runner.tokenizer), sampler, runner.cfg.latent_dim,
                                         soft_k=runner.cfg.soft_k))
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 

@@ -19,9 +19,9 @@ from collections.abc import Generator
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows
+from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows, refuse_gaps, special_ids
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
-from jetson_dllm.prompt import PLACEHOLDER, build_canvas, request_canvas
+from jetson_dllm.prompt import build_canvas, request_canvas
 from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
@@ -82,13 +82,7 @@ def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sample
 
 
 def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:
-    if PLACEHOLDER.search(prompt) or suffix:
-        raise DllmError("a sparse-distribution (SDD) model continues a prompt; it was not trained to fill gaps (infilling): "
-                        "use a masked-diffusion (MDLM) model for that")
-
-
-def _special(tok) -> SpecialIds:
-    return SpecialIds(mask=tok.mask_id, eot=tok.eot_id, pad=tok.pad_id)
+    refuse_gaps("sparse-distribution (SDD)", prompt, suffix)
 
 
 def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
@@ -100,7 +94,7 @@ def generate(runner, tokenizer, prompt: str, length: int = 0, num_samples: int =
     canvas = build_canvas(tokenizer, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
     tokens, fixed = canvas.batch(num_samples)
     cfg = runner.cfg
-    result = drive(runner, sdd_calls(tokens, fixed, _special(tokenizer), sampler, cfg.soft_k, cfg.vocab_size, renoise, on_step))
+    result = drive(runner, sdd_calls(tokens, fixed, special_ids(tokenizer), sampler, cfg.soft_k, cfg.vocab_size, renoise, on_step))
     return Generation([tokenizer.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
 
 
@@ -115,13 +109,13 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     _refuse_gaps(prompt, suffix)
     tok = runner.tokenizer
     tokens, fixed = request_canvas(tok, prompt, None, max_tokens, runner.canvas_lengths).batch(n)
-    return Served(sdd_calls(tokens, fixed, _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size, on_step=on_step), fixed)
+    return Served(sdd_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size, on_step=on_step), fixed)
 
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
     """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
     tok, canvas = runner.tokenizer, bench_canvas(runner, name, batch, tokens)
-    r = drive(runner, sdd_calls(canvas, np.zeros_like(canvas, dtype=bool), _special(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size))
+    r = drive(runner, sdd_calls(canvas, np.zeros_like(canvas, dtype=bool), special_ids(tok), sampler, runner.cfg.soft_k, runner.cfg.vocab_size))
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 
 
