@@ -54,7 +54,7 @@ def timed(fn, calls: int, warmup: int, cap: float) -> tuple[float, int]:
     return sorted(times)[len(times) // 2], len(times)
 
 
-def worker(onnx_path: str, threads: str, spin: str, cap: float) -> dict:
+def worker(onnx_path: str, threads: str, spin: str, cap: float, config: str = "small") -> dict:
     """One setting's measurements, in this (fresh) process."""
     from jetson_dllm.threads import quiet_waiting, spinning
 
@@ -72,7 +72,7 @@ def worker(onnx_path: str, threads: str, spin: str, cap: float) -> dict:
     n = usable_cores() if threads == "cores" else auto_threads() if threads == "auto" else int(threads)
     torch.set_num_threads(n)
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", vocab_size=8192, canvas_len=128, mask_id=2)
+    cfg = ModelConfig.from_name(config, vocab_size=8192, canvas_len=128, mask_id=2)
     model = Denoiser(cfg).eval()
     x = torch.randint(3, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -103,31 +103,32 @@ def worker(onnx_path: str, threads: str, spin: str, cap: float) -> dict:
             "onnx_ms": 1000 * onnx_s, "onnx_calls": onnx_n, "train_tokens_s": 16 * 128 / train_s, "train_steps": train_n}
 
 
-def export_graph(path: Path) -> None:
+def export_graph(path: Path, config: str = "small") -> None:
     import torch
 
     from jetson_dllm.config import ModelConfig
     from train_host.model import Denoiser
 
     torch.manual_seed(0)
-    model = Denoiser(ModelConfig.from_name("small", vocab_size=8192, canvas_len=128, mask_id=2)).eval()
+    model = Denoiser(ModelConfig.from_name(config, vocab_size=8192, canvas_len=128, mask_id=2)).eval()
     torch.onnx.export(model, (torch.zeros(1, 128, dtype=torch.long),), str(path), input_names=["tokens"],
                       output_names=["logits"], opset_version=17, dynamo=False)
 
 
-def measure(onnx_path: Path, name: str, cap: float) -> dict:
+def measure(onnx_path: Path, name: str, cap: float, config: str = "small") -> dict:
     omp, threads, spin = SETTINGS[name]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(omp)
     flag = "dllm" if spin is None else str(int(spin))
-    out = subprocess.run([sys.executable, __file__, "--worker", str(onnx_path), str(threads), flag, str(cap)],
+    out = subprocess.run([sys.executable, __file__, "--worker", str(onnx_path), str(threads), flag, str(cap), config],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--config", default="small", help="the model whose forward pass is timed (the docs' table: small)")
     p.add_argument("--busy", type=int, default=2, help="busy processes beside us in the second half")
     p.add_argument("--skip-idle", action="store_true", help="measure beside the busy processes only")
     p.add_argument("--settle", type=float, default=60.0, help="seconds the busy processes run before measuring")
@@ -136,20 +137,20 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the raw rows here")
     args = p.parse_args()
     if args.worker:
-        path, threads, spin, cap = args.worker
-        print(json.dumps(worker(path, threads, spin, float(cap))))
+        path, threads, spin, cap, config = args.worker
+        print(json.dumps(worker(path, threads, spin, float(cap), config)))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         graph = Path(tmp) / "small.onnx"
-        export_graph(graph)
+        export_graph(graph, args.config)
         for busy in ((args.busy,) if args.skip_idle else (0, args.busy)):
             hogs = [subprocess.Popen([sys.executable, "-c", HOG], env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(busy)]
             try:
                 time.sleep(args.settle if busy else 0)
                 for round_ in range(args.rounds):
                     for name in SETTINGS:
-                        row = {"busy": busy, "round": round_, "setting": name, "uptime": os.getloadavg()[0], **measure(graph, name, args.cap)}
+                        row = {"busy": busy, "round": round_, "setting": name, "uptime": os.getloadavg()[0], **measure(graph, name, args.cap, args.config)}
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr)
             finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import get_family
-from jetson_dllm.generate import UNDERTRAINED  # one threshold for train and run
+from jetson_dllm.generate import READABLE, UNDERTRAINED  # one rule for train and run
 from train_host.train import train
 from train_host.train_config import TrainConfig
 
@@ -55,10 +55,14 @@ def summary(result: dict, tc: TrainConfig) -> str:
         nll = f"; val denoising loss {result['val_loss']:.3f} nats/token, {honest[0]} {result[honest[1]]:.3f}"
     line = f"trained {result['step']} steps in {result['elapsed']:.0f}s ({result['stop']}){nll}; checkpoints in {tc.out}/checkpoints"
     baseline = result.get("unigram_nll")
-    if baseline is not None and "val_nll" in result and result["val_nll"] > UNDERTRAINED * baseline:
-        line += (f"\nthe model is undertrained: {kind[0]} {result['val_nll']:.2f} is not clearly below the {baseline:.2f} of knowing only "
-                 f"word frequencies, so its text will not read like the data yet. Train longer: add --resume --steps "
-                 f"{max(tc.steps, 4 * result['step'])} (without --time-budget), or a longer --time-budget.")
+    if baseline is not None and "val_nll" in result and result["val_nll"] > READABLE * baseline:
+        more = max(tc.steps, 4 * result["step"])
+        minutes = (more - result["step"]) * result["elapsed"] / max(result["step"], 1) / 60
+        where = ("is not clearly below the" if result["val_nll"] > UNDERTRAINED * baseline
+                 else f"is above about {READABLE * baseline:.2f}, where text starts to read like the data, against the")
+        line += (f"\nthe model is undertrained: {kind[0]} {result['val_nll']:.2f} {where} {baseline:.2f} of knowing only word "
+                 f"frequencies, so its text will not read like the data yet. Train longer: add --resume --steps {more} (without "
+                 f"--time-budget; about {minutes:.0f} more minutes at this run's speed), or a longer --time-budget.")
     return line
 
 

@@ -106,6 +106,10 @@ class TrainConfig:
         from train_host.checkpoint import read_config, resolve_checkpoint
 
         parent = ModelConfig.from_dict(read_config(resolve_checkpoint(self.init))["model"], where=f"--init {self.init}")
+        theirs, ours = get_family(parent.family), get_family(self.objective)
+        if theirs.network != ours.network:  # another network (continuous diffusion's latents): the weights do not carry over
+            raise DllmError(f"--init {self.init} is a {theirs.title} model, whose network the {ours.title} does not share; "
+                            f"start without --init, or from a {self.objective} checkpoint")
         for name in ("d_model", "n_layer", "n_head", "n_kv_head"):
             if getattr(self, name) and getattr(self, name) != getattr(parent, name):
                 raise DllmError(f"--{name.replace('_', '-')} {getattr(self, name)} asks for another shape than --init {self.init} has "

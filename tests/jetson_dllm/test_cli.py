@@ -219,6 +219,23 @@ def test_an_undertrained_model_says_so_in_train_and_run(capsys, data_dir, tmp_pa
     assert code == 0 and "warning: this model is undertrained" in err
 
 
+@pytest.mark.parametrize("nll, says", [(4.67, "word frequencies alone"), (3.98, "reads like the data below about 3.14"), (3.0, None),
+                                       (1.50, None)])
+def test_the_verdict_tracks_readable_text(nll, says):
+    """The built-in corpus's numbers (word frequencies 5.23): 4.67 and 3.98 wrote gibberish, 1.50 read well."""
+    from jetson_dllm.generate import undertrained
+    from train_host.launch import summary
+    from train_host.train_config import TrainConfig
+
+    why = undertrained({"val_nll": nll, "unigram_nll": 5.23})
+    assert (why is None) == (says is None) and (says is None or says in why)
+    line = summary({"stop": "time budget", "step": 235, "elapsed": 240.0, "val_nll": nll, "val_acc": 0.2, "unigram_nll": 5.23},
+                   TrainConfig(data="d", out="o", steps=1000))
+    assert ("undertrained" in line) == (says is not None)
+    if says:  # what it takes, in this run's time: 765 more steps at 235 per 4 minutes
+        assert "--resume --steps 1000" in line and "about 13 more minutes" in line
+
+
 def test_long_work_piped_prints_a_line_at_least_every_interval():
     """Piped (no terminal), `working` prints each update with the time so far, and a `still:` line whenever the
     interval passes without one; nothing is lost when it ends."""

@@ -176,6 +176,7 @@ def test_latents_to_another_family_are_refused(trained_run):
     (["run", "{mdlm}", "--prompt", "Once", "--eta", "1"], "--eta does not apply"),
     (["run", "{mdlm}", "--prompt", "Once", "--clamp"], "--clamp does not apply"),
     (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "mdlm", "--latent-dim", "16"], "--latent-dim is for --objective continuous"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "continuous", "--init", "{mdlm}", "--steps", "2"], "does not share"),
 ])
 def test_refusals(continuous_bundle, trained_run, data_dir, tmp_path, args, message):
     argv = [a.format(bundle=continuous_bundle, mdlm=trained_run, tmp=tmp_path, data=data_dir) for a in args]
