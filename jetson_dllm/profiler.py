@@ -224,6 +224,10 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
     verdict; with `measure`, the peak RSS of the onnx runner on this host too (bundle only)."""
     if canvas < 1 or batch < 1:
         raise DllmError(f"--canvas and --batch must be positive, got {canvas} and {batch}")
+    if measure and bundle_dir is None:
+        raise DllmError("--measure runs a bundle on onnxruntime here; give a bundle (dllm profile BUNDLE --measure) or leave it out")
+    if configs and bundle_dir is not None:
+        raise DllmError("--config profiles named sizes; a bundle profiles its own model: give one or the other")
     names = parse_precisions(precisions)
     if bundle_dir is not None:
         bundle = load_bundle(bundle_dir)

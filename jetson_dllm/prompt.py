@@ -41,6 +41,9 @@ def build_canvas(tokenizer: TextTokenizer, prompt: str, length: int, allowed: li
         raise DllmError(f"--gap must be positive, got {gap}")
     if not prompt.strip() and not allow_empty:
         raise DllmError('the prompt is empty; give the start of a story, e.g. --prompt "Once upon a time"')
+    if tokenizer.fewest_tokens(prompt) >= max(allowed):  # refused before tokenizing: no memory spent on it
+        raise DllmError(f"the prompt is at least {tokenizer.fewest_tokens(prompt)} tokens ({len(prompt):,} characters); the longest "
+                        f"canvas is {max(allowed)}, leaving no room to generate")
     mask = tokenizer.mask_id
     pieces = PLACEHOLDER.split(prompt)
     holes = PLACEHOLDER.findall(prompt)

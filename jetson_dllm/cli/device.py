@@ -150,7 +150,7 @@ def profile(
       dllm profile --config all --canvas 256
       dllm profile runs/bundle --measure
     """
-    rows = memory_rows(str(bundle_dir) if bundle_dir else None, configs_of(config or "all") if bundle_dir is None else None,
+    rows = memory_rows(str(bundle_dir) if bundle_dir else None, configs_of(config or "all") if bundle_dir is None or config else None,
                        precisions=precision, canvas=canvas, batch=batch, measure=measure)
     if json_out:
         out.print_json(json.dumps(rows))

@@ -91,6 +91,9 @@ def left_to_right_ids(runner, prompt: str, what: str) -> list[int]:
     """The prompt's ids for a model that writes left to right (no gaps to fill)."""
     if PLACEHOLDER.search(prompt):
         raise DllmError(f"{what} writes left to right and cannot fill gaps; use a masked-diffusion (MDLM) model for infilling")
+    if runner.tokenizer.fewest_tokens(prompt) >= runner.cfg.canvas_len:  # refused before tokenizing (tokenizer.fewest_tokens)
+        raise DllmError(f"the prompt is at least {runner.tokenizer.fewest_tokens(prompt)} tokens ({len(prompt):,} characters); "
+                        f"the context holds {runner.cfg.canvas_len}")
     return runner.tokenizer.encode(prompt)
 
 

@@ -89,3 +89,13 @@ def test_training_options_of_another_family_are_refused(data_dir, tmp_path):
         code, _, err = run("train", "--data", data_dir, "--out", tmp_path / "run", "--objective", objective, "--steps", "1", *args)
         assert_clean_failure(code, err, match)
         assert not (tmp_path / "run").exists()
+
+
+def test_profile_options_that_would_measure_or_profile_nothing_are_refused(ar_bundle):
+    """`--measure` needs a bundle to run; `--config` beside a bundle would be dropped for the bundle's own model."""
+    for args, match in [(("--measure", "--config", "tiny"), "--measure runs a bundle"),
+                        ((ar_bundle, "--config", "tiny"), "give one or the other")]:
+        code, _, err = run("profile", *args)
+        assert_clean_failure(code, err, match)
+    code, out, err = run("profile", ar_bundle, "--canvas", "64")
+    assert code == 0 and "fits?" in out, err

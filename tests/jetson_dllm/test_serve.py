@@ -112,6 +112,21 @@ def test_the_frameworks_own_errors_are_openai_errors(server):
     assert httpx.get(f"{server.url}/", timeout=10).text.lstrip().lower().startswith("<!doctype html")  # the page still serves
 
 
+def test_a_huge_refused_prompt_costs_the_server_no_memory(server):
+    """A 900 KB prompt that cannot fit is refused before it is tokenized: the process stays as large as it was
+    (tokenizing it first left it 90 MB larger); a normal request still runs after it."""
+    import psutil
+
+    process = psutil.Process(server.proc.pid)
+    httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 4, "steps": 2}, timeout=60)  # warm
+    before = process.memory_info().rss
+    for _ in range(3):
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once upon a time " * 53000, "max_tokens": 8}, timeout=60)
+        assert r.status_code == 400 and "at least" in r.json()["error"]["message"]
+    assert process.memory_info().rss - before < 20 * 2**20
+    assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "Once", "max_tokens": 4, "steps": 2}, timeout=60).status_code == 200
+
+
 def test_api_key(bundle_dir):
     s = Server(bundle_dir, "--api-key", "sesame")
     try:

@@ -60,3 +60,21 @@ def test_foreign_or_broken_tokenizers_are_refused(tok, tmp_path):
 def test_vocabulary_must_fit_uint16():
     with pytest.raises(DllmError, match="uint16"):
         train_tokenizer(["a b c"], vocab_size=70000)
+
+
+def test_the_fewest_tokens_bound_never_exceeds_the_real_count(data_dir):
+    """What lets a prompt be refused before tokenizing must be a true lower bound, whatever the text."""
+    from jetson_dllm.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
+    texts = ["Once upon a time " * 400, "a" * 5000, "é" * 3000, "日本語のテキスト" * 500, "\n\n" * 2000, " " * 4000, "x"]
+    for text in texts:
+        assert tok.fewest_tokens(text) <= len(tok.encode(text)), text[:20]
+    assert tok.fewest_tokens("Once upon a time " * 400) > 100  # and useful: the order of magnitude
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=0, max_size=400))
+def test_the_bound_holds_for_any_text(data_dir, text):
+    tok = TextTokenizer.from_file(data_dir / "tokenizer.json")
+    assert tok.fewest_tokens(text * 20) <= len(tok.encode(text * 20))
