@@ -104,6 +104,47 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+HEARTBEAT_S = float(os.environ.get("DLLM_TEST_HEARTBEAT_S", "30"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test (its fixtures included: a session fixture may train a model) running longer than HEARTBEAT_S says so
+    every HEARTBEAT_S seconds, so that `-q` on a busy machine never looks like a hang. Not a test that captures its
+    own output (capsys, capfd): pausing the run's capture to write would take its stream from under it."""
+    import threading
+
+    if {"capsys", "capsysbinary", "capfd", "capfdbinary"} & set(getattr(item, "fixturenames", ())):
+        yield
+        return
+
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    capture = item.config.pluginmanager.get_plugin("capturemanager")
+    done = threading.Event()
+
+    def beat() -> None:
+        waited = 0.0
+        while not done.wait(HEARTBEAT_S):
+            waited += HEARTBEAT_S
+            if reporter is None:
+                continue
+            # past the run's own output capture (fd level) to the terminal; a test's capsys (Python level) is untouched
+            if capture is not None:
+                capture.suspend_global_capture()
+            try:
+                reporter.write(f"[{item.nodeid} still running: {waited:.0f} s]")
+                reporter.flush()
+            finally:
+                if capture is not None:
+                    capture.resume_global_capture()
+
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 @pytest.fixture(scope="session")
 def bd3_run(data_dir, tmp_path_factory) -> Path:
     """A small block-diffusion model (block 16 of the 64-token canvas), briefly trained on a fixed noise range."""

@@ -1,6 +1,7 @@
 """The house rules, checked: small files and functions, a thin CLI, no import circles, a runtime free of host code."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,17 @@ def test_every_runtime_module_imports_with_host_packages_and_torch_blocked():
 def test_tests_mirror_the_packages(package):
     assert (ROOT / "tests" / package).is_dir()
     assert list((ROOT / "tests" / package).glob("test_*.py")), f"tests/{package} holds no tests"
+
+
+def test_a_slow_test_says_it_is_still_running(tmp_path):
+    """`-q` prints a heartbeat for a test that runs past the interval (conftest's), so a slow test is not a hang."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_sleeps():\n    time.sleep(2.5)\n\n\n"
+                                          "def test_capsys_is_untouched(capsys):\n    for i in range(30):\n        print(i)\n"
+                                          "        time.sleep(0.1)\n    assert capsys.readouterr().out.split() == [str(i) for i in range(30)]\n")
+    env = {**os.environ, "DLLM_TEST_HEARTBEAT_S": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_slow.py")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test_sleeps still running: 1 s]" in out.stdout and "still running: 2 s]" in out.stdout
+    assert "test_capsys_is_untouched still running" not in out.stdout and "2 passed" in out.stdout  # its output stays its own
