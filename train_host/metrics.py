@@ -100,7 +100,10 @@ def log(r, stats, lr: float, bar, task) -> None:
     if bar:
         bar.update(task, completed=min(r.elapsed(), tc.time_budget) if tc.time_budget else r.step, loss=record["loss"], tps=tps)
     if not r.console.is_terminal:  # under a time budget: the time left, not a step count that will never be reached
-        where = f"step {r.step}, {_clock(max(0.0, tc.time_budget - r.elapsed()))} left" if tc.time_budget else f"step {r.step}/{tc.steps}"
+        if tc.time_budget:
+            where = f"step {r.step}, {_clock(max(0.0, tc.time_budget - r.elapsed()))} left"
+        else:  # a step budget (a resumed run's too): the time left at the run's pace so far, evaluations included
+            where = f"step {r.step}/{tc.steps}, {_clock(max(0, tc.steps - r.step) * r.elapsed() / max(r.step, 1))} left"
         r.console.print(f"{where} loss {record['loss']:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
     r.window = [now, 0, 0.0]
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(data_dir, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"resuming {run} from step {meta['step']}" in done.stderr.replace("\n", "")
+    assert re.search(rf"step {meta['step'] + 2}/{meta['step'] + 2}, \d+m\d\ds left", done.stderr), done.stderr  # the resumed run's time left
 
 
 @pytest.mark.slow
