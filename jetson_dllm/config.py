@@ -128,7 +128,7 @@ class ModelConfig:
         if self.soft_k and not family_of(self).soft_inputs:
             raise DllmError(f"model config: a {self.family} model takes no soft inputs (soft_k {self.soft_k}); "
                             f"self-conditioning is for: {', '.join(n for n, f in FAMILIES.items() if f.soft_inputs)}")
-        if (family_of(self).latent == "embedding") != (self.latent_dim > 0):
+        if ("x" in family_of(self).canvas_inputs) != (self.latent_dim > 0):  # its canvas takes latents
             need = "needs its latent width (latent_dim > 0)" if not self.latent_dim else f"takes no latent width (latent_dim {self.latent_dim})"
             raise DllmError(f"model config: a {self.family} model {need}")
         if self.latent_dim and self.tie_embeddings:

@@ -26,8 +26,6 @@ class ContinuousDenoiser(nn.Module):
     """p(x0 | x_t) for every position of a canvas of noised latents (B, T, latent_dim) and tokens (the prompt's; the
     mask where generated)."""
 
-    mixture = False  # (the Denoiser's SDD switch: this network has inputs of its own)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model

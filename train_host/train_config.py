@@ -95,7 +95,7 @@ class TrainConfig:
 
     def latent(self) -> dict:
         """Continuous embedding diffusion's latent width (and its untied head), or nothing."""
-        return {"latent_dim": self.latent_dim, "tie_embeddings": False} if get_family(self.objective).latent else {}
+        return {"latent_dim": self.latent_dim, "tie_embeddings": False} if "x" in get_family(self.objective).canvas_inputs else {}
 
     def soft_k(self) -> int:
         """The model's soft inputs: SDD's candidates, a self-conditioned model's top-k, or none."""

@@ -95,7 +95,7 @@ def bench(
     strategy: Annotated[str, typer.Option(help="sampler strategies")] = "confidence",
     repeats: Annotated[int, typer.Option(help="measured generations per point (after warm-up)", min=1)] = 3,
     warmup: Annotated[int, typer.Option(help="unmeasured generations per point first", min=0)] = 1,
-    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for bench.csv / .json / .md and latency_vs_steps.png")] = Path("runs/bench"),
     isolate: Annotated[bool, typer.Option("--isolate/--no-isolate", help="one worker process per model/backend/precision (clean memory numbers)")] = True,
     quality: Annotated[bool, typer.Option("--quality", help="add quality columns: generative perplexity (--judge), repetition, distinct-2")] = False,

@@ -41,7 +41,7 @@ def run(
     clamp: Annotated[bool, typer.Option("--clamp", help="continuous diffusion: step with each position's top-1 token's latent (Diffusion-LM's clamping), not the expected one")] = False,
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
-    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
     save_canvases: Annotated[Optional[Path], typer.Option(help="save the inputs of every network call (.npz), any model family; a masked-diffusion model's canvases feed INT8 calibration (dllm export --calib-file)")] = None,

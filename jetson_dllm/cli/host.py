@@ -91,7 +91,7 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of the initial weights, the data order and every noise draw", min=0, max=4294967295)] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (autocast on GPU; CPU is fp32)")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads per process; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = False,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue the run in --out from its last checkpoint")] = False,
     pause_after: Annotated[int, typer.Option(help="stop with a checkpoint after N steps of this invocation (continue with --resume)", min=0)] = 0,
@@ -160,7 +160,7 @@ def eval_cmd(
     strategy: Annotated[str, typer.Option(help="--generate: sampler strategy")] = "confidence",
     temperature: Annotated[float, typer.Option(help="--generate: sampling temperature")] = 0.8,
     json_out: Annotated[bool, typer.Option("--json", help="print the metrics as JSON")] = False,
-    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
 ) -> None:
     """Score a checkpoint: NLL (a bound for diffusion, exact for the AR baseline), perplexity, accuracy;
     with --generate, judge its samples (generative perplexity under --judge, repetition, distinct-n).

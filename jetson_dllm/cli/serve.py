@@ -24,7 +24,7 @@ def serve(
     max_body: Annotated[int, typer.Option(help="largest request body, bytes", min=1024)] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="per-request limit, seconds", min=1)] = 120.0,
     model_name: Annotated[Optional[str], typer.Option(help="the model's name in the API (default: the folder's name)")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the cores the rest of the machine leaves free (docs/running.md#threads)", min=0, max=1024)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
 ) -> None:
     """Serve any model (MDLM, block diffusion, AR) over an OpenAI-compatible API (completions, chat, streaming, suffix
     infilling where the family can) with continuous batching and a live page at /.

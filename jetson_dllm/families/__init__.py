@@ -46,10 +46,9 @@ class Family:
             the block step, also takes the previous step's top-k candidates, `soft_ids` and `soft_probs`, at the
             positions still masked; zeros: none), or "sdd" (every position's input is a mixture of `soft_k` weighted
             candidates, and the canvas graph takes the noise level `t`).
-        latent: "" (the canvas holds tokens) or "embedding" (continuous diffusion: the canvas graph also takes the
-            noised latent `x` (B, T, latent_dim) and its level `t`, and returns the expected clean latent `x0`).
         canvas_inputs, canvas_outputs: what its canvas graph takes and returns beyond tokens, soft inputs and the
-            sampling head.
+            sampling head: SDD's noise level `t`; continuous diffusion's noised latents `x` (B, T, latent_dim) and `t`
+            in, the expected clean latent `x0` and the top-1's `x0_top1` out (a family taking `x` has a latent width).
         network: the host module whose `Network(cfg)` is its network when that is not the Denoiser (continuous
             diffusion's, over latents); "" for the Denoiser.
     """
@@ -70,7 +69,6 @@ class Family:
     train_options: tuple[str, ...] = ()
     soft_inputs: str = ""
     infilling: bool = False
-    latent: str = ""
     canvas_inputs: tuple[str, ...] = ()
     canvas_outputs: tuple[str, ...] = ()
     network: str = ""
@@ -121,7 +119,8 @@ FAMILIES: dict[str, Family] = {
     "continuous": Family("continuous", "continuous embedding diffusion", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                          cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps", "eta", "clamp"),
                          int8="qdq", runtime="jetson_dllm.families.continuous", host="train_host.families.continuous",
-                         train_options=("latent_dim", "self_cond", "self_cond_rate"), soft_inputs="self", latent="embedding", canvas_inputs=("x", "t"), canvas_outputs=("x0", "x0_top1"),
+                         train_options=("latent_dim", "self_cond", "self_cond_rate"), soft_inputs="self", canvas_inputs=("x", "t"),
+                         canvas_outputs=("x0", "x0_top1"),
                          network="train_host.continuous_model"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),

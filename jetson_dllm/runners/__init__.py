@@ -236,8 +236,8 @@ def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: 
     latents `x`, finite); one a model does not take is refused."""
     tokens = check_tokens(feeds, canvas_lengths, cfg.vocab_size)
     family = family_of(cfg)
-    for name in ("t", "x"):
-        if name in feeds and name not in family.canvas_inputs:
+    for name in sorted({n for f in FAMILIES.values() for n in f.canvas_inputs} - set(family.canvas_inputs)):
+        if name in feeds:
             raise DllmError(f"{name} is an input of the {', '.join(f.title for f in FAMILIES.values() if name in f.canvas_inputs)}; "
                             f"this {family.title} model takes none")
     out = {"tokens": tokens, **(graph_soft_inputs("canvas", feeds, tokens.shape, cfg) or {})}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from train_host.diffusion import T_EPS
 from train_host.families import EvalContext, ExportOptions
-from train_host.families.sdd import PREFIX_SHARE, model_core
+from train_host.families.sdd import clean_prefix, model_core
 from train_host.self_cond import conditioned
 
 FIXED_RATIO_ACCURACY = False
@@ -33,16 +33,11 @@ def abar(t: torch.Tensor) -> torch.Tensor:
 def noised(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | None):
     """Inputs for clean canvases x (B, L) at levels t (B,): tokens (the mask where generated, a prefix's tokens where
     given), noised latents (B, L, latent_dim), and the scored positions (generated; not padding when `pad_id`)."""
-    cfg = model.cfg
-    B, L = x.shape
     x0 = model.latents()[x]
     eps = torch.randn(x0.shape, generator=generator).to(x.device)
-    a = abar(t.float()).to(x.device).view(B, 1, 1)
+    a = abar(t.float()).to(x.device).view(-1, 1, 1)
     xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-    prefix = (torch.rand(B, generator=generator) < PREFIX_SHARE).to(x.device) * (torch.rand(B, generator=generator).to(x.device) * L / 2).long()
-    given = torch.arange(L, device=x.device).unsqueeze(0) < prefix.unsqueeze(1)
-    tokens = torch.where(given, x, torch.full_like(x, cfg.mask_id))
-    scored = ~given if pad_id is None else ~given & (x != pad_id)
+    tokens, _, scored = clean_prefix(x, model.cfg.mask_id, pad_id, generator)
     return tokens, xt, scored
 
 

@@ -59,17 +59,25 @@ def _inputs(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | No
     cfg = model.cfg
     B, L = x.shape
     ids, probs = noised(x, t, cfg.soft_k, cfg.vocab_size, generator, truth=truth, swap=swap)
-    prefix = (torch.rand(B, generator=generator) < PREFIX_SHARE).to(x.device) * (torch.rand(B, generator=generator).to(x.device) * L / 2).long()
-    given = torch.arange(L, device=x.device).unsqueeze(0) < prefix.unsqueeze(1)  # (B, L)
-    tokens = torch.where(given, x, torch.full_like(x, cfg.mask_id))
+    tokens, given, scored = clean_prefix(x, cfg.mask_id, pad_id, generator)
     probs = probs * (~given).unsqueeze(-1)
     noise = None
     if train:
         rms = model.tok_emb.weight.detach().pow(2).mean().sqrt()
         std = torch.sin(0.5 * math.pi * t).to(x.device).view(B, 1, 1) * rms
         noise = torch.randn((B, L, cfg.d_model), generator=generator).to(x.device) * std * (~given).unsqueeze(-1)
-    scored = ~given if pad_id is None else ~given & (x != pad_id)
     return tokens, (ids, probs), noise, scored
+
+
+def clean_prefix(x: torch.Tensor, mask_id: int, pad_id: int | None, generator):
+    """A clean prefix (a prompt) on PREFIX_SHARE of the rows of canvases x (B, L), up to half the canvas: the tokens
+    (the prefix's, the mask elsewhere), the given positions (B, L), and the scored ones (the rest; not padding when
+    `pad_id`). SDD and continuous diffusion train on prefixes this way."""
+    B, L = x.shape
+    prefix = (torch.rand(B, generator=generator) < PREFIX_SHARE).to(x.device) * (torch.rand(B, generator=generator).to(x.device) * L / 2).long()
+    given = torch.arange(L, device=x.device).unsqueeze(0) < prefix.unsqueeze(1)
+    scored = ~given if pad_id is None else ~given & (x != pad_id)
+    return torch.where(given, x, torch.full_like(x, mask_id)), given, scored
 
 
 def train_loss(model, x, run, t, noise, generator):
