@@ -34,7 +34,7 @@ from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
 from jetson_dllm.parity import compare_runners, extra_feeds
-from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 
 METHODS = ("minmax", "entropy", "percentile")
 EXTRA_OPTIONS = {
@@ -157,7 +157,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
         recorded = len(extra)
     fp32_path = bundle_dir / manifest["precisions"]["fp32"]["file"]
     reader = CalibrationReader(calib_set, _extra_feeds(fp32_path, cfg, calib, calib_set, pad_id, options.seed)
-                               if cfg.soft_k or family_of(cfg).canvas_inputs else None)
+                               if cfg.soft_k or family_of(cfg).canvas_inputs or cfg.cond_len else None)
     fp16_path = bundle_dir / manifest["precisions"]["fp16"]["file"] if "fp16" in manifest["precisions"] else None
     t0 = time.time()
     work = bundle_dir / ".int8-work"
@@ -191,12 +191,20 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, canvases: np.ndarray, sour
     }
 
 
+def _runner(path: Path, cfg: ModelConfig, precision: str = "fp32", encoder_dir: Path | None = None):
+    """A canvas graph on onnxruntime; a conditional model's with its FP32 encoder (in `encoder_dir`, else beside it)."""
+    graphs = {"canvas": Path(path)}
+    if cfg.cond_len:
+        graphs["encoder"] = Path(encoder_dir or Path(path).parent) / "encoder.onnx"
+    return onnx_runner_from_graphs(graphs, cfg, precision)
+
+
 def _extra_feeds(fp32_path: Path, cfg: ModelConfig, clean: np.ndarray, masked: list[np.ndarray], pad_id: int, seed: int):
     """The calibration canvases' other inputs, computed once per canvas (`parity.extra_feeds`): a sparse-distribution
     model's candidates at the canvas's noise level, a self-conditioned model's own previous prediction (the FP32
     graph's top-k on the canvas, what the sampler feeds the next step). Recorded canvases (--calib-file) have no
     clean text behind them: they get the FP32 graph's prediction, or for SDD are refused before any work."""
-    ref = onnx_runner_from_file(fp32_path, cfg)
+    ref = _runner(fp32_path, cfg)
     truth = {m.tobytes(): c for m, c in zip(masked, clean)}
     memo: dict[bytes, dict] = {}
 
@@ -235,12 +243,12 @@ def _quantize_and_measure(fp32_path: Path, fp16_path: Path | None, bundle_dir: P
     if not nodes:
         raise DllmError("no weight MatMuls to quantize in the exported graph")
     cache = work / f"ranges-{options.method}.json"
-    ref = onnx_runner_from_file(fp32_path, cfg)
+    ref = _runner(fp32_path, cfg)
 
     def drop_of(exclude: list[str], tag: str) -> float:
         path = work / f"{tag}.onnx"
         quantize(pre, path, reader, options.method, exclude, cache)
-        with onnx_runner_from_file(path, cfg, "int8") as q:
+        with _runner(path, cfg, "int8", fp32_path.parent) as q:
             rows = compare_runners(ref, {"q": q}, held_out, BUCKETS, cfg.mask_id, pad_id, options.seed + 1)["q"]
         return mean_accuracy_drop(rows)
 
@@ -254,9 +262,9 @@ def _quantize_and_measure(fp32_path: Path, fp16_path: Path | None, bundle_dir: P
         raise DllmError(f"the INT8 graph breaks TensorRT's Q/DQ rules: {problems[0]}")
     say("INT8: the CPU variant (dynamic INT8 matmuls, onnxruntime format)")
     write_dynamic_cpu_variant(fp32_path, bundle_dir / "model.int8-dynamic.ort", work)
-    runners = {"int8": onnx_runner_from_file(final, cfg, "int8")}
+    runners = {"int8": _runner(final, cfg, "int8", fp32_path.parent)}
     if fp16_path is not None:
-        runners["fp16"] = onnx_runner_from_file(fp16_path, cfg, "fp16")
+        runners["fp16"] = _runner(fp16_path, cfg, "fp16", fp32_path.parent)
     with ref:
         report = compare_runners(ref, runners, held_out, BUCKETS, cfg.mask_id, pad_id, options.seed + 2)
     for r in runners.values():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import Family, family_of
+from jetson_dllm.families import Family, family_of, model_graphs
 from jetson_dllm.files import atomic_folder, output_lock, sha256_file
 from jetson_dllm.manifests import BundleManifest, check_replaceable, member, read_manifest, write_manifest
 from jetson_dllm.precisions import PRECISIONS
@@ -86,7 +86,7 @@ class Bundle:
     def graph_paths(self, precision: str) -> dict[str, Path]:
         """The precision's ONNX file of each graph of the family that the bundle carries."""
         entry = self._entry(precision)
-        return {g: self.onnx_path(precision, g) for g in self.family.graphs if self._entry_key(g) in entry}
+        return {g: self.onnx_path(precision, g) for g in model_graphs(self.config) if self._entry_key(g) in entry}
 
     def onnx_sha256(self, precision: str, graph: str = "") -> str:
         return self.manifest["files"][self._entry(precision)[self._entry_key(graph)]]
@@ -154,7 +154,7 @@ def _check_consistent(bundle: Bundle) -> None:
     for precision, entry in m["precisions"].items():
         if precision not in PRECISIONS:
             raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")
-        graphs = {"file", *family_of(cfg).graphs[1:]}  # the entry's files: the family's first graph, then by name
+        graphs = {"file", *model_graphs(cfg)[1:]}  # the entry's files: the family's first graph, then by name
         for key, name in entry.items():
             if key == "target":
                 continue

@@ -49,6 +49,8 @@ _FIELD_RANGES = (
     ("shift", bool, False, True),
     ("soft_k", int, 0, 64),
     ("latent_dim", int, 0, 4096),
+    ("cond_len", int, 0, 1024),
+    ("cond_layers", int, 0, 64),
 )
 
 
@@ -79,6 +81,9 @@ class ModelConfig:
             sparse distribution diffusion (SDD), the k weighted candidates every position holds.
         latent_dim: continuous embedding diffusion's latent width (its token embeddings, kept L2-normalised, are
             what is noised and what the canvas graph takes as `x`); 0 for the other families.
+        cond_len, cond_layers: a conditional model's condition (a story's first sentence): the tokens its text
+            encoder reads (at most) and the encoder's layers; every denoiser layer cross-attends to the encoding
+            (train_host.conditioning). 0 and 0: an unconditional model.
     """
 
     name: str = "custom"
@@ -98,6 +103,8 @@ class ModelConfig:
     shift: bool = False  # block diffusion adapted from an AR parent: position i predicts token i + 1
     soft_k: int = 0  # soft inputs (self-conditioning): k candidate ids and probabilities per position
     latent_dim: int = 0  # continuous embedding diffusion: the width of the noised token embeddings
+    cond_len: int = 0  # conditional generation: the condition's tokens the encoder reads; 0 = unconditional
+    cond_layers: int = 0  # the condition encoder's layers
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -133,6 +140,14 @@ class ModelConfig:
             raise DllmError(f"model config: a {self.family} model {need}")
         if self.latent_dim and self.tie_embeddings:
             raise DllmError(f"model config: a {self.family} model's head cannot share its latent embedding (tie_embeddings false)")
+        if (self.cond_len > 0) != (self.cond_layers > 0):
+            raise DllmError(f"model config: a condition needs both its length and its encoder's layers (cond_len {self.cond_len}, "
+                            f"cond_layers {self.cond_layers})")
+        if self.cond_len >= self.canvas_len:
+            raise DllmError(f"model config: the condition ({self.cond_len} tokens) must be shorter than the canvas ({self.canvas_len})")
+        if self.cond_len and not family_of(self).conditional:
+            raise DllmError(f"model config: a {self.family} model takes no condition; conditional models are: "
+                            f"{', '.join(n for n, f in FAMILIES.items() if f.conditional)}")
         if self.block_size and self.canvas_len % self.block_size:
             raise DllmError(f"block size {self.block_size} must divide the canvas ({self.canvas_len})")
         if self.d_ff == 0:
@@ -170,6 +185,8 @@ class ModelConfig:
             data = {**data, "soft_k": 0}
         if "latent_dim" not in data and "family" in data:  # written before continuous diffusion: none had a latent
             data = {**data, "latent_dim": 0}
+        if "cond_len" not in data and "family" in data:  # written before conditional models: none had a condition
+            data = {**data, "cond_len": 0, "cond_layers": 0}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:
@@ -195,6 +212,8 @@ class ModelConfig:
             n += self.latent_dim * d + d + self.n_layer * d * d + (self.latent_dim * d if self.soft_k else 0)  # (+ self-conditioning's)
         elif self.soft_k and family_of(self).soft_inputs != "sdd":
             n += d * d  # the soft input's projection
+        if self.cond_len:  # the encoder's layers, its final norm and empty slot; a cross-attention (and norm) per layer
+            n += self.cond_layers * per_block + 2 * d + self.n_layer * (2 * d * d + 2 * d * kv + d)
         if include_embedding:
             n += self.vocab_size * (self.latent_dim or d)
         if not self.tie_embeddings:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jetson_dllm.condition import condition_ids
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_options, family_of
 from jetson_dllm.runners import Runner, is_bundle, open_runner
@@ -33,13 +34,17 @@ def open_model(path: str | Path, backend: str = "auto", precision: str = "fp32",
 
 
 def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None,
-             gap: int = 12, on_step=None, given: set[str] = frozenset()):
+             gap: int = 12, on_step=None, given: set[str] = frozenset(), condition: str | None = None):
     """`dllm run`'s generation: the model family's loop (jetson_dllm.families) on the runner. `given`: the sampler
-    options the user set explicitly; one the family does not use is refused."""
+    options the user set explicitly; one the family does not use is refused. `condition`: a conditional model's
+    (refused for a model without one)."""
     sampler = (sampler or SamplerConfig()).validate()
     family = family_of(runner.cfg)
     check_options(family, set(given))
-    return family.runtime_module().complete(runner, prompt, length, num_samples, sampler, gap, on_step)
+    if not runner.cfg.cond_len:
+        condition_ids(runner, condition)  # a condition for a model without one: refused
+        return family.runtime_module().complete(runner, prompt, length, num_samples, sampler, gap, on_step)
+    return family.runtime_module().complete(runner, prompt, length, num_samples, sampler, gap, on_step, condition=condition)
 
 
 @dataclass

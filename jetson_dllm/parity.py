@@ -58,12 +58,14 @@ def compare_logits(ref: np.ndarray, got: np.ndarray, targets: np.ndarray, score:
     }
 
 
-def previous_prediction(reference, tokens: np.ndarray, k: int, mask_id: int, batch: int = 16) -> dict[str, np.ndarray]:
+def previous_prediction(reference, tokens: np.ndarray, k: int, mask_id: int, batch: int = 16,
+                        memory: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """A self-conditioned model's soft inputs for canvases, as its sampler feeds them: `reference`'s own top-k (ids,
-    probabilities) on the canvases without soft inputs, at the masked positions (zero elsewhere)."""
+    probabilities) on the canvases without soft inputs, at the masked positions (zero elsewhere); `memory`: a
+    conditional model's encoded conditions, per canvas."""
     ids, probs = [], []
     for i in range(0, len(tokens), batch):
-        out = reference.run("canvas", {"tokens": tokens[i : i + batch]})
+        out = reference.run("canvas", {"tokens": tokens[i : i + batch], **{n: v[i : i + batch] for n, v in (memory or {}).items()}})
         ids.append(out["topk_ids"][..., :k].astype(np.int32))
         probs.append(np.exp(out["topk_logprobs"][..., :k]).astype(np.float32))
     masked = (tokens == mask_id)[..., None]
@@ -80,7 +82,25 @@ def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_i
     probe = getattr(family_of(cfg).runtime_module(), "probe_feeds", None)
     if probe is not None:
         return probe(reference, clean, z, mask_id, pad_id, cfg, seed)
-    return previous_prediction(reference, z, cfg.soft_k, mask_id, batch) if getattr(cfg, "soft_k", 0) else None
+    memory = encoded_conditions(reference, clean, pad_id) if getattr(cfg, "cond_len", 0) else {}
+    soft = previous_prediction(reference, z, cfg.soft_k, mask_id, batch, memory) if getattr(cfg, "soft_k", 0) else {}
+    return {**soft, **memory} or None
+
+
+def encoded_conditions(reference, clean: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """A conditional model's encodings for probe canvases, through `reference`'s encoder graph: about half of them
+    (by their text: the same canvas always gets the same) under a condition made of their own text's first tokens (up
+    to half the encoder's length), the others under the empty condition, so the cross-attention is measured read and
+    unread."""
+    n = reference.cfg.cond_len
+    tokens = np.zeros((len(clean), n), dtype=np.int32)
+    lengths = np.zeros(len(clean), dtype=np.int32)
+    for row, canvas in enumerate(clean):
+        text = canvas[canvas != pad_id][: max(1, n // 2)]
+        if int(canvas.sum()) % 2:
+            tokens[row, : len(text)], lengths[row] = text, len(text)
+    out = reference.run("encoder", {"tokens": tokens, "condition_len": lengths})
+    return {name: np.array(out[name], copy=True) for name in ("memory", "memory_bias")}
 
 
 def logits_of(runner, tokens: np.ndarray, batch: int = 16, soft: dict[str, np.ndarray] | None = None) -> np.ndarray:

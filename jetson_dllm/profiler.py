@@ -20,7 +20,7 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import SIZES, ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
+from jetson_dllm.families import engine_graphs_of, family_of
 from jetson_dllm.precisions import parse_precisions
 from jetson_dllm.precisions import precision as precision_record
 
@@ -243,7 +243,7 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
         for p in names:
             plan = memory_plan(cfg, p, batch, canvas, k)
             verdict = orin_nano_verdict(plan)
-            if not family_of(cfg).trt_graphs:  # nothing to build: TensorRT engines for this family are not made yet
+            if not engine_graphs_of(cfg):  # nothing to build: TensorRT engines for this family are not made yet
                 verdict["builds"] = None
             rows.append({"config": cfg.name, "precision": p, **plan, **verdict})
     if measure and bundle_dir is not None:

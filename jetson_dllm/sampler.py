@@ -32,6 +32,8 @@ from jetson_dllm.errors import DllmError, check_choice, check_range
 
 MAX_STEPS = 100_000  # more network calls than any canvas has positions; a larger number is a typo
 STRATEGIES = ("confidence", "margin", "entropy", "threshold", "eb", "ancestral")
+GUIDANCE_SCHEDULES = ("constant", "late", "ramp")  # jetson_dllm.guidance.weight_at
+MAX_GUIDANCE = 100.0
 NEG_INF = np.float32(-np.inf)
 
 
@@ -53,6 +55,8 @@ class SamplerConfig:
     defer_twins: bool = True  # two neighbours picked in one step with the same token: commit one, re-predict the other
     eta: float = 0.0  # continuous diffusion: 0 = DDIM (deterministic), 1 = DDPM (the posterior's full noise)
     clamp: bool = False  # continuous diffusion: step with the top-1 token's latent instead of the expected one
+    guidance: float = 0.0  # classifier-free guidance weight toward the prompt (jetson_dllm.guidance); 0: none
+    guidance_schedule: str = "constant"  # how the weight runs over the steps (GUIDANCE_SCHEDULES)
 
     def validate(self) -> SamplerConfig:
         """Every setting's range (NaN refused); returns the config."""
@@ -67,6 +71,8 @@ class SamplerConfig:
         check_range("--deadline-ms", self.deadline_ms, 0)
         check_range("--seed", self.seed, 0)
         check_range("--eta", self.eta, 0, 1)
+        check_range("--guidance", self.guidance, 0, MAX_GUIDANCE)
+        check_choice("--guidance-schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
         return self
 
 

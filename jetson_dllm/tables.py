@@ -6,7 +6,7 @@ from rich.table import Table
 
 from jetson_dllm.bench_report import headline
 from jetson_dllm.config import SIZES, ModelConfig
-from jetson_dllm.families import family_of
+from jetson_dllm.families import engine_graphs_of, family_of
 from jetson_dllm.precisions import WEIGHT_PRECISIONS
 from jetson_dllm.profiler import ORIN_NANO_SYSTEM, ORIN_NANO_VISIBLE
 
@@ -183,8 +183,7 @@ def export_summary(bundle, out_dir) -> str:
     """What `dllm export` wrote, and which engines of a replaced bundle were kept or dropped."""
     carried = "".join(f"; {k} {len(v)} engine(s) of the old bundle{': ' + ', '.join(v) if k == 'dropped' else ''}"
                       for k, v in bundle.engines_carried.items() if v)
-    family = bundle.family
-    graphs = f"{', '.join(bundle.precisions)} {', '.join(g for g in family.graphs if g in bundle.graph_paths('fp32'))} graph(s)"
-    where = (f"copy it to the Jetson and build: dllm build {out_dir} --precision fp16" if family.trt_graphs else
+    graphs = f"{', '.join(bundle.precisions)} {', '.join(bundle.graph_paths('fp32'))} graph(s)"
+    where = (f"copy it to the Jetson and build: dllm build {out_dir} --precision fp16" if engine_graphs_of(bundle.config) else
              "TensorRT engines for it are not built yet")
     return f"wrote {out_dir} ({graphs}){carried}; run it here: dllm run {out_dir}; {where}"

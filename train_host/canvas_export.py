@@ -21,7 +21,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
 from jetson_dllm.parity import compare_runners, summarize
 from jetson_dllm.precisions import PRECISIONS
-from jetson_dllm.runners.onnx_runner import onnx_runner_from_file
+from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 from jetson_dllm.runners.torch_runner import TorchRunner
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.families import ExportOptions
@@ -29,6 +29,7 @@ from train_host.model import Denoiser, sampling_head
 from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
 
 PARITY_RATIOS = (0.15, 0.5, 0.9)
+ENCODER_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx"}  # INT8 entries run the FP32 encoder (once a request)
 # FP32 parity must hold this well, or the export fails.
 FP32_MAX_LOGIT_DIFF = 1e-2
 FP32_MIN_TOP1 = 0.999
@@ -47,7 +48,8 @@ class ExportedDenoiser(torch.nn.Module):
         given = dict(zip(self.names, extra))
         soft = (given["soft_ids"], given["soft_probs"]) if "soft_ids" in given else None
         latent = {"x": given["x"]} if "x" in given else {}
-        logits = self.model(tokens, soft=soft, t=given.get("t"), **latent)
+        memory = {"memory": (given["memory"], given["memory_bias"])} if "memory" in given else {}  # a conditional model's
+        logits = self.model(tokens, soft=soft, t=given.get("t"), **latent, **memory)
         values, ids, entropy = sampling_head(logits, self.k)
         if latent:
             return logits, values, ids, entropy, self.model.expected_latent(logits), self.model.top1_latent(logits)
@@ -75,6 +77,10 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
         shapes |= {"x": {0: batch, 1: canvas}}
     if "t" in family.canvas_inputs:  # each row's noise level
         inputs, names, shapes = (*inputs, torch.tensor([0.3, 0.9])), [*names, "t"], shapes | {"t": {0: batch}}
+    if cfg.cond_len:  # a conditional model: its condition's encoding (the encoder graph's outputs), one per row
+        memory, bias = model.encode(torch.randint(3, cfg.vocab_size, (2, cfg.cond_len)), torch.tensor([cfg.cond_len // 2, 0]))
+        inputs, names = (*inputs, memory.detach(), bias.detach()), [*names, "memory", "memory_bias"]
+        shapes |= {"memory": {0: batch}, "memory_bias": {0: batch}}
     with quiet_exporter(), torch.no_grad():
         torch.onnx.export(
             ExportedDenoiser(model, k, tuple(names[1:])).eval(), inputs, str(path), input_names=names,
@@ -86,6 +92,58 @@ def export_onnx(model: Denoiser, path: Path, k: int) -> None:
     proto = onnx.load(str(path))
     check_graph(proto, str(path))
     onnx.save(proto, str(path))
+
+
+class ExportedEncoder(torch.nn.Module):
+    """A conditional model's encoder graph: the condition's ids (B, cond_len) int32 and lengths (B,) int32 -> the
+    encoding `memory` (B, cond_len + 1, d_model) and its `memory_bias` (B, cond_len + 1)."""
+
+    def __init__(self, model: Denoiser):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, condition_len: torch.Tensor):
+        return self.model.encode(tokens, condition_len)
+
+
+def export_encoder(model: Denoiser, path: Path) -> None:
+    """Write a conditional model's FP32 encoder graph, batch dynamic."""
+    import onnx
+
+    model = model.eval()
+    model.set_attention("math")
+    cfg = model.cfg
+    example = (torch.randint(3, cfg.vocab_size, (2, cfg.cond_len), dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with quiet_exporter(), torch.no_grad():
+        torch.onnx.export(ExportedEncoder(model).eval(), example, str(path), input_names=["tokens", "condition_len"],
+                          output_names=["memory", "memory_bias"], dynamic_shapes={"tokens": {0: batch}, "condition_len": {0: batch}},
+                          opset_version=OPSET, dynamo=True, external_data=False, optimize=True)
+    model.set_attention("sdpa")
+    proto = onnx.load(str(path))
+    check_graph(proto, str(path))
+    onnx.save(proto, str(path))
+
+
+def encoder_parity(model: Denoiser, manifest: dict, folder: Path, canvases: np.ndarray, pad_id: int) -> dict[str, float]:
+    """Each precision's encoder graph against PyTorch on conditions cut from the parity canvases (half of them empty):
+    the largest |difference| of the encoding (memory). FP32 must agree within the canvas graph's own tolerance."""
+    n = model.cfg.cond_len
+    tokens = np.zeros((len(canvases), n), dtype=np.int32)
+    lengths = np.zeros(len(canvases), dtype=np.int32)
+    for row, canvas in enumerate(canvases):
+        text = canvas[canvas != pad_id][:n]
+        tokens[row, : len(text)], lengths[row] = text, len(text) if row % 2 else 0
+    feeds = {"tokens": tokens, "condition_len": lengths}
+    with TorchRunner(model) as reference:
+        ref = reference.run("encoder", feeds)["memory"]
+    out = {}
+    for precision, entry in manifest["precisions"].items():
+        with onnx_runner_from_graphs({"canvas": folder / entry["file"], "encoder": folder / entry["encoder"]}, model.cfg, precision) as runner:
+            out[precision] = float(np.abs(runner.run("encoder", feeds)["memory"] - ref).max())
+    if not out["fp32"] <= FP32_MAX_LOGIT_DIFF:
+        raise DllmError(f"the FP32 encoder graph disagrees with PyTorch (max difference {out['fp32']:.2e}); nothing was written")
+    return out
 
 
 def parity_report(model: Denoiser, runners: dict, canvases: np.ndarray, mask_id: int, pad_id: int) -> dict:
@@ -109,11 +167,13 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
             canvases, source = validation_canvases(tokenizer, int8.canvas_len or cfg.canvas_len,
                                                    int8.n_canvases + int8.eval_canvases, data_dir)
             manifest["calibration"] = quantize_bundle(tmp, manifest, canvases, source, tokenizer.sha256, int8, progress=say)
-            manifest["precisions"]["int8"] = {"file": PRECISIONS["int8"].file, "target": "tensorrt (explicit Q/DQ)"}
-            manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU"}
+            encoder = {"encoder": ENCODER_FILES["fp32"]} if cfg.cond_len else {}
+            manifest["precisions"]["int8"] = {"file": PRECISIONS["int8"].file, "target": "tensorrt (explicit Q/DQ)", **encoder}
+            manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU", **encoder}
         say("checking parity against PyTorch")
         canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
-        runners = {p: onnx_runner_from_file(tmp / entry["file"], cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
+        runners = {p: onnx_runner_from_graphs({"canvas": tmp / entry["file"], **({"encoder": tmp / entry["encoder"]} if "encoder" in entry else {})},
+                                              cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
         parity = parity_report(model, runners, canvases, cfg.mask_id, tokenizer.pad_id)
         for r in runners.values():
             r.close()
@@ -123,6 +183,8 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
             raise DllmError(f"FP32 parity with PyTorch is broken (max logit diff {fp32_row['max_abs_logit_diff']:.2e}, "
                             f"top-1 agreement {fp32_row['top1_agreement']:.4f}); nothing was written")
         manifest["parity"] = parity
+        if cfg.cond_len:  # the encoder graph against PyTorch (its output feeds every canvas call of a request)
+            manifest["encoder_parity"] = encoder_parity(model, manifest, tmp, canvases, tokenizer.pad_id)
         return manifest
 
     return write_bundle(out_dir, build, overwrite=options.overwrite)
@@ -144,6 +206,13 @@ def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dic
         check_graph(fp16, files["fp16"])
         onnx.save(fp16, str(tmp / files["fp16"]))
     entries = {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"}
+    if cfg.cond_len:  # a conditional model's encoder (run once per request): FP32, and FP16 beside the FP16 canvas graph
+        say("exporting the condition encoder")
+        export_encoder(model, tmp / ENCODER_FILES["fp32"])
+        entries["fp32"]["encoder"] = ENCODER_FILES["fp32"]
+        if "fp16" in entries:
+            onnx.save(convert_fp16(onnx.load(str(tmp / ENCODER_FILES["fp32"]))), str(tmp / ENCODER_FILES["fp16"]))
+            entries["fp16"]["encoder"] = ENCODER_FILES["fp16"]
     manifest = bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), cfg.canvas_buckets(), {})
     manifest["heads"]["logits"] = {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"}
     return manifest

@@ -24,6 +24,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.files import atomic_folder, output_lock, sha256_file
 from jetson_dllm.manifests import DataManifest, check_replaceable, member, read_manifest, write_manifest
 from jetson_dllm.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from train_host.pairs import PAIR_FILES, PairWriter
 from train_host.sources import Source
 
 DATA_FORMAT = "jetson-dllm-data"
@@ -86,12 +87,14 @@ def prepare_data(
     tokenizer_path: str | Path | None = None,
     overwrite: bool = False,
     progress=None,
+    pairs: bool = False,
 ) -> dict:
     """Train (or reuse) the tokenizer, then tokenize every document into train/val uint16 shards.
 
     Everything is written into a temporary folder beside `out_dir` and renamed into place at the end,
     so an interrupted run never leaves a half-written data folder. Returns the manifest.
-    `progress`, if given, is called as progress(phase, done, total) with byte or document counts.
+    `progress`, if given, is called as progress(phase, done, total) with byte or document counts. With `pairs`, the
+    (first sentence -> rest) pairs of the same split too (train_host.pairs).
     """
     out_dir = Path(out_dir)
     if not 0.0 < val_fraction < 0.5:
@@ -113,7 +116,7 @@ def prepare_data(
         if tok.vocab_size > MAX_UINT16_VOCAB:
             raise DllmError(f"tokenizer has {tok.vocab_size} tokens, more than uint16 shards hold ({MAX_UINT16_VOCAB})")
         tok.save(tmp / "tokenizer.json")
-        splits = write_shards(tmp, tok, docs("tokenize"), val_fraction)
+        splits = write_shards(tmp, tok, docs("tokenize"), val_fraction, pairs)
         manifest = {
             "format": DATA_FORMAT,
             "version": DATA_VERSION,
@@ -126,8 +129,11 @@ def prepare_data(
             "val_fraction": val_fraction,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             # the shards themselves are checked by size (they may be GBs); what indexes them is hashed
-            "files": {name: sha256_file(tmp / name) for name in ("tokenizer.json", "train.idx.npy", "val.idx.npy")},
+            "files": {name: sha256_file(tmp / name) for name in ("tokenizer.json", "train.idx.npy", "val.idx.npy",
+                                                                 *(PAIR_FILES.values() if pairs else ()))},
         }
+        if pairs:
+            manifest["pairs"] = {name: splits[name].pop("pairs") for name in ("train", "val")}
         write_manifest(tmp / "data.json", manifest)
     return manifest
 
@@ -153,18 +159,23 @@ class _Tracked:
         self.report(phase, self.total or n, self.total)
 
 
-def write_shards(folder: Path, tok: TextTokenizer, docs: Iterable[str], val_fraction: float) -> dict:
-    """Tokenize documents into train.bin / val.bin (+ .idx.npy offsets); every stride-th document is validation."""
+def write_shards(folder: Path, tok: TextTokenizer, docs: Iterable[str], val_fraction: float, pairs: bool = False) -> dict:
+    """Tokenize documents into train.bin / val.bin (+ .idx.npy offsets); every stride-th document is validation.
+    With `pairs`, each split's (first sentence -> rest) pairs too (pairs.SPLIT.jsonl; a split's `pairs` counts)."""
     stride = max(2, round(1.0 / val_fraction))
     writers = {"train": _ShardWriter(folder / "train.bin"), "val": _ShardWriter(folder / "val.bin")}
+    pair_writers = {name: PairWriter(folder / file) for name, file in PAIR_FILES.items()} if pairs else {}
     index = 0
     batch: list[str] = []
 
     def flush() -> None:
         nonlocal index
-        for ids in tok.encode_batch(batch):
+        for text, ids in zip(batch, tok.encode_batch(batch)):
             # Document 0, stride, 2*stride ... go to validation: deterministic, never empty.
-            writers["val" if index % stride == 0 else "train"].add(ids, tok.eot_id)
+            split = "val" if index % stride == 0 else "train"
+            writers[split].add(ids, tok.eot_id)
+            if pairs:
+                pair_writers[split].add(text)
             index += 1
         batch.clear()
 
@@ -178,6 +189,11 @@ def write_shards(folder: Path, tok: TextTokenizer, docs: Iterable[str], val_frac
     splits = {name: w.close() for name, w in writers.items()}
     if splits["train"]["docs"] == 0:
         raise DllmError(f"only {index} document(s): too few to split into train and validation")
+    for name, w in pair_writers.items():
+        splits[name]["pairs"] = w.close()
+        if not splits[name]["pairs"]["pairs"]:
+            raise DllmError(f"--pairs: no {name} document has a first sentence and more after it (of {splits[name]['docs']}); "
+                            "pairs need documents of two sentences or more")
     return splits
 
 

@@ -12,10 +12,12 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
 from jetson_dllm.threads import resolve as resolve_threads
 from train_host.checkpoint import load_model
+from train_host.conditioning import batch_condition, with_condition
 from train_host.data import CanvasDataset, load_manifest
 from train_host.diffusion import masked_accuracy
 from train_host.families import EvalContext
 from train_host.judge import Judge, judge_generations
+from train_host.pair_data import split_dataset
 from train_host.self_cond import conditioned
 from train_host.sources import Source
 
@@ -55,18 +57,18 @@ def evaluate(
     extra: dict[str, list[int]] = {}  # a family's own accuracies: name -> (correct, total)
     fixed = {r: [0, 0] for r in (ratios if family.FIXED_RATIO_ACCURACY else ())}
     for start in range(0, n, batch_size):
-        x = torch.from_numpy(dataset.batch(np.arange(start, min(n, start + batch_size)))).to(device)
-        out = family.nll_batch(model, x, ev)
+        rows = np.arange(start, min(n, start + batch_size))
+        x = torch.from_numpy(dataset.batch(rows)).to(device)
+        bound = with_condition(model, batch_condition(dataset, rows, device, 0.0, None))  # a conditional model's pairs
+        out = family.nll_batch(bound, x, ev)
         nll += out["nll"] if "nll" in out else out["loss"]  # SDD: a denoising loss, no likelihood
         for name, (c, t) in out.get("extra", {}).items():
-            extra.setdefault(name, [0, 0])
-            extra[name][0] += c
-            extra[name][1] += t
+            extra[name] = [a + b for a, b in zip(extra.get(name, (0, 0)), (c, t))]
         tokens += out["tokens"]
         masked += out["masked"]
         correct += out["correct"]
         for r in fixed:
-            c, t = masked_accuracy(conditioned(model, model.cfg.soft_k), x, r, dataset.pad_id, mask_id, generator=g)
+            c, t = masked_accuracy(conditioned(bound, model.cfg.soft_k), x, r, dataset.pad_id, mask_id, generator=g)
             fixed[r][0] += c
             fixed[r][1] += t
         if progress:
@@ -111,7 +113,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path | None = No
     else:
         if data_dir is None or load_manifest(data_dir)["tokenizer_sha256"] != tokenizer.sha256:
             raise DllmError(f"{data_dir} was tokenized with another tokenizer than {config['path']}; evaluate on the data the model was trained with, or a text file with --text")
-        ds, scored = CanvasDataset(data_dir, "val", model.cfg.canvas_len, tokenizer.pad_id), f"{data_dir} (val)"
+        ds, scored = split_dataset(data_dir, "val", model.cfg, tokenizer), f"{data_dir} (val)"
     torch.set_num_threads(resolve_threads(threads))
     with torch.inference_mode():
         metrics = evaluate(model, ds, model.cfg.mask_id, n_canvases=canvases, n_t=n_t, seed=seed, bos_id=tokenizer.bos_id, progress=progress)

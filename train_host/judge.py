@@ -50,6 +50,20 @@ class Judge:
             out += [(float(ce[i][keep[i]].sum()), int(keep[i].sum())) for i in range(len(rows))]
         return out
 
+    @torch.inference_mode()
+    def continuation_nll(self, conditions: list[str], texts: list[str]) -> list[tuple[float, int]]:
+        """(NLL in nats, tokens scored) of each text's tokens and the end-of-text after them, read after its
+        condition (a story's first sentence); an empty condition reads the text as a story's start."""
+        tok, L = self.tokenizer, self.model.cfg.canvas_len
+        out = []
+        for condition, text in zip(conditions, texts):
+            first = tok.encode(condition) if condition else []
+            rest = (tok.encode(text) + [tok.eot_id])[: L - len(first)]
+            x = torch.tensor([first + rest], dtype=torch.long, device=self.device)
+            logits = self.model(shift_right(x, tok.bos_id)).float()[0, len(first) :]
+            out.append((float(F.cross_entropy(logits, x[0, len(first) :], reduction="sum")), len(rest)))
+        return out
+
     def perplexity(self, texts: list[str]) -> float:
         """exp(total NLL / total tokens) over the texts."""
         scores = self.token_nll(texts)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.families import family_of
+from train_host.conditioning import ConditionEncoder, CrossAttention
 
 # The mask token's logit gets this bias: exp() of it underflows to 0 in fp32 and fp16 alike, and unlike
 # -inf it survives fp16 conversion and INT8 graphs without turning a softmax into NaN.
@@ -145,16 +146,23 @@ class SwiGLU(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A pre-norm layer: self-attention, (a conditional denoiser's) cross-attention to the condition, SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
+        if cross:
+            self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.cross = CrossAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, attn_mask)
+        if memory is not None:
+            x = x + self.cross(self.cross_norm(x), *memory)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -171,7 +179,9 @@ class Denoiser(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))  # (the name keeps checkpoints' keys)
+        self.blocks = nn.ModuleList(Layer(cfg, cross=bool(cfg.cond_len)) for _ in range(cfg.n_layer))  # (the name keeps checkpoints' keys)
+        if cfg.cond_len:  # a conditional model: the condition's encoder (train_host.conditioning)
+            self.encoder = ConditionEncoder(cfg, Layer, RMSNorm)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -190,6 +200,8 @@ class Denoiser(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
         if cfg.soft_k and not self.mixture:  # zero: a model starts as if it had no soft inputs (post-training one too)
             nn.init.zeros_(self.soft_proj.weight)
+        for block in self.blocks if cfg.cond_len else ():  # zero: a conditional model starts as its unconditional self
+            nn.init.zeros_(block.cross.wo.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -228,11 +240,13 @@ class Denoiser(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
                rope_positions: torch.Tensor | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
-               t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+               memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model); with a cache (causal models), of the next T positions.
         `attn_mask` and `rope_positions` (T,) serve block diffusion, whose input holds two copies of the text; the
         cached graphs give each row its own: `rope_positions` (B, T) and `attn_mask` (B, 1, T, S). `soft`: the soft
-        inputs, `t` and `noise` an SDD model's noise level and training noise (`embed`)."""
+        inputs, `t` and `noise` an SDD model's noise level and training noise (`embed`); `memory` a conditional
+        model's encoded condition and its bias (`encode`; `forward` encodes the empty condition when given none)."""
         start = cache.len if cache is not None else 0
         T = tokens.shape[1]
         if rope_positions is not None:
@@ -242,11 +256,19 @@ class Denoiser(nn.Module):
         else:
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(tokens, soft, t, noise)
+        if self.cfg.cond_len and memory is None:
+            raise ValueError("a conditional model needs its condition's encoding (memory); an empty condition is one of length 0")
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, attn_mask)
+            x = block(x, cos, sin, cache, i, attn_mask, memory)
         if cache is not None and not cache.frozen:
             cache.len += T
         return self.norm(x)
+
+    def encode(self, condition: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A conditional model's encoding of its condition: ids (B, cond_len) (past each row's length anything in the
+        vocabulary) and lengths (B,) -> (memory (B, cond_len + 1, d_model), bias (B, cond_len + 1))."""
+        n = condition.shape[1] + 1
+        return self.encoder(self.tok_emb(condition), lengths, self.rope_cos[:n], self.rope_sin[:n])
 
     def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Output head over any (..., d_model) selection of hidden states; the mask token is excluded."""
@@ -255,15 +277,22 @@ class Denoiser(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 rope_positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 sources: torch.Tensor | None = None, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
-                t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                condition: tuple[torch.Tensor, torch.Tensor] | None = None, memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (N, vocab) for the N positions selected by a boolean (B, T) mask; `sources`
         (T',) first gathers the hidden states whose logits each output position gets (block diffusion's token shift);
-        `soft` the soft inputs, `t` and `noise` an SDD model's (`embed`).
+        `soft` the soft inputs, `t` and `noise` an SDD model's (`embed`); a conditional model's `condition` (ids,
+        lengths: encoded here) or its encoding `memory` (`encode`, once per request at run time).
 
         Selecting positions before the head is what makes training fast: the head over the vocabulary
         is the largest matmul of a small model, and the loss needs it only on masked positions.
         """
-        h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions, soft=soft, t=t, noise=noise)
+        if self.cfg.cond_len and condition is None and memory is None:  # a conditional model given none: the empty one
+            condition = (torch.zeros((tokens.shape[0], self.cfg.cond_len), dtype=torch.long, device=tokens.device),
+                         torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device))
+        if condition is not None:
+            memory = self.encode(*condition)
+        h = self.hidden(tokens, cache=cache, attn_mask=attn_mask, rope_positions=rope_positions, soft=soft, t=t, noise=noise, memory=memory)
         if sources is not None:
             h = h[:, sources]
         if positions is not None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
+from jetson_dllm.families import model_graphs
 from jetson_dllm.runners import graph_spec
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.corpus import story
@@ -145,7 +145,7 @@ def bundle_manifest(cfg, tokenizer: TextTokenizer, ckpt: dict, topk: int, precis
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model": cfg.to_dict(), "special_ids": tokenizer.special_ids, "tokenizer_sha256": tokenizer.sha256,
         "graphs": {g: {"inputs": list(spec.inputs), "outputs": list(spec.outputs), "cache": spec.cache}
-                   for g, spec in ((g, graph_spec(g, cfg)) for g in family_of(cfg).graphs)},
+                   for g, spec in ((g, graph_spec(g, cfg)) for g in model_graphs(cfg))},
         "heads": {"sampling": {"outputs": ["topk_logprobs", "topk_ids"], "k": topk, "dtypes": ["float32", "int32"]}},
         "canvas_lengths": canvas_lengths, "opset": OPSET, "precisions": precisions,
         "fp32_nodes": fp32_nodes,  # kept in FP32 in reduced-precision graphs; the INT8 engine build pins these layers

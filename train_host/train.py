@@ -29,12 +29,14 @@ from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
 from train_host.bd3 import clip_search, noise_range, searches_clip
+from train_host.conditioning import batch_condition, condition_parameters, freeze_denoiser, with_condition
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
 from train_host.metrics import MetricsLog, log, progress_bar
 from train_host.networks import build_model
 from train_host.optim import lr_at, param_groups
+from train_host.pair_data import split_dataset
 from train_host.train_config import RUN_FORMAT, TrainConfig, validate
 
 
@@ -147,8 +149,7 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     cfg = _model_config(tc, run, tokenizer)
     check_fits(training_bytes(cfg, per_rank), f"training {cfg.name} on {per_rank} canvases of {cfg.canvas_len} tokens per step",
                "lower --canvas-len or --batch-size (or raise --grad-accum)")
-    train_ds = CanvasDataset(data_dir, "train", cfg.canvas_len, tokenizer.pad_id)
-    val_ds = CanvasDataset(data_dir, "val", cfg.canvas_len, tokenizer.pad_id)
+    train_ds, val_ds = (split_dataset(data_dir, split, cfg, tokenizer) for split in ("train", "val"))  # pairs: a conditional model
     resume_from = _resume_point(tc, run, cfg, tokenizer)
     init = _init_weights(tc.init, cfg, tokenizer) if tc.init and resume_from is None else None  # checked before writing
     if d.main:
@@ -156,8 +157,12 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
         ckpt_io.clean_partial(run)
         if tc.resume and resume_from is None:
             console.print(f"[yellow]nothing to resume in {run}; starting a new run[/]")
+        if getattr(train_ds, "skipped", 0):  # a conditional model's pairs whose condition the encoder cannot read
+            console.print(f"[yellow]{train_ds.skipped:,} training pairs left out: their first sentence is longer than --cond-len {cfg.cond_len}[/]")
     torch.manual_seed(tc.seed)
     core = build_model(cfg).to(device)
+    if tc.freeze_denoiser:  # the staged training's second stage: the denoiser stays as --init trained it
+        freeze_denoiser(core)
     opt = torch.optim.AdamW(param_groups(core, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
     ema = copy.deepcopy(core).eval().requires_grad_(False) if tc.ema > 0 else None
     model = core
@@ -245,6 +250,7 @@ def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tu
 def _initialise(r: _Run, weights: dict, path: str) -> None:
     """Start from --init's weights (checked by `_init_weights`)."""
     fresh = frozenset({"soft_proj.weight"}) if r.cfg.soft_k else frozenset()  # self-conditioning post-trained: starts at zero
+    fresh |= frozenset(condition_parameters(r.core)) if r.cfg.cond_len else frozenset()  # a condition added to a denoiser
     ckpt_io.load_weights(r.core, weights, path, fresh)
     if r.ema is not None:
         r.ema.load_state_dict(r.core.state_dict())
@@ -266,11 +272,13 @@ def train_step(r: _Run) -> tuple[torch.Tensor, float]:
         g = torch.Generator().manual_seed(tc.seed * 1_000_003 + r.step * 101 + m)
         t_all = diffusion.sample_t(micro, g)
         noise_all = torch.rand((micro, cfg.canvas_len), generator=g)
-        x = torch.from_numpy(r.train_ds.batch(idx[m * micro : (m + 1) * micro][rows])).to(r.device)
+        picked = idx[m * micro : (m + 1) * micro][rows]
+        x = torch.from_numpy(r.train_ds.batch(picked)).to(r.device)
+        condition = batch_condition(r.train_ds, picked, r.device, tc.cond_drop, g)  # a conditional model's, some dropped
         sync = m == tc.grad_accum - 1 or d.world == 1
         with (r.model.no_sync() if not sync else contextlib.nullcontext()), \
                 torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
-            loss, st = r.family.train_loss(r.fwd, x, r, t_all[rows], noise_all[rows], g)
+            loss, st = r.family.train_loss(with_condition(r.fwd, condition), x, r, t_all[rows], noise_all[rows], g)
             (loss / tc.grad_accum).backward()
         stats += torch.tensor([float(loss.detach()) / tc.grad_accum, float(st["masked"]), float(st["correct"]),
                                float(not torch.isfinite(loss.detach()))], dtype=torch.float64)

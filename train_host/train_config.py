@@ -36,6 +36,10 @@ class TrainConfig:
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
     swap_ids: bool = False  # sdd: above t = 0.5, leave the truth out of the candidates with probability 2t - 1
     latent_dim: int = 64  # continuous: the width of the noised token embeddings
+    cond_len: int = 0  # mdlm: a conditional model reading conditions of up to this many tokens (pairs data); 0 = none
+    cond_layers: int = 2  # the condition encoder's layers
+    cond_drop: float = 0.1  # share of rows trained with the condition dropped (what classifier-free guidance needs)
+    freeze_denoiser: bool = False  # staged training's second stage: only the encoder and the cross-attention learn
     d_model: int = 0  # 0: from the named config; set to try custom sizes
     n_layer: int = 0
     n_head: int = 0
@@ -87,7 +91,7 @@ class TrainConfig:
                                        ("n_kv_head", self.n_kv_head)) if v}
         cfg = ModelConfig.from_name(self.config, vocab_size=tokenizer.vocab_size, canvas_len=self.canvas_len, mask_id=tokenizer.mask_id,
                                     family=self.objective, block_size=self.block_size if get_family(self.objective).attention == "block" else 0,
-                                    shift=self.shift, soft_k=self.soft_k(), **self.latent())
+                                    shift=self.shift, soft_k=self.soft_k(), **self.latent(), **self.condition())
         if overrides:
             cfg = ModelConfig.from_dict({**cfg.to_dict(), "n_kv_head": 0, **overrides, "name": "custom", "d_ff": 0})
         return cfg
@@ -96,6 +100,10 @@ class TrainConfig:
     def latent(self) -> dict:
         """Continuous embedding diffusion's latent width (and its untied head), or nothing."""
         return {"latent_dim": self.latent_dim, "tie_embeddings": False} if "x" in get_family(self.objective).canvas_inputs else {}
+
+    def condition(self) -> dict:
+        """A conditional model's condition length and encoder layers (none: 0 and 0)."""
+        return {"cond_len": self.cond_len, "cond_layers": self.cond_layers if self.cond_len else 0}
 
     def soft_k(self) -> int:
         """The model's soft inputs: SDD's candidates, a self-conditioned model's top-k, or none."""
@@ -120,7 +128,18 @@ class TrainConfig:
             raise DllmError(f"--init {self.init} self-conditions on {parent.soft_k} candidates; train on with --self-cond {parent.soft_k}")
         block = self.block_size if get_family(self.objective).attention == "block" else 0
         return ModelConfig.from_dict({**parent.to_dict(), "family": self.objective, "block_size": block, "shift": self.shift,
-                                      "canvas_len": self.canvas_len, "soft_k": self.soft_k()}, where=f"--init {self.init}")
+                                      "canvas_len": self.canvas_len, "soft_k": self.soft_k(), **self._parent_condition(parent)},
+                                     where=f"--init {self.init}")
+
+    def _parent_condition(self, parent: ModelConfig) -> dict:
+        """A conditional parent's condition carries over (another length or depth is refused); an unconditional
+        parent takes this run's (the staged training's second stage: a condition added to a trained denoiser)."""
+        if not parent.cond_len:
+            return self.condition()
+        if self.cond_len not in (0, parent.cond_len) or (self.cond_len and self.cond_layers != parent.cond_layers):
+            raise DllmError(f"--init {self.init} reads conditions of {parent.cond_len} tokens with {parent.cond_layers} encoder "
+                            "layers; train on with the same --cond-len and --cond-layers (or leave them out)")
+        return {"cond_len": parent.cond_len, "cond_layers": parent.cond_layers}
 
 
 def validate(tc: TrainConfig) -> None:
@@ -138,6 +157,12 @@ def validate(tc: TrainConfig) -> None:
     check_range("--self-cond-rate", tc.self_cond_rate, 0, 1)
     check_range("--candidates", tc.candidates, 1, 64)
     check_range("--latent-dim", tc.latent_dim, 1, 4096)
+    check_range("--cond-len", tc.cond_len, 0, 1024)
+    check_range("--cond-layers", tc.cond_layers, 1, 64)
+    check_range("--cond-drop", tc.cond_drop, 0, 1, high_open=True)
+    if tc.freeze_denoiser and not tc.init:
+        raise DllmError("--freeze-denoiser trains a condition onto a trained denoiser (the staged training's second stage): "
+                        "give that model with --init")
     check_range("--ema", tc.ema, 0, 1, high_open=True)
     check_range("--canvas-len", tc.canvas_len, 8, 16384)
     check_choice("--config", tc.config, SIZES)

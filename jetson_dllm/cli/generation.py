@@ -39,6 +39,9 @@ def run(
     gap: Annotated[int, typer.Option(help="tokens per ____ gap in an infilling template", min=1, max=16384)] = 12,
     eta: Annotated[float, typer.Option(help="continuous diffusion: 0 = DDIM (deterministic), 1 = DDPM (fresh noise each step), or between")] = 0.0,
     clamp: Annotated[bool, typer.Option("--clamp", help="continuous diffusion: step with each position's top-1 token's latent (Diffusion-LM's clamping), not the expected one")] = False,
+    condition: Annotated[Optional[str], typer.Option(help="a conditional model's condition (e.g. a story's first sentence), read by its encoder once; none: the empty condition")] = None,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance toward the prompt (mdlm: a prompt-masked twin row per sample, docs/guidance.md); 0 = none")] = 0.0,
+    guidance_schedule: Annotated[str, typer.Option(help="guidance over the steps: constant | late (none in the first half) | ramp (growing to --guidance)")] = "constant",
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
@@ -54,15 +57,17 @@ def run(
       dllm run runs/tiny -p "Lily went to the park" --steps 32
       dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0
       echo "Tom had a dog" | dllm run runs/tiny -p - --json
+      dllm run runs/cond -p "" --condition "Tom found a red ball." --guidance 2   (a conditional model)
     """
     text = read_prompt(prompt)
     sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, span=span, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
-                            eb_bound=eb_bound, eta=eta, clamp=clamp).validate()
+                            eb_bound=eb_bound, eta=eta, clamp=clamp, guidance=guidance, guidance_schedule=guidance_schedule).validate()
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers, threads=threads)
     with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:
-        gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view, given=given_options(ctx))
+        gen = complete(runner, text, length=length, num_samples=num_samples, sampler=sampler, gap=gap, on_step=view, given=given_options(ctx),
+                       condition=condition)
         if save_canvases is not None:
             err.print(runner.save_message(save_canvases))
     print_generation(gen, json_out, undertrained_note(runner))

@@ -27,6 +27,7 @@ def data(
     tokenizer_docs: Annotated[int, typer.Option(help="documents the tokenizer is trained on", min=1)] = 200_000,
     tokenizer: Annotated[Optional[Path], typer.Option(help="reuse this tokenizer.json, or a checkpoint's (a run folder: e.g. an imported model, to adapt it), instead of training one")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing data folder")] = False,
+    pairs: Annotated[bool, typer.Option("--pairs", help="also write (first sentence -> rest) pairs of each split (pairs.train.jsonl, pairs.val.jsonl): conditional generation's data")] = False,
 ) -> None:
     """Prepare training data: train a byte-level BPE tokenizer and write uint16 token shards.
 
@@ -34,6 +35,7 @@ def data(
       dllm data -o runs/data                                   (built-in stories, no download)
       dllm data TinyStories-train.txt -o runs/ts               (stories separated by <|endoftext|>)
       dllm data hf:roneneldan/TinyStories -o runs/ts           (needs `datasets` and the network)
+      dllm data TinyStories-train.txt --pairs -o runs/ts       (and first-sentence -> rest pairs)
     """
     from train_host.data import prepare_data
     from train_host.sources import Source
@@ -41,11 +43,13 @@ def data(
     srcs = [Source(s, fmt=fmt, text_field=text_field, builtin_stories=builtin_stories, seed=seed) for s in sources or ["builtin"]]
     with Bar() as progress:
         manifest = prepare_data(srcs, out_dir, vocab_size=vocab_size, val_fraction=val_fraction,
-                                tokenizer_docs=tokenizer_docs, tokenizer_path=tokenizer, overwrite=overwrite, progress=progress)
+                                tokenizer_docs=tokenizer_docs, tokenizer_path=tokenizer, overwrite=overwrite, progress=progress, pairs=pairs)
     sp = manifest["splits"]
     out.print(f"wrote {out_dir}: vocabulary {manifest['vocab_size']:,}; train {sp['train']['docs']:,} docs / "
               f"{sp['train']['tokens']:,} tokens; val {sp['val']['docs']:,} docs / {sp['val']['tokens']:,} tokens"
-              + (f"; {manifest['skipped_empty_records']:,} records with no text (null or NaN) skipped" if manifest["skipped_empty_records"] else ""))
+              + (f"; {manifest['skipped_empty_records']:,} records with no text (null or NaN) skipped" if manifest["skipped_empty_records"] else "")
+              + ("; pairs (first sentence -> rest): " + ", ".join(f"{k} {v['pairs']:,} ({v['skipped']:,} documents without a rest)"
+                                                                 for k, v in manifest["pairs"].items()) if pairs else ""))
 
 
 TRAIN_EXAMPLES = """Examples: dllm train --data runs/data --out runs/tiny --steps 300      (or --time-budget 20m)
@@ -74,6 +78,10 @@ def train(
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
     swap_ids: Annotated[bool, typer.Option("--swap-ids", help="--objective sdd: above t = 0.5 leave the truth out of the candidates with probability 2t - 1 (sampling starts from random ids)")] = False,
     latent_dim: Annotated[int, typer.Option(help="--objective continuous: width of the noised token embeddings (L2-normalised)", min=1, max=4096)] = 64,
+    cond_len: Annotated[int, typer.Option(help="--objective mdlm: a conditional model, reading a condition (a story's first sentence) of up to N tokens through its own encoder; trains on `dllm data --pairs` data", min=0, max=1024)] = 0,
+    cond_layers: Annotated[int, typer.Option(help="--cond-len: the condition encoder's layers", min=1, max=64)] = 2,
+    cond_drop: Annotated[float, typer.Option(help="--cond-len: share of rows trained with the condition dropped, for classifier-free guidance")] = 0.1,
+    freeze_denoiser: Annotated[bool, typer.Option("--freeze-denoiser", help="--cond-len: train only the encoder and the cross-attention of an --init denoiser (staged training)")] = False,
     batch_size: Annotated[int, typer.Option(help="canvases per optimizer step, all processes together", min=1)] = 32,
     grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="optimizer steps (the cosine schedule spans them)", min=1)] = 1000,
@@ -103,8 +111,7 @@ def train(
     log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
     """Train a model of a family (--family mdlm, bd3, sdd, continuous, ar); resumable, with progress and curves."""
-    from train_host.launch import launch, summary
-    from train_host.train_config import TrainConfig
+    from train_host.launch import TrainConfig, launch, summary
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
                                    "init": str(init) if init else ""})
     _check_given(tc, given_options(ctx))
@@ -120,6 +127,8 @@ def _check_given(tc, given: set[str]) -> None:
     check_train_options(tc.objective, given)
     if "self_cond_rate" in given and not tc.self_cond:
         raise DllmError("--self-cond-rate applies with --self-cond K (self-conditioning); give both or neither")
+    if (lone := sorted(given & {"cond_layers", "cond_drop", "freeze_denoiser"})) and not tc.cond_len:
+        raise DllmError(f"--{lone[0].replace('_', '-')} applies to a conditional model: give --cond-len N too")
     shaped = sorted(given & {"config", "d_model", "n_layer", "n_head", "n_kv_head"})
     if tc.init and shaped:
         raise DllmError(f"--{shaped[0].replace('_', '-')} sets a shape, but with --init the model's shape is its parent's; leave it out")

@@ -51,6 +51,8 @@ class Family:
             in, the expected clean latent `x0` and the top-1's `x0_top1` out (a family taking `x` has a latent width).
         network: the host module whose `Network(cfg)` is its network when that is not the Denoiser (continuous
             diffusion's, over latents); "" for the Denoiser.
+        conditional: a model of it may take a condition (a text the encoder reads once per request, cross-attended
+            by every denoiser layer: `cond_len`); its generation loop takes `condition`.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Family:
     canvas_inputs: tuple[str, ...] = ()
     canvas_outputs: tuple[str, ...] = ()
     network: str = ""
+    conditional: bool = False
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -99,14 +102,16 @@ class Family:
         return {"bidirectional": canvas, "block": cfg.block_size, "causal": 1}[self.attention]
 
 
-MASKED_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadline_ms", "defer_twins", "gap")  # MDLM's
+MASKED_OPTIONS = ("steps", "strategy", "threshold", "eb_bound", "span", "deadline_ms", "defer_twins", "gap", "guidance",
+                  "guidance_schedule")  # MDLM's
 SAMPLER_OPTIONS = (*MASKED_OPTIONS, "eta", "clamp")  # every family's together: one given that a family does not use is refused
 
 FAMILIES: dict[str, Family] = {
     "mdlm": Family("mdlm", "masked diffusion (MDLM)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
                    options=MASKED_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
-                   train_options=("self_cond", "self_cond_rate"), soft_inputs="self", infilling=True),
+                   train_options=("self_cond", "self_cond_rate", "cond_len", "cond_layers", "cond_drop", "freeze_denoiser"),
+                   soft_inputs="self", infilling=True, conditional=True),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8="qdq",
@@ -155,6 +160,17 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise DllmError(f"unknown model family {name!r}; choose one of: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def model_graphs(cfg) -> tuple[str, ...]:
+    """The graphs a model has: its family's, and a conditional model's condition encoder (run once per request)."""
+    return FAMILIES[cfg.family].graphs + (("encoder",) if getattr(cfg, "cond_len", 0) else ())
+
+
+def engine_graphs_of(cfg) -> tuple[str, ...]:
+    """The graphs TensorRT builds engines for, for this model: its family's (`trt_graphs`); none yet for a conditional
+    model (its encoder and its canvas graph taking the encoding run on onnxruntime)."""
+    return () if getattr(cfg, "cond_len", 0) else FAMILIES[cfg.family].trt_graphs
 
 
 def family_of(cfg) -> Family:

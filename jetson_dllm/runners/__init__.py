@@ -29,7 +29,7 @@ import numpy as np
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import FAMILIES, family_of
+from jetson_dllm.families import FAMILIES, engine_graphs_of, family_of, model_graphs  # noqa: F401 (model_graphs: the runners')
 from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -59,10 +59,12 @@ GRAPHS: dict[str, GraphSpec] = {
     "commit": GraphSpec(("tokens", "valid_len"), (), "write"),  # a finished block's keys and values into the cache
     "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write", True),  # commit + next step
     "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
+    "encoder": GraphSpec(("tokens", "condition_len"), ("memory", "memory_bias")),  # a conditional model's condition, once
 }
 
 
 SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning, SDD)
+CONDITION_INPUTS = ("memory", "memory_bias")  # (B, cond_len + 1, d) / (B, cond_len + 1) float32: the encoder's outputs
 
 
 def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
@@ -71,8 +73,8 @@ def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
     denoising graph, the canvas or the block step (SOFT_INPUTS; a runner fills zeros, no soft input, when a call
     brings none; a block's first step, the commit step, has no previous prediction to take)."""
     spec, family = GRAPHS[graph], family_of(cfg)
-    if graph == "canvas" and (cfg.soft_k or family.canvas_inputs):  # SDD: its noise level too; continuous: x and t
-        extra = (SOFT_INPUTS if cfg.soft_k else ()) + family.canvas_inputs
+    if graph == "canvas" and (cfg.soft_k or family.canvas_inputs or cfg.cond_len):  # SDD: t; continuous: x and t; the condition
+        extra = (SOFT_INPUTS if cfg.soft_k else ()) + family.canvas_inputs + (CONDITION_INPUTS if cfg.cond_len else ())
         return GraphSpec(spec.inputs + extra, spec.outputs + family.canvas_outputs, spec.cache, spec.entropy)
     if graph == "block_step" and cfg.soft_k:
         return GraphSpec(spec.inputs + SOFT_INPUTS, spec.outputs, spec.cache, spec.entropy)
@@ -95,9 +97,13 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
              "topk_ids": ("int32", ("B", width, topk)), "soft_ids": ("int32", ("B", width, cfg.soft_k)),
              "soft_probs": ("float32", ("B", width, cfg.soft_k)), "t": ("float32", ("B",)), ENTROPY: ("float32", ("B", width)),
              "logits": ("float32", ("B", width, cfg.vocab_size)), "k_new": new, "v_new": new, "x": ("float32", ("B", width, cfg.latent_dim)),
-             "x0": ("float32", ("B", width, cfg.latent_dim)), "x0_top1": ("float32", ("B", width, cfg.latent_dim))}
+             "x0": ("float32", ("B", width, cfg.latent_dim)), "x0_top1": ("float32", ("B", width, cfg.latent_dim)),
+             "condition_len": ("int32", ("B",)), "memory": ("float32", ("B", cfg.cond_len + 1, cfg.d_model)),
+             "memory_bias": ("float32", ("B", cfg.cond_len + 1))}
+    if graph == "encoder":  # its tokens are the condition's
+        known["tokens"] = ("int32", ("B", cfg.cond_len))
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
-    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if not spec.cache else ())]
+    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if graph == "canvas" else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
 
 
@@ -114,10 +120,12 @@ def tensor_shapes(graphs: tuple[str, ...], cfg: ModelConfig, topk: int, batch: i
 
 @dataclass
 class Call:
-    """One network call a generation loop asks for: a graph and its feeds."""
+    """One network call a generation loop asks for: a graph, its feeds, and what it returns (None: the graph's
+    sampling outputs; ("logits",): a guided call's whole distributions, jetson_dllm.guidance)."""
 
     graph: str
     feeds: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None = None
 
 
 R = TypeVar("R")
@@ -128,7 +136,7 @@ def drive(runner: Runner, loop: Generator[Call, dict[str, np.ndarray], R]) -> R:
     try:
         call = next(loop)
         while True:
-            call = loop.send(runner.run(call.graph, call.feeds))
+            call = loop.send(runner.run(call.graph, call.feeds, call.outputs))
     except StopIteration as done:
         return done.value
 
@@ -141,6 +149,7 @@ class Runner(Protocol):
     topk: int  # K of the sampling head
     canvas_lengths: list[int]  # canvas lengths the runner accepts
     graphs: tuple[str, ...]  # the graphs it runs (GRAPHS' names)
+    returns_logits: bool  # the canvas graph's logits can be asked for (not from TensorRT engines: the head only)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Run a graph; `outputs` names what to return (default: the graph's outputs)."""
@@ -164,6 +173,8 @@ class Runner(Protocol):
 
 class RunnerBase:
     """What every runner shares: closing as a context manager (the one base class; no other behaviour)."""
+
+    returns_logits = True
 
     def close(self) -> None:  # pragma: no cover - every runner defines its own
         raise NotImplementedError
@@ -254,7 +265,38 @@ def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: 
         if x is None or x.shape != (B, T, cfg.latent_dim) or not np.isfinite(x).all():
             raise DllmError(f"the {family.title} graph takes x, the noised latents, finite, shaped ({B}, {T}, {cfg.latent_dim})")
         out["x"] = np.ascontiguousarray(x)
-    return out
+    return out | condition_inputs(feeds, B, cfg)
+
+
+def condition_inputs(feeds: dict[str, np.ndarray], batch: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A conditional model's canvas call's encoded condition (the encoder graph's outputs, per row), checked; a model
+    without a condition refuses one."""
+    if not cfg.cond_len:
+        if any(name in feeds for name in CONDITION_INPUTS):
+            raise DllmError("this model takes no condition (it was trained without one); leave the condition out")
+        return {}
+    memory, bias = (None if feeds.get(n) is None else np.asarray(feeds[n], dtype=np.float32) for n in CONDITION_INPUTS)
+    width = cfg.cond_len + 1
+    if memory is None or bias is None or memory.shape != (batch, width, cfg.d_model) or bias.shape != (batch, width) \
+            or not (np.isfinite(memory).all() and np.isfinite(bias).all()):
+        raise DllmError(f"a conditional model's canvas takes its condition's encoding (the encoder graph's memory ({batch}, {width}, "
+                        f"{cfg.d_model}) and memory_bias ({batch}, {width}), finite); run the encoder graph first")
+    return {"memory": np.ascontiguousarray(memory), "memory_bias": np.ascontiguousarray(bias)}
+
+
+def encoder_inputs(feeds: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The encoder graph's inputs, checked: the condition's ids (B, cond_len) in the vocabulary and each row's length."""
+    tokens, lengths = feeds.get("tokens"), feeds.get("condition_len")
+    tokens = None if tokens is None else np.asarray(tokens)
+    lengths = None if lengths is None else np.asarray(lengths)
+    if tokens is None or tokens.ndim != 2 or tokens.shape[1] != cfg.cond_len or not np.issubdtype(tokens.dtype, np.integer):
+        raise DllmError(f"the encoder graph takes tokens, the condition's ids, shaped (batch, {cfg.cond_len})")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise DllmError(f"the condition's ids must be in 0..{cfg.vocab_size - 1}")
+    if lengths is None or lengths.shape != (tokens.shape[0],) or not np.issubdtype(lengths.dtype, np.integer) \
+            or (lengths.size and (lengths.min() < 0 or lengths.max() > cfg.cond_len)):
+        raise DllmError(f"the encoder graph takes condition_len, each row's condition length in 0..{cfg.cond_len}")
+    return {"tokens": np.ascontiguousarray(tokens, dtype=np.int32), "condition_len": np.ascontiguousarray(lengths, dtype=np.int32)}
 
 
 def graph_soft_inputs(graph: str, feeds: dict[str, np.ndarray], shape: tuple[int, int], cfg: ModelConfig) -> dict[str, np.ndarray] | None:
@@ -322,8 +364,9 @@ def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: boo
     from jetson_dllm.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
-    if not bundle.family.trt_graphs:
-        raise DllmError(f"{bundle.path} holds the {bundle.family.title}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+    if not engine_graphs_of(bundle.config):
+        what = "a conditional model (an encoder and a canvas graph taking its encoding)" if bundle.config.cond_len else f"the {bundle.family.title}"
+        raise DllmError(f"{bundle.path} holds {what}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
     if bundle.family.cached:
         from jetson_dllm.runners.trt_blocks import TrtBlockRunner
 

@@ -16,6 +16,7 @@ from jetson_dllm.runners import (
     call_slots,
     canvas_inputs,
     check_graph,
+    encoder_inputs,
     graph_signature,
     graph_spec,
     tensor_shapes,
@@ -175,6 +176,8 @@ class OnnxRunner(RunnerBase):
         outputs = outputs or spec.outputs + (self.extra[graph] if spec.outputs else ())
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
+        if graph == "encoder":  # a conditional model's condition, once per request: no buffers to keep
+            return dict(zip(outputs, self.sessions[graph].run(list(outputs), encoder_inputs(feeds, self.cfg))))
         inputs = canvas_inputs(feeds, self.canvas_lengths, self.cfg)
         if "logits" in outputs:
             return dict(zip(outputs, self.sessions[graph].run(list(outputs), inputs)))

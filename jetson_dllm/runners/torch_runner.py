@@ -15,7 +15,9 @@ from jetson_dllm.runners import (
     call_slots,
     canvas_inputs,
     check_graph,
+    encoder_inputs,
     graph_soft_inputs,
+    model_graphs,
     valid_length,
 )
 from jetson_dllm.threads import resolve as resolve_threads
@@ -51,7 +53,7 @@ class TorchRunner(RunnerBase):
         self.cfg, self.topk, self.precision = cfg, topk, "fp32"
         self.name = f"torch-{device}"
         self.canvas_lengths = cfg.canvas_buckets()
-        self.graphs = family_of(cfg).graphs
+        self.graphs = model_graphs(cfg)
         self.cache: dict = {}  # batch -> (keys, values) tensors, for the cached graphs
         self.pool = None  # open_slots: the server's rows
 
@@ -61,11 +63,17 @@ class TorchRunner(RunnerBase):
         if spec.cache:
             return self._run_cached(graph, feeds, outputs)
         torch = self.torch
+        if graph == "encoder":  # a conditional model's condition, encoded once per request
+            inputs = {k: torch.from_numpy(v).to(self.device).long() for k, v in encoder_inputs(feeds, self.cfg).items()}
+            with torch.inference_mode():
+                memory, bias = self.model.encode(inputs["tokens"], inputs["condition_len"])
+            return {"memory": memory.float().cpu().numpy(), "memory_bias": bias.cpu().numpy()}
         inputs = {k: torch.from_numpy(v).to(self.device) for k, v in canvas_inputs(feeds, self.canvas_lengths, self.cfg).items()}
         soft = (inputs["soft_ids"].long(), inputs["soft_probs"]) if "soft_ids" in inputs else None
         latent = {"x": inputs["x"]} if "x" in inputs else {}  # continuous diffusion's noised latents
+        memory = {"memory": (inputs["memory"], inputs["memory_bias"])} if "memory" in inputs else {}
         with torch.inference_mode():
-            return self._heads(self.model(inputs["tokens"], soft=soft, t=inputs.get("t"), **latent), outputs)
+            return self._heads(self.model(inputs["tokens"], soft=soft, t=inputs.get("t"), **latent, **memory), outputs)
 
     def _heads(self, logits, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         result = {}

@@ -128,6 +128,8 @@ class _BlockSession:
 class TrtBlockRunner(RunnerBase):
     """A cached family's bundle on TensorRT: the block-step and commit engines per batch, with the cache on the GPU."""
 
+    returns_logits = False
+
     def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, progress=None):
         self.bundle, self.tokenizer = bundle, bundle.tokenizer()
         self.trt_engines = TrtEngines(bundle, precision, build, progress)

@@ -114,6 +114,8 @@ class _EngineRun:
 class TrtRunner(RunnerBase):
     """A canvas graph's engines on TensorRT, one per (batch, canvas)."""
 
+    returns_logits = False  # engines mark the sampling head only: the logits stay on the GPU
+
     def __init__(self, bundle: Bundle, precision: str = "fp16", build: bool = True, cuda_graph: bool = True, progress=None):
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer()

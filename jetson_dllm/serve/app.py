@@ -126,8 +126,10 @@ class Server:
             raise ApiError(400, f"{unused[0]} does not apply to the {self.family.title} ({uses}); leave it out", param=unused[0])
 
     def jobs_for(self, prompts: list[str], suffix, max_tokens: int, knobs, n: int, seed, stop, queue_put) -> list[dict]:
-        if n > self.max_batch:
-            raise ApiError(400, f"n={n} is more than this server generates at once (--max-batch {self.max_batch})", param="n")
+        rows = n * (2 if knobs.guidance else 1)  # guidance runs a prompt-masked twin of each row
+        if rows > self.max_batch:
+            twin = " (guidance doubles the rows)" if knobs.guidance else ""
+            raise ApiError(400, f"n={n} is more than this server generates at once (--max-batch {self.max_batch}){twin}", param="n")
         self.check_knobs(knobs, suffix)
         out = []
         for i, prompt in enumerate(prompts):
@@ -135,12 +137,15 @@ class Server:
             try:
                 cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
                                     temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound, eta=knobs.eta, clamp=knobs.clamp,
+                                    guidance=knobs.guidance, guidance_schedule=knobs.guidance_schedule,
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
                 watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
                 served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop
-            except DllmError as e:  # the prompt's text, or what it and max_tokens need
+            except DllmError as e:  # the prompt's text, or what it and max_tokens need, or guidance without a prompt
+                if str(e).startswith("--guidance"):
+                    raise ApiError(400, str(e).replace("--", ""), param="guidance") from None
                 raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
-            job = Job(served, n, emit=emit, timeout_s=self.timeout_s)
+            job = Job(served, n * (2 if knobs.guidance else 1), emit=emit, timeout_s=self.timeout_s)  # guided: a twin row each
             out.append({"job": job, "fixed": served.fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False,
                         "steps": knobs.steps})
         for entry in out:

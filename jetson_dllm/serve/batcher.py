@@ -141,7 +141,8 @@ class Batcher:
     def _key(self, call: Call) -> tuple:
         """Calls that can share one network call: the same graph on the same width (a canvas length, a block);
         graphs with one valid length for every row also need the same valid length."""
-        return call.graph, call.feeds["tokens"].shape[1], int(np.max(call.feeds["valid_len"])) if self.legacy and "valid_len" in call.feeds else 0
+        return (call.graph, call.feeds["tokens"].shape[1], int(np.max(call.feeds["valid_len"])) if self.legacy and "valid_len" in call.feeds else 0,
+                call.outputs)
 
     def _step(self) -> None:
         """One network call for the least recently served job's pending call and (when batching) every job's that can
@@ -151,18 +152,19 @@ class Batcher:
         key = self._key(first.pending)
         group = [j for j in self.active if self._key(j.pending) == key] if self.batching else [first]
         self.calls += 1
+        sizes = [len(j.pending.feeds["tokens"]) for j in group]  # a guided call has two rows per sample
         call = self._stack(key[0], group)
         rows = len(call.feeds["tokens"])
         t0 = time.perf_counter()
-        out = self.runner.run(call.graph, call.feeds)
+        out = self.runner.run(call.graph, call.feeds, call.outputs)
         now = time.perf_counter()
         self.observe(batch_rows=rows, step_seconds=now - t0, evaluations=1, graph=call.graph,
                      waits=[time.monotonic() - j.submitted for j in group if j.started is None])
         start = 0
-        for job in group:
+        for job, size in zip(group, sizes):
             job.started, job.last_call = job.started or now, self.calls
-            part = slice(start, start + job.rows)
-            start += job.rows
+            part = slice(start, start + size)
+            start += size
             mine = {name: value[part].copy() for name, value in out.items()}  # the runner reuses its buffers
             try:
                 job.pending = job.served.calls.send(mine)
@@ -178,7 +180,7 @@ class Batcher:
         if GRAPHS[graph].cache:
             feeds["valid_len"] = np.concatenate([np.broadcast_to(np.asarray(j.pending.feeds["valid_len"], np.int32), (j.rows,)) for j in group])
             feeds["slots"] = np.concatenate([j.slots for j in group])
-        return Call(graph, feeds)
+        return Call(graph, feeds, group[0].pending.outputs)
 
     def _finish(self, job: Job, kind: str, value) -> None:
         if job in self.active:

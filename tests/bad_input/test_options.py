@@ -32,6 +32,7 @@ RUN = {
     "--threshold": ["0", "2", "nan"], "--top-k": ["-1", "5000"], "--span": ["-1"], "--num-samples": ["0", "-2", "100000"],
     "--deadline-ms": ["-1", "nan"], "--length": ["-1", "99999"], "--strategy": ["beam", ""], "--backend": ["tpu"],
     "--precision": ["fp8", "bogus"], "--gap": ["0"], "--seed": ["-1"], "--device": ["tpu", "cuda", "cuda:7", "gpu0"],
+    "--guidance": ["-1", "101", *NAN_INF, *NOT_FLOAT], "--guidance-schedule": ["early", ""],
 }
 EXPORT = {
     "--topk": ["0", "99999"], "--parity-canvases": ["-2", "0"], "--calib-canvases": ["0"], "--calib-method": ["bogus"],

@@ -90,9 +90,28 @@ BAD = [
     ("an unknown field inside a message", {"json": {"messages": [{"role": "user", "content": "hi", "name": "x"}]},
                                            "path": "/v1/chat/completions"}, 400, "name"),
     ("a chunked body over the limit, no Content-Length", {"content": (b"x" * (1 << 20) for _ in range(10))}, 413, "larger than"),
+    ("guidance NaN", {"content": b'{"prompt": "hi", "guidance": NaN}'}, 400, "guidance"),
+    ("guidance negative", {"json": {"prompt": "hi", "guidance": -1}}, 400, "guidance"),
+    ("guidance with no prompt to guide toward", {"json": {"prompt": "", "guidance": 2}}, 400, "needs a prompt"),
+    ("guidance doubles the rows past the cap", {"json": {"prompt": "hi", "guidance": 2, "n": 9}}, 400, "guidance doubles the rows"),
+    ("an unknown guidance schedule", {"json": {"prompt": "hi", "guidance": 2, "guidance_schedule": "early"}}, 400, "guidance_schedule"),
     ("a path that does not exist", {"json": {"prompt": "hi"}, "path": "/v1/engines"}, 405, "not allowed"),
     ("a method a route does not take", {"json": {}, "path": "/v1/models"}, 405, "not allowed"),
 ]
+
+
+def test_a_guided_request_shares_the_batch_with_plain_ones(server):
+    """A guided request (its twin rows asking for the logits) and plain ones at once: every one answered, the guided
+    one continuing its prompt."""
+    from conftest import concurrently
+
+    def one(i):
+        body = {"prompt": "Once upon a time", "max_tokens": 16, "steps": 8, "seed": i, **({"guidance": 2.0} if i == 0 else {})}
+        return httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+    answers = concurrently(one, 4)
+    assert all(r is not None and r.status_code == 200 for r in answers), [r and r.text for r in answers]
+    assert all(r.json()["choices"][0]["text"].strip() for r in answers)
 
 
 @pytest.mark.parametrize("what, request_kw, status, match", BAD, ids=[b[0] for b in BAD])

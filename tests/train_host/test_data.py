@@ -166,3 +166,27 @@ def test_batch_order_is_a_function_of_the_data_position():
         assert sorted(b[epoch * 10 : (epoch + 1) * 10]) == list(range(10))  # each epoch a permutation
     assert not np.array_equal(b[:10], b[10:20])
     assert not np.array_equal(batch_indices(10, 10, 0, seed=4), b[:10])
+
+
+def test_pairs_are_the_first_sentence_and_the_rest_in_the_shards_split(tmp_path):
+    import json
+
+    from train_host.data import prepare_data
+    from train_host.pairs import read_pairs, split_pair
+    from train_host.sources import Source
+
+    assert split_pair('Tom ran. "Wait!" he said.') == ("Tom ran.", '"Wait!" he said.')
+    assert split_pair('"Come here!" Mom said. Tom came.') == ('"Come here!"', "Mom said. Tom came.")
+    assert split_pair("One sentence only.") is None and split_pair("no end at all") is None
+    corpus = tmp_path / "c.txt"
+    docs = [f"Story {i} starts here. It goes on {i}." if i % 3 else f"Only one sentence {i}." for i in range(60)]
+    corpus.write_text("\n".join(docs) + "\n")
+    m = prepare_data([Source(str(corpus), fmt="lines")], tmp_path / "d", vocab_size=300, val_fraction=0.1, pairs=True)
+    val = read_pairs(tmp_path / "d")  # the folder: its validation pairs
+    assert m["pairs"]["val"]["pairs"] == len(val) and m["pairs"]["val"]["skipped"] + len(val) == m["splits"]["val"]["docs"]
+    assert m["pairs"]["train"]["pairs"] + m["pairs"]["val"]["pairs"] == 40
+    assert all(c.startswith("Story") and c.endswith("starts here.") and t.startswith("It goes on") for c, t in val)
+    stride = round(1 / 0.1)  # the shards' split: documents 0, stride, 2 stride... are validation
+    assert [c for c, _ in val] == [f"Story {i} starts here." for i in range(0, 60, stride) if i % 3]
+    assert set(m["files"]) >= {"pairs.train.jsonl", "pairs.val.jsonl"}
+    assert all(json.loads(line).keys() == {"condition", "text"} for line in (tmp_path / "d" / "pairs.train.jsonl").open())

@@ -28,4 +28,5 @@ def eval_extra(run) -> dict:
 def export(model, tokenizer, ckpt: dict, out_dir, options: ExportOptions):
     from train_host.canvas_export import export_canvas_bundle
 
+
     return export_canvas_bundle(model, tokenizer, ckpt, out_dir, options)
