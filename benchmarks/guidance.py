@@ -137,8 +137,9 @@ def cost(runs: Path, repeats: int = 30) -> dict:
             continue
         with open_runner(backend, path, threads=1) as runner:
             rng = np.random.default_rng(0)
-            canvas = rng.integers(3, runner.cfg.vocab_size, (1, 128)).astype(np.int32)
-            canvas[:, 64:] = runner.tokenizer.mask_id
+            width = min(128, runner.cfg.canvas_len)
+            canvas = rng.integers(3, runner.cfg.vocab_size, (1, width)).astype(np.int32)
+            canvas[:, width // 2 :] = runner.tokenizer.mask_id
             twin = np.concatenate([canvas, canvas])
 
             def plain(runner=runner, canvas=canvas):
@@ -168,6 +169,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/guidance"))
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--length", type=int, default=48)
+    ap.add_argument("--conditional-only", action="store_true", help="only --cond's rows (OUT/guidance-NAME.json): another conditional model")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -177,6 +179,22 @@ def main() -> None:
     held = pairs(args.data, args.out, args.pairs)
     conditions = [c for c, _ in held]
     judge = Judge(args.judge)
+    rows = {} if args.conditional_only else prompt_rows(args, judge, held)
+    nll = None
+    if (args.cond / "checkpoints").is_dir():  # the conditional model: the first sentence through its encoder, no prompt
+        rows |= conditional_rows(args, judge, conditions)
+        nll = likelihoods(args.cond, args.runs / "mdlm", args.out / "data")
+        print("NLL bound of the held-out rests:", json.dumps(nll), flush=True)
+    result = {"nll_bound": nll, "pairs": len(held), "length": args.length, "rows": rows, "cond": str(args.cond),
+              "cost_ms": {} if args.conditional_only else cost(args.runs), "first_condition": conditions[0], "load": os.getloadavg()}
+    name = f"guidance-{args.cond.name}.json" if args.conditional_only else "guidance.json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
+    print(table(result))
+
+
+def prompt_rows(args, judge, held: list[tuple[str, str]]) -> dict:
+    """The reference, the AR baseline, and MDLM from no prompt and from the first sentence at every guidance setting."""
+    conditions = [c for c, _ in held]
     tok = judge.tokenizer  # the real rest cut to about the generated length (the judge's tokens; ours are about as long)
     rests = [tok.decode(tok.encode(r)[: args.length]) for _, r in held]
     rows = {f"real rest of the story (first {args.length} tokens)": {**judged(judge, conditions, rests), "calls_per_token": None}}
@@ -188,21 +206,19 @@ def main() -> None:
         texts, per = continuations(args.runs / "mdlm", conditions, args.length, w, schedule)
         rows[f"MDLM {label}"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
         print(label, json.dumps({k: v for k, v in rows[f"MDLM {label}"].items() if k != "sample"}), flush=True)
-    if (args.cond / "checkpoints").is_dir():  # the conditional model: the first sentence through its encoder, no prompt
-        texts, per = continuations(args.cond, conditions, args.length, how="none")
-        rows["conditional MDLM, empty condition"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
-        for label, (w, schedule) in COND_SETTINGS.items():
-            texts, per = continuations(args.cond, conditions, args.length, w, schedule, how="condition")
-            rows[f"conditional MDLM {label}"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
-            print("conditional", label, json.dumps({k: v for k, v in rows[f"conditional MDLM {label}"].items() if k != "sample"}), flush=True)
-        nll = likelihoods(args.cond, args.runs / "mdlm", args.out / "data")
-        print("NLL bound of the held-out rests:", json.dumps(nll), flush=True)
-    else:
-        nll = None
-    result = {"nll_bound": nll, "pairs": len(held), "length": args.length, "rows": rows, "cost_ms": cost(args.runs),
-              "first_condition": conditions[0], "load": os.getloadavg()}
-    (args.out / "guidance.json").write_text(json.dumps(result, indent=1))
-    print(table(result))
+    return rows
+
+
+def conditional_rows(args, judge, conditions: list[str]) -> dict:
+    """The conditional model under the empty condition and under each first sentence at every guidance setting."""
+    name = f"conditional MDLM ({args.cond.name})"
+    texts, per = continuations(args.cond, conditions, args.length, how="none")
+    rows = {f"{name}, empty condition": {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}}
+    for label, (w, schedule) in COND_SETTINGS.items():
+        texts, per = continuations(args.cond, conditions, args.length, w, schedule, how="condition")
+        rows[f"{name} {label}"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
+        print("conditional", label, json.dumps({k: v for k, v in rows[f"{name} {label}"].items() if k != "sample"}), flush=True)
+    return rows
 
 
 def table(result: dict) -> str:
@@ -211,7 +227,8 @@ def table(result: dict) -> str:
     for name, r in result["rows"].items():
         per = "" if r["calls_per_token"] is None else f"{r['calls_per_token']:.2f}"
         lines.append(f"| {name} | {r['judge_ppl']:.1f} | {r['condition_gain']:+.3f} | {r['repetition']:.2f} | {r['distinct2']:.2f} | {per} |")
-    lines += ["", "| step (128 positions, batch 1) | ms |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in result["cost_ms"].items()]
+    if result["cost_ms"]:
+        lines += ["", "| step (128 positions, batch 1) | ms |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in result["cost_ms"].items()]
     if result.get("nll_bound"):
         nll = result["nll_bound"]
         lines += ["", f"| NLL bound of {nll['pairs']} held-out rests (first canvas) | nats/token |", "|---|---:|"]

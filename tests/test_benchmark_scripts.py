@@ -111,6 +111,22 @@ def test_sdd_benchmark(data_dir, ar_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_guidance_benchmark(data_dir, trained_run, ar_run, tmp_path):
+    """benchmarks/guidance.py end to end on two pairs: the pairs made from the data's sources, every row judged, the
+    cost of a plain and a guided step measured (timed there, not compared here)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "mdlm").symlink_to(trained_run)
+    (runs / "ar").symlink_to(ar_run)
+    out = script("guidance.py", "--data", data_dir, "--runs", runs, "--judge", ar_run, "--out", tmp_path / "g", "--pairs", "2",
+                 "--length", "8", "--cond", tmp_path / "none")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert {"AR baseline", "MDLM, no prompt", "MDLM w 0", "MDLM w 4", "MDLM w 2 late"} <= set(rows)
+    assert (tmp_path / "g" / "data" / "pairs.val.jsonl").is_file()
+    assert float(rows["torch guided"][2]) > 0 and float(rows["torch plain"][2]) > 0
+
+
+@pytest.mark.slow
 def test_continuous_benchmark(data_dir, ar_run, tmp_path):
     """benchmarks/continuous.py end to end on a few steps: both continuous runs, every sampler and step count."""
     out = script("continuous.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "c", "--steps", "2", "--samples", "2",

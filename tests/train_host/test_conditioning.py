@@ -17,7 +17,7 @@ from train_host.conditioning import condition_parameters
 from train_host.model import Denoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bad_input"))
-from refusal import assert_clean_failure, run  # noqa: E402
+from refusal import assert_clean_failure, call, run  # noqa: E402
 
 COND = dict(cond_len=32, cond_layers=1)
 
@@ -133,7 +133,7 @@ def test_run_with_a_condition_and_the_refusals(stages, pairs_data, tmp_path):
                         (("--data", pairs_data, "--cond-len", "32", "--cond-drop", "nan"), "--cond-drop must be a number"),
                         (("--data", _no_pairs(tmp_path), "--cond-len", "32"), "holds no (first sentence -> rest) pairs"),
                         (("--data", pairs_data, "--family", "bd3", "--cond-len", "32"), "--cond-len is for --objective mdlm")]:
-        code, _, err = run("train", *args, "--out", tmp_path / "never", "--steps", "2", "--canvas-len", "64")
+        code, _, err = call("train", *args, "--out", tmp_path / "never", "--steps", "2", "--canvas-len", "64")  # in-process: quicker
         assert_clean_failure(code, err, match)
         assert not (tmp_path / "never").exists()
 
