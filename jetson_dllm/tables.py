@@ -72,8 +72,8 @@ def parity_table(manifest: dict) -> Table:
                     table.add_row(f"{graph} ({precision})", str(calls), f"{g['max_abs_logprob_diff']:.2e}", f"{g['top1_agreement']:.4f}")
             return table
     parity = manifest["parity"]
-    table = _table(f"parity with PyTorch on {parity['source']} (masked positions)",
-                   ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "NLL torch", "NLL onnx", "masked acc"))
+    table = _table(f"parity with PyTorch on {parity['source']} (masked positions; CE: their cross-entropy, nats)",
+                   ("precision", "mask ratio", "max |logit diff|", "top-1 agreement", "CE torch", "CE onnx", "masked acc"))
     for precision in manifest["precisions"]:
         for ratio, row in parity[precision]["by_mask_ratio"].items():
             table.add_row(precision, ratio, f"{row['max_abs_logit_diff']:.2e}", f"{row['top1_agreement']:.4f}",
@@ -82,15 +82,16 @@ def parity_table(manifest: dict) -> Table:
 
 
 def calibration_table(calibration: dict) -> Table:
-    """The INT8 report: per noise level, accuracy and NLL of FP32 / FP16 / INT8."""
+    """The INT8 report: per noise level, accuracy and cross-entropy (CE: of the scored tokens under the head, nats; not
+    a family's NLL, which SDD and continuous diffusion do not have) of FP32 / FP16 / INT8."""
     levels = calibration["report"]
     title = (f"INT8 ({calibration['method']}, {calibration['quantized']} of {calibration['quantizable']} matmuls, "
              f"{len(calibration['excluded'])} kept in FP32) on {calibration['eval_canvases']} held-out canvases: "
              f"accuracy drop {calibration['accuracy_drop_points']:.2f} points, budget {calibration['budget_points']:g}"
              + ("" if calibration["within_budget"] else "  [red]OVER BUDGET[/]"))
-    table = _table(title, ("mask ratio", "acc fp32", "acc fp16", "acc int8", "int8 - fp32", "NLL fp32", "NLL fp16", "NLL int8",
+    table = _table(title, ("mask ratio", "acc fp32", "acc fp16", "acc int8", "int8 - fp32", "CE fp32", "CE fp16", "CE int8",
                            "top-1 agree int8/fp32"))
-    def nll(row, key):  # the block graphs' report has top-K heads only: no NLL
+    def nll(row, key):  # the block graphs' report has top-K heads only: no cross-entropy
         return f"{row[key]:.4f}" if row and key in row else "-"
 
     for label in levels["int8"]:
