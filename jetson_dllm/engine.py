@@ -25,7 +25,7 @@ from pathlib import Path
 
 from jetson_dllm.bundle import Bundle, load_bundle
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import engine_graphs_of
+from jetson_dllm.families import check_engines
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
 from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_signature, graph_spec, tensor_shapes
@@ -108,10 +108,7 @@ def engine_spec(bundle: Bundle, precision: str, batch: int, canvas: int, graph: 
         raise DllmError(f"canvas {canvas} is not one of the bundle's shapes ({', '.join(map(str, bundle.canvas_lengths))})")
     if batch < 1:
         raise DllmError(f"batch must be at least 1, got {batch}")
-    family = bundle.family
-    if not engine_graphs_of(bundle.config):
-        what = "a conditional model (an encoder and a canvas graph taking its encoding)" if bundle.config.cond_len else f"the {family.title}"
-        raise DllmError(f"{bundle.path} holds {what}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+    check_engines(bundle.config, bundle.path)
     if graph not in engine_graphs(bundle):
         raise DllmError(f"{bundle.path} has no {graph or 'canvas'} graph to build an engine of")
     bundle.onnx_path(precision, graph)  # a clear error when the bundle lacks the precision

@@ -88,19 +88,22 @@ def extra_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_i
 
 
 def encoded_conditions(reference, clean: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """A conditional model's encodings for probe canvases, through `reference`'s encoder graph: about half of them
-    (by their text: the same canvas always gets the same) under a condition made of their own text's first tokens (up
-    to half the encoder's length), the others under the empty condition, so the cross-attention is measured read and
-    unread."""
-    n = reference.cfg.cond_len
-    tokens = np.zeros((len(clean), n), dtype=np.int32)
+    """A conditional model's encodings for probe canvases (`probe_conditions`), through `reference`'s encoder graph:
+    the cross-attention is measured read and unread."""
+    out = reference.run("encoder", probe_conditions(clean, pad_id, reference.cfg.cond_len))
+    return {name: np.array(out[name], copy=True) for name in ("memory", "memory_bias")}
+
+
+def probe_conditions(clean: np.ndarray, pad_id: int, cond_len: int) -> dict[str, np.ndarray]:
+    """The encoder graph's feeds for probe canvases: about half of them (by their text: the same canvas always gets
+    the same) under a condition of their own first tokens (up to half the encoder's length), the others empty."""
+    tokens = np.zeros((len(clean), cond_len), dtype=np.int32)
     lengths = np.zeros(len(clean), dtype=np.int32)
     for row, canvas in enumerate(clean):
-        text = canvas[canvas != pad_id][: max(1, n // 2)]
+        text = canvas[canvas != pad_id][: max(1, cond_len // 2)]
         if int(canvas.sum()) % 2:
             tokens[row, : len(text)], lengths[row] = text, len(text)
-    out = reference.run("encoder", {"tokens": tokens, "condition_len": lengths})
-    return {name: np.array(out[name], copy=True) for name in ("memory", "memory_bias")}
+    return {"tokens": tokens, "condition_len": lengths}
 
 
 def logits_of(runner, tokens: np.ndarray, batch: int = 16, soft: dict[str, np.ndarray] | None = None) -> np.ndarray:

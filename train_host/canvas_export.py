@@ -19,7 +19,7 @@ from calibration.quantize import quantize_bundle
 from jetson_dllm.bundle import Bundle, write_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of
-from jetson_dllm.parity import compare_runners, summarize
+from jetson_dllm.parity import compare_runners, probe_conditions, summarize
 from jetson_dllm.precisions import PRECISIONS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 from jetson_dllm.runners.torch_runner import TorchRunner
@@ -125,21 +125,21 @@ def export_encoder(model: Denoiser, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
+def entry_graphs(folder: Path, entry: dict) -> dict[str, Path]:
+    """A precision entry's graph files (the canvas graph, and a conditional model's encoder)."""
+    return {"canvas": folder / entry["file"], **({"encoder": folder / entry["encoder"]} if "encoder" in entry else {})}
+
+
 def encoder_parity(model: Denoiser, manifest: dict, folder: Path, canvases: np.ndarray, pad_id: int) -> dict[str, float]:
-    """Each precision's encoder graph against PyTorch on conditions cut from the parity canvases (half of them empty):
-    the largest |difference| of the encoding (memory). FP32 must agree within the canvas graph's own tolerance."""
-    n = model.cfg.cond_len
-    tokens = np.zeros((len(canvases), n), dtype=np.int32)
-    lengths = np.zeros(len(canvases), dtype=np.int32)
-    for row, canvas in enumerate(canvases):
-        text = canvas[canvas != pad_id][:n]
-        tokens[row, : len(text)], lengths[row] = text, len(text) if row % 2 else 0
-    feeds = {"tokens": tokens, "condition_len": lengths}
+    """Each precision's encoder graph against PyTorch on conditions cut from the parity canvases (`probe_conditions`,
+    about half empty): the largest |difference| of the encoding (memory). FP32 must agree within the canvas graph's
+    own tolerance."""
+    feeds = probe_conditions(canvases, pad_id, model.cfg.cond_len)
     with TorchRunner(model) as reference:
         ref = reference.run("encoder", feeds)["memory"]
     out = {}
     for precision, entry in manifest["precisions"].items():
-        with onnx_runner_from_graphs({"canvas": folder / entry["file"], "encoder": folder / entry["encoder"]}, model.cfg, precision) as runner:
+        with onnx_runner_from_graphs(entry_graphs(folder, entry), model.cfg, precision) as runner:
             out[precision] = float(np.abs(runner.run("encoder", feeds)["memory"] - ref).max())
     if not out["fp32"] <= FP32_MAX_LOGIT_DIFF:
         raise DllmError(f"the FP32 encoder graph disagrees with PyTorch (max difference {out['fp32']:.2e}); nothing was written")
@@ -172,8 +172,7 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
             manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU", **encoder}
         say("checking parity against PyTorch")
         canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
-        runners = {p: onnx_runner_from_graphs({"canvas": tmp / entry["file"], **({"encoder": tmp / entry["encoder"]} if "encoder" in entry else {})},
-                                              cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
+        runners = {p: onnx_runner_from_graphs(entry_graphs(tmp, entry), cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
         parity = parity_report(model, runners, canvases, cfg.mask_id, tokenizer.pad_id)
         for r in runners.values():
             r.close()

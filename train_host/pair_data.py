@@ -33,19 +33,18 @@ class PairDataset:
         docs = CanvasDataset.from_documents(rests, tokenizer.eot_id, canvas_len, tokenizer.pad_id, f"the {split} pairs of {data_dir}")
         windows = [-(-(len(r) + 1) // canvas_len) for r in rests]  # each rest's windows, its end-of-text included
         first = np.cumsum(windows) - np.asarray(windows)
-        self.tokens, self.canvas_len, self.pad_id = docs.tokens, canvas_len, tokenizer.pad_id
-        self.starts, self.lengths = docs.starts[first], docs.lengths[first]
+        docs.starts, docs.lengths = docs.starts[first], docs.lengths[first]  # each rest's first window only
+        self.docs, self.tokens, self.pad_id = docs, docs.tokens, docs.pad_id
         self.cond = np.zeros((len(keep), cond_len), dtype=np.int64)
         self.cond_lengths = np.asarray([len(conditions[i]) for i in keep], dtype=np.int64)
         for row, i in enumerate(keep):
             self.cond[row, : len(conditions[i])] = conditions[i]
-        self._docs = docs
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.docs)
 
     def batch(self, indices):
-        return type(self._docs).batch(self, indices)
+        return self.docs.batch(indices)
 
     def conditions(self, indices, device="cpu"):
         """The conditions of `indices`: ids (B, cond_len) and lengths (B,), torch tensors on `device`."""

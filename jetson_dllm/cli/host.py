@@ -56,6 +56,8 @@ TRAIN_EXAMPLES = """Examples: dllm train --data runs/data --out runs/tiny --step
 
   dllm train --family bd3 --block-size 4 --shift --complementary --init runs/ar ...   (adapt an AR parent)
 
+  dllm train --data runs/ts-pairs --init runs/mdlm --cond-len 48 --freeze-denoiser ...  (a condition onto an MDLM)
+
   dllm train --out runs/ts-tiny --resume ... (same flags: continues exactly); --nproc 2 ... (torchrun DDP)"""
 
 

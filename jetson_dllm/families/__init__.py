@@ -173,6 +173,14 @@ def engine_graphs_of(cfg) -> tuple[str, ...]:
     return () if getattr(cfg, "cond_len", 0) else FAMILIES[cfg.family].trt_graphs
 
 
+def check_engines(cfg, where) -> None:
+    """Refuse TensorRT for a model it builds no engines for (`engine_graphs_of`), saying why and what runs it."""
+    if not engine_graphs_of(cfg):
+        what = ("a conditional model (an encoder and a canvas graph taking its encoding)" if getattr(cfg, "cond_len", 0)
+                else f"the {FAMILIES[cfg.family].title}")
+        raise DllmError(f"{where} holds {what}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+
+
 def family_of(cfg) -> Family:
     """The family record of a model config."""
     return get_family(cfg.family)

@@ -80,7 +80,7 @@ def canvas_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sam
         soft = no_soft(canvas.shape, soft_k) if soft_k else {}
         calls = 0
         while True:
-            weight = weight_at(sampler.guidance, sampler.guidance_schedule, calls, sampler.steps) if sampler.guidance else 0.0
+            weight = weight_at(sampler.guidance, sampler.guidance_schedule, calls, sampler.steps)  # 0: no guidance
             calls += 1
             if weight:
                 twin = canvas if condition is not None else unconditional(canvas, fixed, special)

@@ -29,7 +29,7 @@ import numpy as np
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import FAMILIES, engine_graphs_of, family_of, model_graphs  # noqa: F401 (model_graphs: the runners')
+from jetson_dllm.families import FAMILIES, check_engines, family_of
 from jetson_dllm.precisions import RUNNERS, parse_precisions
 from jetson_dllm.tokenizer import TextTokenizer
 
@@ -364,9 +364,7 @@ def trt_runner_from_bundle(bundle_path: str, precision: str = "fp16", build: boo
     from jetson_dllm.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
-    if not engine_graphs_of(bundle.config):
-        what = "a conditional model (an encoder and a canvas graph taking its encoding)" if bundle.config.cond_len else f"the {bundle.family.title}"
-        raise DllmError(f"{bundle.path} holds {what}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
+    check_engines(bundle.config, bundle.path)
     if bundle.family.cached:
         from jetson_dllm.runners.trt_blocks import TrtBlockRunner
 

@@ -7,7 +7,7 @@ import re
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
+from jetson_dllm.families import family_of, model_graphs
 from jetson_dllm.runners import (
     ENTROPY,
     SAMPLING_OUTPUTS,
@@ -17,7 +17,6 @@ from jetson_dllm.runners import (
     check_graph,
     encoder_inputs,
     graph_soft_inputs,
-    model_graphs,
     valid_length,
 )
 from jetson_dllm.threads import resolve as resolve_threads

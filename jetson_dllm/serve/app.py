@@ -145,7 +145,7 @@ class Server:
                 if str(e).startswith("--guidance"):
                     raise ApiError(400, str(e).replace("--", ""), param="guidance") from None
                 raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
-            job = Job(served, n * (2 if knobs.guidance else 1), emit=emit, timeout_s=self.timeout_s)  # guided: a twin row each
+            job = Job(served, rows, emit=emit, timeout_s=self.timeout_s)
             out.append({"job": job, "fixed": served.fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False,
                         "steps": knobs.steps})
         for entry in out:
