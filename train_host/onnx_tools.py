@@ -62,6 +62,13 @@ def _innermost_module(node) -> tuple[str, str]:
     return "", ""
 
 
+# The graphs' own modules, whose nodes (the sampling head, the cache plumbing) an FP16 graph keeps in FP32. The
+# cached graphs' modules are train_host.graph_modules' (they were bd3_export's and ar_export's before it; named
+# there, their heads went to FP16 unnoticed until a graph returned its logits too and the checker caught it).
+HEAD_MODULES = ("export.ExportedDenoiser", "graph_modules.BlockStep", "graph_modules.Commit", "graph_modules.CommitStep",
+                "graph_modules.Decode")
+
+
 def fp32_nodes(proto) -> list[str]:
     """Nodes an FP16 graph keeps in FP32: RMSNorm, residual additions, the sampling head."""
     keep = []
@@ -71,7 +78,7 @@ def fp32_nodes(proto) -> list[str]:
             keep.append(node.name)
         elif module.endswith("model.Layer") and node.op_type == "Add":  # x + attn(...), x + mlp(...)
             keep.append(node.name)
-        elif module.endswith(("export.ExportedDenoiser", "bd3_export.BlockStep", "bd3_export.Commit", "ar_export.Decode")):  # the head; the cache plumbing
+        elif module.endswith(HEAD_MODULES):  # the head; the cache plumbing
             keep.append(node.name)
     return keep
 

@@ -114,6 +114,19 @@ def test_fp16_keeps_norms_softmax_residuals_and_topk_in_fp32(bundle_dir):
     assert weights and all(i.data_type == F16 for i in weights)  # matmul weights and the embedding in FP16
 
 
+@pytest.mark.parametrize("graph", ["block_step", "commit", "commit_step"])
+def test_the_cached_graphs_fp16_heads_and_cache_plumbing_stay_fp32(bd3_bundle, graph):
+    """The nodes of the graph's own module (the sampling head's log-softmax and entropy, the new keys' and values'
+    stacking) are FP32 in the FP16 graph: they were once matched by a module name the graphs no longer had."""
+    from train_host.onnx_tools import HEAD_MODULES, _innermost_module
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(bd3_bundle / f"{graph}.fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    head = [n for n in model.graph.node if _innermost_module(n)[0].endswith(HEAD_MODULES)]
+    floats = [(n.name, types[o]) for n in head for o in n.output if types.get(o) in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t == onnx.TensorProto.FLOAT for _, t in floats), [name for name, t in floats if t != onnx.TensorProto.FLOAT][:5]
+
+
 def test_manifest_hashes_and_parity(bundle_dir):
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
