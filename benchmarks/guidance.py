@@ -12,9 +12,12 @@ token is how much the first sentence explains it (the condition gain, nats per t
 means). Rows: MDLM (`RUNS/mdlm`) unguided, guided (LLaDA's unsupervised CFG: the twin row masks the prompt), and from
 no prompt at all (the unconditional baseline); the AR baseline (`RUNS/ar`) continuing the same sentence; the real
 rest of each story cut to `--length` of the judge's tokens (the reference); and, when `--cond` holds one, a
-conditional MDLM (the same denoiser with an encoder and cross-attention trained onto it, frozen: the staged
-recipe) reading the first sentence as its condition, no prompt, at guidance 0 / 1 / 2 / 4 and 2 late (its guided
-twin drops the condition), and under the empty condition. Cost: one canvas call of 128 positions, batch 1, against the guided call (2 rows,
+conditional model, MDLM or BD3 (its `--init` parent with an encoder and cross-attention trained onto it, the
+denoiser frozen or not) reading the first sentence as its condition, no prompt, at guidance 0 / 1 / 2 / 4 and 2 late
+(its guided twin drops the condition), and under the empty condition; a BD3 model takes one step per token of each
+block. `--conditional-only` measures only that model (OUT/guidance-NAME.json):
+
+    python benchmarks/guidance.py --cond runs/guidance/bd3-frozen --conditional-only Cost: one canvas call of 128 positions, batch 1, against the guided call (2 rows,
 the logits out, the mix on the host), on torch and on onnxruntime (FP32 bundle `RUNS/bundles/mdlm`), median of 30.
 """
 
@@ -61,7 +64,10 @@ def continuations(run: Path, conditions: list[str], length: int, guidance: float
         for i, condition in enumerate(conditions):
             prompt = condition if how == "prompt" else ""
             sampler = SamplerConfig(steps=length, temperature=0.8, seed=i, guidance=guidance, guidance_schedule=schedule)
-            if family.left_to_right:
+            if family.left_to_right and runner.cfg.cond_len:  # conditional block diffusion: one step per token of a block
+                sampler = SamplerConfig(steps=runner.cfg.block_size, temperature=0.8, seed=i, guidance=guidance, guidance_schedule=schedule)
+                g = module.complete(runner, "", length=length, sampler=sampler, condition=condition if how == "condition" else None)
+            elif family.left_to_right:
                 g = module.complete(runner, prompt, length=length, sampler=SamplerConfig(temperature=0.8, seed=i))
             else:
                 extra = {"condition": condition} if how == "condition" else {}
@@ -124,6 +130,11 @@ def likelihoods(cond: Path, parent: Path, data: Path) -> dict:
                 "the unconditional parent": score(load_model(parent)[0], _Rests(pairs)), "pairs": len(pairs)}
 
 
+def parent_of(run: Path) -> Path:
+    """The run a conditional model was trained from (`--init`): its unconditional parent."""
+    return Path(json.loads((run / "train_config.json").read_text())["train"]["init"])
+
+
 def cost(runs: Path, repeats: int = 30) -> dict:
     """ms per step: a canvas call of 128 positions, batch 1, plain and guided, on torch and onnxruntime."""
     import numpy as np
@@ -160,6 +171,46 @@ def cost(runs: Path, repeats: int = 30) -> dict:
     return out
 
 
+def block_cost(run: Path, bundle: Path, repeats: int = 30) -> dict:
+    """ms per step of a conditional BD3 model: a block step at position 64 over the cache, batch 1, plain (one row,
+    the top-K head in the graph) and guided (the twin row too, both rows' logits out, the mix), on torch and
+    onnxruntime (FP32 `bundle`, when it exists); the commit of a block, plain and with its twin."""
+    import numpy as np
+
+    from jetson_dllm.condition import encoder_call
+    from jetson_dllm.guidance import guided_head
+    from jetson_dllm.runners import open_runner
+
+    out = {}
+    for backend, path in (("torch", run), ("onnx", bundle)):
+        if not path.exists():
+            continue
+        with open_runner(backend, path, threads=1) as runner:
+            cfg, rng = runner.cfg, np.random.default_rng(0)
+            enc = runner.run("encoder", encoder_call([[5, 6, 7], []], cfg.cond_len).feeds)
+            memory = {k: np.array(v, copy=True) for k, v in enc.items()}
+            block = rng.integers(3, cfg.vocab_size, (1, cfg.block_size)).astype(np.int32)
+            block[:, cfg.block_size // 2 :] = runner.tokenizer.mask_id
+            one = {"tokens": block, "valid_len": np.int32(64), **{k: v[:1] for k, v in memory.items()}}
+            two = {"tokens": np.concatenate([block, block]), "valid_len": np.int32(64), **memory}
+            def guided(two=two):
+                guided_head(*np.split(runner.run("block_step", two, ("logits",))["logits"], 2), 2.0, runner.topk)
+
+            calls = {"block step, plain": lambda one=one: runner.run("block_step", one),  # one row, then two: each batch
+                     "commit, plain": lambda one=one: runner.run("commit", one),  # size's cache is allocated once
+                     "block step, guided (2 rows, logits out, the mix)": guided,
+                     "commit, with its twin (2 rows)": lambda two=two: runner.run("commit", two)}
+            for name, fn in calls.items():
+                fn()
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(1e3 * (time.perf_counter() - t0))
+                out[f"{backend} {name}"] = float(np.median(times))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("runs/adapt/data"))
@@ -183,10 +234,14 @@ def main() -> None:
     nll = None
     if (args.cond / "checkpoints").is_dir():  # the conditional model: the first sentence through its encoder, no prompt
         rows |= conditional_rows(args, judge, conditions)
-        nll = likelihoods(args.cond, args.runs / "mdlm", args.out / "data")
+        nll = likelihoods(args.cond, parent_of(args.cond), args.out / "data")
         print("NLL bound of the held-out rests:", json.dumps(nll), flush=True)
+    costs = {} if args.conditional_only else cost(args.runs)
+    if (args.cond / "checkpoints").is_dir() and "block_size" in json.loads((args.cond / "train_config.json").read_text())["model"] \
+            and json.loads((args.cond / "train_config.json").read_text())["model"]["block_size"]:  # a conditional BD3 model
+        costs |= block_cost(args.cond, args.out / "bundles" / args.cond.name)
     result = {"nll_bound": nll, "pairs": len(held), "length": args.length, "rows": rows, "cond": str(args.cond),
-              "cost_ms": {} if args.conditional_only else cost(args.runs), "first_condition": conditions[0], "load": os.getloadavg()}
+              "cost_ms": costs, "first_condition": conditions[0], "load": os.getloadavg()}
     name = f"guidance-{args.cond.name}.json" if args.conditional_only else "guidance.json"
     (args.out / name).write_text(json.dumps(result, indent=1))
     print(table(result))
@@ -211,7 +266,10 @@ def prompt_rows(args, judge, held: list[tuple[str, str]]) -> dict:
 
 def conditional_rows(args, judge, conditions: list[str]) -> dict:
     """The conditional model under the empty condition and under each first sentence at every guidance setting."""
-    name = f"conditional MDLM ({args.cond.name})"
+    from jetson_dllm.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(json.loads((args.cond / "train_config.json").read_text())["model"])
+    name = f"conditional {'BD3' if cfg.family == 'bd3' else 'MDLM'} ({args.cond.name})"
     texts, per = continuations(args.cond, conditions, args.length, how="none")
     rows = {f"{name}, empty condition": {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}}
     for label, (w, schedule) in COND_SETTINGS.items():
@@ -228,7 +286,7 @@ def table(result: dict) -> str:
         per = "" if r["calls_per_token"] is None else f"{r['calls_per_token']:.2f}"
         lines.append(f"| {name} | {r['judge_ppl']:.1f} | {r['condition_gain']:+.3f} | {r['repetition']:.2f} | {r['distinct2']:.2f} | {per} |")
     if result["cost_ms"]:
-        lines += ["", "| step (128 positions, batch 1) | ms |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in result["cost_ms"].items()]
+        lines += ["", "| step (batch 1, one thread) | ms |", "|---|---:|"] + [f"| {k} | {v:.1f} |" for k, v in result["cost_ms"].items()]
     if result.get("nll_bound"):
         nll = result["nll_bound"]
         lines += ["", f"| NLL bound of {nll['pairs']} held-out rests (first canvas) | nats/token |", "|---|---:|"]

@@ -65,6 +65,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pairs_data(tmp_path_factory) -> Path:
+    """Built-in stories with their (first sentence -> rest) pairs: conditional models' data."""
+    from train_host.data import prepare_data
+    from train_host.sources import Source
+
+    out = tmp_path_factory.mktemp("pairs") / "data"
+    prepare_data([Source("builtin", builtin_stories=600)], out, vocab_size=512, val_fraction=0.05, pairs=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     train_small(data_dir, out, steps=30)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from train_host.graph_modules import BlockStep, Commit, CommitStep, example_inputs
+from train_host.graph_modules import BlockStep, Commit, CommitStep, example_inputs, example_memory
 from train_host.model import Denoiser
 
 
@@ -33,25 +33,29 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
 
     model = model.eval()
     model.set_attention("math")
-    names = ["tokens", "k_cache", "v_cache", "valid_len"]
+    cfg = model.cfg
     batch = torch.export.Dim("batch", min=1, max=1024)
     dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {0: batch}}
+    memory = {"memory": {0: batch}, "memory_bias": {0: batch}} if cfg.cond_len else {}  # a conditional model's encoding, last
+    dynamic |= memory  # (dicts keep their order: the graphs' inputs are the modules' arguments in this order)
+    logits = ["logits"] if cfg.cond_len else []  # a conditional model's top-K graphs also return their logits (guidance)
     paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
     try:
         with quiet_exporter(), torch.no_grad():
-            soft = bool(model.cfg.soft_k)  # self-conditioned: the block step also takes the previous step's top-k
-            extra = {"soft_ids": {0: batch}, "soft_probs": {0: batch}} if soft else {}
-            torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model, soft=soft), str(paths["block_step"]),
-                              input_names=names + list(extra), output_names=["topk_logprobs", "topk_ids", "entropy"], opset_version=opset,
-                              dynamo=True, external_data=False, dynamic_shapes=dynamic | extra)
-            commit_out = ["topk_logprobs", "topk_ids", "entropy"] * model.cfg.shift + ["k_new", "v_new"]
-            torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=names,
-                              output_names=commit_out, opset_version=opset, dynamo=True, external_data=False,
-                              dynamic_shapes=dynamic)
+            soft = {"soft_ids": {0: batch}, "soft_probs": {0: batch}} if cfg.soft_k else {}  # self-conditioned: the previous top-k
+            steps = {n: d for n, d in dynamic.items() if n not in memory} | soft | memory
+            encoding = example_memory(model)
+            common = {"opset_version": opset, "dynamo": True, "external_data": False, "kwargs": encoding}
+            torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model, soft=bool(soft)), str(paths["block_step"]),
+                              input_names=list(steps), output_names=["topk_logprobs", "topk_ids", "entropy", *logits],
+                              dynamic_shapes=steps, **common)
+            commit_out = ["topk_logprobs", "topk_ids", "entropy"] * cfg.shift + ["k_new", "v_new"] + logits * cfg.shift
+            torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=list(dynamic),
+                              output_names=commit_out, dynamic_shapes=dynamic, **common)
             tokens = example_inputs(model)[0]
             torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),
-                              input_names=["prev_tokens", *names], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new"],
-                              opset_version=opset, dynamo=True, external_data=False, dynamic_shapes={"prev_tokens": {0: batch}, **dynamic})
+                              input_names=["prev_tokens", *dynamic], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new"],
+                              dynamic_shapes={"prev_tokens": {0: batch}, **dynamic}, **common)
     finally:
         model.set_attention("sdpa")
     return paths
@@ -77,13 +81,18 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     """A bundle of a block-diffusion model: block-step and commit graphs (FP32, FP16, INT8 Q/DQ), the tokenizer, a
     manifest, and a parity report of every precision against the torch cache (refused, writing nothing, if FP32
     disagrees). INT8 calibrates on `calibration_canvases(n)` (calibration.blocks)."""
+    import numpy as np
     import onnx
 
     from jetson_dllm.bundle import write_bundle
     from jetson_dllm.errors import DllmError
+    from train_host.canvas_export import encoder_parity, write_encoders
     from train_host.onnx_tools import OPSET, bundle_manifest, fp32_nodes
 
     cfg = model.cfg
+    if cfg.cond_len and "int8" in precisions:
+        raise DllmError("--int8 for a conditional block-diffusion model is not built yet (calibrating its block graphs needs its "
+                        "conditions' encodings); export --fp16, or an unconditional model")
 
     def build(tmp: Path) -> dict:
         say("exporting the block-step and commit graphs (FP32)")
@@ -95,6 +104,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
             entries["fp16"] = fp16_block_graphs(tmp)
+        write_encoders(model, tmp, entries, say)  # a conditional model's encoder, once per request
         calibration = None
         if "int8" in precisions:
             from calibration.blocks import quantize_block_graphs
@@ -103,28 +113,31 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
             calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
             entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)"}
         say("checking the graphs against PyTorch")
-        graph_files = {p: {g: tmp / e["file" if g == "block_step" else g] for g in ("block_step", "commit", "commit_step")
+        graph_files = {p: {g: tmp / e["file" if g == "block_step" else g] for g in ("block_step", "commit", "commit_step", "encoder")
                            if ("file" if g == "block_step" else g) in e} for p, e in entries.items()}
-        parity = {p: block_parity(model, files, topk, p) for p, files in graph_files.items()}
+        parity = {p: block_parity(model, {g: f for g, f in files.items() if g != "encoder"}, topk, p) for p, files in graph_files.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 block graphs disagree with PyTorch ({parity['fp32']}); nothing was written")
+        extra = {"block_parity": parity, **({"calibration": calibration} if calibration else {})}
+        if cfg.cond_len:  # the encoder graph against PyTorch (its output feeds every block graph's call of a request)
+            probe = np.random.default_rng(1).integers(3, cfg.vocab_size, (8, cfg.canvas_len))
+            extra["encoder_parity"] = encoder_parity(model, graph_files, probe, tokenizer.pad_id)
         nodes = {g: fp32_nodes(onnx.load(str(tmp / f"{g}.fp32.onnx"))) for g in ("block_step", "commit")}
-        return bundle_manifest(cfg, tokenizer, ckpt, topk, entries, nodes, [cfg.canvas_len],
-                               {"block_parity": parity, **({"calibration": calibration} if calibration else {})})
+        return bundle_manifest(cfg, tokenizer, ckpt, topk, entries, nodes, [cfg.canvas_len], extra)
 
     return write_bundle(out_dir, build, overwrite=overwrite)
 
 
-def parity_calls(cfg, batch: int = 2, seed: int = 0) -> list:
+def parity_calls(cfg, batch: int = 2, seed: int = 0, memory: dict | None = None) -> list:
     """The calls block parity sends to both runners: a canvas of random tokens, block by block: the block half
     masked through the block step (a self-conditioned model's with soft inputs: random candidates at the masked
     positions, probabilities summing below 1), then (from the second block on) through the commit step with the
-    previous block, then committed clean."""
+    previous block, then committed clean. `memory`: a conditional model's encodings (batch rows), in every call."""
     import numpy as np
 
     from jetson_dllm.runners import Call
 
-    rng, b = np.random.default_rng(seed), cfg.block_size
+    rng, b, memory = np.random.default_rng(seed), cfg.block_size, memory or {}
     x = rng.integers(3, cfg.vocab_size, (batch, cfg.canvas_len)).astype(np.int32)
     calls = []
     for j in range(cfg.canvas_len // b):
@@ -134,10 +147,10 @@ def parity_calls(cfg, batch: int = 2, seed: int = 0) -> list:
         if cfg.soft_k:
             probs = rng.dirichlet(np.ones(cfg.soft_k + 1), z.shape)[..., : cfg.soft_k] * (z == cfg.mask_id)[..., None]
             soft = {"soft_ids": rng.integers(3, cfg.vocab_size, (*z.shape, cfg.soft_k)).astype(np.int32), "soft_probs": probs.astype(np.float32)}
-        calls.append(Call("block_step", {"tokens": z, "valid_len": np.int32(j * b), **soft}))
+        calls.append(Call("block_step", {"tokens": z, "valid_len": np.int32(j * b), **soft, **memory}))
         if j > 0:  # the previous block's commit folded into this step: it rewrites that block's keys, the same
-            calls.append(Call("commit_step", {"prev_tokens": x[:, (j - 1) * b : j * b], "tokens": z, "valid_len": np.int32((j - 1) * b)}))
-        calls.append(Call("commit", {"tokens": block, "valid_len": np.int32(j * b)}))
+            calls.append(Call("commit_step", {"prev_tokens": x[:, (j - 1) * b : j * b], "tokens": z, "valid_len": np.int32((j - 1) * b), **memory}))
+        calls.append(Call("commit", {"tokens": block, "valid_len": np.int32(j * b), **memory}))
     return calls
 
 
@@ -148,7 +161,8 @@ def block_parity(model: Denoiser, paths: dict[str, Path], k: int, precision: str
     from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
     from jetson_dllm.runners.torch_runner import TorchRunner
 
-    calls = parity_calls(model.cfg)
+    memory = {name: value.numpy() for name, value in example_memory(model).items()}  # a conditional model's: one condition, one empty
+    calls = parity_calls(model.cfg, memory=memory)
     calls = [c for c in calls if c.graph in paths]  # INT8 has no commit-step graph
     with TorchRunner(model, topk=k) as reference, onnx_runner_from_graphs(paths, model.cfg, precision) as runner:
         return compare_calls(reference, {precision: runner}, calls)[precision]

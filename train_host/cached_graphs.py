@@ -24,19 +24,21 @@ from train_host.bd3 import fused_mask
 from train_host.model import Denoiser, KVCache, shifted, topk_logprobs
 
 
-def commit(model: Denoiser, cache: KVCache, block: torch.Tensor) -> torch.Tensor | None:
-    """Append a final (clean) block's keys and values to the cache; a shifted model's block logits come back."""
+def commit(model: Denoiser, cache: KVCache, block: torch.Tensor, memory: tuple | None = None) -> torch.Tensor | None:
+    """Append a final (clean) block's keys and values to the cache; a shifted model's block logits come back.
+    `memory`: a conditional model's encoded condition (every function here takes it)."""
     cache.frozen = False
-    h = model.hidden(block, cache=cache)
+    h = model.hidden(block, cache=cache, memory=memory)
     return shifted(model.logits_from_hidden(h)) if model.cfg.shift else None
 
 
-def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor, soft: tuple | None = None) -> torch.Tensor:
+def block_step_logits(model: Denoiser, cache: KVCache, block: torch.Tensor, soft: tuple | None = None,
+                      memory: tuple | None = None) -> torch.Tensor:
     """The logits of a noised block that sees the cache and itself; the cache is left as it was. `soft`: a
     self-conditioned model's soft inputs."""
     cache.frozen = True
     try:
-        logits = model(block, cache=cache, soft=soft)
+        logits = model(block, cache=cache, soft=soft, memory=memory)
         return shifted(logits) if model.cfg.shift else logits
     finally:
         cache.frozen = False
@@ -47,13 +49,13 @@ def block_step(model: Denoiser, cache: KVCache, block: torch.Tensor, k: int) -> 
     return topk_logprobs(block_step_logits(model, cache, block), k)
 
 
-def commit_step_logits(model: Denoiser, cache: KVCache, prev: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+def commit_step_logits(model: Denoiser, cache: KVCache, prev: torch.Tensor, block: torch.Tensor, memory: tuple | None = None) -> torch.Tensor:
     """The finished block `prev` committed and the noised `block` after it stepped, in one forward pass under
     training's mask (the clean block block-causal, the noised one seeing it); the cache keeps `prev` only."""
     start, b = cache.len, block.shape[1]
     past = torch.ones(2 * b, start, dtype=torch.bool, device=block.device)
     cache.frozen = False
-    logits = model(torch.cat([prev, block], dim=1), cache=cache, attn_mask=torch.cat([past, fused_mask(b, block.device)], dim=1))
+    logits = model(torch.cat([prev, block], dim=1), cache=cache, attn_mask=torch.cat([past, fused_mask(b, block.device)], dim=1), memory=memory)
     cache.len = start + b  # the noised block's keys were written past it: masked, and overwritten later
     return logits[:, b - 1 : 2 * b - 1] if model.cfg.shift else logits[:, b:]  # shifted: from the position before
 
@@ -62,18 +64,20 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     """The autoregressive baseline's step: the logits that follow `tokens` (B, 1), whose keys and values are
     written into the cache at its length."""
     return model.logits_from_hidden(model.hidden(tokens, cache=cache))
+
+
 def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
-               prev_tokens: torch.Tensor | None = None, soft: tuple | None = None) -> torch.Tensor | None:
+               prev_tokens: torch.Tensor | None = None, soft: tuple | None = None, memory: tuple | None = None) -> torch.Tensor | None:
     """One cached graph (jetson_dllm.runners.GRAPHS) on the model with a torch cache at `valid` positions: the
     logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back). `soft`: a
-    self-conditioned block step's soft inputs."""
+    self-conditioned block step's soft inputs; `memory` a conditional model's encoded condition."""
     cache.len = valid
     if graph == "block_step":
-        return block_step_logits(model, cache, tokens, soft)
+        return block_step_logits(model, cache, tokens, soft, memory)
     if graph == "commit":
-        return commit(model, cache, tokens)
+        return commit(model, cache, tokens, memory)
     if graph == "commit_step":
-        return commit_step_logits(model, cache, prev_tokens, tokens)
+        return commit_step_logits(model, cache, prev_tokens, tokens, memory)
     if graph == "decode":
         return decode(model, cache, tokens)
     raise DllmError(f"no cached graph {graph!r}")

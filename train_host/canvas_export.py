@@ -125,21 +125,36 @@ def export_encoder(model: Denoiser, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
+def write_encoders(model: Denoiser, tmp: Path, entries: dict, say) -> None:
+    """A conditional model's encoder (run once per request) beside its denoising graphs: FP32, and FP16 for an FP16
+    entry; each entry of `entries` (precision -> files) gets its `encoder`. Nothing for a model without a condition."""
+    import onnx
+
+    if not model.cfg.cond_len:
+        return
+    say("exporting the condition encoder")
+    export_encoder(model, tmp / ENCODER_FILES["fp32"])
+    entries["fp32"]["encoder"] = ENCODER_FILES["fp32"]
+    if "fp16" in entries:
+        onnx.save(convert_fp16(onnx.load(str(tmp / ENCODER_FILES["fp32"]))), str(tmp / ENCODER_FILES["fp16"]))
+        entries["fp16"]["encoder"] = ENCODER_FILES["fp16"]
+
+
 def entry_graphs(folder: Path, entry: dict) -> dict[str, Path]:
     """A precision entry's graph files (the canvas graph, and a conditional model's encoder)."""
     return {"canvas": folder / entry["file"], **({"encoder": folder / entry["encoder"]} if "encoder" in entry else {})}
 
 
-def encoder_parity(model: Denoiser, manifest: dict, folder: Path, canvases: np.ndarray, pad_id: int) -> dict[str, float]:
-    """Each precision's encoder graph against PyTorch on conditions cut from the parity canvases (`probe_conditions`,
-    about half empty): the largest |difference| of the encoding (memory). FP32 must agree within the canvas graph's
-    own tolerance."""
+def encoder_parity(model: Denoiser, graphs: dict[str, dict[str, Path]], canvases: np.ndarray, pad_id: int) -> dict[str, float]:
+    """Each precision's encoder graph (`graphs`: precision -> its graph files, the encoder's among them) against
+    PyTorch on conditions cut from the parity canvases (`probe_conditions`, about half empty): the largest |difference|
+    of the encoding (memory). FP32 must agree within the canvas graph's own tolerance."""
     feeds = probe_conditions(canvases, pad_id, model.cfg.cond_len)
     with TorchRunner(model) as reference:
         ref = reference.run("encoder", feeds)["memory"]
     out = {}
-    for precision, entry in manifest["precisions"].items():
-        with onnx_runner_from_graphs(entry_graphs(folder, entry), model.cfg, precision) as runner:
+    for precision, files in graphs.items():
+        with onnx_runner_from_graphs(files, model.cfg, precision) as runner:
             out[precision] = float(np.abs(runner.run("encoder", feeds)["memory"] - ref).max())
     if not out["fp32"] <= FP32_MAX_LOGIT_DIFF:
         raise DllmError(f"the FP32 encoder graph disagrees with PyTorch (max difference {out['fp32']:.2e}); nothing was written")
@@ -183,7 +198,8 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
                             f"top-1 agreement {fp32_row['top1_agreement']:.4f}); nothing was written")
         manifest["parity"] = parity
         if cfg.cond_len:  # the encoder graph against PyTorch (its output feeds every canvas call of a request)
-            manifest["encoder_parity"] = encoder_parity(model, manifest, tmp, canvases, tokenizer.pad_id)
+            files = {p: entry_graphs(tmp, entry) for p, entry in manifest["precisions"].items()}
+            manifest["encoder_parity"] = encoder_parity(model, files, canvases, tokenizer.pad_id)
         return manifest
 
     return write_bundle(out_dir, build, overwrite=options.overwrite)
@@ -205,13 +221,7 @@ def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dic
         check_graph(fp16, files["fp16"])
         onnx.save(fp16, str(tmp / files["fp16"]))
     entries = {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"}
-    if cfg.cond_len:  # a conditional model's encoder (run once per request): FP32, and FP16 beside the FP16 canvas graph
-        say("exporting the condition encoder")
-        export_encoder(model, tmp / ENCODER_FILES["fp32"])
-        entries["fp32"]["encoder"] = ENCODER_FILES["fp32"]
-        if "fp16" in entries:
-            onnx.save(convert_fp16(onnx.load(str(tmp / ENCODER_FILES["fp32"]))), str(tmp / ENCODER_FILES["fp16"]))
-            entries["fp16"]["encoder"] = ENCODER_FILES["fp16"]
+    write_encoders(model, tmp, entries, say)
     manifest = bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), cfg.canvas_buckets(), {})
     manifest["heads"]["logits"] = {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"}
     return manifest

@@ -104,7 +104,8 @@ def drop_conditions(lengths: torch.Tensor, rate: float, generator: torch.Generat
 
 def with_condition(model, condition: tuple[torch.Tensor, torch.Tensor] | None):
     """The model with a batch's condition ((B, C) ids, (B,) lengths) bound to every call (what the family losses
-    call: they never see the condition), or the model itself when there is none."""
+    call: they never see the condition), or the model itself when there is none. A call on k copies of the batch
+    (BD3's complementary masks: [x; x]) gets the conditions k times, in the same order."""
     if condition is None:
         return model
 
@@ -112,10 +113,21 @@ def with_condition(model, condition: tuple[torch.Tensor, torch.Tensor] | None):
         def __init__(self, inner):
             self.inner, self.cfg = inner, getattr(inner, "cfg", None) or inner.module.cfg
 
-        def __call__(self, *args, **kwargs):
-            return self.inner(*args, condition=condition, **kwargs)
+        def __call__(self, tokens, *args, **kwargs):
+            return self.inner(tokens, *args, condition=_repeat(condition, tokens.shape[0]), **kwargs)
 
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
     return Bound(model)
+
+
+def _repeat(condition: tuple[torch.Tensor, torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's conditions for a call on `rows` rows: k stacked copies of the batch (rows = k * B)."""
+    ids, lengths = condition
+    if rows == ids.shape[0]:
+        return condition
+    if rows % ids.shape[0]:
+        raise ValueError(f"a call on {rows} rows for a batch of {ids.shape[0]} conditions")
+    k = rows // ids.shape[0]
+    return ids.repeat(k, 1), lengths.repeat(k)

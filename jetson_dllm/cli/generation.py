@@ -40,7 +40,7 @@ def run(
     eta: Annotated[float, typer.Option(help="continuous diffusion: 0 = DDIM (deterministic), 1 = DDPM (fresh noise each step), or between")] = 0.0,
     clamp: Annotated[bool, typer.Option("--clamp", help="continuous diffusion: step with each position's top-1 token's latent (Diffusion-LM's clamping), not the expected one")] = False,
     condition: Annotated[Optional[str], typer.Option(help="a conditional model's condition (e.g. a story's first sentence), read by its encoder once; none: the empty condition")] = None,
-    guidance: Annotated[float, typer.Option(help="classifier-free guidance toward the prompt, or a conditional model's condition (mdlm: an unguided twin row per sample, docs/guidance.md); 0 = none")] = 0.0,
+    guidance: Annotated[float, typer.Option(help="classifier-free guidance toward the prompt (mdlm), or a conditional model's condition (mdlm, bd3): an unguided twin row per sample, docs/guidance.md; 0 = none")] = 0.0,
     guidance_schedule: Annotated[str, typer.Option(help="guidance over the steps: constant | late (none in the first half) | ramp (growing to --guidance)")] = "constant",
     device: Annotated[str, typer.Option(help="torch backend device: cpu | cuda")] = "cpu",
     providers: Annotated[str, typer.Option(help="onnx backend providers, comma-separated (e.g. CUDAExecutionProvider)")] = "",

@@ -80,7 +80,7 @@ def train(
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
     swap_ids: Annotated[bool, typer.Option("--swap-ids", help="--objective sdd: above t = 0.5 leave the truth out of the candidates with probability 2t - 1 (sampling starts from random ids)")] = False,
     latent_dim: Annotated[int, typer.Option(help="--objective continuous: width of the noised token embeddings (L2-normalised)", min=1, max=4096)] = 64,
-    cond_len: Annotated[int, typer.Option(help="--objective mdlm: a conditional model, reading a condition (a story's first sentence) of up to N tokens through its own encoder; trains on `dllm data --pairs` data", min=0, max=1024)] = 0,
+    cond_len: Annotated[int, typer.Option(help="--objective mdlm, bd3: a conditional model, reading a condition (a story's first sentence) of up to N tokens through its own encoder; trains on `dllm data --pairs` data", min=0, max=1024)] = 0,
     cond_layers: Annotated[int, typer.Option(help="--cond-len: the condition encoder's layers", min=1, max=64)] = 2,
     cond_drop: Annotated[float, typer.Option(help="--cond-len: share of rows trained with the condition dropped, for classifier-free guidance")] = 0.1,
     freeze_denoiser: Annotated[bool, typer.Option("--freeze-denoiser", help="--cond-len: train only the encoder and the cross-attention of an --init denoiser (staged training)")] = False,
@@ -113,12 +113,18 @@ def train(
     log_every: Annotated[int, typer.Option(hidden=True, min=1)] = 10,
 ) -> None:
     """Train a model of a family (--family mdlm, bd3, sdd, continuous, ar); resumable, with progress and curves."""
-    from train_host.launch import TrainConfig, launch, summary
+    from train_host.launch import TrainConfig, launch
     tc = TrainConfig.from_options({**locals(), "data": str(data_dir), "out": str(out_dir), "time_budget": parse_duration(time_budget),
                                    "init": str(init) if init else ""})
     _check_given(tc, given_options(ctx))
-    if (result := launch(tc, nproc=nproc, console=err)) is None:  # not rank 0 of a torchrun job
-        return
+    if (result := launch(tc, nproc=nproc, console=err)) is not None:  # None: not rank 0 of a torchrun job
+        _finish(result, tc)
+
+
+def _finish(result: dict, tc) -> None:
+    """The run's summary; an interrupted run exits as the signal that stopped it would (130, 143)."""
+    from train_host.launch import summary
+
     out.print(summary(result, tc))
     if result["stop"] == "interrupted":
         raise typer.Exit(130 if result.get("signal") == 2 else 143)

@@ -114,9 +114,10 @@ FAMILIES: dict[str, Family] = {
                    soft_inputs="self", infilling=True, conditional=True),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
-                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span"), int8="qdq",
-                  runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", soft_inputs="self",
-                  train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate")),
+                  nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span", "guidance", "guidance_schedule"),
+                  int8="qdq", runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", soft_inputs="self",
+                  train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate", "cond_len",
+                                 "cond_layers", "cond_drop", "freeze_denoiser"), conditional=True),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
                   runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), soft_inputs="sdd",
@@ -169,14 +170,14 @@ def model_graphs(cfg) -> tuple[str, ...]:
 
 def engine_graphs_of(cfg) -> tuple[str, ...]:
     """The graphs TensorRT builds engines for, for this model: its family's (`trt_graphs`); none yet for a conditional
-    model (its encoder and its canvas graph taking the encoding run on onnxruntime)."""
+    model (its encoder and the denoising graphs taking the encoding run on onnxruntime)."""
     return () if getattr(cfg, "cond_len", 0) else FAMILIES[cfg.family].trt_graphs
 
 
 def check_engines(cfg, where) -> None:
     """Refuse TensorRT for a model it builds no engines for (`engine_graphs_of`), saying why and what runs it."""
     if not engine_graphs_of(cfg):
-        what = ("a conditional model (an encoder and a canvas graph taking its encoding)" if getattr(cfg, "cond_len", 0)
+        what = ("a conditional model (an encoder and denoising graphs taking its encoding)" if getattr(cfg, "cond_len", 0)
                 else f"the {FAMILIES[cfg.family].title}")
         raise DllmError(f"{where} holds {what}; TensorRT engines for its graphs are not built yet (run it with --backend onnx)")
 

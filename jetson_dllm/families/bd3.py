@@ -11,6 +11,10 @@ A model with the token shift (adapted from an autoregressive parent) reads the s
 did, and its graphs return each position's prediction from the position before: a block's first token is predicted
 by the previous block's last clean position, which the commit (or the commit step) returns; the loop keeps that
 prediction for every step of the block, as the model was trained.
+
+A conditional model (`cond_len`) runs its encoder once per request and every graph call carries the encoding; under
+classifier-free guidance each sample's unguided twin (the same blocks, the empty condition) rides in the same calls
+with a cache of its own, and each step samples from the two rows' mix (`_Rows`; docs/guidance.md).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from jetson_dllm.condition import check_guidance, condition_ids, encoder_call
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part of the family interface)
     BenchRun,
@@ -35,7 +40,8 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     soft_feeds,
     still_masked,
 )
-from jetson_dllm.runners import ENTROPY, SAMPLING_OUTPUTS, Call, drive
+from jetson_dllm.guidance import check_runner, guided_head, weight_at
+from jetson_dllm.runners import CONDITION_INPUTS, ENTROPY, SAMPLING_OUTPUTS, Call, drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
 
 OnStep = Callable[[np.ndarray, Step], None]
@@ -89,8 +95,23 @@ def _relay(on_step: OnStep | None, out: np.ndarray, s: int, e: int, skip: int = 
     return relay
 
 
-def _commit(tokens: np.ndarray, start: int) -> Call:
-    return Call("commit", {"tokens": tokens, "valid_len": np.int32(start)})
+def _commit(tokens: np.ndarray, start: int, rows: _Rows, first: _First, commit_ms: list[float]) -> Generator[Call, dict, None]:
+    """A final block's keys and values into the cache at `start` (every call row's), timed; what a shifted model's
+    commit predicts for the next block's first token kept."""
+    c0 = time.perf_counter()
+    got = yield Call("commit", {"tokens": rows.twice(tokens), "valid_len": np.int32(start), **rows.memory}, rows.commit_outputs)
+    first.keep(got)
+    rows.keep(got)
+    commit_ms.append((time.perf_counter() - c0) * 1e3)
+
+
+def _encoding(condition: list[int] | None, guided: bool, n: int, cond_len: int) -> Generator[Call, dict, dict]:
+    """A conditional model's encoding for every call row: the encoder, once, on the condition (and on the empty one,
+    the guided twins'); {} for a model without a condition."""
+    if condition is None:
+        return {}
+    out = yield encoder_call([condition, *([[]] if guided else [])], cond_len)
+    return {name: np.repeat(out[name], n, axis=0) for name in CONDITION_INPUTS}  # [condition x n; (empty x n)]
 
 
 HEADS = (*SAMPLING_OUTPUTS, ENTROPY)  # what the sampler takes from a call, in order (the entropy where a graph has it)
@@ -118,22 +139,54 @@ class _First:
         return tuple(out[k] for k in HEADS)
 
 
-def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First, soft_k: int = 0,
+class _Rows:
+    """What every call of a generation carries beyond its tokens: a conditional model's encoding (`memory`, one row per
+    call row) and, under classifier-free guidance, each sample's unguided twin: the same tokens under the empty
+    condition, in rows after the samples'. A guided block step asks for both rows' logits and samples from their mix
+    (jetson_dllm.guidance); a shifted model's commit then returns its logits too, whose position 0 (the next block's
+    first token) is mixed the same way at every step of that block."""
+
+    def __init__(self, n: int, sampler: SamplerConfig, memory: dict, topk: int, shifted: bool):
+        self.n, self.sampler, self.memory, self.topk = n, sampler, memory, topk
+        self.guided = bool(sampler.guidance)
+        self.commit_outputs = ("logits",) if self.guided and shifted else None
+        self.first = None  # a guided shifted model's commit logits at position 0 (2n, 1, vocab)
+
+    def twice(self, a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, a]) if self.guided else a
+
+    def keep(self, got: dict) -> None:
+        if self.commit_outputs:
+            self.first = got["logits"][:, :1].copy()
+
+    def heads(self, got: dict, step: int) -> tuple:
+        logits = got["logits"]
+        if self.first is not None:
+            logits = logits.copy()
+            logits[:, :1] = self.first
+        weight = weight_at(self.sampler.guidance, self.sampler.guidance_schedule, step, self.sampler.steps)
+        return guided_head(logits[: self.n], logits[self.n :], weight, self.topk)
+
+
+def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _First, rows: _Rows, soft_k: int = 0,
              mask_id: int = 0) -> Generator[Call, dict, object]:
     """One block's sampler as graph calls: block steps at `start`, the first one a commit step when a finished block
     is `pending`; the sampler's result. A self-conditioned model's block steps (`soft_k`) also get the previous step's
-    top-k at the positions still masked (none on the block's first step)."""
+    top-k at the positions still masked (none on the block's first step). `rows`: the encoding and guidance's twins."""
     try:
         z = next(steps)
         soft = no_soft(z.shape, soft_k) if soft_k else {}
+        calls = 0
         while True:
             if pending is not None:  # the finished block's commit folded into this block's first call
-                call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1])}), None
+                call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1]), **rows.memory}), None
                 got = yield call
                 first.keep(got)  # the shifted commit step's position 0 is the finished block's last position's
             else:
-                got = yield Call("block_step", {"tokens": z, "valid_len": np.int32(start), **soft})
-            heads = first.splice(got)
+                feeds = {"tokens": rows.twice(z), "valid_len": np.int32(start), **{k: rows.twice(v) for k, v in soft.items()}, **rows.memory}
+                got = yield Call("block_step", feeds, ("logits",) if rows.guided else None)
+            heads = rows.heads(got, calls) if rows.guided else first.splice(got)
+            calls += 1
             previous = soft_feeds(heads[0], heads[1], soft_k) if soft_k else {}
             z = steps.send(heads)
             soft = still_masked(previous, z == mask_id) if soft_k else {}
@@ -143,13 +196,17 @@ def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _
 
 def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
                 num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False,
-                shift_bos: int | None = None, soft_k: int = 0) -> Generator[Call, dict, BlockResult]:
+                shift_bos: int | None = None, soft_k: int = 0, condition: list[int] | None = None, cond_len: int = 0,
+                topk: int = 0) -> Generator[Call, dict, BlockResult]:
     """Generation block by block as graph calls: `block_step` (a noised block over the cache's first `valid_len`
     positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `fold`,
     `commit_step` (the previous block's commit and this block's first step in one call). `on_step(text so far,
     Step)` sees every denoising step (the live view). `shift_bos`: a shifted model's start token, read first (not
     part of the result's tokens or the live view, as the autoregressive baseline's is not). `soft_k`: a
-    self-conditioned model's candidates per position (its block steps are fed the previous step's top-k)."""
+    self-conditioned model's candidates per position (its block steps are fed the previous step's top-k).
+    `condition`: a conditional model's condition ids (its encoder runs once, every call takes the encoding); with
+    `sampler.guidance`, each sample's unguided twin rides along in every call (no folded commits: the commit step
+    returns no logits) and steps sample from the mix's top-`topk`. The callers check guidance has a condition."""
     first, given = _First(shift_bos is not None), prompt
     if shift_bos is not None:
         prompt = [shift_bos, *prompt]
@@ -157,14 +214,15 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
     if len(prompt) >= total:
         raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {max_len}, leaving no room to generate")
     t0 = time.perf_counter()
+    memory = yield from _encoding(condition, bool(sampler.guidance), num_samples, cond_len)
+    rows = _Rows(num_samples, sampler, memory, topk, shift_bos is not None)
+    fold = fold and not rows.guided
     step_ms, commit_ms, sampler_s = [], [], 0.0
     out = np.full((num_samples, total), special.pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
     done = len(prompt) // block
     for j in range(done):  # the prompt's complete blocks
-        c0 = time.perf_counter()
-        first.keep((yield _commit(out[:, j * block : (j + 1) * block], j * block)))
-        commit_ms.append((time.perf_counter() - c0) * 1e3)
+        yield from _commit(out[:, j * block : (j + 1) * block], j * block, rows, first, commit_ms)
     evaluations, commits, e, folded, pending = 0, done, 0, 0, None
     for j in range(done, -(-total // block)):
         s, e = j * block, min((j + 1) * block, total)
@@ -175,13 +233,11 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
         fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
         canvas[:, e - s :] = special.pad
         steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e, len(prompt) - len(given)))
-        result = yield from _denoise(steps, s, pending, first, soft_k, special.mask)
+        result = yield from _denoise(steps, s, pending, first, rows, soft_k, special.mask)
         if pending is not None and result.evaluations:
             folded, pending = folded + 1, None
         if pending is not None:  # no network call in this block (nothing to denoise): commit on its own
-            c0 = time.perf_counter()
-            first.keep((yield _commit(*pending)))
-            commit_ms.append((time.perf_counter() - c0) * 1e3)
+            yield from _commit(*pending, rows, first, commit_ms)
             commits, pending = commits + 1, None
         evaluations += result.evaluations
         step_ms += [h.network_ms for h in result.history if h.evaluated]
@@ -193,43 +249,58 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
         if fold:
             pending = (out[:, s:e].copy(), s)
         else:
-            c0 = time.perf_counter()
-            first.keep((yield _commit(out[:, s:e], s)))
-            commit_ms.append((time.perf_counter() - c0) * 1e3)
+            yield from _commit(out[:, s:e], s, rows, first, commit_ms)
             commits += 1
     return BlockResult(out[:, len(prompt) - len(given) : e], max(0, e - len(prompt)), evaluations, commits, time.perf_counter() - t0, step_ms, commit_ms,
                        sampler_s, folded)
 
 
-def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig, on_step=None) -> BlockResult:
-    """`block_calls` on a runner, folding commits when it has the commit-step graph."""
-    tok = runner.tokenizer
-    special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-    shift_bos = tok.bos_id if runner.cfg.shift else None
-    return drive(runner, block_calls(prompt_ids, max_new, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len,
-                                     num_samples, on_step, fold="commit_step" in runner.graphs, shift_bos=shift_bos, soft_k=runner.cfg.soft_k))
+def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig, on_step=None,
+                    condition: list[int] | None = None) -> BlockResult:
+    """`block_calls` on a runner, folding commits when it has the commit-step graph; a conditional model's under
+    `condition` ids ([]: the empty condition)."""
+    return drive(runner, _calls(runner, prompt_ids, max_new, num_samples, sampler, on_step, condition))
+
+
+def _calls(runner, ids: list[int], max_new: int, n: int, sampler: SamplerConfig, on_step, condition: list[int] | None):
+    cfg, tok = runner.cfg, runner.tokenizer
+    if sampler.guidance:
+        _check_guided(runner, condition)
+    return block_calls(ids, max_new, SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler, cfg.block_size, cfg.canvas_len, n, on_step,
+                       fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if cfg.shift else None, soft_k=cfg.soft_k,
+                       condition=condition if cfg.cond_len else None, cond_len=cfg.cond_len, topk=runner.topk)
+
+
+def _check_guided(runner, condition: list[int] | None) -> None:
+    """Guidance pulls a conditional model toward its condition: an unconditional block-diffusion model has nothing to
+    drop (its clean blocks are never masked in training, so a masked prompt is no unconditional row for it)."""
+    if not runner.cfg.cond_len:
+        raise DllmError("--guidance on a block-diffusion model pulls toward a condition, and this one was trained without one "
+                        "(a masked prompt is not an input it knows): train one with `dllm train --cond-len N`, or leave --guidance out")
+    check_runner(runner)
+    check_guidance(condition or [])
 
 
 def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
     """A server request: `max_tokens` after the prompt, block by block over the request's own cache rows (the
-    batcher names them); `on_step(text so far, Step)` sees every denoising step, each block as it fills."""
-    ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
+    batcher names them); `on_step(text so far, Step)` sees every denoising step, each block as it fills. A
+    conditional model's prompt is its condition: `max_tokens` generated under it."""
+    condition = condition_ids(runner, prompt) if runner.cfg.cond_len else None
+    ids = left_to_right_ids(runner, "" if condition is not None else prompt, "a block-diffusion model")
     fixed = left_to_right_request(runner, ids, max_tokens, n, reserved=int(runner.cfg.shift))  # a shifted model's start token
-    tok = runner.tokenizer
-    special = SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id)
-    calls = block_calls(ids, max_tokens, special, sampler, runner.cfg.block_size, runner.cfg.canvas_len, n, on_step,
-                        fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if runner.cfg.shift else None, soft_k=runner.cfg.soft_k)
-    return Served(calls, fixed)
+    return Served(_calls(runner, ids, max_tokens, n, sampler, on_step, condition), fixed)
 
 
 def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler: SamplerConfig | None = None, gap: int = 12,
-             on_step=None) -> BlockGeneration:
-    """`sampler.steps` per block; ends at end-of-text or `length` tokens; `on_step` sees the text grow block by block."""
+             on_step=None, condition: str | None = None) -> BlockGeneration:
+    """`sampler.steps` per block; ends at end-of-text or `length` tokens; `on_step` sees the text grow block by block;
+    a conditional model's under `condition` (none: the empty condition)."""
     sampler = (sampler or SamplerConfig()).validate()
+    cond = condition_ids(runner, condition)
     ids = left_to_right_ids(runner, prompt, "a block-diffusion model")
     check_context(runner, ids, length)
     room = runner.cfg.canvas_len - len(ids) - int(runner.cfg.shift)  # a shifted model's start token takes a position
-    r = generate_blocks(runner, ids, length or room, num_samples, sampler, on_step)
+    r = generate_blocks(runner, ids, length or room, num_samples, sampler, on_step, cond)
     texts = [runner.tokenizer.decode([int(t) for t in row]) for row in r.tokens]
     return BlockGeneration(texts, r, runner.name, runner.cfg.block_size)
 
@@ -238,6 +309,6 @@ def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerC
     """`tokens` generated block by block from an empty prompt, `sampler.steps` per block, ends banned (so every
     generation runs the same blocks)."""
     check_bench_length(runner, name, tokens)
-    r = generate_blocks(runner, [], tokens, batch, sampler)
+    r = generate_blocks(runner, [], tokens, batch, sampler, condition=[] if runner.cfg.cond_len else None)  # the empty condition
     return BenchRun(r.seconds, r.step_ms, r.sampler_s, r.evaluations,
                     {"block_size": runner.cfg.block_size, "commits": r.commits, "folded": r.folded, "commit_ms": r.commit_ms})

@@ -76,11 +76,19 @@ def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
     if graph == "canvas" and (cfg.soft_k or family.canvas_inputs or cfg.cond_len):  # SDD: t; continuous: x and t; the condition
         extra = (SOFT_INPUTS if cfg.soft_k else ()) + family.canvas_inputs + (CONDITION_INPUTS if cfg.cond_len else ())
         return GraphSpec(spec.inputs + extra, spec.outputs + family.canvas_outputs, spec.cache, spec.entropy)
+    memory = CONDITION_INPUTS if cfg.cond_len and spec.cache else ()  # a conditional block-diffusion model's graphs
     if graph == "block_step" and cfg.soft_k:
-        return GraphSpec(spec.inputs + SOFT_INPUTS, spec.outputs, spec.cache, spec.entropy)
+        return GraphSpec(spec.inputs + SOFT_INPUTS + memory, spec.outputs, spec.cache, spec.entropy)
     if graph == "commit" and cfg.shift:
-        return GraphSpec(spec.inputs, SAMPLING_OUTPUTS, spec.cache, entropy=True)
-    return spec
+        return GraphSpec(spec.inputs + memory, SAMPLING_OUTPUTS, spec.cache, entropy=True)
+    return GraphSpec(spec.inputs + memory, spec.outputs, spec.cache, spec.entropy) if memory else spec
+
+
+def returns_logits(graph: str, cfg: ModelConfig) -> bool:
+    """The graph also returns its positions' logits (B, T, vocab), for a caller to ask for (guidance mixes two rows'
+    whole distributions): the canvas graph, and a conditional block-diffusion model's graphs that have a top-K head
+    (the block step; a shifted model's commit)."""
+    return graph == "canvas" or bool(cfg.cond_len and graph in ("block_step", "commit") and graph_spec(graph, cfg).outputs)
 
 
 def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:
@@ -103,7 +111,7 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
     if graph == "encoder":  # its tokens are the condition's
         known["tokens"] = ("int32", ("B", cfg.cond_len))
     inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
-    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if graph == "canvas" else ())]
+    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if returns_logits(graph, cfg) else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
 
 
@@ -269,8 +277,8 @@ def canvas_inputs(feeds: dict[str, np.ndarray], canvas_lengths: list[int], cfg: 
 
 
 def condition_inputs(feeds: dict[str, np.ndarray], batch: int, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """A conditional model's canvas call's encoded condition (the encoder graph's outputs, per row), checked; a model
-    without a condition refuses one."""
+    """A conditional model's denoising call's encoded condition (the encoder graph's outputs, per row), checked; a
+    model without a condition refuses one."""
     if not cfg.cond_len:
         if any(name in feeds for name in CONDITION_INPUTS):
             raise DllmError("this model takes no condition (it was trained without one); leave the condition out")
@@ -279,7 +287,7 @@ def condition_inputs(feeds: dict[str, np.ndarray], batch: int, cfg: ModelConfig)
     width = cfg.cond_len + 1
     if memory is None or bias is None or memory.shape != (batch, width, cfg.d_model) or bias.shape != (batch, width) \
             or not (np.isfinite(memory).all() and np.isfinite(bias).all()):
-        raise DllmError(f"a conditional model's canvas takes its condition's encoding (the encoder graph's memory ({batch}, {width}, "
+        raise DllmError(f"a conditional model's graphs take its condition's encoding (the encoder graph's memory ({batch}, {width}, "
                         f"{cfg.d_model}) and memory_bias ({batch}, {width}), finite); run the encoder graph first")
     return {"memory": np.ascontiguousarray(memory), "memory_bias": np.ascontiguousarray(bias)}
 

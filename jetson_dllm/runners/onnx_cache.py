@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_soft_inputs, graph_spec
+from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, condition_inputs, graph_soft_inputs, graph_spec, returns_logits
 
 
 class CacheBuffers:
@@ -35,9 +35,13 @@ class CacheBuffers:
         self.cfg = cfg
         self.inputs = {"tokens": np.zeros((batch, width), np.int32), "prev_tokens": np.zeros((batch, width), np.int32),
                        "valid_len": np.zeros(() if self.legacy else (batch,), np.int32), "k_cache": self.k, "v_cache": self.v,
-                       "soft_ids": np.zeros((batch, width, cfg.soft_k), np.int32), "soft_probs": np.zeros((batch, width, cfg.soft_k), np.float32)}
+                       "soft_ids": np.zeros((batch, width, cfg.soft_k), np.int32), "soft_probs": np.zeros((batch, width, cfg.soft_k), np.float32),
+                       "memory": np.zeros((batch, cfg.cond_len + 1, cfg.d_model), np.float32),
+                       "memory_bias": np.zeros((batch, cfg.cond_len + 1), np.float32)}
         self.out = {"topk_logprobs": np.zeros((batch, width, k), np.float32), "topk_ids": np.zeros((batch, width, k), np.int32),
                     "k_new": np.zeros(new, np.float32), "v_new": np.zeros(new, np.float32), ENTROPY: np.zeros((batch, width), np.float32)}
+        if any(returns_logits(graph, cfg) for graph in sessions):  # a conditional model's (guidance asks for them)
+            self.out["logits"] = np.zeros((batch, width, cfg.vocab_size), np.float32)
         self.bindings = {graph: self._binding(session, graph, cfg) for graph, session in sessions.items()}
 
     def _binding(self, session, graph: str, cfg):
@@ -46,8 +50,9 @@ class CacheBuffers:
         for name in (*spec.inputs, "k_cache", "v_cache"):
             a = self.inputs[name]
             io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
-        has_entropy = ENTROPY in {o.name for o in session.get_outputs()}
-        for name in spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ()) + ((ENTROPY,) if has_entropy else ()):
+        has = {o.name for o in session.get_outputs()}
+        extra = tuple(name for name in (ENTROPY, "logits") if name in has)
+        for name in spec.outputs + (COMMIT_OUTPUTS if spec.cache == "write" else ()) + extra:
             a = self.out[name]
             io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         return io
@@ -58,6 +63,8 @@ class CacheBuffers:
                 np.copyto(self.inputs[name], feeds[name], casting="unsafe")
         for name, value in (graph_soft_inputs(graph, feeds, self.inputs["tokens"].shape, self.cfg) or {}).items():
             np.copyto(self.inputs[name], value)  # a self-conditioned block step: the previous step's top-k, or zeros
+        for name, value in condition_inputs(feeds, self.batch, self.cfg).items():
+            np.copyto(self.inputs[name], value)  # a conditional model's encoding, per row
         if self.legacy and (valid != valid[0]).any():
             raise DllmError("this bundle's cached graphs take one valid length for every row (exported before per-row positions); "
                             "re-export it (dllm export) to run rows at different positions in one call")

@@ -9,12 +9,14 @@ import numpy as np
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of, model_graphs
 from jetson_dllm.runners import (
+    CONDITION_INPUTS,
     ENTROPY,
     SAMPLING_OUTPUTS,
     RunnerBase,
     call_slots,
     canvas_inputs,
     check_graph,
+    condition_inputs,
     encoder_inputs,
     graph_soft_inputs,
     valid_length,
@@ -119,6 +121,9 @@ class TorchRunner(RunnerBase):
         soft = graph_soft_inputs(graph, feeds, (batch, width), self.cfg)  # a self-conditioned block step: top-k or zeros
         if soft is not None:
             inputs["soft"] = (as_tensor(soft["soft_ids"]), torch.from_numpy(soft["soft_probs"]).to(self.device))
+        memory = condition_inputs(feeds, batch, self.cfg)  # a conditional model's encoding, per row (refused for others)
+        if memory:
+            inputs["memory"] = tuple(torch.from_numpy(memory[name]).to(self.device) for name in CONDITION_INPUTS)
         with torch.inference_mode():
             if isinstance(rows, slice) and (valid == valid[0]).all():  # one batch at one position: the model's own cache
                 return self._run_kv(graph, k_all, v_all, int(valid[0]), inputs, outputs)

@@ -126,7 +126,7 @@ class Server:
             raise ApiError(400, f"{unused[0]} does not apply to the {self.family.title} ({uses}); leave it out", param=unused[0])
 
     def jobs_for(self, prompts: list[str], suffix, max_tokens: int, knobs, n: int, seed, stop, queue_put) -> list[dict]:
-        rows = n * (2 if knobs.guidance else 1)  # guidance runs a prompt-masked twin of each row
+        rows = n * (2 if knobs.guidance else 1)  # guidance runs an unguided twin of each row (prompt masked, or condition dropped)
         if rows > self.max_batch:
             twin = " (guidance doubles the rows)" if knobs.guidance else ""
             raise ApiError(400, f"n={n} is more than this server generates at once (--max-batch {self.max_batch}){twin}", param="n")

@@ -24,7 +24,7 @@ class Knobs(BaseModel):
     deadline_ms: float = Field(0.0, ge=0, le=3_600_000, allow_inf_nan=False, description="commit the best tokens after this long")
     eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="continuous diffusion: 0 = DDIM, 1 = DDPM")
     clamp: bool = Field(False, description="continuous diffusion: step with the top-1 token's latent (clamping)")
-    guidance: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance toward the prompt (mdlm)")
+    guidance: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance toward the prompt (mdlm) or a conditional model's condition (mdlm, bd3)")
     guidance_schedule: Literal[GUIDANCE_SCHEDULES] = Field("constant", description="guidance over the steps")  # type: ignore[valid-type]
     canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")
 

@@ -22,9 +22,10 @@ def test_a_guided_run_on_onnxruntime(bundle_dir):
 
 def test_guidance_on_a_family_without_a_condition(bd3_bundle, ar_bundle):
     """(No prompt at all is refused before guidance is read: `dllm run` needs one; the server's case is in test_serve.)"""
-    for bundle, title in ((bd3_bundle, "block diffusion"), (ar_bundle, "autoregressive")):
+    for bundle, match in ((bd3_bundle, "--guidance on a block-diffusion model pulls toward a condition, and this one was trained without one"),
+                          (ar_bundle, "--guidance does not apply to the autoregressive")):
         code, _, err = run("run", bundle, "-p", "Once", "--guidance", "1", "--no-live")
-        assert_clean_failure(code, err, f"--guidance does not apply to the {title}")
+        assert_clean_failure(code, err, match)
 
 
 def test_a_corpus_without_pairs_writes_nothing(tmp_path):

@@ -23,16 +23,6 @@ COND = dict(cond_len=32, cond_layers=1)
 
 
 @pytest.fixture(scope="module")
-def pairs_data(tmp_path_factory):
-    from train_host.data import prepare_data
-    from train_host.sources import Source
-
-    out = tmp_path_factory.mktemp("pairs") / "data"
-    prepare_data([Source("builtin", builtin_stories=600)], out, vocab_size=512, val_fraction=0.05, pairs=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def stages(pairs_data, tmp_path_factory):
     """Stage 1: an unconditional denoiser; stage 2: a condition trained onto it, the denoiser frozen."""
     root = tmp_path_factory.mktemp("stages")
@@ -65,7 +55,7 @@ def test_the_configs_parameter_count_is_the_networks(more):
     with pytest.raises(DllmError, match="shorter than the canvas"):
         _cfg(cond_len=48, cond_layers=1)
     with pytest.raises(DllmError, match="takes no condition"):
-        ModelConfig(d_model=32, n_layer=2, n_head=2, vocab_size=64, canvas_len=48, family="bd3", block_size=4, **COND)
+        ModelConfig(d_model=32, n_layer=2, n_head=2, vocab_size=64, canvas_len=48, family="sdd", soft_k=4, **COND)
 
 
 def test_what_lies_past_a_conditions_length_is_never_read():
@@ -132,7 +122,7 @@ def test_run_with_a_condition_and_the_refusals(stages, pairs_data, tmp_path):
                         (("--data", pairs_data, "--cond-len", "32", "--freeze-denoiser"), "--freeze-denoiser trains a condition onto"),
                         (("--data", pairs_data, "--cond-len", "32", "--cond-drop", "nan"), "--cond-drop must be a number"),
                         (("--data", _no_pairs(tmp_path), "--cond-len", "32"), "holds no (first sentence -> rest) pairs"),
-                        (("--data", pairs_data, "--family", "bd3", "--cond-len", "32"), "--cond-len is for --objective mdlm")]:
+                        (("--data", pairs_data, "--family", "sdd", "--cond-len", "32"), "--cond-len is for --objective mdlm / bd3")]:
         code, _, err = call("train", *args, "--out", tmp_path / "never", "--steps", "2", "--canvas-len", "64")  # in-process: quicker
         assert_clean_failure(code, err, match)
         assert not (tmp_path / "never").exists()
