@@ -10,6 +10,10 @@ them, never held together.
 
 The accuracy that decides which layers stay FP32 is the block step's masked-token accuracy at each noise level,
 with the cache built by the commit graph of the same precision (errors in the cache count), against FP32.
+
+A conditional model's graphs also take its condition's encoding: every feed and report call gets each canvas's own
+(a condition cut from its text, about half empty, through the FP32 encoder), so the cross-attention is calibrated
+read and unread.
 """
 
 from __future__ import annotations
@@ -27,14 +31,25 @@ from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import soft_feeds, still_masked
-from jetson_dllm.parity import mask_at_ratios
+from jetson_dllm.parity import encoded_conditions, mask_at_ratios
 from jetson_dllm.runners import SAMPLING_OUTPUTS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 
 
-def block_runner(step_path: Path, commit_path: Path, cfg: ModelConfig):
-    """A (block step, commit) pair of graph files on the onnxruntime runner, which owns the cache they fill."""
-    return onnx_runner_from_graphs({"block_step": step_path, "commit": commit_path}, cfg)
+def block_runner(step_path: Path, commit_path: Path, cfg: ModelConfig, encoder: Path | None = None):
+    """A (block step, commit) pair of graph files on the onnxruntime runner, which owns the cache they fill; a
+    conditional model's reference also runs its `encoder`."""
+    return onnx_runner_from_graphs({"block_step": step_path, "commit": commit_path, **({"encoder": encoder} if encoder else {})}, cfg)
+
+
+def encodings(reference, canvases: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """A conditional model's encoding per canvas (conditions cut from the canvases' own text, about half empty:
+    `parity.probe_conditions`), through the reference's encoder; {} for a model without a condition."""
+    return encoded_conditions(reference, canvases, pad_id) if reference.cfg.cond_len else {}
+
+
+def _rows(memory: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
+    return {name: value[rows] for name, value in memory.items()}
 
 
 def _at(start: int, rows: int = 1) -> np.ndarray:
@@ -59,6 +74,7 @@ class BlockFeeds(FeedReader):
         ratios = (rng.permutation(n) + 1 - rng.random(n)) / n  # canvas i's ratio in the i-th of n strata of (0, 1]
         self.items = [(canvases[i], int(rng.integers(text_blocks(canvases[i], b, pad_id))), float(ratios[i])) for i in range(n)]
         self.reference, self.mask_id, self.pad_id, self.which, self.seed = reference, mask_id, pad_id, which, seed
+        self.memory = encodings(reference, canvases, pad_id)  # a conditional model's: each canvas's own condition
 
     def __len__(self) -> int:
         return len(self.items)
@@ -66,24 +82,26 @@ class BlockFeeds(FeedReader):
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         ref, b = self.reference, self.reference.cfg.block_size
         rng = np.random.default_rng(self.seed + 1)
-        for canvas, j, ratio in self.items:
+        for row, (canvas, j, ratio) in enumerate(self.items):
+            memory = _rows(self.memory, slice(row, row + 1))
             for i in range(j):  # the prefix into the runner's own cache (past position j*b it holds earlier feeds', masked)
-                ref.run("commit", {"tokens": canvas[None, i * b : (i + 1) * b], "valid_len": _at(i * b)})
+                ref.run("commit", {"tokens": canvas[None, i * b : (i + 1) * b], "valid_len": _at(i * b), **memory})
             block = canvas[None, j * b : (j + 1) * b].astype(np.int32)
             if self.which == "step":
                 block = mask_at_ratios(block, ratio, self.mask_id, self.pad_id, rng)[0]
             k, v = ref.cache_arrays(1)
-            soft = previous_step(ref, block, j * b, self.mask_id) if self.which == "step" else {}
-            yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b), **soft}
+            soft = previous_step(ref, block, j * b, self.mask_id, memory) if self.which == "step" else {}
+            yield {"tokens": block, "k_cache": k.copy(), "v_cache": v.copy(), "valid_len": _at(j * b), **soft, **memory}
 
 
-def previous_step(runner, z: np.ndarray, start: int, mask_id: int) -> dict[str, np.ndarray]:
+def previous_step(runner, z: np.ndarray, start: int, mask_id: int, memory: dict | None = None) -> dict[str, np.ndarray]:
     """A self-conditioned model's soft inputs for noised blocks `z` (n, b) at `start`: the runner's own top-k on them
-    without soft inputs, at the masked positions (what its sampler feeds the next step); {} for other models."""
+    without soft inputs, at the masked positions (what its sampler feeds the next step); {} for other models.
+    `memory`: a conditional model's encodings of the rows."""
     k = runner.cfg.soft_k
     if not k:
         return {}
-    out = runner.run("block_step", {"tokens": z, "valid_len": _at(start, len(z))})
+    out = runner.run("block_step", {"tokens": z, "valid_len": _at(start, len(z)), **(memory or {})})
     return still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], k), z == mask_id)
 
 
@@ -99,14 +117,15 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
     own cache."""
     b, n = reference.cfg.block_size, len(canvases)
     pairs = {"ref": reference, **others}
+    memory = encodings(reference, canvases, pad_id)  # a conditional model's: each canvas's own condition, for every runner
     tally = {name: {f"{lo:g}-{hi:g}": np.zeros(5) for lo, hi in BUCKETS} for name in others}  # hits, ref hits, agree, n, worst
     rng = np.random.default_rng(seed)
     for j in range(max(text_blocks(c, b, pad_id) for c in canvases)):
         clean = canvases[:, j * b : (j + 1) * b]
         for lo, hi in BUCKETS:
             z, masked = mask_at_ratios(clean, hi - (hi - lo) * rng.random((n, 1)), mask_id, pad_id, rng)
-            soft = previous_step(reference, z, j * b, mask_id)  # a self-conditioned model: the reference's own prediction
-            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b, n), **soft})) for name, g in pairs.items()}
+            soft = previous_step(reference, z, j * b, mask_id, memory)  # a self-conditioned model: the reference's own prediction
+            outs = {name: _heads(g.run("block_step", {"tokens": z, "valid_len": _at(j * b, n), **soft, **memory})) for name, g in pairs.items()}
             want = clean[masked]
             ref_lp, ref_ids = outs["ref"]
             for name in others:
@@ -117,7 +136,7 @@ def block_report(reference, others: dict, canvases: np.ndarray, mask_id: int, pa
                 same = ids == ref_ids  # log-probabilities compare where the two heads name the same token
                 row[4] = max(row[4], float(np.abs(lp - ref_lp)[same].max(initial=0.0)))
         for g in pairs.values():
-            g.run("commit", {"tokens": clean.astype(np.int32), "valid_len": _at(j * b, n)})
+            g.run("commit", {"tokens": clean.astype(np.int32), "valid_len": _at(j * b, n), **memory})
     return {name: {label: {"accuracy": t[0] / max(t[3], 1), "accuracy_ref": t[1] / max(t[3], 1), "top1_agreement": t[2] / max(t[3], 1),
                            "positions": int(t[3]), "max_abs_logprob_diff": float(t[4])} for label, t in rows.items()}
             for name, rows in tally.items()}
@@ -181,7 +200,8 @@ def _quantize_both(folder: Path, work: Path, cfg: ModelConfig, calib: np.ndarray
     """Quantize the commit graph whole and the block step with the exclusion search; (search, nodes, final report)."""
     import onnx
 
-    reference = block_runner(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg)
+    encoder = folder / "encoder.onnx" if cfg.cond_len else None  # a conditional model's (FP32): the probes' encodings
+    reference = block_runner(folder / "block_step.fp32.onnx", folder / "commit.fp32.onnx", cfg, encoder)
     pre = _prepared(folder, work)
     nodes = quantizable_nodes(onnx.load(str(pre["block_step"])))
     say(f"INT8: calibrating the commit graph ({len(calib)} clean blocks over cached prefixes)")

@@ -90,9 +90,6 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     from train_host.onnx_tools import OPSET, bundle_manifest, fp32_nodes
 
     cfg = model.cfg
-    if cfg.cond_len and "int8" in precisions:
-        raise DllmError("--int8 for a conditional block-diffusion model is not built yet (calibrating its block graphs needs its "
-                        "conditions' encodings); export --fp16, or an unconditional model")
 
     def build(tmp: Path) -> dict:
         say("exporting the block-step and commit graphs (FP32)")
@@ -104,14 +101,15 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
             entries["fp16"] = fp16_block_graphs(tmp)
-        write_encoders(model, tmp, entries, say)  # a conditional model's encoder, once per request
+        write_encoders(model, tmp, entries, say)  # a conditional model's encoder, once per request (before INT8 calibrates with it)
         calibration = None
         if "int8" in precisions:
             from calibration.blocks import quantize_block_graphs
 
             canvases, source = calibration_canvases(int8.n_canvases + int8.eval_canvases)
             calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
-            entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)"}
+            entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)",
+                               **({"encoder": entries["fp32"]["encoder"]} if cfg.cond_len else {})}  # the FP32 encoder, once a request
         say("checking the graphs against PyTorch")
         graph_files = {p: {g: tmp / e["file" if g == "block_step" else g] for g in ("block_step", "commit", "commit_step", "encoder")
                            if ("file" if g == "block_step" else g) in e} for p, e in entries.items()}

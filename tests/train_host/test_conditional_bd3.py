@@ -151,11 +151,33 @@ def test_run_export_and_the_bundle(stages, tmp_path):
     assert outs[s2] == outs[bundle]
     for args, match in [(("run", s2, "-p", "", "--guidance", "2"), "needs a condition to guide toward"),
                         (("run", s1, "-p", "Once", "--guidance", "2"), "pulls toward a condition, and this one was trained without one"),
-                        (("run", bundle, "-p", "", "--backend", "trt"), "TensorRT engines for its graphs are not built yet"),
-                        (("export", s2, "-o", tmp_path / "never", "--int8"), "--int8 for a conditional block-diffusion model")]:
-        code, _, err = run(*args, *(("--no-live",) if args[0] == "run" else ()))
+                        (("run", bundle, "-p", "", "--backend", "trt"), "TensorRT engines for its graphs are not built yet")]:
+        code, _, err = run(*args, "--no-live")
         assert_clean_failure(code, err, match)
-    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_int8_calibrates_with_each_canvas_own_condition(stages, pairs_data, tmp_path):
+    from calibration.blocks import BlockFeeds, block_runner
+
+    bundle = tmp_path / "int8"
+    code, _, err = run("export", stages[1], "-o", bundle, "--int8", "--data", pairs_data, "--calib-canvases", "16")
+    assert code == 0, err
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["precisions"]["int8"]["encoder"] == "encoder.onnx"  # the FP32 encoder, once a request
+    assert manifest["block_parity"]["int8"]["top1_agreement"] > 0.9 and manifest["calibration"]["calibration_canvases"] == 16
+    with block_runner(bundle / "block_step.fp32.onnx", bundle / "commit.fp32.onnx", _model_cfg(manifest), bundle / "encoder.onnx") as ref:
+        canvases = np.random.default_rng(0).integers(3, 500, (16, 64)).astype(np.int32)
+        feeds = list(BlockFeeds(canvases, ref, 2, 0, "step"))
+    assert all(f["memory"].shape == (1, 33, 64) for f in feeds)
+    assert {int((f["memory_bias"] == 0).sum()) for f in feeds} == {1, 17}  # its own condition (16 tokens + the slot) or empty
+    code, out, err = run("run", bundle, "--precision", "int8", "-p", "", "--condition", "Lily saw a cat.", "--guidance", "2",
+                         "--steps", "4", "--length", "16", "--json", "--no-live")
+    assert code == 0 and json.loads(out)["new_tokens"] == 16, err
+
+
+def _model_cfg(manifest: dict) -> ModelConfig:
+    return ModelConfig.from_dict(manifest["model"])
 
 
 def test_the_server_reads_the_prompt_as_the_condition_with_guidance(stages):
