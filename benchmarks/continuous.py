@@ -2,8 +2,9 @@
 
     python benchmarks/continuous.py --data runs/adapt/data --judge runs/smollm2 --out runs/sdd [--steps 1000]
 
-Trains `continuous` (--latent-dim 64) and `continuous-sc` (the same, self-conditioned on the previous step's top-8,
-at the standard rate 0.5) with the recipe of benchmarks/sdd.py (batch 16 x 128, one thread, the same
+Trains `continuous` (--latent-dim 64), `continuous-sc` (the same, self-conditioned on the previous step's top-8,
+at the standard rate 0.5) and `continuous-shift4` (the cosine schedule shifted by 4: its signal-to-noise ratio / 16
+at every level) with the recipe of benchmarks/sdd.py (batch 16 x 128, one thread, the same
 step budget, the same seed); a run already in OUT/NAME is not trained again, so point --out at the SDD study's folder
 to put the row beside its `ar` and `mdlm` (their measured rows are read from OUT/measured, as benchmarks/sdd.py left
 them). Per sampler (DDIM: eta 0; DDPM: eta 1; DDIM with clamping) and step count (16, 64, 256): `--samples` stories of
@@ -31,7 +32,8 @@ SAMPLERS = {"DDIM": {"eta": 0.0}, "DDPM": {"eta": 1.0}, "DDIM + clamp": {"eta": 
 def plan(steps: int) -> dict:
     base = study_plan(steps)["mdlm"]["args"][2:]  # the study's recipe (lr, warmup, steps, evaluation), another family
     run = ["--family", "continuous", "--latent-dim", "64", *base]
-    return {"continuous": {"args": run}, "continuous-sc": {"args": [*run, "--self-cond", "8"]}}
+    return {"continuous": {"args": run}, "continuous-sc": {"args": [*run, "--self-cond", "8"]},
+            "continuous-shift4": {"args": [*run, "--noise-shift", "4"]}}
 
 
 def stories(run: Path, samples: int, steps: int, **knobs) -> list[str]:

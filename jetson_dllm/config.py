@@ -51,6 +51,7 @@ _FIELD_RANGES = (
     ("latent_dim", int, 0, 4096),
     ("cond_len", int, 0, 1024),
     ("cond_layers", int, 0, 64),
+    ("noise_shift", float, 0.1, 100.0),
 )
 
 
@@ -84,6 +85,9 @@ class ModelConfig:
         cond_len, cond_layers: a conditional model's condition (a story's first sentence): the tokens its text
             encoder reads (at most) and the encoder's layers; every denoiser layer cross-attends to the encoding
             (train_host.conditioning). 0 and 0: an unconditional model.
+        noise_shift: continuous diffusion's schedule shift s: the cosine schedule's signal-to-noise ratio divided by
+            s^2 at every level, abar_s(t) = cos^2 / (cos^2 + s^2 sin^2) of pi t / 2 (s > 1: noisier at every t, so
+            training and the sampler's steps spend more of t where tokens are decided); 1 = the cosine itself.
     """
 
     name: str = "custom"
@@ -105,6 +109,7 @@ class ModelConfig:
     latent_dim: int = 0  # continuous embedding diffusion: the width of the noised token embeddings
     cond_len: int = 0  # conditional generation: the condition's tokens the encoder reads; 0 = unconditional
     cond_layers: int = 0  # the condition encoder's layers
+    noise_shift: float = 1.0  # continuous diffusion: the cosine schedule's shift (1 = none)
 
     def __post_init__(self) -> None:
         for name, kind, low, high in _FIELD_RANGES:
@@ -138,6 +143,8 @@ class ModelConfig:
         if ("x" in family_of(self).canvas_inputs) != (self.latent_dim > 0):  # its canvas takes latents
             need = "needs its latent width (latent_dim > 0)" if not self.latent_dim else f"takes no latent width (latent_dim {self.latent_dim})"
             raise DllmError(f"model config: a {self.family} model {need}")
+        if self.noise_shift != 1.0 and not self.latent_dim:
+            raise DllmError(f"model config: noise_shift is continuous diffusion's schedule; a {self.family} model takes none")
         if self.latent_dim and self.tie_embeddings:
             raise DllmError(f"model config: a {self.family} model's head cannot share its latent embedding (tie_embeddings false)")
         if (self.cond_len > 0) != (self.cond_layers > 0):
@@ -187,6 +194,8 @@ class ModelConfig:
             data = {**data, "latent_dim": 0}
         if "cond_len" not in data and "family" in data:  # written before conditional models: none had a condition
             data = {**data, "cond_len": 0, "cond_layers": 0}
+        if "noise_shift" not in data and "family" in data:  # written before the schedule shift: the cosine itself
+            data = {**data, "noise_shift": 1.0}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = set(data) - known, known - set(data)
         if unknown:

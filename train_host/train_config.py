@@ -36,6 +36,7 @@ class TrainConfig:
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
     swap_ids: bool = False  # sdd: above t = 0.5, leave the truth out of the candidates with probability 2t - 1
     latent_dim: int = 64  # continuous: the width of the noised token embeddings
+    noise_shift: float = 1.0  # continuous: the cosine schedule's shift (its signal-to-noise ratio / shift^2); 1 = none
     cond_len: int = 0  # mdlm: a conditional model reading conditions of up to this many tokens (pairs data); 0 = none
     cond_layers: int = 2  # the condition encoder's layers
     cond_drop: float = 0.1  # share of rows trained with the condition dropped (what classifier-free guidance needs)
@@ -99,7 +100,9 @@ class TrainConfig:
 
     def latent(self) -> dict:
         """Continuous embedding diffusion's latent width (and its untied head), or nothing."""
-        return {"latent_dim": self.latent_dim, "tie_embeddings": False} if "x" in get_family(self.objective).canvas_inputs else {}
+        if "x" not in get_family(self.objective).canvas_inputs:
+            return {}
+        return {"latent_dim": self.latent_dim, "tie_embeddings": False, "noise_shift": float(self.noise_shift)}
 
     def condition(self) -> dict:
         """A conditional model's condition length and encoder layers (none: 0 and 0)."""
@@ -157,6 +160,7 @@ def validate(tc: TrainConfig) -> None:
     check_range("--self-cond-rate", tc.self_cond_rate, 0, 1)
     check_range("--candidates", tc.candidates, 1, 64)
     check_range("--latent-dim", tc.latent_dim, 1, 4096)
+    check_range("--noise-shift", tc.noise_shift, 0.1, 100)
     check_range("--cond-len", tc.cond_len, 0, 1024)
     check_range("--cond-layers", tc.cond_layers, 1, 64)
     check_range("--cond-drop", tc.cond_drop, 0, 1, high_open=True)

@@ -80,6 +80,7 @@ def train(
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,
     swap_ids: Annotated[bool, typer.Option("--swap-ids", help="--objective sdd: above t = 0.5 leave the truth out of the candidates with probability 2t - 1 (sampling starts from random ids)")] = False,
     latent_dim: Annotated[int, typer.Option(help="--objective continuous: width of the noised token embeddings (L2-normalised)", min=1, max=4096)] = 64,
+    noise_shift: Annotated[float, typer.Option(help="--objective continuous: the cosine schedule's shift s (signal-to-noise / s^2 at every level: s > 1 spends more of training and sampling where tokens are decided); 1 = none")] = 1.0,
     cond_len: Annotated[int, typer.Option(help="--objective mdlm, bd3: a conditional model, reading a condition (a story's first sentence) of up to N tokens through its own encoder; trains on `dllm data --pairs` data", min=0, max=1024)] = 0,
     cond_layers: Annotated[int, typer.Option(help="--cond-len: the condition encoder's layers", min=1, max=64)] = 2,
     cond_drop: Annotated[float, typer.Option(help="--cond-len: share of rows trained with the condition dropped, for classifier-free guidance")] = 0.1,

@@ -125,7 +125,7 @@ FAMILIES: dict[str, Family] = {
     "continuous": Family("continuous", "continuous embedding diffusion", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                          cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps", "eta", "clamp"),
                          int8="qdq", runtime="jetson_dllm.families.continuous", host="train_host.families.continuous",
-                         train_options=("latent_dim", "self_cond", "self_cond_rate"), soft_inputs="self", canvas_inputs=("x", "t"),
+                         train_options=("latent_dim", "noise_shift", "self_cond", "self_cond_rate"), soft_inputs="self", canvas_inputs=("x", "t"),
                          canvas_outputs=("x0", "x0_top1"),
                          network="train_host.continuous_model"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",

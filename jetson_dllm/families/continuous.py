@@ -38,14 +38,17 @@ from jetson_dllm.runners import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
 
-def abar(t: float) -> float:
-    """The clean latent's share of the variance at level t (cosine), as training noised it."""
-    return math.cos(0.5 * math.pi * t) ** 2
+def abar(t, shift: float = 1.0):
+    """The clean latent's share of the variance at level t (a float or an array), as training noised it: the cosine
+    schedule, its signal-to-noise ratio divided by shift^2 (the model's `noise_shift`; 1: the cosine itself)."""
+    c, s = np.cos(0.5 * np.pi * np.asarray(t, np.float64)) ** 2, np.sin(0.5 * np.pi * np.asarray(t, np.float64)) ** 2
+    return c / (c + shift * shift * s)
 
 
-def ddim_step(x: np.ndarray, x0: np.ndarray, t: float, t_next: float, eta: float, rng: np.random.Generator) -> np.ndarray:
+def ddim_step(x: np.ndarray, x0: np.ndarray, t: float, t_next: float, eta: float, rng: np.random.Generator,
+              shift: float = 1.0) -> np.ndarray:
     """x at level t -> level t_next < t, given the predicted clean latent x0 (DDIM; eta 1 = DDPM's posterior)."""
-    a, a_next = abar(t), abar(t_next)
+    a, a_next = float(abar(t, shift)), float(abar(t_next, shift))
     eps = (x - math.sqrt(a) * x0) / math.sqrt(max(1.0 - a, 1e-12))
     sigma = 0.0
     if eta > 0 and a_next < 1.0:
@@ -57,10 +60,11 @@ def ddim_step(x: np.ndarray, x0: np.ndarray, t: float, t_next: float, eta: float
 
 
 def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig, latent_dim: int,
-                     on_step=None, soft_k: int = 0) -> Generator[Call, dict, SampleResult]:
+                     on_step=None, soft_k: int = 0, shift: float = 1.0) -> Generator[Call, dict, SampleResult]:
     """The loop as canvas-graph calls over `tokens` (B, T) whose `fixed` positions are the prompt; returns each
     generated position's final top-1 (the text after the first end-of-text becomes padding). A self-conditioned
-    model (`soft_k`) gets each step the previous step's top-k at the generated positions (none at the first)."""
+    model (`soft_k`) gets each step the previous step's top-k at the generated positions (none at the first).
+    `shift`: the model's schedule shift (`noise_shift`)."""
     rng = np.random.default_rng(sampler.seed)
     B, T = tokens.shape
     free = ~fixed
@@ -84,7 +88,7 @@ def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds,
             chosen = np.take_along_axis(all_ids, pick[..., None], -1)[..., 0]
         else:
             chosen = all_ids[..., 0]
-            x = ddim_step(x, out["x0_top1" if sampler.clamp else "x0"], level, below, sampler.eta, rng)
+            x = ddim_step(x, out["x0_top1" if sampler.clamp else "x0"], level, below, sampler.eta, rng, shift)
             if soft_k:  # the model's own prediction (not the sampled or banned view of it), where text is generated
                 soft = still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], soft_k), free)
         new = np.where(free, chosen, tokens).astype(np.int32)
@@ -110,7 +114,8 @@ def complete(runner, prompt: str, length: int = 0, num_samples: int = 1, sampler
     tok = runner.tokenizer
     canvas = build_canvas(tok, prompt, length, runner.canvas_lengths, gap=gap, allow_empty=allow_empty)
     tokens, fixed = canvas.batch(num_samples)
-    result = drive(runner, continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k))
+    result = drive(runner, continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k,
+                                            runner.cfg.noise_shift))
     return Generation([tok.decode(row) for row in result.tokens], canvas, result, runner.name, sampler)
 
 
@@ -124,14 +129,15 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     _refuse_gaps(prompt, suffix)
     tok = runner.tokenizer
     tokens, fixed = request_canvas(tok, prompt, None, max_tokens, runner.canvas_lengths).batch(n)
-    return Served(continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k), fixed)
+    return Served(continuous_calls(tokens, fixed, special_ids(tok), sampler, runner.cfg.latent_dim, on_step, runner.cfg.soft_k,
+                                   runner.cfg.noise_shift), fixed)
 
 
 def bench_generate(runner, name: str, batch: int, tokens: int, sampler: SamplerConfig) -> BenchRun:
     """A canvas of `tokens` positions, all generated, in `sampler.steps` calls."""
     canvas = bench_canvas(runner, name, batch, tokens)
     r = drive(runner, continuous_calls(canvas, np.zeros_like(canvas, dtype=bool), special_ids(runner.tokenizer), sampler, runner.cfg.latent_dim,
-                                        soft_k=runner.cfg.soft_k))
+                                        soft_k=runner.cfg.soft_k, shift=runner.cfg.noise_shift))
     return BenchRun(r.total_s, [s.network_ms for s in r.history], r.sampler_s, r.evaluations)
 
 
@@ -146,7 +152,7 @@ def probe_feeds(reference, clean: np.ndarray, z: np.ndarray, mask_id: int, pad_i
     noise = rng.standard_normal((B, T, cfg.latent_dim)).astype(np.float32)
     first = reference.run("canvas", {"tokens": z, "x": noise, "t": np.ones(B, np.float32), **(no_soft((B, T), cfg.soft_k) if cfg.soft_k else {})},
                           outputs=("x0", "topk_logprobs", "topk_ids"))
-    a = np.cos(0.5 * np.pi * t)[:, None, None] ** 2
+    a = abar(t, cfg.noise_shift)[:, None, None]
     x = np.sqrt(a) * first["x0"] + np.sqrt(1.0 - a) * rng.standard_normal(first["x0"].shape)
     soft = still_masked(soft_feeds(first["topk_logprobs"], first["topk_ids"], cfg.soft_k), z == mask_id) if cfg.soft_k else {}
     return {"x": x.astype(np.float32), "t": t, **soft}  # (self-conditioned: that first guess is the previous prediction)

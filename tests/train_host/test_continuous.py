@@ -3,6 +3,7 @@ steps, training and its evaluation (no NLL), the exported graph (x and t in, x0 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -29,6 +30,30 @@ def test_the_schedule_is_the_same_in_training_and_sampling():
     for t in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
         assert float(host.abar(torch.tensor(t))) == pytest.approx(runtime.abar(t), abs=1e-6)
     assert runtime.abar(0.0) == 1.0 and runtime.abar(1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shift", [0.5, 3.0])
+def test_a_shifted_schedule_divides_the_signal_to_noise_ratio_by_its_square(shift):
+    for t in (0.1, 0.37, 0.5, 0.9):
+        plain, shifted = runtime.abar(t), runtime.abar(t, shift)
+        assert math.log(shifted / (1 - shifted)) == pytest.approx(math.log(plain / (1 - plain)) - 2 * math.log(shift), abs=1e-9)
+        assert float(host.abar(torch.tensor(t, dtype=torch.float64), shift)) == pytest.approx(shifted, abs=1e-9)
+    assert runtime.abar(0.0, shift) == 1.0 and runtime.abar(1.0, shift) == pytest.approx(0.0, abs=1e-12)
+    rng = np.random.default_rng(0)  # DDIM steps on the model's own schedule: the same noise, one level down
+    x0, eps = rng.standard_normal((2, 4, 8)), rng.standard_normal((2, 4, 8))
+    a, b = float(runtime.abar(0.7, shift)), float(runtime.abar(0.4, shift))
+    x = (math.sqrt(a) * x0 + math.sqrt(1 - a) * eps).astype(np.float32)
+    assert np.allclose(runtime.ddim_step(x, x0, 0.7, 0.4, 0.0, rng, shift), math.sqrt(b) * x0 + math.sqrt(1 - b) * eps, atol=1e-5)
+
+
+def test_the_shift_is_continuous_diffusions_and_older_configs_read_as_unshifted():
+    assert ModelConfig(**CFG, noise_shift=4.0).noise_shift == 4.0
+    with pytest.raises(DllmError, match="noise_shift is continuous diffusion's"):
+        ModelConfig(d_model=32, n_head=2, n_layer=2, vocab_size=64, canvas_len=16, noise_shift=2.0)
+    with pytest.raises(DllmError, match="noise_shift .* outside"):
+        ModelConfig(**CFG, noise_shift=float("nan"))
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig(**CFG)).items() if k != "noise_shift"}
+    assert ModelConfig.from_dict(old).noise_shift == 1.0
 
 
 def test_the_config_needs_a_latent_and_an_untied_head():
@@ -103,7 +128,7 @@ def test_the_loop_steps_with_the_expected_or_the_clamped_latent():
 @pytest.fixture(scope="module")
 def continuous_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("continuous") / "run"
-    train_small(data_dir, out, steps=6, eval_every=6, objective="continuous", latent_dim=16)
+    train_small(data_dir, out, steps=6, eval_every=6, objective="continuous", latent_dim=16, noise_shift=2.0)  # a shifted schedule
     return out
 
 
@@ -111,6 +136,7 @@ def test_training_reports_no_nll(continuous_run, data_dir):
     metrics = [json.loads(line) for line in (continuous_run / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if "val_loss" in m]
     assert evals and not any("val_nll" in m for m in metrics)
+    assert json.loads((continuous_run / "train_config.json").read_text())["model"]["noise_shift"] == 2.0  # kept with the weights
     assert {"val_acc", "val_acc_t1"} <= set(evals[-1]) and "val_acc_hidden" not in evals[-1]
     run = subprocess.run([sys.executable, "-m", "jetson_dllm", "eval", str(continuous_run), "--data", str(data_dir), "--canvases", "8"],
                          capture_output=True, text=True, timeout=120)
@@ -176,6 +202,8 @@ def test_latents_to_another_family_are_refused(trained_run):
     (["run", "{mdlm}", "--prompt", "Once", "--eta", "1"], "--eta does not apply"),
     (["run", "{mdlm}", "--prompt", "Once", "--clamp"], "--clamp does not apply"),
     (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "mdlm", "--latent-dim", "16"], "--latent-dim is for --objective continuous"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "mdlm", "--noise-shift", "2"], "--noise-shift is for --objective continuous"),
+    (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "continuous", "--noise-shift", "0"], "--noise-shift"),
     (["train", "--data", "{data}", "--out", "{tmp}/r", "--family", "continuous", "--init", "{mdlm}", "--steps", "2"], "does not share"),
 ])
 def test_refusals(continuous_bundle, trained_run, data_dir, tmp_path, args, message):

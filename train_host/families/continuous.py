@@ -1,8 +1,8 @@
 """Continuous embedding diffusion, host side: Gaussian noise on L2-normalised token latents, the cross-entropy
 objective, its evaluation and the canvas graph's export (train_host/continuous_model.py is the network).
 
-Noise (variance preserving, cosine): x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps, abar(t) = cos^2(pi t / 2) with
-x0 the clean latents (norm sqrt(latent_dim)); at t = 1 pure noise. The network predicts p(x0 | x_t) over the
+Noise (variance preserving, cosine): x_t = sqrt(abar(t)) x0 + sqrt(1 - abar(t)) eps, abar(t) = cos^2(pi t / 2) (or,
+with a schedule shift s, cos^2 / (cos^2 + s^2 sin^2): the signal-to-noise ratio divided by s^2) with x0 the clean latents (norm sqrt(latent_dim)); at t = 1 pure noise. The network predicts p(x0 | x_t) over the
 vocabulary; the loss is the cross-entropy at every generated position (CDCD's score interpolation: the samplers
 step with the expected latent). Gradients reach the latent table through x0 (the table is learned end to end, its
 rows kept normalised). Half of the rows keep a random clean prefix (a prompt: its tokens, no noise), not scored.
@@ -25,9 +25,11 @@ from train_host.self_cond import conditioned
 FIXED_RATIO_ACCURACY = False
 
 
-def abar(t: torch.Tensor) -> torch.Tensor:
-    """The clean latent's share of the variance at level t (cosine): 1 at t = 0, 0 at t = 1."""
-    return torch.cos(0.5 * math.pi * t).pow(2)
+def abar(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
+    """The clean latent's share of the variance at level t: 1 at t = 0, 0 at t = 1; the cosine schedule with its
+    signal-to-noise ratio divided by shift^2 (the model's `noise_shift`; 1: the cosine itself)."""
+    c, s = torch.cos(0.5 * math.pi * t).pow(2), torch.sin(0.5 * math.pi * t).pow(2)
+    return c / (c + shift * shift * s)
 
 
 def noised(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | None):
@@ -35,7 +37,7 @@ def noised(model, x: torch.Tensor, t: torch.Tensor, generator, pad_id: int | Non
     given), noised latents (B, L, latent_dim), and the scored positions (generated; not padding when `pad_id`)."""
     x0 = model.latents()[x]
     eps = torch.randn(x0.shape, generator=generator).to(x.device)
-    a = abar(t.float()).to(x.device).view(-1, 1, 1)
+    a = abar(t.float(), model.cfg.noise_shift).to(x.device).view(-1, 1, 1)
     xt = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
     tokens, _, scored = clean_prefix(x, model.cfg.mask_id, pad_id, generator)
     return tokens, xt, scored
