@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 SETTINGS = {"w 0": (0.0, "constant"), "w 1": (1.0, "constant"), "w 2": (2.0, "constant"), "w 4": (4.0, "constant"),
@@ -64,9 +63,10 @@ def continuations(run: Path, conditions: list[str], length: int, guidance: float
         for i, condition in enumerate(conditions):
             prompt = condition if how == "prompt" else ""
             sampler = SamplerConfig(steps=length, temperature=0.8, seed=i, guidance=guidance, guidance_schedule=schedule)
-            if family.left_to_right and runner.cfg.cond_len:  # conditional block diffusion: one step per token of a block
+            if family.left_to_right and runner.cfg.block_size:  # block diffusion: one step per token of a block
                 sampler = SamplerConfig(steps=runner.cfg.block_size, temperature=0.8, seed=i, guidance=guidance, guidance_schedule=schedule)
-                g = module.complete(runner, "", length=length, sampler=sampler, condition=condition if how == "condition" else None)
+                extra = {"condition": condition} if how == "condition" else {}
+                g = module.complete(runner, prompt, length=length, sampler=sampler, **extra)
             elif family.left_to_right:
                 g = module.complete(runner, prompt, length=length, sampler=SamplerConfig(temperature=0.8, seed=i))
             else:
@@ -138,6 +138,7 @@ def parent_of(run: Path) -> Path:
 def cost(runs: Path, repeats: int = 30) -> dict:
     """ms per step: a canvas call of 128 positions, batch 1, plain and guided, on torch and onnxruntime."""
     import numpy as np
+    from bd3_speed import median_ms
 
     from jetson_dllm.guidance import guided_head
     from jetson_dllm.runners import open_runner
@@ -161,13 +162,7 @@ def cost(runs: Path, repeats: int = 30) -> dict:
                 guided_head(logits[:1], logits[1:], 2.0, runner.topk)
 
             for name, fn in (("plain", plain), ("guided", guided)):
-                fn()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(1e3 * (time.perf_counter() - t0))
-                out[f"{backend} {name}"] = float(np.median(times))
+                out[f"{backend} {name}"] = median_ms(fn, repeats)  # a warm-up call, then the median
     return out
 
 
@@ -176,6 +171,7 @@ def block_cost(run: Path, bundle: Path, repeats: int = 30) -> dict:
     the top-K head in the graph) and guided (the twin row too, both rows' logits out, the mix), on torch and
     onnxruntime (FP32 `bundle`, when it exists); the commit of a block, plain and with its twin."""
     import numpy as np
+    from bd3_speed import median_ms
 
     from jetson_dllm.condition import encoder_call
     from jetson_dllm.guidance import guided_head
@@ -201,13 +197,7 @@ def block_cost(run: Path, bundle: Path, repeats: int = 30) -> dict:
                      "block step, guided (2 rows, logits out, the mix)": guided,
                      "commit, with its twin (2 rows)": lambda two=two: runner.run("commit", two)}
             for name, fn in calls.items():
-                fn()
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append(1e3 * (time.perf_counter() - t0))
-                out[f"{backend} {name}"] = float(np.median(times))
+                out[f"{backend} {name}"] = median_ms(fn, repeats)
     return out
 
 
@@ -272,6 +262,11 @@ def conditional_rows(args, judge, conditions: list[str]) -> dict:
     name = f"conditional {'BD3' if cfg.family == 'bd3' else 'MDLM'} ({args.cond.name})"
     texts, per = continuations(args.cond, conditions, args.length, how="none")
     rows = {f"{name}, empty condition": {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}}
+    if cfg.family == "bd3":  # its unconditional parent, from the sentence as a prompt and from nothing (MDLM's are prompt_rows')
+        parent = parent_of(args.cond)
+        for how, label in (("prompt", "the sentence as prompt"), ("none", "no prompt")):
+            texts, per = continuations(parent, conditions, args.length, how=how)
+            rows[f"BD3 parent ({parent.name}), {label}"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
     for label, (w, schedule) in COND_SETTINGS.items():
         texts, per = continuations(args.cond, conditions, args.length, w, schedule, how="condition")
         rows[f"{name} {label}"] = {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}
