@@ -128,11 +128,11 @@ def test_guidance_benchmark(data_dir, trained_run, ar_run, tmp_path):
 
 @pytest.mark.slow
 def test_continuous_benchmark(data_dir, ar_run, tmp_path):
-    """benchmarks/continuous.py end to end on a few steps: both continuous runs, every sampler and step count."""
+    """benchmarks/continuous.py end to end on a few steps: the three continuous runs, every sampler and step count."""
     out = script("continuous.py", "--data", data_dir, "--judge", ar_run, "--out", tmp_path / "c", "--steps", "2", "--samples", "2",
                  "--size", "--d-model 64 --n-layer 2 --n-head 2")
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| continuous")]
-    assert {r[2].strip() for r in rows} >= {"DDIM @ 16", "DDPM @ 256", "DDIM + clamp @ 64"} and {r[1].strip() for r in rows} == {"continuous", "continuous-sc"}
+    assert {r[2].strip() for r in rows} >= {"DDIM @ 16", "DDPM @ 256", "DDIM + clamp @ 64"} and {r[1].strip() for r in rows} == {"continuous", "continuous-sc", "continuous-shift4"}
     assert all(int(r[3]) == int(r[2].split("@")[1]) for r in rows)  # one network call per step
     assert "not an NLL" in out
 
