@@ -54,7 +54,7 @@ def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) 
                               output_names=commit_out, dynamic_shapes=dynamic, **common)
             tokens = example_inputs(model)[0]
             torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),
-                              input_names=["prev_tokens", *dynamic], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new"],
+                              input_names=["prev_tokens", *dynamic], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new", *logits],
                               dynamic_shapes={"prev_tokens": {0: batch}, **dynamic}, **common)
     finally:
         model.set_attention("sdpa")

@@ -88,8 +88,10 @@ class CommitStep(torch.nn.Module):
         h, cache = _hidden(self.model, torch.cat([prev_tokens, tokens], dim=1), k_cache, v_cache, valid_len, fused_mask(b, tokens.device),
                            memory=_pair(memory, memory_bias))
         rows = h[:, b - 1 : 2 * b - 1] if self.model.cfg.shift else h[:, b:]  # shifted: from the position before
-        lp, ids, entropy = sampling_head(self.model.logits_from_hidden(rows), self.k)
-        return lp, ids, entropy, torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b]
+        logits = self.model.logits_from_hidden(rows)
+        lp, ids, entropy = sampling_head(logits, self.k)
+        new = (torch.stack(cache.new_k)[:, :, :, :b], torch.stack(cache.new_v)[:, :, :, :b])
+        return lp, ids, entropy, *new, *((logits,) if self.model.cfg.cond_len else ())  # a conditional model's: guidance
 
 
 class Commit(torch.nn.Module):

@@ -142,9 +142,9 @@ class _First:
 class _Rows:
     """What every call of a generation carries beyond its tokens: a conditional model's encoding (`memory`, one row per
     call row) and, under classifier-free guidance, each sample's unguided twin: the same tokens under the empty
-    condition, in rows after the samples'. A guided block step asks for both rows' logits and samples from their mix
-    (jetson_dllm.guidance); a shifted model's commit then returns its logits too, whose position 0 (the next block's
-    first token) is mixed the same way at every step of that block."""
+    condition, in rows after the samples'. A guided block step (or commit step) asks for both rows' logits and samples
+    from their mix (jetson_dllm.guidance); a shifted model's commit then returns its logits too, whose position 0 (the
+    next block's first token, as the commit step's position 0 is) is mixed the same way at every step of that block."""
 
     def __init__(self, n: int, sampler: SamplerConfig, memory: dict, topk: int, shifted: bool):
         self.n, self.sampler, self.memory, self.topk = n, sampler, memory, topk
@@ -179,9 +179,10 @@ def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _
         calls = 0
         while True:
             if pending is not None:  # the finished block's commit folded into this block's first call
-                call, pending = Call("commit_step", {"prev_tokens": pending[0], "tokens": z, "valid_len": np.int32(pending[1]), **rows.memory}), None
-                got = yield call
+                feeds = {"prev_tokens": rows.twice(pending[0]), "tokens": rows.twice(z), "valid_len": np.int32(pending[1]), **rows.memory}
+                got, pending = (yield Call("commit_step", feeds, ("logits",) if rows.guided else None)), None
                 first.keep(got)  # the shifted commit step's position 0 is the finished block's last position's
+                rows.keep(got)
             else:
                 feeds = {"tokens": rows.twice(z), "valid_len": np.int32(start), **{k: rows.twice(v) for k, v in soft.items()}, **rows.memory}
                 got = yield Call("block_step", feeds, ("logits",) if rows.guided else None)
@@ -205,8 +206,8 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
     part of the result's tokens or the live view, as the autoregressive baseline's is not). `soft_k`: a
     self-conditioned model's candidates per position (its block steps are fed the previous step's top-k).
     `condition`: a conditional model's condition ids (its encoder runs once, every call takes the encoding); with
-    `sampler.guidance`, each sample's unguided twin rides along in every call (no folded commits: the commit step
-    returns no logits) and steps sample from the mix's top-`topk`. The callers check guidance has a condition."""
+    `sampler.guidance`, each sample's unguided twin rides along in every call and steps sample from the mix's
+    top-`topk`. The callers check guidance has a condition."""
     first, given = _First(shift_bos is not None), prompt
     if shift_bos is not None:
         prompt = [shift_bos, *prompt]
@@ -216,7 +217,6 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
     t0 = time.perf_counter()
     memory = yield from _encoding(condition, bool(sampler.guidance), num_samples, cond_len)
     rows = _Rows(num_samples, sampler, memory, topk, shift_bos is not None)
-    fold = fold and not rows.guided
     step_ms, commit_ms, sampler_s = [], [], 0.0
     out = np.full((num_samples, total), special.pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt

@@ -87,8 +87,8 @@ def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
 def returns_logits(graph: str, cfg: ModelConfig) -> bool:
     """The graph also returns its positions' logits (B, T, vocab), for a caller to ask for (guidance mixes two rows'
     whole distributions): the canvas graph, and a conditional block-diffusion model's graphs that have a top-K head
-    (the block step; a shifted model's commit)."""
-    return graph == "canvas" or bool(cfg.cond_len and graph in ("block_step", "commit") and graph_spec(graph, cfg).outputs)
+    (the block step, the commit step; a shifted model's commit)."""
+    return graph == "canvas" or bool(cfg.cond_len and graph in ("block_step", "commit", "commit_step") and graph_spec(graph, cfg).outputs)
 
 
 def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:

@@ -49,7 +49,7 @@ def _model(shift: bool = False, seed: int = 0) -> Denoiser:
     return model
 
 
-def _calls(model, guidance: float, shift: bool, condition=(9, 10, 11), runner=None, n: int = 2):
+def _calls(model, guidance: float, shift: bool, condition=(9, 10, 11), runner=None, n: int = 2, fold: bool = True):
     """Greedy generation block by block through a runner (the torch runner on `model` by default), every call seen."""
     from jetson_dllm.runners.torch_runner import TorchRunner
 
@@ -63,7 +63,7 @@ def _calls(model, guidance: float, shift: bool, condition=(9, 10, 11), runner=No
 
     runner.run = spy
     sampler = SamplerConfig(steps=4, guidance=guidance, temperature=0).validate()
-    loop = block_calls([5, 6, 7], 20, SpecialIds(2, 1, 0), sampler, 8, 32, n, fold="commit_step" in runner.graphs,
+    loop = block_calls([5, 6, 7], 20, SpecialIds(2, 1, 0), sampler, 8, 32, n, fold=fold and "commit_step" in runner.graphs,
                        shift_bos=3 if shift else None, condition=list(condition), cond_len=8, topk=16)
     return drive(runner, loop), seen
 
@@ -104,9 +104,11 @@ def test_the_encoder_runs_once_and_every_call_carries_its_encoding(shift):
     assert {g for g, *_ in seen[1:]} == {"block_step", "commit_step"}  # commits folded into the next block's first step
     guided, seen = _calls(model, 2.0, shift)
     assert seen[0][:2] == ("encoder", 2)  # the condition and the empty one
+    unfolded, seen_apart = _calls(model, 2.0, shift, fold=False)  # commits on their own: the same tokens, a call more per block
+    assert (unfolded.tokens == guided.tokens).all() and unfolded.folded == 0
+    assert {(g, o) for g, _, o, _ in seen_apart[1:]} == {("block_step", ("logits",)), ("commit", ("logits",) if shift else None)}
     rows = {(g, n, o) for g, n, o, _ in seen[1:]}
-    want = {("block_step", 4, ("logits",)), ("commit", 4, ("logits",) if shift else None)}  # twin rows, no folding
-    assert rows == want and guided.folded == 0
+    assert rows == {("block_step", 4, ("logits",)), ("commit_step", 4, ("logits",))} and guided.folded == plain.folded > 0  # twin rows
     assert not (plain.tokens == guided.tokens).all()  # guidance changed what was written
 
 
