@@ -130,6 +130,13 @@ def likelihoods(cond: Path, parent: Path, data: Path) -> dict:
                 "the unconditional parent": score(load_model(parent)[0], _Rests(pairs)), "pairs": len(pairs)}
 
 
+def model_config(run: Path):
+    """A run's model config (jetson_dllm.config.ModelConfig), as its train_config.json records it."""
+    from jetson_dllm.config import ModelConfig
+
+    return ModelConfig.from_dict(json.loads((run / "train_config.json").read_text())["model"])
+
+
 def parent_of(run: Path) -> Path:
     """The run a conditional model was trained from (`--init`): its unconditional parent."""
     return Path(json.loads((run / "train_config.json").read_text())["train"]["init"])
@@ -227,8 +234,7 @@ def main() -> None:
         nll = likelihoods(args.cond, parent_of(args.cond), args.out / "data")
         print("NLL bound of the held-out rests:", json.dumps(nll), flush=True)
     costs = {} if args.conditional_only else cost(args.runs)
-    if (args.cond / "checkpoints").is_dir() and "block_size" in json.loads((args.cond / "train_config.json").read_text())["model"] \
-            and json.loads((args.cond / "train_config.json").read_text())["model"]["block_size"]:  # a conditional BD3 model
+    if (args.cond / "checkpoints").is_dir() and model_config(args.cond).block_size:  # a conditional BD3 model
         costs |= block_cost(args.cond, args.out / "bundles" / args.cond.name)
     result = {"nll_bound": nll, "pairs": len(held), "length": args.length, "rows": rows, "cond": str(args.cond),
               "cost_ms": costs, "first_condition": conditions[0], "load": os.getloadavg()}
@@ -256,9 +262,7 @@ def prompt_rows(args, judge, held: list[tuple[str, str]]) -> dict:
 
 def conditional_rows(args, judge, conditions: list[str]) -> dict:
     """The conditional model under the empty condition and under each first sentence at every guidance setting."""
-    from jetson_dllm.config import ModelConfig
-
-    cfg = ModelConfig.from_dict(json.loads((args.cond / "train_config.json").read_text())["model"])
+    cfg = model_config(args.cond)
     name = f"conditional {'BD3' if cfg.family == 'bd3' else 'MDLM'} ({args.cond.name})"
     texts, per = continuations(args.cond, conditions, args.length, how="none")
     rows = {f"{name}, empty condition": {**judged(judge, conditions, texts), "calls_per_token": per, "sample": texts[0]}}

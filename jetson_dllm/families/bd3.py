@@ -101,7 +101,6 @@ def _commit(tokens: np.ndarray, start: int, rows: _Rows, first: _First, commit_m
     c0 = time.perf_counter()
     got = yield Call("commit", {"tokens": rows.twice(tokens), "valid_len": np.int32(start), **rows.memory}, rows.commit_outputs)
     first.keep(got)
-    rows.keep(got)
     commit_ms.append((time.perf_counter() - c0) * 1e3)
 
 
@@ -118,25 +117,30 @@ HEADS = (*SAMPLING_OUTPUTS, ENTROPY)  # what the sampler takes from a call, in o
 
 
 class _First:
-    """A shifted model's prediction of a block's first token: the top-K the commit of the block before returned
-    (position 0 of its output), spliced into every step of the block. Unshifted models: nothing to keep."""
+    """A shifted model's prediction of a block's first token: what the commit (or commit step) of the block before
+    returned at position 0 (its top-K, or under guidance its logits), spliced into every step of the block. Unshifted
+    models: nothing to keep."""
 
     def __init__(self, shifted: bool):
         self.shifted, self.kept = shifted, None
 
     def keep(self, got: dict) -> None:
         if self.shifted:
-            self.kept = {k: v[:, :1].copy() for k, v in got.items() if k in HEADS}
+            self.kept = {k: v[:, :1].copy() for k, v in got.items() if k in (*HEADS, "logits")}
+
+    def spliced(self, got: dict) -> dict:
+        """A call's outputs with position 0 of each kept one replaced by the kept prediction."""
+        out = dict(got)
+        for k, v in (self.kept or {}).items():
+            if out.get(k) is not None:
+                out[k] = out[k].copy()
+                out[k][:, :1] = v
+        return out
 
     def splice(self, got: dict) -> tuple:
         """What the sampler takes: top-K log-probabilities, ids, and the entropy where the graph returns it."""
-        out = {k: got.get(k) for k in HEADS}
-        if self.shifted and self.kept is not None:
-            for k, v in self.kept.items():
-                if out[k] is not None:
-                    out[k] = out[k].copy()
-                    out[k][:, :1] = v
-        return tuple(out[k] for k in HEADS)
+        out = self.spliced(got)
+        return tuple(out.get(k) for k in HEADS)
 
 
 class _Rows:
@@ -144,26 +148,18 @@ class _Rows:
     call row) and, under classifier-free guidance, each sample's unguided twin: the same tokens under the empty
     condition, in rows after the samples'. A guided block step (or commit step) asks for both rows' logits and samples
     from their mix (jetson_dllm.guidance); a shifted model's commit then returns its logits too, whose position 0 (the
-    next block's first token, as the commit step's position 0 is) is mixed the same way at every step of that block."""
+    next block's first token, kept by `_First`) is mixed the same way at every step of that block."""
 
     def __init__(self, n: int, sampler: SamplerConfig, memory: dict, topk: int, shifted: bool):
         self.n, self.sampler, self.memory, self.topk = n, sampler, memory, topk
         self.guided = bool(sampler.guidance)
         self.commit_outputs = ("logits",) if self.guided and shifted else None
-        self.first = None  # a guided shifted model's commit logits at position 0 (2n, 1, vocab)
 
     def twice(self, a: np.ndarray) -> np.ndarray:
         return np.concatenate([a, a]) if self.guided else a
 
-    def keep(self, got: dict) -> None:
-        if self.commit_outputs:
-            self.first = got["logits"][:, :1].copy()
-
-    def heads(self, got: dict, step: int) -> tuple:
-        logits = got["logits"]
-        if self.first is not None:
-            logits = logits.copy()
-            logits[:, :1] = self.first
+    def heads(self, logits: np.ndarray, step: int) -> tuple:
+        """The sampler's head from both rows' logits (2n, b, vocab): their mix at this step's weight."""
         weight = weight_at(self.sampler.guidance, self.sampler.guidance_schedule, step, self.sampler.steps)
         return guided_head(logits[: self.n], logits[self.n :], weight, self.topk)
 
@@ -182,11 +178,10 @@ def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _
                 feeds = {"prev_tokens": rows.twice(pending[0]), "tokens": rows.twice(z), "valid_len": np.int32(pending[1]), **rows.memory}
                 got, pending = (yield Call("commit_step", feeds, ("logits",) if rows.guided else None)), None
                 first.keep(got)  # the shifted commit step's position 0 is the finished block's last position's
-                rows.keep(got)
             else:
                 feeds = {"tokens": rows.twice(z), "valid_len": np.int32(start), **{k: rows.twice(v) for k, v in soft.items()}, **rows.memory}
                 got = yield Call("block_step", feeds, ("logits",) if rows.guided else None)
-            heads = rows.heads(got, calls) if rows.guided else first.splice(got)
+            heads = rows.heads(first.spliced(got)["logits"], calls) if rows.guided else first.splice(got)
             calls += 1
             previous = soft_feeds(heads[0], heads[1], soft_k) if soft_k else {}
             z = steps.send(heads)
