@@ -62,6 +62,9 @@ def runs(parent_steps: int, fraction: float, adapt_lr: str) -> dict[str, dict]:
         steps = str(max(1, round(budget / 4)))
         out[f"bd3-4-shift-comp-lr{lr}"] = {"args": ["--family", "bd3", "--block-size", "4", "--steps", steps, "--lr", lr,
                                                     "--eval-every", steps, *adapt, "--shift", "--complementary"], "after": "ar", "cost": 4}
+    steps = str(max(1, round(budget / (4 + 1 / 3))))  # distillation: the frozen parent's forward pass (a third of a step) on top
+    out["bd3-4-shift-comp-distill0.5"] = {"args": ["--family", "bd3", "--block-size", "4", "--steps", steps, "--lr", adapt_lr, "--eval-every",
+                                                   steps, *adapt, "--shift", "--complementary", "--distill", "0.5"], "after": "ar", "cost": 4 + 1 / 3}
     return out
 
 
@@ -189,7 +192,7 @@ def measure(name: str, spec: dict, out: Path, data: str, judge_path: str, sample
         return name
     run, judge = out / name, Judge(judge_path)
     m = evaluate_checkpoint(run, data, canvases=10_000, threads=1)
-    row = {"nll": m["val_nll"], "nll_kind": m["nll_kind"], "compute": spec["cost"] * int(spec["args"][spec["args"].index("--steps") + 1]),
+    row = {"nll": m["val_nll"], "nll_kind": m["nll_kind"], "compute": round(spec["cost"] * int(spec["args"][spec["args"].index("--steps") + 1])),
            "decoding": {}}
     for label, options in settings(load_checkpoint(run)[0]):
         texts, calls = generate(run, options, samples, tokens)

@@ -62,6 +62,29 @@ def test_adaptation_benchmark(data_dir, ar_run, tmp_path):
     assert "b=1 shifted" in out  # the zero-shot bounds
 
 
+def test_pretrained_adaptation_benchmark(data_dir, ar_run, tmp_path):
+    """benchmarks/adapt_pretrained.py on the tiny AR parent: its exact NLL, the zero-shot child, two children (plain
+    and distilled) trained side by side with their curves, and every decoding setting's calls per token."""
+    import json
+    import shutil
+
+    out = tmp_path / "adapt"
+    shutil.copytree(data_dir, out / "data")  # tokenized with the parent's tokenizer already
+    table = script("adapt_pretrained.py", "--parent", ar_run, "--text", "unused.txt", "--out", out, "--canvas", "64", "--steps", "2",
+                   "--eval-every", "1", "--batch-size", "2", "--distill", "0", "0.5", "--canvases", "4", "--n-t", "1",
+                   "--samples", "1", "--length", "8", "--parent-ft")
+    assert "| parent (AR, exact) |" in table and "| child: 2 steps of 2 canvases, distill 0 (bound) |" in table
+    assert "| child-distill0.5: 2 steps of 2 canvases, distill 0.5 (bound) |" in table
+    assert "| parent trained on as AR, 2 steps (exact, best checkpoint) |" in table
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["children"]) == {"child", "child-distill0.5"} and results["parent_ft"]["exact_nll"] > 0
+    for child in results["children"].values():
+        assert [step for step, _ in child["curve"]] == [1, 2]
+        assert child["samples"]["block steps"]["calls_per_token"] <= 1.0  # at most one call per token at b steps per block
+        assert child["samples"]["half the steps"]["calls_per_token"] < child["samples"]["block steps"]["calls_per_token"]
+    assert results["parent_samples"]["token by token"]["calls_per_token"] >= 1.0  # AR: a call per token (and one for its end)
+
+
 @pytest.mark.slow
 def test_serve_load_and_the_openai_client_on_a_cached_family(bd3_bundle, ar_bundle, tmp_path):
     """benchmarks/serve_load.py on a block-diffusion bundle (rows per call from the server's metrics) and

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from jetson_dllm.errors import DllmError
 from train_host.autoregressive import shift_right
 from train_host.diffusion import T_EPS, alpha, complement_time, loss_weight
+from train_host.parent import distilled
 from train_host.self_cond import conditioned
 
 
@@ -80,12 +81,15 @@ def bd3_loss(
     shift_bos: int | None = None,
     complementary: bool = False,
     unscored: int | None = None,
+    teacher: torch.nn.Module | None = None,
+    distill: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The BD3-LM objective for clean canvases x (B, L): weighted cross-entropy on the masked positions of the
     noised copy, per canvas position (as `mdlm_loss`). `t` (B, n_blocks) and `noise` (B, L) may be given.
     `shift_bos`: the token shift behind this start token; `complementary`: each canvas twice, with complementary
     masks (stats then cover 2B rows); `unscored`: a token (padding) masked like any other but never a target (the
-    loss and the bound count text, as the autoregressive NLL does). `model(tokens, positions, attn_mask=...,
+    loss and the bound count text, as the autoregressive NLL does); `teacher`: a shifted model's AR parent, whose
+    next-token distributions take `distill` of the cross-entropy (train_host/parent.py). `model(tokens, positions, attn_mask=...,
     rope_positions=..., sources=...)` returns logits of the selected positions (`sources`: the shift's gather)."""
     B, L = x.shape
     check_block(L, block)
@@ -96,6 +100,7 @@ def bd3_loss(
     if noise is None:
         noise = torch.rand(x.shape, generator=generator)
     masked = noise.to(x.device) < (1.0 - alpha(t_pos, schedule))
+    text = x
     if complementary:
         x, masked, t_pos = torch.cat([x, x]), torch.cat([masked, ~masked]), torch.cat([t_pos, complement_time(t_pos, schedule)])
     if shift_bos is not None:
@@ -113,7 +118,8 @@ def bd3_loss(
         logits = model(tokens, masked, attn_mask=attn, rope_positions=rope, sources=shift_sources(L, block, x.device))
     targets = x[masked]
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    weighted = loss_weight(t_pos[masked], schedule) * ce
+    scored = ce if teacher is None or not distill else distilled(ce, logits, teacher, text, masked, distill)
+    weighted = loss_weight(t_pos[masked], schedule) * scored
     loss = weighted.sum() / x.numel()
     hit = (logits.argmax(-1) == targets).detach()
     stats = {"masked": masked.sum().detach(), "ce_sum": ce.sum().detach(), "correct": hit.sum(), "hit": hit, "masked_at": masked,

@@ -29,7 +29,7 @@ from jetson_dllm.tokenizer import TextTokenizer
 from train_host import checkpoint as ckpt_io
 from train_host import diffusion
 from train_host.bd3 import clip_search, noise_range, searches_clip
-from train_host.conditioning import batch_condition, condition_parameters, freeze_denoiser, with_condition
+from train_host.conditioning import batch_condition, freeze_denoiser, with_condition
 from train_host.data import CanvasDataset, batch_indices, load_manifest, verified
 from train_host.distributed import Dist, StopFlag, autocast_dtype, pick_device, setup_distributed
 from train_host.evaluate import evaluate, unigram_nll
@@ -37,6 +37,7 @@ from train_host.metrics import MetricsLog, log, progress_bar
 from train_host.networks import build_model
 from train_host.optim import lr_at, param_groups
 from train_host.pair_data import split_dataset
+from train_host.parent import init_weights, initialise, load_teacher
 from train_host.train_config import RUN_FORMAT, TrainConfig, validate
 
 
@@ -72,6 +73,7 @@ class _Run:
     step_seconds: float = 0.0  # a running mean of a training step's time
     window: list = field(default_factory=lambda: [time.perf_counter(), 0, 0.0])  # start, steps, loss sum
     t_range: tuple = (0.0, 1.0)  # bd3: the noise range training draws from (searched at each evaluation)
+    teacher: torch.nn.Module | None = None  # --distill: the frozen autoregressive parent (train_host/parent.py)
 
     @property
     def family(self):
@@ -151,7 +153,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
                "lower --canvas-len or --batch-size (or raise --grad-accum)")
     train_ds, val_ds = (split_dataset(data_dir, split, cfg, tokenizer) for split in ("train", "val"))  # pairs: a conditional model
     resume_from = _resume_point(tc, run, cfg, tokenizer)
-    init = _init_weights(tc.init, cfg, tokenizer) if tc.init and resume_from is None else None  # checked before writing
+    init = init_weights(tc.init, cfg, tokenizer) if tc.init and resume_from is None else None  # checked before writing
+    teacher = load_teacher(tc.init, device) if tc.distill else None
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
         ckpt_io.clean_partial(run)
@@ -173,8 +176,8 @@ def setup(tc: TrainConfig, d: Dist, console) -> _Run:
     if resume_from is not None:
         _restore(r, resume_from)
     elif init is not None:
-        _initialise(r, *init)
-    r.last_saved = r.step
+        initialise(r, *init)
+    r.last_saved, r.teacher = r.step, teacher
     if resume_from is None:
         r.t_range = noise_range(tc)
     r.unigram_nll = unigram_nll(train_ds, val_ds) if d.main else 0.0
@@ -227,35 +230,6 @@ def _restore(r: _Run, resume_from: Path) -> None:
     r.t_range = tuple(meta.get("t_range") or noise_range(r.tc))
     if r.d.main:
         r.console.print(f"resuming {r.run} from step {r.step} ({r.samples_seen:,} canvases seen)")
-
-
-def _init_weights(source: str, cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[dict, str]:
-    """The weights of --init (whose shape this run's model took: TrainConfig.model_config), refused unless its
-    tokenizer is the data's and it predicts what this run's model will (the token shift: its parent predicts the next
-    token, an AR model or a shifted one; a model that predicts the token at its own position cannot be shifted).
-    Returns (weights, the checkpoint's path)."""
-    theirs_cfg, weights, theirs_tok, config = ckpt_io.load_checkpoint(source)
-    if theirs_tok.sha256 != tokenizer.sha256:
-        raise DllmError(f"--init {source} is a model of another shape or tokenizer than this run's: its tokenizer is not "
-                        f"the data's; tokenize the text with it (dllm data FILES --tokenizer {source})")
-    next_token = theirs_cfg.attention == "causal" or theirs_cfg.shift
-    if cfg.shift and not next_token:
-        raise DllmError(f"--shift needs a parent that predicts the next token (an autoregressive model, or one trained with "
-                        f"--shift); {source} is a {theirs_cfg.family} model trained without the shift")
-    if theirs_cfg.shift and not cfg.shift:
-        raise DllmError(f"--init {source} was trained with --shift (its positions predict the next token); train on with --shift")
-    return weights, config["path"]
-
-
-def _initialise(r: _Run, weights: dict, path: str) -> None:
-    """Start from --init's weights (checked by `_init_weights`)."""
-    fresh = frozenset({"soft_proj.weight"}) if r.cfg.soft_k else frozenset()  # self-conditioning post-trained: starts at zero
-    fresh |= frozenset(condition_parameters(r.core)) if r.cfg.cond_len else frozenset()  # a condition added to a denoiser
-    ckpt_io.load_weights(r.core, weights, path, fresh)
-    if r.ema is not None:
-        r.ema.load_state_dict(r.core.state_dict())
-    if r.d.main:
-        r.console.print(f"starting from the weights of {path}")
 
 
 def train_step(r: _Run) -> tuple[torch.Tensor, float]:

@@ -31,6 +31,7 @@ class TrainConfig:
     init: str = ""  # start from this checkpoint's weights (e.g. an MDLM model fine-tuned into BD3), same shape
     shift: bool = False  # bd3: the token shift (a model adapted from an AR parent: position i predicts token i + 1)
     complementary: bool = False  # bd3: each canvas also trained with the complementary mask
+    distill: float = 0.0  # bd3 --shift from an AR --init: share of the loss on the parent's next-token distributions
     self_cond: int = 0  # mdlm, bd3, continuous: self-conditioning on the previous prediction's top-k (the model's soft_k); 0 = off
     self_cond_rate: float = 0.5  # share of steps whose loss sees a first pass's prediction
     candidates: int = 8  # sdd: weighted candidates per position (the model's soft_k)
@@ -164,6 +165,10 @@ def validate(tc: TrainConfig) -> None:
     check_range("--cond-len", tc.cond_len, 0, 1024)
     check_range("--cond-layers", tc.cond_layers, 1, 64)
     check_range("--cond-drop", tc.cond_drop, 0, 1, high_open=True)
+    check_range("--distill", tc.distill, 0, 1)
+    if tc.distill and not (tc.shift and tc.init):
+        raise DllmError("--distill learns from an autoregressive parent's next-token distributions: give the parent with --init, "
+                        "and --shift (so each position predicts the next token, as the parent's head does)")
     if tc.freeze_denoiser and not tc.init:
         raise DllmError("--freeze-denoiser trains a condition onto a trained denoiser (the staged training's second stage): "
                         "give that model with --init")

@@ -75,6 +75,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="start from this checkpoint's weights (same config and data): BD3 adapted from an AR parent, or fine-tuned from MDLM")] = None,
     shift: Annotated[bool, typer.Option("--shift", help="--objective bd3: the token shift (position i predicts token i + 1, as an AR parent's head does): adapt from an AR --init")] = False,
     complementary: Annotated[bool, typer.Option("--complementary", help="--objective bd3: each canvas also trained with the complementary mask (every token scored once per pair; twice the rows per step)")] = False,
+    distill: Annotated[float, typer.Option(help="--shift with an AR --init: share of the loss taken from the parent's next-token distributions at the masked positions (distillation; 0 = off)")] = 0.0,
     self_cond: Annotated[int, typer.Option(help="--objective mdlm, bd3, continuous: self-conditioning on the previous prediction's top-K candidates (e.g. 8; 0 = off): a soft input of K ids and probabilities per position", min=0, max=64)] = 0,
     self_cond_rate: Annotated[float, typer.Option(help="--self-cond: share of steps whose loss sees a first pass's prediction (0.5 the standard recipe; 1 to post-train an --init checkpoint, as SCMDM)")] = 0.5,
     candidates: Annotated[int, typer.Option(help="--objective sdd: weighted candidates per position (k)", min=1, max=64)] = 8,

@@ -116,7 +116,7 @@ FAMILIES: dict[str, Family] = {
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span", "guidance", "guidance_schedule"),
                   int8="qdq", runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", soft_inputs="self",
-                  train_options=("block_size", "t_min", "t_max", "shift", "complementary", "self_cond", "self_cond_rate", "cond_len",
+                  train_options=("block_size", "t_min", "t_max", "shift", "complementary", "distill", "self_cond", "self_cond_rate", "cond_len",
                                  "cond_layers", "cond_drop", "freeze_denoiser"), conditional=True),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",

@@ -15,7 +15,7 @@ def train_loss(model, x, run, t, noise, generator):
     shifted = run.cfg.shift
     return bd3_loss(conditioned(model, run.cfg.soft_k, run.tc.self_cond_rate, generator), x, run.cfg.mask_id, run.cfg.block_size, run.tc.schedule, *run.t_range, generator,
                     shift_bos=run.tokenizer.bos_id if shifted else None, complementary=run.tc.complementary,
-                    unscored=run.tokenizer.pad_id if shifted else None)
+                    unscored=run.tokenizer.pad_id if shifted else None, teacher=run.teacher, distill=run.tc.distill)
 
 
 def nll_batch(model, x, ev: EvalContext) -> dict:
