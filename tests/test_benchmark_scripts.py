@@ -62,6 +62,15 @@ def test_adaptation_benchmark(data_dir, ar_run, tmp_path):
     assert "b=1 shifted" in out  # the zero-shot bounds
 
 
+def test_judge_swap(trained_run, ar_run, data_dir):
+    """benchmarks/judge_swap.py: every row's texts scored by each judge; the same judge twice gives ratio 1."""
+    out = script("judge_swap.py", "--diffusion", trained_run, "--ar", ar_run, "--data", data_dir, "--judges", ar_run, ar_run,
+                 "--samples", "1", "--tokens", "16")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and not line.startswith("| texts")]
+    assert [r[1].strip() for r in rows][:2] == ["real held-out stories", "AR, temperature 0.8"] and len(rows) == 5
+    assert all(float(r[2]) > 1 and float(r[2]) == float(r[3]) and float(r[4]) == 1.0 for r in rows)
+
+
 def test_pretrained_adaptation_benchmark(data_dir, ar_run, tmp_path):
     """benchmarks/adapt_pretrained.py on the tiny AR parent: its exact NLL, the zero-shot child, two children (plain
     and distilled) trained side by side with their curves, and every decoding setting's calls per token."""
