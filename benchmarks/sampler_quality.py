@@ -9,7 +9,8 @@ own share of the time, and quality figures that can fail:
   - repetition: share of word 4-grams in a sample that already occurred earlier in the same sample,
   - doubled words: share of words equal to the word before them ("play play"),
   - distinct-1 / distinct-2: unique words / word bigrams over all samples (diversity),
-  - with --judge (an autoregressive checkpoint): generative perplexity of the samples under it.
+  - with --judge (an autoregressive checkpoint): generative perplexity of the samples under it; give --judge twice
+    for two judges' columns side by side on the same samples (the old same-data judge and SmolLM2: results.md).
 The reference row scores real validation stories the same way. Prints a Markdown table; --json for raw.
 """
 
@@ -51,11 +52,11 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--span", type=int, default=0)
     p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--judge", help="autoregressive checkpoint: adds generative perplexity")
+    p.add_argument("--judge", action="append", default=[], help="autoregressive checkpoint: adds generative perplexity (repeatable)")
     p.add_argument("--defer-twins", action="store_true", help="the sampler's --defer-twins (see dllm run --help); off unless given")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    judge = Judge(args.judge) if args.judge else None
+    judges = [Judge(j) for j in args.judge]
     backend = open_runner("torch", args.checkpoint)
     tok, model = backend.tokenizer, backend.model
     rows = []
@@ -68,7 +69,7 @@ def main() -> None:
         with torch.inference_mode():
             nll = score(model, real, tok)
         rows.append({"strategy": "real stories", "steps": None, "evaluations": None, "ms": None, "sampler_share": None,
-                     "nll": nll, "gen_ppl": judge.perplexity(texts) if judge else None, "repetition": float(np.mean([repetition(t) for t in texts])),
+                     "nll": nll, "gen_ppl": [j.perplexity(texts) for j in judges], "repetition": float(np.mean([repetition(t) for t in texts])),
                      "doubled": float(np.mean([doubled(t) for t in texts])), "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
     for strategy in args.strategies.split(","):
         for steps in [int(s) for s in args.steps.split(",")]:
@@ -88,7 +89,7 @@ def main() -> None:
                 nll = score(model, np.concatenate(canvases), tok)
             rows.append({"strategy": strategy, "steps": steps, "evaluations": float(np.mean(evals)),
                          "ms": 1e3 * float(np.mean(times)), "sampler_share": float(np.mean(shares)), "nll": nll,
-                         "gen_ppl": judge.perplexity(texts) if judge else None,
+                         "gen_ppl": [j.perplexity(texts) for j in judges],
                          "repetition": float(np.mean([repetition(t) for t in texts])),
                          "doubled": float(np.mean([doubled(t) for t in texts])), "distinct1": distinct(texts, 1), "distinct2": distinct(texts, 2), "example": texts[0][:160]})
             if not args.json:
@@ -102,10 +103,15 @@ def main() -> None:
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
           f"span {args.span or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
-    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | gen. perplexity | repetition | doubled words | distinct-1 | distinct-2 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    from pathlib import Path
+
+    ppl = [f"gen. perplexity ({Path(j).name})" for j in args.judge] if len(args.judge) > 1 else ["gen. perplexity"]
+    print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | " + " | ".join(ppl)
+          + " | repetition | doubled words | distinct-1 | distinct-2 |")
+    print("|---" * (10 + len(ppl)) + "|")
     for r in rows:
-        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], r["gen_ppl"], r["repetition"], r["doubled"], r["distinct1"], r["distinct2"]]
+        cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], *(r["gen_ppl"] or [None]),
+                 r["repetition"], r["doubled"], r["distinct1"], r["distinct2"]]
         print("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
     print("\nexamples:")
     for r in rows:

@@ -27,6 +27,11 @@ def test_sampler_quality(trained_run, data_dir, ar_run):
     rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
     assert len(rows) == 5 and rows[0].startswith("| real stories")  # the reference row, then 2 x 2
     assert all(float(r.split("|")[7]) > 1 for r in rows)  # generative perplexity
+    two = script("sampler_quality.py", trained_run, "--data", data_dir, "--judge", ar_run, "--judge", ar_run, "--steps", "2",
+                 "--strategies", "confidence", "--samples", "1")  # two judges' columns on the same samples
+    rows = [line.split("|") for line in two.splitlines() if line.startswith("| ")]
+    assert rows[0][7].strip() == f"gen. perplexity ({ar_run.name})" and len(rows) == 3  # the header, the reference, 1 x 1
+    assert all(float(r[7]) == float(r[8]) > 1 for r in rows[1:])
 
 
 def test_quality_and_infilling(trained_run, ar_run, data_dir):
