@@ -6,7 +6,9 @@ brings in).
     python benchmarks/adapt_pretrained.py --parent runs/smollm2 --text ../shared/data/tinystories/*.txt \\
         --out runs/smol-adapt --steps 150                                     # CPU, one thread
     python benchmarks/adapt_pretrained.py --parent runs/smollm2 --text ../shared/data/tinystories/*.txt \\
-        --out runs/smol-gpu --device cuda --batch-size 16 --steps 1500 --time-budget 5m --distill 0 0.5
+        --out runs/smol-gpu --device cuda --dtype bf16 --batch-size 16 --steps 2000 --time-budget 270s \\
+        --eval-every 300 --eval-canvases 64 --canvases 256 --n-t 8 --distill 0 0.5 --samples 6 --length 64 \\
+        --threads 4 --parent-ft                                            # docs/adaptation.md's GPU run
 
 The data is tokenized with the parent's own tokenizer (`dllm data --tokenizer PARENT`); each child is `dllm train
 --family bd3 --block-size B --shift --complementary --init PARENT [--distill A]`, one per `--distill` value, trained
