@@ -60,10 +60,9 @@ def parent_targets(teacher: torch.nn.Module, x: torch.Tensor, masked: torch.Tens
     order. `x` (B, L) is the shifted clean text (start token first); R is B or, with complementary masks, 2B (the
     same text twice). The target at position i is what the parent reads at i - 1 (position 0 is never masked)."""
     B, L = x.shape
-    logits = teacher(x, torch.ones_like(x, dtype=torch.bool)).float().view(B, L, -1)
-    before = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-    rows = torch.arange(masked.shape[0], device=x.device) % B
-    return before[rows][masked].softmax(-1)
+    logits = teacher(x, torch.ones_like(x, dtype=torch.bool)).view(B, L, -1)
+    rows, pos = masked.nonzero(as_tuple=True)  # row-major, the order of logits[masked]
+    return logits[rows % B, (pos - 1).clamp(min=0)].float().softmax(-1)  # only the N rows needed, no (2B, L, V) copies
 
 
 def distilled(ce: torch.Tensor, logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, masked: torch.Tensor,
