@@ -29,8 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {"block steps": {}, "half the steps": {"half": True}, "threshold 0.9": {"strategy": "threshold", "threshold": 0.9},
-            "threshold 0.5": {"strategy": "threshold", "threshold": 0.5}}
+SETTINGS = {  # a block model's decoding settings: label -> sampler options for block size b
+    "block steps": lambda b: {"steps": b},
+    "half the steps": lambda b: {"steps": max(1, b // 2)},
+    "threshold 0.9": lambda b: {"steps": b, "strategy": "threshold", "threshold": 0.9},
+    "threshold 0.5": lambda b: {"steps": b, "strategy": "threshold", "threshold": 0.5},
+}
 
 
 def dllm(*args: str, threads: int = 1) -> subprocess.Popen:
@@ -65,13 +69,7 @@ def decode(runner, prompt: str, length: int, options: dict, temperature: float =
     from jetson_dllm.sampler import SamplerConfig
 
     family = family_of(runner.cfg)
-    if family.attention == "causal":
-        sampler = SamplerConfig(temperature=temperature, seed=seed)
-    else:
-        b = runner.cfg.block_size
-        extra = {k: v for k, v in options.items() if k != "half"}
-        sampler = SamplerConfig(temperature=temperature, seed=seed, steps=max(1, b // 2) if options.get("half") else b,
-                                **({"strategy": "confidence"} | extra))
+    sampler = SamplerConfig(temperature=temperature, seed=seed, **({"strategy": "confidence"} | options))
     g = family.runtime_module().complete(runner, prompt, length=length, sampler=sampler)
     r = g.result
     calls = r.evaluations + r.commits if family.attention == "block" else len(r.step_ms)
@@ -93,7 +91,8 @@ def samples(run: str, args, judge) -> dict:
         out["runner_error"] = f"{type(e).__name__}: {e}"[:300]
     with runner:
         causal = family_of(runner.cfg).attention == "causal"
-        for label, options in ({"token by token": {}} if causal else SETTINGS).items():
+        settings = {"token by token": {}} if causal else {label: f(runner.cfg.block_size) for label, f in SETTINGS.items()}
+        for label, options in settings.items():
             text, calls = decode(runner, args.prompt, args.length, options)
             stories = [decode(runner, "", args.length, options, temperature=0.8, seed=i) for i in range(args.samples)]
             texts = [s for s, _ in stories]
@@ -109,31 +108,23 @@ def curve(run: Path) -> list[list[float]]:
 
 
 def train_children(args, data: Path, out: Path) -> dict[str, dict]:
-    """One child per --distill value, side by side; a child whose folder holds a checkpoint is not trained again."""
+    """One child per --distill value (and with --parent-ft the parent trained on as AR), side by side; a run whose
+    folder holds a checkpoint is not trained again."""
+    runs = {("child" if a == 0 else f"child-distill{a:g}"): ({"distill": a}, [
+        "--family", "bd3", "--block-size", str(args.block), "--shift", "--complementary", "--t-min", "0.001", "--t-max", "1",
+        "--distill", str(a)]) for a in args.distill}
+    if args.parent_ft:  # the parent trained on the same data, steps and learning rate
+        runs["parent-ft"] = ({}, ["--family", "ar"])
+    common = ["--data", str(data), "--init", args.parent, "--canvas-len", str(args.canvas), "--batch-size", str(args.batch_size),
+              "--steps", str(args.steps), "--lr", args.lr, "--warmup", str(args.warmup), "--eval-every", str(args.eval_every or args.steps),
+              "--eval-canvases", str(args.eval_canvases), "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype,
+              *(["--time-budget", args.time_budget] if args.time_budget else [])]
     jobs, info = {}, {}
-    cap = ["--time-budget", args.time_budget] if args.time_budget else []
-    for a in args.distill:
-        name = "child" if a == 0 else f"child-distill{a:g}"
+    for name, (about, own) in runs.items():
         run = out / name
-        info[name] = {"distill": a, "run": str(run)}
-        if (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*")):
-            continue
-        jobs[name] = (time.time(), dllm(
-            "train", "--data", str(data), "-o", str(run), "--family", "bd3", "--block-size", str(args.block), "--shift",
-            "--complementary", "--init", args.parent, "--canvas-len", str(args.canvas), "--batch-size", str(args.batch_size),
-            "--steps", str(args.steps), "--lr", args.lr, "--warmup", str(args.warmup), "--t-min", "0.001", "--t-max", "1",
-            "--eval-every", str(args.eval_every or args.steps), "--eval-canvases", str(args.eval_canvases),
-            "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--distill", str(a), *cap,
-            threads=args.threads))
-    if args.parent_ft and not (out / "parent-ft" / "checkpoints").is_dir():  # the parent trained on the same data, same steps
-        info["parent-ft"] = {"run": str(out / "parent-ft")}
-        jobs["parent-ft"] = (time.time(), dllm(
-            "train", "--data", str(data), "-o", str(out / "parent-ft"), "--family", "ar", "--init", args.parent, "--canvas-len",
-            str(args.canvas), "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--lr", args.lr, "--warmup", str(args.warmup),
-            "--eval-every", str(args.eval_every or args.steps), "--eval-canvases", str(args.eval_canvases), "--threads", str(args.threads),
-            "--device", args.device, "--dtype", args.dtype, *cap, threads=args.threads))
-    elif args.parent_ft:
-        info["parent-ft"] = {"run": str(out / "parent-ft")}
+        info[name] = {"run": str(run), **about}
+        if not ((run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))):
+            jobs[name] = (time.time(), dllm("train", "-o", str(run), *own, *common, threads=args.threads))
     for name, (t0, proc) in jobs.items():
         if proc.wait():
             raise SystemExit(f"training {name} failed (exit {proc.returncode})")
@@ -173,7 +164,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not (data / "data.json").is_file():
-        dllm("data", *args.text, "-o", str(data), "--tokenizer", args.parent, "--val-fraction", "0.05").wait()
+        if dllm("data", *args.text, "-o", str(data), "--tokenizer", args.parent, "--val-fraction", "0.05").wait():
+            raise SystemExit("dllm data failed: see above")
     from train_host import checkpoint as ck
     from train_host.judge import Judge
 

@@ -18,15 +18,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-PROMPTS = ["Once upon a time", "One day,", "Lily and Tom", "The little dog"]
-
-
-def real_stories(data: str, n: int, tokens: int, tokenizer) -> list[str]:
-    from train_host.data import CanvasDataset
-
-    ds = CanvasDataset(data, "val", tokens, tokenizer.pad_id)
-    return [tokenizer.decode([int(t) for t in row if t != tokenizer.pad_id]) for row in ds.batch(np.arange(min(len(ds), n)))]
+from adapt import reference_texts  # benchmarks/, the script's own folder
+from sampler_quality import PROMPTS
 
 
 def ar_stories(run: str, samples: int, tokens: int) -> list[str]:
@@ -62,12 +55,10 @@ def main() -> None:
     import torch
 
     from jetson_dllm.textstats import distinct, repetition
-    from train_host.checkpoint import load_model
     from train_host.judge import Judge
 
     torch.set_num_threads(1)
-    _, tokenizer, _ = load_model(args.diffusion)
-    rows = {"real held-out stories": real_stories(args.data, 4 * args.samples, args.tokens, tokenizer),
+    rows = {"real held-out stories": reference_texts(args.data, 4 * args.samples, args.tokens),
             "AR, temperature 0.8": ar_stories(args.ar, args.samples, args.tokens)}
     for steps, temperature in ((16, 0.8), (64, 0.8), (128, 0.0)):
         rows[f"MDLM, {steps} steps, temperature {temperature:g}"] = diffusion_stories(args.diffusion, args.samples, args.tokens, steps, temperature)
