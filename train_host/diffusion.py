@@ -135,7 +135,7 @@ def nll_bound(
         z, masked = mask_tokens(x, 1.0 - alpha(t, schedule), mask_id, generator)
         logits = model(z, masked)
         ce = F.cross_entropy(logits.float(), x[masked], reduction="none")
-        w = loss_weight(t, schedule).view(-1, 1).expand_as(x)[masked].to(ce.device)
+        w = loss_weight(t, schedule).to(x.device).view(-1, 1).expand_as(x)[masked]
         total += (w * ce).sum().double().cpu() / n_t
         keep = text[masked]
         masked_n += int(keep.sum())

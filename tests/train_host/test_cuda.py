@@ -27,3 +27,12 @@ def test_the_torch_runner_writes_the_same_greedy_tokens_on_the_gpu(ar_run):
         a = ar.complete(cpu, "Once upon a time", length=24, sampler=greedy).tokens.tolist()
         b = ar.complete(gpu, "Once upon a time", length=24, sampler=greedy).tokens.tolist()
     assert a == b
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "sdd", "continuous"])
+def test_a_canvas_family_trains_and_evaluates_on_the_gpu(objective, data_dir, tmp_path):
+    """The evaluation's bound on the GPU (MDLM's once indexed a CPU weight with a GPU mask and stopped the run)."""
+    from tests.conftest import train_small
+
+    result = train_small(data_dir, tmp_path / objective, steps=4, eval_every=4, objective=objective, device="cuda")
+    assert 0 < result["val_nll" if objective == "mdlm" else "val_loss"] < 20
