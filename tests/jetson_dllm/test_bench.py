@@ -256,6 +256,8 @@ def test_bench_measures_a_block_diffusion_bundle(bd3_bundle, tmp_path):
     assert two.cache_passes == 0 and two.folded_commits == eight.folded_commits == 3  # fit it after their prompt too)
     assert two.step_ms_median > 0 and two.tokens_per_s > 0  # step; the last block is never committed
     assert two.gen_ppl == 44.0 and two.repetition is not None and 0 <= two.distinct2 <= 1
+    kept = json.loads(paths["json"].read_text())["results"][0]["extra"]["samples"]  # for another judge later
+    assert len(kept) == 2 and all(isinstance(t, str) for t in kept)
     rows = list(csv.DictReader(open(paths["csv"])))
     assert rows[0]["block_size"] == "16" and float(rows[1]["folded_commits"]) == 3.0
     with pytest.raises(DllmError, match="at most 64 tokens"):
