@@ -42,4 +42,4 @@ def check_guidance(condition: list[int] | None) -> None:
     """Guidance on a conditional model pulls toward its condition: there must be one."""
     if condition is not None and not condition:
         raise DllmError("--guidance on a conditional model needs a condition to guide toward (the unguided row drops it): "
-                        "give --condition, or leave --guidance out")
+                        "give --condition, or leave --guidance out", option="--guidance")

@@ -43,7 +43,7 @@ def check_prompt(fixed: np.ndarray, canvas: np.ndarray, special: SpecialIds) -> 
     """Guidance pulls toward the prompt: a canvas with no prompt token has nothing to guide toward."""
     if not (fixed & (canvas != special.pad)).any():
         raise DllmError("--guidance needs a prompt to guide toward (the unguided row masks it); this model has no other "
-                        "condition: give --prompt, or leave --guidance out")
+                        "condition: give --prompt, or leave --guidance out", option="--guidance")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -71,4 +71,4 @@ def check_runner(runner) -> None:
     """A runner that can return the canvas graph's logits (the mix needs both rows' whole distributions)."""
     if not getattr(runner, "returns_logits", True):
         raise DllmError(f"--guidance mixes two rows' whole distributions, and {runner.name} keeps the logits on the GPU "
-                        "(its engines carry the top-K head only): run it with --backend onnx, or leave --guidance out")
+                        "(its engines carry the top-K head only): run it with --backend onnx, or leave --guidance out", option="--guidance")

@@ -24,7 +24,7 @@ def _text(text) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise DllmError(f"the text holds a character that is not valid Unicode ({text[e.start]!r} at offset {e.start}); "
-                        "send UTF-8 text") from None
+                        "send UTF-8 text", option="--prompt") from None
     return text
 
 

@@ -141,10 +141,10 @@ class Server:
                                     seed=seed if seed is not None else random.randrange(2**31)).validate()
                 watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
                 served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop
-            except DllmError as e:  # the prompt's text, or what it and max_tokens need, or guidance without a prompt
-                if str(e).startswith("--guidance"):
-                    raise ApiError(400, str(e).replace("--", ""), param="guidance") from None
-                raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="prompt" if "Unicode" in str(e) else "max_tokens") from None
+            except DllmError as e:  # a setting (guidance without a prompt, the prompt's text), or what prompt and max_tokens need
+                if e.option:  # the request's field, as the API spells it ("--guidance-schedule" -> guidance_schedule)
+                    raise ApiError(400, str(e).replace("--", ""), param=e.option.lstrip("-").replace("-", "_")) from None
+                raise ApiError(400, f"{e} (max_tokens {max_tokens})", param="max_tokens") from None
             job = Job(served, rows, emit=emit, timeout_s=self.timeout_s)
             out.append({"job": job, "fixed": served.fixed, "stop": stop, "max_tokens": max_tokens, "sent": [""] * n, "done": False,
                         "steps": knobs.steps})

@@ -125,6 +125,13 @@ def test_bad_requests_get_openai_error_objects_and_the_server_keeps_serving(serv
     assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("content, param", [(b'{"prompt": "hi \\udcff there"}', "prompt"), (b'{"prompt": "", "guidance": 2}', "guidance")])
+def test_a_refusal_from_the_library_names_the_request_field(server, content, param):
+    """The library's errors say which setting they are about (DllmError.option); the server names that field."""
+    r = httpx.post(f"{server.url}/v1/completions", headers={"content-type": "application/json"}, content=content, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and "--" not in r.json()["error"]["message"], r.text
+
+
 def test_the_frameworks_own_errors_are_openai_errors(server):
     r = httpx.get(f"{server.url}/v1/nothing-here", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
