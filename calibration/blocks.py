@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import MIN_CANVASES, FeedReader
-from calibration.quantize import Int8Options, _quiet, qdq_problems, quantizable_nodes, quantize, search_exclusions
+from calibration.dynamic import quiet as _quiet
+from calibration.quantize import Int8Options, qdq_problems, quantizable_nodes, quantize, search_exclusions
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError

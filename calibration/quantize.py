@@ -18,9 +18,6 @@ on CPUs than static Q/DQ. It is stored in onnxruntime's own format (.ort), since
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import CalibrationReader, load_recorded, stratified_masking
+from calibration.dynamic import quiet as _quiet
+from calibration.dynamic import write_dynamic_cpu_variant
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
@@ -103,12 +102,6 @@ def quantizable_nodes(model) -> list[str]:
     weights = {i.name for i in model.graph.initializer}
     shared = {i for n in model.graph.node if n.op_type != "MatMul" for i in n.input if i in weights}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights and n.input[1] not in shared]
-
-
-def _quiet():
-    """onnxruntime's quantizer logs and prints per call; keep the export's output readable."""
-    logging.getLogger().setLevel(logging.ERROR)
-    return contextlib.redirect_stdout(io.StringIO())
 
 
 def quantize(pre_path: Path, out_path: Path, reader: CalibrationReader | None, method: str, exclude: list[str], cache: Path) -> None:
@@ -299,28 +292,6 @@ def search_exclusions(nodes: list[str], drop_of, budget: float, max_share: float
             if drop <= budget:
                 break
     return {"drop": best[0], "excluded": best[1], "sensitivity": sensitivity, "trajectory": trajectory}
-
-
-def write_dynamic_cpu_variant(fp32_path: Path, out_path: Path, work: Path) -> None:
-    """Dynamic INT8 weight MatMuls (per-channel, 7-bit range), saved in onnxruntime's format after basic optimizations.
-
-    `reduce_range`: on x86 cores without VNNI (AVX2, as this project's VM has) onnxruntime multiplies uint8
-    activations by int8 weights with an instruction whose 16-bit sums saturate at full 8-bit range; measured on
-    SmolLM2-135M's decode graph: top-1 agreement with FP32 2.5% over the export's parity calls at full range,
-    25/28 on real text at 7 bits. ARM and VNNI cores lose one bit of weight precision to it."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dynamic = work / "dynamic.onnx"
-    with _quiet():
-        quantize_dynamic(str(fp32_path), str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across CPUs
-    options.optimized_model_filepath = str(out_path)
-    options.add_session_config_entry("session.save_model_format", "ORT")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(dynamic), options, providers=["CPUExecutionProvider"])
 
 
 def qdq_problems(model) -> list[str]:

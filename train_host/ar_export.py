@@ -69,7 +69,7 @@ def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int,
 
     import onnx
 
-    from calibration.quantize import write_dynamic_cpu_variant
+    from calibration.dynamic import write_dynamic_cpu_variant
     from jetson_dllm.bundle import write_bundle
     from jetson_dllm.errors import DllmError
     from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes

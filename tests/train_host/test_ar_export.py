@@ -78,6 +78,36 @@ def test_int8_for_the_baseline_is_dynamic_weights_for_the_cpu(ar_run, data_dir, 
         assert not (tmp_path / "refused").exists()
 
 
+def test_the_tied_head_gets_a_constant_weight_for_the_dynamic_quantizer(ar_bundle, tmp_path):
+    """The decode graph reaches its tied head through Transpose(embedding); folding it gives the head MatMul a
+    constant weight of its own (which the dynamic quantizer can take) and changes no output."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from calibration.dynamic import fold_weight_transposes
+
+    def through_transpose(model):
+        inits = {i.name for i in model.graph.initializer}
+        made = {o: n for n in model.graph.node for o in n.output}
+        return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in made
+                and made[n.input[1]].op_type == "Transpose" and made[n.input[1]].input[0] in inits]
+
+    model = onnx.load(str(ar_bundle / "decode.fp32.onnx"))
+    assert len(through_transpose(model)) == 1  # the head (attention's K transposes are of activations, not weights)
+    assert fold_weight_transposes(model) == 1 and through_transpose(model) == []
+    onnx.save(model, str(tmp_path / "folded.onnx"))
+    before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (ar_bundle / "decode.fp32.onnx", tmp_path / "folded.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in before.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        feeds[i.name] = (rng.integers(0, 100, shape) if "int" in i.type else rng.standard_normal(shape)).astype(
+            np.int64 if "int64" in i.type else np.int32 if "int32" in i.type else np.float32)
+    for a, b in zip(before.run(None, feeds), after.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bench_measures_the_baseline_token_by_token(ar_bundle, tmp_path):
     from jetson_dllm import bench
 
