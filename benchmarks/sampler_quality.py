@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,7 +104,6 @@ def main() -> None:
 def print_table(rows: list[dict], args) -> None:
     print(f"\n{len(PROMPTS)} prompts x {args.samples} samples per row, batch {args.samples}, temperature {args.temperature}, "
           f"span {args.span or 'none'}, defer twins {args.defer_twins}, torch on CPU\n")
-    from pathlib import Path
 
     ppl = [f"gen. perplexity ({Path(j).name})" for j in args.judge] if len(args.judge) > 1 else ["gen. perplexity"]
     print("| strategy | steps | evaluations | ms / generation | sampler share | NLL bound (nats/token) | " + " | ".join(ppl)
@@ -113,9 +113,30 @@ def print_table(rows: list[dict], args) -> None:
         cells = [r["strategy"], r["steps"], r["evaluations"], r["ms"], r["sampler_share"], r["nll"], *(r["gen_ppl"] or [None]),
                  r["repetition"], r["doubled"], r["distinct1"], r["distinct2"]]
         print("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
+    print_grid(rows, args)
     print("\nexamples:")
     for r in rows:
         print(f"- {r['strategy']} {r['steps'] or ''}: {r['example']!r}")
+
+
+def print_grid(rows: list[dict], args) -> None:
+    """The table again as the docs show it: a strategy per row, a step count per column, each cell every judge's
+    perplexity then repetition (with no judge: the NLL bound, then repetition)."""
+    steps = sorted({r["steps"] for r in rows if r["steps"]})
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["steps"]))
+    if len(steps) < 2 and len(strategies) < 2:
+        return
+    what = " / ".join([f"{Path(j).name}" for j in args.judge] or ["NLL bound"]) + " / repetition"
+    print(f"\nstrategy x steps, cells: {what}\n")
+    print("| strategy | " + " | ".join(f"{s} steps" for s in steps) + " |")
+    print("|---" * (len(steps) + 1) + "|")
+    for strategy in strategies:
+        cells = []
+        for s in steps:
+            r = next((r for r in rows if r["strategy"] == strategy and r["steps"] == s), None)
+            figures = ([f"{v:.1f}" for v in r["gen_ppl"]] or [f"{r['nll']:.3f}"]) + [f"{r['repetition']:.3f}"] if r else ["-"]
+            cells.append(" / ".join(figures))
+        print(f"| {strategy} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

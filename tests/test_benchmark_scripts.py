@@ -24,12 +24,15 @@ def test_train_throughput():
 def test_sampler_quality(trained_run, data_dir, ar_run):
     out = script("sampler_quality.py", trained_run, "--data", data_dir, "--judge", ar_run, "--steps", "2,4",
                  "--strategies", "confidence,ancestral", "--samples", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| ")][1:]  # after the header
+    table, grid = out.split("strategy x steps")
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
     assert len(rows) == 5 and rows[0].startswith("| real stories")  # the reference row, then 2 x 2
     assert all(float(r.split("|")[7]) > 1 for r in rows)  # generative perplexity
+    cells = [line.split("|")[2:4] for line in grid.splitlines() if line.startswith("| confidence") or line.startswith("| ancestral")]
+    assert len(cells) == 2 and float(cells[0][0].split("/")[0]) == pytest.approx(float(rows[1].split("|")[7]), abs=0.051)  # same figures
     two = script("sampler_quality.py", trained_run, "--data", data_dir, "--judge", ar_run, "--judge", ar_run, "--steps", "2",
                  "--strategies", "confidence", "--samples", "1")  # two judges' columns on the same samples
-    rows = [line.split("|") for line in two.splitlines() if line.startswith("| ")]
+    rows = [line.split("|") for line in two.split("strategy x steps")[0].splitlines() if line.startswith("| ")]
     assert rows[0][7].strip() == f"gen. perplexity ({ar_run.name})" and len(rows) == 3  # the header, the reference, 1 x 1
     assert all(float(r[7]) == float(r[8]) > 1 for r in rows[1:])
 
