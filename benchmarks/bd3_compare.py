@@ -53,7 +53,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     judges = {} if args.prepare_only else {j: Judge(j) for j in args.judge}
-    first = next(iter(judges.values()), None)
     rows = []
     for spec in args.models:
         name, run = spec.split("=", 1)
@@ -74,9 +73,10 @@ def main() -> None:
         for steps, strategy in settings(cfg, args.tokens):
             done, env, _ = run_sweep([str(bundle)], ["onnx"], ["fp32"], steps, [args.tokens], [1], [strategy], repeats=args.repeats,
                                      threads=args.threads, out_dir=out / f"{name}-{strategy}", quality=True,
-                                     quality_samples=args.samples, judge=first.perplexity)
-            for r in done:  # every judge scores the same stories; the first already did (gen_ppl)
+                                     quality_samples=args.samples)
+            for r in done:  # every judge scores the same stories once; gen_ppl is the first judge's
                 r.extra["judged"] = {j: judge.perplexity(r.extra["samples"]) for j, judge in judges.items()}
+                r.gen_ppl = r.extra["judged"][args.judge[0]]
             results += done
         for r in results:
             rows.append({"name": name, "objective": f"bd3 b={cfg.block_size}" if cfg.block_size else cfg.family,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import MIN_CANVASES, FeedReader
-from calibration.dynamic import quiet as _quiet
+from calibration.dynamic import quiet
 from calibration.quantize import Int8Options, qdq_problems, quantizable_nodes, quantize, search_exclusions
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
@@ -148,7 +148,7 @@ def _prepared(folder: Path, work: Path) -> dict[str, Path]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = {}
-    with _quiet():
+    with quiet():
         for name in ("block_step", "commit"):
             pre[name] = work / f"{name}.pre.onnx"
             quant_pre_process(str(folder / f"{name}.fp32.onnx"), str(pre[name]), skip_optimization=False, skip_symbolic_shape=True)

@@ -28,14 +28,11 @@ def write_dynamic_cpu_variant(fp32_path: Path, out_path: Path, work: Path) -> No
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source, dynamic = fp32_path, work / "dynamic.onnx"
+    dynamic = work / "dynamic.onnx"
     model = onnx.load(str(fp32_path))
-    if fold_weight_transposes(model):  # the tied head, quantized like every other weight
-        source = work / "const-weights.onnx"
-        onnx.save(model, str(source))
-    del model
+    fold_weight_transposes(model)  # the tied head, quantized like every other weight
     with quiet():
-        quantize_dynamic(str(source), str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+        quantize_dynamic(model, str(dynamic), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across CPUs

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import CalibrationReader, load_recorded, stratified_masking
-from calibration.dynamic import quiet as _quiet
-from calibration.dynamic import write_dynamic_cpu_variant
+from calibration.dynamic import quiet, write_dynamic_cpu_variant
 from calibration.report import BUCKETS, mean_accuracy_drop
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
@@ -119,7 +118,7 @@ def quantize(pre_path: Path, out_path: Path, reader: CalibrationReader | None, m
     extra["OpTypesToExcludeOutputQuantization"] = sorted({n.op_type for n in model.graph.node})
     # The node list, not MatMulConstBOnly alone: onnxruntime's QDQ path quantizes the attention BMMs without it.
     nodes = [n for n in quantizable_nodes(model) if n not in exclude]
-    with _quiet():
+    with quiet():
         quantize_static(
             str(pre_path), str(out_path), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
@@ -227,7 +226,7 @@ def _quantize_and_measure(fp32_path: Path, fp16_path: Path | None, bundle_dir: P
 
     pre = work / "pre.onnx"
     say("INT8: preparing the graph for quantization")
-    with _quiet():
+    with quiet():
         # onnx shape inference and ORT's basic (portable, default-domain) graph optimizations, which fold
         # the tied head's Transpose into a constant so the head counts as a weight MatMul. ORT's symbolic
         # shape inference is skipped: it fails on the exporter's dynamic Reshape/Concat shapes.
