@@ -105,7 +105,7 @@ def generate(run: Path, options: dict, samples: int, tokens: int) -> tuple[list[
     """`samples` stories from the start token, one at a time (batch 1, as a device runs them: in a batch the least
     confident row sets the calls of all), and the network calls per generated token over all of them."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     texts, calls, made = [], 0, 0
@@ -142,7 +142,7 @@ def reference_texts(data: str, samples: int, tokens: int) -> list[str]:
 def speed(run: Path, out: Path, options: dict, tokens: int) -> float:
     """Tokens/s on onnxruntime (FP32, batch 1, one thread, end-of-text banned), median of 3."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
     from train_host.export import export_bundle
 

@@ -80,7 +80,7 @@ def samples(run: str, args, judge) -> dict:
     """Per decoding setting: the greedy text from the prompt, and `--samples` stories' parent-judged perplexity,
     distinct-2 and calls per token. On `--device` when its runner takes it, else on the CPU (the error is kept)."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from train_host.judge import sample_quality
 
     out = {}

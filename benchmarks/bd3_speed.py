@@ -19,7 +19,8 @@ import torch
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.families.bd3 import generate_blocks
-from jetson_dllm.runners import open_runner, sampling_fn
+from jetson_dllm.runners.loaders import open_runner
+from jetson_dllm.runners.protocol import sampling_fn
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
 from train_host.checkpoint import save_checkpoint
 from train_host.corpus import stories

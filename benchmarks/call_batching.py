@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from jetson_dllm.families import family_of
-from jetson_dllm.runners import GRAPHS, open_runner
+from jetson_dllm.runners.graphs import GRAPHS
+from jetson_dllm.runners.loaders import open_runner
 
 BATCHES = (1, 2, 4, 8, 16)
 

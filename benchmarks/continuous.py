@@ -38,7 +38,7 @@ def plan(steps: int) -> dict:
 
 def stories(run: Path, samples: int, steps: int, **knobs) -> list[str]:
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     with open_runner("torch", run, threads=1) as runner:

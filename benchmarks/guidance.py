@@ -53,7 +53,7 @@ def continuations(run: Path, conditions: list[str], length: int, guidance: float
     """Each condition's continuation and the network calls per generated token; the condition given as the prompt
     (the text after it is the continuation), as a conditional model's condition, or not at all ("none")."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     texts, calls, made = [], 0, 0
@@ -148,7 +148,7 @@ def cost(runs: Path, repeats: int = 30) -> dict:
     from bd3_speed import median_ms
 
     from jetson_dllm.guidance import guided_head
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
 
     out = {}
     for backend, path in (("torch", runs / "mdlm"), ("onnx", runs / "bundles" / "mdlm")):
@@ -182,7 +182,7 @@ def block_cost(run: Path, bundle: Path, repeats: int = 30) -> dict:
 
     from jetson_dllm.condition import encoder_call
     from jetson_dllm.guidance import guided_head
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
 
     out = {}
     for backend, path in (("torch", run), ("onnx", bundle)):

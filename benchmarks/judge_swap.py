@@ -24,7 +24,7 @@ from sampler_quality import PROMPTS
 
 def ar_stories(run: str, samples: int, tokens: int) -> list[str]:
     from jetson_dllm.families import ar
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     with open_runner("torch", run, threads=1) as r:
@@ -34,7 +34,7 @@ def ar_stories(run: str, samples: int, tokens: int) -> list[str]:
 
 def diffusion_stories(run: str, samples: int, tokens: int, steps: int, temperature: float) -> list[str]:
     from jetson_dllm.families.mdlm import generate
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     with open_runner("torch", run, threads=1) as r:

@@ -75,7 +75,7 @@ def their_speed(llm, prompt_ids: list[int], tokens: int) -> dict:
 
 def our_speed(bundle: str, precision: str, threads: int, prompt_ids: list[int], tokens: int) -> dict:
     from jetson_dllm.families.ar import decode_tokens
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     with open_runner("onnx", bundle, precision=precision, threads=threads) as runner:

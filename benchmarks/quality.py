@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, sample
 from train_host.autoregressive import ar_generate
 from train_host.data import CanvasDataset

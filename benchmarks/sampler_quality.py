@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from jetson_dllm.families.mdlm import generate
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, doubled, repetition
 from train_host.diffusion import nll_bound

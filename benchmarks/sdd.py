@@ -41,7 +41,7 @@ def plan(steps: int) -> dict[str, dict]:
 def stories(run: Path, samples: int, temperature: float, renoise: bool | None = None) -> list[str]:
     """`samples` stories of 64 tokens from nothing, batch 1, one seed each."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     texts = []
@@ -64,7 +64,7 @@ def speed_ms(run: Path, out: Path, steps: int = STEPS) -> float:
     """ms to generate 64 tokens on onnxruntime (FP32, batch 1, one thread, greedy, end-of-text banned), diffusion in
     `steps` steps."""
     from jetson_dllm.families import family_of
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
     from train_host.export import export_bundle
 

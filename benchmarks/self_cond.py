@@ -94,7 +94,7 @@ def step_cost(out: Path, calls: int = 60) -> dict[str, float]:
     self-conditioned one fed zeros (its first step) and fed a previous prediction; interleaved, medians."""
     import numpy as np
 
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from train_host.export import export_bundle
 
     runners = {}

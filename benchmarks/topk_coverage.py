@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from calibration.data import stratified_masking
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 from train_host.data import CanvasDataset
 
 

@@ -33,7 +33,7 @@ from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import soft_feeds, still_masked
 from jetson_dllm.parity import encoded_conditions, mask_at_ratios
-from jetson_dllm.runners import SAMPLING_OUTPUTS
+from jetson_dllm.runners.graphs import SAMPLING_OUTPUTS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 
 

@@ -30,7 +30,7 @@ from jetson_dllm.families import family_of
 from jetson_dllm.generate import complete
 from jetson_dllm.precisions import PRECISIONS, RUNNERS, for_runner, parse_precisions
 from jetson_dllm.profiler import PeakRSS, PowerMonitor, memory_plan, read_meminfo, unified_memory
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import STRATEGIES, SamplerConfig
 from jetson_dllm.textstats import distinct, repetition
 

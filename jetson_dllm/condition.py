@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import Call
+from jetson_dllm.runners.calls import Call
 
 
 def condition_ids(runner, text: str | None) -> list[int] | None:

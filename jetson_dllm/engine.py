@@ -28,7 +28,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_engines
 from jetson_dllm.files import atomic_write
 from jetson_dllm.precisions import PRECISIONS, for_runner
-from jetson_dllm.runners import COMMIT_OUTPUTS, GRAPHS, graph_signature, graph_spec, tensor_shapes
+from jetson_dllm.runners.graphs import COMMIT_OUTPUTS, GRAPHS, graph_signature, graph_spec, tensor_shapes
 
 ENGINE_FORMAT = 1  # bump when what goes into an engine (settings below) changes
 ALIGNMENT = 256  # TensorRT wants I/O addresses 256-byte aligned

@@ -11,7 +11,8 @@ import numpy as np
 from jetson_dllm.condition import condition_ids
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_options, family_of
-from jetson_dllm.runners import Runner, is_bundle, open_runner
+from jetson_dllm.runners.loaders import is_bundle, open_runner
+from jetson_dllm.runners.protocol import Runner
 from jetson_dllm.sampler import SamplerConfig
 
 

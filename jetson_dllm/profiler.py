@@ -253,32 +253,13 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
 
 
 def measure_rss(bundle_dir: str, precision: str, batch: int, canvas: int) -> int:
-    """Peak RSS (bytes) of a fresh process that opens the bundle on onnxruntime and runs one step."""
-    code = ("import json\n"
-            "from jetson_dllm.profiler import one_call, peak_rss_ever\n"
-            f"one_call({str(bundle_dir)!r}, {precision!r}, {batch}, {canvas})\n"
-            "print(json.dumps(peak_rss_ever()))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    """Peak RSS (bytes) of a fresh process that opens the bundle on onnxruntime and runs one step
+    (jetson_dllm.rss_probe: a process of its own, so nothing else this one holds is counted)."""
+    cmd = [sys.executable, "-m", "jetson_dllm.rss_probe", str(bundle_dir), precision, str(batch), str(canvas)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise DllmError(f"measuring {precision} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
     return int(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def one_call(bundle_dir: str, precision: str, batch: int, canvas: int) -> None:
-    """One network call of the bundle's first graph on onnxruntime at (batch, canvas): a canvas, or a block or a
-    token over the whole cache (which a cached family allocates on its first call)."""
-    import numpy as np
-
-    from jetson_dllm.runners import graph_spec, open_runner, tensor_shapes
-
-    with open_runner("onnx", bundle_dir, precision=precision) as runner:
-        graph = runner.graphs[0]
-        width = family_of(runner.cfg).positions_per_call(runner.cfg, canvas)
-        shapes = tensor_shapes((graph,), runner.cfg, runner.topk, batch, width)
-        feeds = {"tokens": np.full((batch, width), runner.cfg.mask_id, dtype=np.int32)}
-        for name in graph_spec(graph, runner.cfg).inputs:  # the rest zeros: no soft input, level 0, zero latents
-            feeds.setdefault(name, np.zeros(*shapes[name]))
-        runner.run(graph, feeds)
 
 
 def training_bytes(cfg, micro_batch: int) -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from jetson_dllm.families import FAMILIES, Family
 from jetson_dllm.families.common import BenchRun
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners.calls import Call, drive
 
 TOY = Family("toy", "fixed-order toy", "bidirectional", ("canvas",), ("canvas",), left_to_right=False, cached=False,
              steps="positions unmasked per step, in a fixed random order", nll="bound", options=("steps",), int8=False,

@@ -47,7 +47,7 @@ def decode_parity(model: Denoiser, path: Path, k: int, precision: str = "fp32", 
     import numpy as np
 
     from jetson_dllm.parity import compare_calls
-    from jetson_dllm.runners import Call
+    from jetson_dllm.runners.calls import Call
     from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
     from jetson_dllm.runners.torch_runner import TorchRunner
 

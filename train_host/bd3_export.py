@@ -133,7 +133,7 @@ def parity_calls(cfg, batch: int = 2, seed: int = 0, memory: dict | None = None)
     previous block, then committed clean. `memory`: a conditional model's encodings (batch rows), in every call."""
     import numpy as np
 
-    from jetson_dllm.runners import Call
+    from jetson_dllm.runners.calls import Call
 
     rng, b, memory = np.random.default_rng(seed), cfg.block_size, memory or {}
     x = rng.integers(3, cfg.vocab_size, (batch, cfg.canvas_len)).astype(np.int32)

@@ -1,4 +1,4 @@
-"""The cached graphs (jetson_dllm.runners.GRAPHS) on a torch model and its KV cache: what the torch runner runs,
+"""The cached graphs (jetson_dllm.runners.graphs.GRAPHS) on a torch model and its KV cache: what the torch runner runs,
 the same computation the exported graphs do (bd3_export, ar_export), through the model's own layers.
 
     block_step   a noised block's queries attend to the cache and to the block itself; nothing is written
@@ -68,7 +68,7 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
 
 def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
                prev_tokens: torch.Tensor | None = None, soft: tuple | None = None, memory: tuple | None = None) -> torch.Tensor | None:
-    """One cached graph (jetson_dllm.runners.GRAPHS) on the model with a torch cache at `valid` positions: the
+    """One cached graph (jetson_dllm.runners.graphs.GRAPHS) on the model with a torch cache at `valid` positions: the
     logits of `tokens`' positions, or None for an unshifted model's commit (nothing comes back). `soft`: a
     self-conditioned block step's soft inputs; `memory` a conditional model's encoded condition."""
     cache.len = valid

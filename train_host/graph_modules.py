@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, graph_spec, returns_logits
+from jetson_dllm.runners.graphs import COMMIT_OUTPUTS, ENTROPY, graph_spec, returns_logits
 from train_host.bd3 import fused_mask
 from train_host.model import Denoiser, sampling_head, shifted, topk_logprobs
 
@@ -152,7 +152,7 @@ class Decode(torch.nn.Module):
 def graph_outputs(model: Denoiser, graph: str, k: int, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor,
                   tokens: torch.Tensor, prev_tokens: torch.Tensor | None = None, soft: tuple | None = None,
                   memory: tuple | None = None) -> dict[str, torch.Tensor]:
-    """One cached graph (jetson_dllm.runners.GRAPHS) through the export's own modules, on explicit cache tensors
+    """One cached graph (jetson_dllm.runners.graphs.GRAPHS) through the export's own modules, on explicit cache tensors
     (n_layer, B, heads, positions, head_dim) and each row's valid length (B,): the graph's outputs by name (the
     new keys and values included, for the caller to write). What the torch runner runs: the exported computation.
     `soft`: a self-conditioned block step's soft inputs; `memory`: a conditional model's encoding."""

@@ -14,7 +14,7 @@ import numpy as np
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import model_graphs
-from jetson_dllm.runners import graph_spec
+from jetson_dllm.runners.graphs import graph_spec
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.corpus import story
 from train_host.data import CanvasDataset, load_manifest

@@ -25,7 +25,7 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     left_to_right_request,
     quality_length,
 )
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners.calls import Call, drive
 from jetson_dllm.sampler import SamplerConfig, candidate_distribution
 
 

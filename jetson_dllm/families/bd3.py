@@ -41,7 +41,8 @@ from jetson_dllm.families.common import (  # noqa: F401 (quality_length is part 
     still_masked,
 )
 from jetson_dllm.guidance import check_runner, guided_head, weight_at
-from jetson_dllm.runners import CONDITION_INPUTS, ENTROPY, SAMPLING_OUTPUTS, Call, drive
+from jetson_dllm.runners.calls import Call, drive
+from jetson_dllm.runners.graphs import CONDITION_INPUTS, ENTROPY, SAMPLING_OUTPUTS
 from jetson_dllm.sampler import SamplerConfig, SpecialIds, Step, sample_steps
 
 OnStep = Callable[[np.ndarray, Step], None]

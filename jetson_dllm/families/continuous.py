@@ -34,7 +34,7 @@ from jetson_dllm.families.common import (
 )
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import build_canvas, request_canvas
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners.calls import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
 

@@ -16,7 +16,8 @@ from jetson_dllm.families.common import BenchRun, Served, bench_canvas, no_soft,
 from jetson_dllm.guidance import check_prompt, check_runner, guided_head, unconditional, weight_at
 from jetson_dllm.profiler import check_fits, memory_plan
 from jetson_dllm.prompt import Canvas, build_canvas, request_canvas
-from jetson_dllm.runners import CONDITION_INPUTS, ENTROPY, Call, drive
+from jetson_dllm.runners.calls import Call, drive
+from jetson_dllm.runners.graphs import CONDITION_INPUTS, ENTROPY
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, sample_steps
 
 

@@ -22,7 +22,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows, refuse_gaps, special_ids
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import build_canvas, request_canvas
-from jetson_dllm.runners import Call, drive
+from jetson_dllm.runners.calls import Call, drive
 from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
 
 RENOISE = True  # the default loop: the deterministic one falls into one repeated word (docs/soft-inputs.md)

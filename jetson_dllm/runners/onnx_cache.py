@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import COMMIT_OUTPUTS, ENTROPY, GRAPHS, condition_inputs, graph_soft_inputs, graph_spec, returns_logits
+from jetson_dllm.runners.feeds import condition_inputs, graph_soft_inputs
+from jetson_dllm.runners.graphs import COMMIT_OUTPUTS, ENTROPY, GRAPHS, graph_spec, returns_logits
 
 
 class CacheBuffers:

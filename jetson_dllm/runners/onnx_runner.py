@@ -9,20 +9,10 @@ import numpy as np
 from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import (
-    ENTROPY,
-    GRAPHS,
-    RunnerBase,
-    call_slots,
-    canvas_inputs,
-    check_graph,
-    encoder_inputs,
-    graph_signature,
-    graph_spec,
-    tensor_shapes,
-    valid_length,
-)
+from jetson_dllm.runners.feeds import call_slots, canvas_inputs, encoder_inputs, valid_length
+from jetson_dllm.runners.graphs import ENTROPY, GRAPHS, graph_signature, graph_spec, tensor_shapes
 from jetson_dllm.runners.onnx_cache import CacheBuffers, valid_rank
+from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.threads import resolve as resolve_threads
 from jetson_dllm.threads import spinning
 from jetson_dllm.tokenizer import TextTokenizer

@@ -8,19 +8,9 @@ import numpy as np
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of, model_graphs
-from jetson_dllm.runners import (
-    CONDITION_INPUTS,
-    ENTROPY,
-    SAMPLING_OUTPUTS,
-    RunnerBase,
-    call_slots,
-    canvas_inputs,
-    check_graph,
-    condition_inputs,
-    encoder_inputs,
-    graph_soft_inputs,
-    valid_length,
-)
+from jetson_dllm.runners.feeds import call_slots, canvas_inputs, condition_inputs, encoder_inputs, graph_soft_inputs, valid_length
+from jetson_dllm.runners.graphs import CONDITION_INPUTS, ENTROPY, SAMPLING_OUTPUTS
+from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.threads import resolve as resolve_threads
 
 DEFAULT_TOPK = 64

@@ -21,15 +21,9 @@ import numpy as np
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import (
-    COMMIT_OUTPUTS,
-    SAMPLING_OUTPUTS,
-    RunnerBase,
-    call_slots,
-    check_graph,
-    graph_soft_inputs,
-    valid_length,
-)
+from jetson_dllm.runners.feeds import call_slots, graph_soft_inputs, valid_length
+from jetson_dllm.runners.graphs import COMMIT_OUTPUTS, SAMPLING_OUTPUTS
+from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.runners.trt_common import TrtEngines
 
 ON_DEVICE = ("k_cache", "v_cache", "k_new", "v_new")  # GPU-only tensors, never mapped to the host

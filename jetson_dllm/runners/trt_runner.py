@@ -17,7 +17,9 @@ import numpy as np
 from jetson_dllm.bundle import Bundle
 from jetson_dllm.engine import input_shapes, io_buffers
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import SAMPLING_OUTPUTS, RunnerBase, canvas_inputs, check_graph
+from jetson_dllm.runners.feeds import canvas_inputs
+from jetson_dllm.runners.graphs import SAMPLING_OUTPUTS
+from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.runners.trt_common import TrtEngines
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from jetson_dllm.families import family_of
 from jetson_dllm.families.common import Served
-from jetson_dllm.runners import GRAPHS, Call
+from jetson_dllm.runners.calls import Call
+from jetson_dllm.runners.graphs import GRAPHS
 from jetson_dllm.sampler import SampleResult, Step
 
 

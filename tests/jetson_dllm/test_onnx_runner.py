@@ -3,9 +3,10 @@ import onnxruntime as ort
 import pytest
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import SAMPLING_OUTPUTS, sampling_fn
-from jetson_dllm.runners import open_runner as open_backend
+from jetson_dllm.runners.graphs import SAMPLING_OUTPUTS
+from jetson_dllm.runners.loaders import open_runner as open_backend
 from jetson_dllm.runners.onnx_runner import resolve_providers
+from jetson_dllm.runners.protocol import sampling_fn
 
 
 def canvases(bundle, B, T, seed):

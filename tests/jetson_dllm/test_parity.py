@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jetson_dllm.parity import compare_runners, masked_views, summarize
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 
 # (runner, precision) -> worst max |logit diff| and lowest mean top-1 agreement allowed against the torch model
 RUNNERS = {

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.runners import drive, open_runner
+from jetson_dllm.runners.calls import drive
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import SamplerConfig
 
 PROMPTS = ["Once upon a time", "", "Tom and Sue went to the park to play with the big red ball and"]

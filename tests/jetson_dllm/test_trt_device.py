@@ -29,7 +29,7 @@ def test_trt_greedy_tokens_match_onnxruntime(bundle_dir, tmp_path, precision):
 
     _needs_trt()
     from jetson_dllm.families.mdlm import generate
-    from jetson_dllm.runners import open_runner as open_backend
+    from jetson_dllm.runners.loaders import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
     copy = tmp_path / "b"
@@ -49,7 +49,7 @@ def test_trt_outputs_are_sorted_topk(bundle_dir, tmp_path):
     import shutil
 
     _needs_trt()
-    from jetson_dllm.runners import open_runner as open_backend
+    from jetson_dllm.runners.loaders import open_runner as open_backend
 
     copy = tmp_path / "b"
     shutil.copytree(bundle_dir, copy)
@@ -68,7 +68,7 @@ def test_trt_block_diffusion_matches_onnxruntime(bd3_bundle, tmp_path, precision
 
     _needs_trt()
     from jetson_dllm.generate import complete
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     copy = tmp_path / "b"

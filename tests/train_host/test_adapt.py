@@ -171,7 +171,7 @@ def test_adapted_model_exports_and_runs_the_same_on_onnxruntime(adapted_run, dat
     takes the adapted model (eval, bench)."""
     from calibration.quantize import Int8Options
     from jetson_dllm.families import bd3
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
     from train_host.export import export_bundle
 
@@ -201,7 +201,7 @@ def test_sub_blocks_fill_each_block_left_to_right(adapted_run):
     """`--span` on block diffusion (Fast-dLLM v2's sub-blocks): inside each block, no position of a later sub-block
     is committed while an earlier one still holds a mask; with threshold decoding several commit per call."""
     from jetson_dllm.families import bd3
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     seen = []

@@ -205,7 +205,7 @@ def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
 
 def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
     from jetson_dllm.families.bd3 import block_calls
-    from jetson_dllm.runners import drive
+    from jetson_dllm.runners.calls import drive
     from jetson_dllm.runners.torch_runner import TorchRunner
     from jetson_dllm.sampler import SamplerConfig, SpecialIds
 

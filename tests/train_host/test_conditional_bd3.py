@@ -17,7 +17,7 @@ from conftest import Server, train_small, weights
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.bd3 import block_calls
-from jetson_dllm.runners import drive
+from jetson_dllm.runners.calls import drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 from train_host.conditioning import condition_parameters, with_condition
 from train_host.model import Denoiser
@@ -200,7 +200,7 @@ def test_the_server_reads_the_prompt_as_the_condition_with_guidance(stages):
 
 
 def test_no_condition_for_a_model_without_an_encoder():
-    from jetson_dllm.runners import condition_inputs
+    from jetson_dllm.runners.feeds import condition_inputs
 
     cfg = ModelConfig(d_model=32, n_layer=2, n_head=2, vocab_size=64, canvas_len=32, mask_id=2, family="bd3", block_size=8)
     with pytest.raises(DllmError, match="takes no condition"):

@@ -89,7 +89,7 @@ def test_the_second_stage_trains_the_condition_only(stages):
 
 def test_the_condition_goes_through_the_encoder_graph_once(stages):
     from jetson_dllm.families.mdlm import generate
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     with open_runner("torch", stages[1], threads=1) as runner:
@@ -132,7 +132,7 @@ def test_the_bundle_carries_the_encoder_and_onnxruntime_generates_what_torch_doe
     import json
 
     from jetson_dllm.families.mdlm import generate
-    from jetson_dllm.runners import open_runner, trt_runner_from_bundle
+    from jetson_dllm.runners.loaders import open_runner, trt_runner_from_bundle
     from jetson_dllm.sampler import SamplerConfig
 
     bundle = tmp_path / "bundle"

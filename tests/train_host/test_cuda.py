@@ -19,7 +19,7 @@ def test_distilled_adaptation_trains_on_the_gpu_in_bf16(ar_run, data_dir, tmp_pa
 
 def test_the_torch_runner_writes_the_same_greedy_tokens_on_the_gpu(ar_run):
     from jetson_dllm.families import ar
-    from jetson_dllm.runners import open_runner
+    from jetson_dllm.runners.loaders import open_runner
     from jetson_dllm.sampler import SamplerConfig
 
     greedy = SamplerConfig(temperature=0.0)

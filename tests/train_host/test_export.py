@@ -142,7 +142,7 @@ def test_manifest_hashes_and_parity(bundle_dir):
 
 def test_greedy_generation_is_identical_on_torch_and_onnx(bundle_dir, trained_run):
     from jetson_dllm.families.mdlm import generate
-    from jetson_dllm.runners import open_runner as open_backend
+    from jetson_dllm.runners.loaders import open_runner as open_backend
     from jetson_dllm.sampler import SamplerConfig
 
     torch_be = open_backend("torch", str(trained_run))

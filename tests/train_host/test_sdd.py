@@ -14,7 +14,7 @@ import torch
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.sdd import sdd_calls
-from jetson_dllm.runners import open_runner
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 from tests.conftest import train_small
 from train_host.families.sdd import noised

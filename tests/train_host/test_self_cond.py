@@ -14,7 +14,8 @@ import torch
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families.mdlm import canvas_calls
-from jetson_dllm.runners import Call, open_runner
+from jetson_dllm.runners.calls import Call
+from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 from tests.conftest import train_small, weights
 from train_host.model import Denoiser
