@@ -15,14 +15,13 @@ of 3) per step count; the held-out denoising loss and accuracies (no likelihood:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 from sdd import plan as study_plan
-from sdd import speed_ms
+from sdd import speed_ms, study_args
 from self_cond import train
 
 STEP_COUNTS = (16, 64, 256)
@@ -94,22 +93,12 @@ def table(rows: dict, others: dict, load: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--judge", required=True)
-    p.add_argument("--out", default="runs/sdd")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--size", default="", help='shape options, e.g. "--d-model 64 --n-layer 2 --n-head 2" (default: tiny)')
-    args = p.parse_args()
-    import torch
-
+    args = study_args(__doc__, "runs/sdd")
     from train_host.judge import Judge
 
-    torch.set_num_threads(1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.steps)
+    runs = {n: spec for n, spec in runs.items() if not args.runs or n in args.runs.split(",")}
     for name, spec in runs.items():
         train(name, spec, args.data, out, args.size.split())
     judge = Judge(args.judge)

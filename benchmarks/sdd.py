@@ -120,24 +120,32 @@ def table(rows: dict, reference: dict, load: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_args(doc: str, out: str) -> argparse.Namespace:
+    """The options this study and the continuous one share (data, judge, out, steps, samples, runs, size); torch on
+    one thread; the output folder made."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--judge", required=True)
-    p.add_argument("--out", default="runs/sdd")
+    p.add_argument("--out", default=out)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--runs", default="", help="only these runs (comma-separated names), e.g. ar,sdd")
     p.add_argument("--size", default="", help='shape options for every run, e.g. "--d-model 64 --n-layer 2 --n-head 2" (default: tiny)')
     args = p.parse_args()
     import torch
+
+    torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    args = study_args(__doc__, "runs/sdd")
     from adapt import reference_texts
 
     from train_host.judge import Judge, sample_quality
 
-    torch.set_num_threads(1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = plan(args.steps)
     if args.runs:
         unknown = set(args.runs.split(",")) - set(runs)

@@ -70,8 +70,7 @@ class Bundle:
         return entry
 
     def _entry_key(self, graph: str) -> str:
-        """Which file of a precision's entry a graph is: the family's first graph is `file`, the others by name."""
-        return "file" if graph in ("", self.family.graphs[0]) else graph
+        return entry_key(self.config, graph)
 
     def onnx_path(self, precision: str, graph: str = "") -> Path:
         """The ONNX file of a precision's graph (`""`: the family's first graph); a clear error when the bundle does
@@ -122,6 +121,22 @@ class Bundle:
                 raise DllmError(f"{self.path / name} is {state} (sha256 mismatch with the manifest); copy the bundle again or re-export it")
 
 
+def entry_key(cfg, graph: str) -> str:
+    """Which key of a precision's manifest entry names a graph's file: the model's first graph is `file` (what bundles
+    before several graphs held), the others by their name. The one place an entry is decoded."""
+    return "file" if graph in ("", family_of(cfg).graphs[0]) else graph
+
+
+def entry_of(cfg, files: dict[str, str], **extra) -> dict:
+    """A precision's manifest entry from graph -> file name (and fields such as `target`)."""
+    return {entry_key(cfg, graph): name for graph, name in files.items()} | extra
+
+
+def entry_files(cfg, entry: dict) -> dict[str, str]:
+    """graph -> file name of the model's graphs a precision's entry holds."""
+    return {graph: entry[entry_key(cfg, graph)] for graph in model_graphs(cfg) if entry_key(cfg, graph) in entry}
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read a bundle's sealed manifest and check what it says; with `verify`, every file against its hash too
     (a bundle is used whole or refused: one altered byte anywhere is named and refused)."""
@@ -154,7 +169,7 @@ def _check_consistent(bundle: Bundle) -> None:
     for precision, entry in m["precisions"].items():
         if precision not in PRECISIONS:
             raise DllmError(f"{where}: unknown precision {precision[:20]!r}; re-export the bundle")
-        graphs = {"file", *model_graphs(cfg)[1:]}  # the entry's files: the family's first graph, then by name
+        graphs = {entry_key(cfg, g) for g in model_graphs(cfg)}  # the entry's files, one per graph
         for key, name in entry.items():
             if key == "target":
                 continue

@@ -135,11 +135,11 @@ class ModelConfig:
             raise DllmError(f"model config: a {self.family} model {need}")
         if self.shift and family_of(self).attention != "block":
             raise DllmError(f"model config: the token shift is block diffusion's; a {self.family} model takes none")
-        if family_of(self).soft_inputs == "sdd" and not self.soft_k:
+        if family_of(self).mixture and not self.soft_k:
             raise DllmError(f"model config: a {self.family} model needs its candidates per position (soft_k > 0)")
-        if self.soft_k and not family_of(self).soft_inputs:
+        if self.soft_k and not (family_of(self).self_cond or family_of(self).mixture):
             raise DllmError(f"model config: a {self.family} model takes no soft inputs (soft_k {self.soft_k}); "
-                            f"self-conditioning is for: {', '.join(n for n, f in FAMILIES.items() if f.soft_inputs)}")
+                            f"self-conditioning is for: {', '.join(n for n, f in FAMILIES.items() if f.self_cond)}")
         if ("x" in family_of(self).canvas_inputs) != (self.latent_dim > 0):  # its canvas takes latents
             need = "needs its latent width (latent_dim > 0)" if not self.latent_dim else f"takes no latent width (latent_dim {self.latent_dim})"
             raise DllmError(f"model config: a {self.family} model {need}")
@@ -215,11 +215,11 @@ class ModelConfig:
         d, f, kv = self.d_model, self.d_ff, self.n_kv_head * self.head_dim
         per_block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; w1, w2, w3; two RMSNorm weights
         n = self.n_layer * per_block + d  # final norm
-        if family_of(self).soft_inputs == "sdd" or self.latent_dim:
+        if family_of(self).mixture or self.latent_dim:
             n += 32 * d + d + d * d + d  # the time embedding's two layers (model.TIME_FEATURES features)
         if self.latent_dim:  # its input projection, the given positions' marker, a time projection per layer
             n += self.latent_dim * d + d + self.n_layer * d * d + (self.latent_dim * d if self.soft_k else 0)  # (+ self-conditioning's)
-        elif self.soft_k and family_of(self).soft_inputs != "sdd":
+        elif self.soft_k and not family_of(self).mixture:
             n += d * d  # the soft input's projection
         if self.cond_len:  # the encoder's layers, its final norm and empty slot; a cross-attention (and norm) per layer
             n += self.cond_layers * per_block + 2 * d + self.n_layer * (2 * d * d + 2 * d * kv + d)

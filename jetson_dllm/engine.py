@@ -23,7 +23,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jetson_dllm.bundle import Bundle, load_bundle
+from jetson_dllm.bundle import Bundle, entry_key, load_bundle
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_engines
 from jetson_dllm.files import atomic_write
@@ -212,7 +212,7 @@ def engine_status(bundle: Bundle, device: Device | None = None) -> list[dict]:
         row = {"file": plan.name, **meta["spec"], **meta.get("device", {})}
         precision, graph = meta["spec"].get("precision"), meta["spec"].get("graph", "")
         entry = bundle.manifest["precisions"].get(precision) if isinstance(precision, str) else None
-        key = "file" if graph in ("", bundle.family.graphs[0]) else graph
+        key = entry_key(bundle.config, graph) if isinstance(graph, str) else None
         source = bundle.manifest["files"].get(entry.get(key)) if isinstance(entry, dict) and isinstance(key, str) else None
         if source is None or meta["spec"].get("onnx_sha256") != source:
             row["verdict"] = "no: built from another ONNX, rebuild"

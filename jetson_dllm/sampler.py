@@ -59,21 +59,60 @@ class SamplerConfig:
     guidance_schedule: str = "constant"  # how the weight runs over the steps (GUIDANCE_SCHEDULES)
 
     def validate(self) -> SamplerConfig:
-        """Every setting's range (NaN refused); returns the config."""
-        check_range("--steps", self.steps, 1, MAX_STEPS)
-        check_choice("--strategy", self.strategy, STRATEGIES)
-        check_range("--threshold", self.threshold, 0, 1, low_open=True)
-        check_range("--eb-bound", self.eb_bound, 0, 100)
-        check_range("--top-p", self.top_p, 0, 1, low_open=True)
-        check_range("--temperature", self.temperature, 0, 100)
-        check_range("--top-k", self.top_k, 0)
-        check_range("--span", self.span, 0)
-        check_range("--deadline-ms", self.deadline_ms, 0)
-        check_range("--seed", self.seed, 0)
-        check_range("--eta", self.eta, 0, 1)
-        check_range("--guidance", self.guidance, 0, MAX_GUIDANCE)
-        check_choice("--guidance-schedule", self.guidance_schedule, GUIDANCE_SCHEDULES)
+        """Every setting's range or choices (KNOBS; NaN refused); returns the config."""
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            if knob.choices:
+                check_choice(knob.flag, value, knob.choices)
+            elif knob.low is not None or knob.high is not None:
+                check_range(knob.flag, value, knob.low, knob.high, low_open=knob.low_open)
         return self
+
+    @classmethod
+    def from_values(cls, values, **fixed) -> SamplerConfig:
+        """A config from any object or mapping that carries knobs by name (a request's fields, a command's
+        options): the knobs it has, then `fixed`; validated."""
+        get = values.get if isinstance(values, dict) else lambda name, default=None: getattr(values, name, default)
+        given = {k.name: get(k.name) for k in KNOBS if get(k.name) is not None}
+        return cls(**(given | fixed)).validate()
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sampler setting: its name (SamplerConfig's field, the server's request field), its range or choices
+    (`low_open`: the low end excluded) and what it does. The one table of them: validation, `dllm run`, `dllm serve`'s
+    request schema and the families' option lists read it."""
+
+    name: str
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+KNOBS = (
+    Knob("steps", "denoising steps (network evaluations at most)", 1, MAX_STEPS),
+    Knob("strategy", "which masked positions to commit first", choices=STRATEGIES),
+    Knob("threshold", "confidence threshold of the threshold strategy", 0, 1, low_open=True),
+    Knob("eb_bound", "strategy eb: the entropy (nats) one step may commit", 0, 100),
+    Knob("span", "semi-autoregressive span length; 0 = the whole canvas", 0),
+    Knob("temperature", "0 = greedy", 0, 100),
+    Knob("top_k", "sample among the k best tokens; 0 = all of the head", 0),
+    Knob("top_p", "nucleus sampling mass", 0, 1, low_open=True),
+    Knob("seed", "the sampler's random seed", 0),
+    Knob("deadline_ms", "commit the best tokens after this long; 0 = none", 0),
+    Knob("defer_twins", "neighbours picked in one step with the same token: commit one, re-predict the other"),
+    Knob("eta", "continuous diffusion: 0 = DDIM, 1 = DDPM", 0, 1),
+    Knob("clamp", "continuous diffusion: step with the top-1 token's latent (clamping)"),
+    Knob("guidance", "classifier-free guidance toward the prompt (mdlm) or a conditional model's condition (mdlm, bd3)", 0, MAX_GUIDANCE),
+    Knob("guidance_schedule", "guidance over the steps", choices=GUIDANCE_SCHEDULES),
+)
+KNOB = {k.name: k for k in KNOBS}
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,6 +221,64 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=60)
         return self.proc.returncode
+
+
+def all_precisions_bundle(run: Path, data_dir: Path, folder: Path) -> Path:
+    """`run` exported at FP32, FP16 and INT8 (calibrated on `data_dir`, a small budget) into `folder`/bundle."""
+    from calibration.quantize import Int8Options
+    from train_host.export import export_bundle
+
+    export_bundle(run, folder / "bundle", precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir), parity_canvases=8,
+                  int8=Int8Options(n_canvases=16, eval_canvases=16, budget=100.0))
+    return folder / "bundle"
+
+
+def no_nll_evaluation(run: Path, data_dir: Path) -> tuple[dict, str]:
+    """A noise-level family's run: its last evaluation's metrics (checked to hold no NLL) and `dllm eval`'s output
+    (checked to say it is not an NLL)."""
+    import json
+
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val_loss" in m]
+    assert evals and not any("val_nll" in m for m in metrics)
+    done = subprocess.run([sys.executable, "-m", "jetson_dllm", "eval", str(run), "--data", str(data_dir), "--canvases", "8"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "not an NLL" in done.stdout and "NLL bound" not in done.stdout
+    return evals[-1], done.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """The server's page in a headless Chromium (Debian's, through playwright), closed afterwards."""
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.goto(url)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def server_fixture(bundle_fixture: str, *extra: str):
+    """A module-scoped fixture: a server (Server) over the bundle another fixture names, stopped after the module."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def serving(request):
+        s = Server(request.getfixturevalue(bundle_fixture), *extra)
+        yield s
+        s.stop()
+
+    return serving
 
 
 def concurrently(fn, count: int, timeout: float = 150) -> list:

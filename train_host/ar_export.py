@@ -13,29 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from train_host.graph_modules import Decode, example_inputs
 from train_host.model import Denoiser
 
 
 def export_decode_graph(model: Denoiser, path: Path, k: int, opset: int) -> None:
-    from train_host.onnx_tools import quiet_exporter
+    from train_host.onnx_tools import export_graph
 
-    model = model.eval()
-    model.set_attention("math")
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {0: batch}}
-    _, k_cache, v_cache, valid = example_inputs(model)
-    tokens = torch.full((k_cache.shape[1], 1), 3, dtype=torch.int32)  # one token per pass (the model's block size is 0)
-    try:
-        with quiet_exporter(), torch.no_grad():
-            torch.onnx.export(Decode(model, k).eval(), (tokens, k_cache, v_cache, valid), str(path),
-                              input_names=["tokens", "k_cache", "v_cache", "valid_len"],
-                              output_names=["topk_logprobs", "topk_ids", "k_new", "v_new"], opset_version=opset, dynamo=True,
-                              external_data=False, dynamic_shapes=dynamic)
-    finally:
-        model.set_attention("sdpa")
+    export_graph(model, "decode", k, path, opset)
 
 
 PARITY_TOKENS = 256  # positions decode parity reads (an imported model's context can be thousands)
@@ -70,7 +54,7 @@ def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int,
     import onnx
 
     from calibration.dynamic import write_dynamic_cpu_variant
-    from jetson_dllm.bundle import write_bundle
+    from jetson_dllm.bundle import entry_files, entry_of, write_bundle
     from jetson_dllm.errors import DllmError
     from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes
 
@@ -80,22 +64,22 @@ def export_ar_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int,
         say("exporting the decode graph (FP32): one token per pass, its keys and values out")
         export_decode_graph(model, tmp / "decode.fp32.onnx", topk, OPSET)
         tokenizer.save(tmp / "tokenizer.json")
-        entries = {"fp32": {"file": "decode.fp32.onnx"}}
+        entries = {"fp32": entry_of(cfg, {"decode": "decode.fp32.onnx"})}
         fp32 = onnx.load(str(tmp / "decode.fp32.onnx"))
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
             fp16 = convert_fp16(fp32)
             check_graph(fp16, "decode.fp16.onnx")
             onnx.save(fp16, str(tmp / "decode.fp16.onnx"))
-            entries["fp16"] = {"file": "decode.fp16.onnx"}
+            entries["fp16"] = entry_of(cfg, {"decode": "decode.fp16.onnx"})
         if "int8" in precisions:
             say("writing dynamic INT8 (INT8 weights of every MatMul, per channel; activations quantized as it runs) for the CPU")
             (tmp / ".int8-work").mkdir()
             write_dynamic_cpu_variant(tmp / "decode.fp32.onnx", tmp / "decode.int8-dynamic.ort", tmp / ".int8-work")
             shutil.rmtree(tmp / ".int8-work", ignore_errors=True)
-            entries["int8-dynamic"] = {"file": "decode.int8-dynamic.ort", "target": "onnxruntime CPU"}
+            entries["int8-dynamic"] = entry_of(cfg, {"decode": "decode.int8-dynamic.ort"}, target="onnxruntime CPU")
         say("checking the graph against PyTorch")
-        parity = {p: decode_parity(model, tmp / e["file"], topk, p) for p, e in entries.items()}
+        parity = {p: decode_parity(model, tmp / entry_files(cfg, e)["decode"], topk, p) for p, e in entries.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 decode graph disagrees with PyTorch ({parity['fp32']}); nothing was written")
         return bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), [cfg.canvas_len], {"decode_parity": parity})

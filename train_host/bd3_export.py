@@ -20,44 +20,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from train_host.graph_modules import BlockStep, Commit, CommitStep, example_inputs, example_memory
+from train_host.graph_modules import example_memory
 from train_host.model import Denoiser
+
+BLOCK_GRAPHS = ("block_step", "commit", "commit_step")  # the commit step is FP32 / FP16 only (INT8 has none)
 
 
 def export_block_graphs(model: Denoiser, folder: Path, k: int, opset: int = 18) -> dict[str, Path]:
     """Write block_step.onnx, commit.onnx and commit_step.onnx (FP32) for a block-diffusion model; static block and
-    cache shapes."""
-    from train_host.onnx_tools import quiet_exporter
+    cache shapes, the batch dynamic (each graph's names, order and axes from its signature)."""
+    from train_host.onnx_tools import export_graph
 
-    model = model.eval()
-    model.set_attention("math")
-    cfg = model.cfg
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    dynamic = {"tokens": {0: batch}, "k_cache": {1: batch}, "v_cache": {1: batch}, "valid_len": {0: batch}}
-    memory = {"memory": {0: batch}, "memory_bias": {0: batch}} if cfg.cond_len else {}  # a conditional model's encoding, last
-    dynamic |= memory  # (dicts keep their order: the graphs' inputs are the modules' arguments in this order)
-    logits = ["logits"] if cfg.cond_len else []  # a conditional model's top-K graphs also return their logits (guidance)
-    paths = {g: Path(folder) / f"{g}.onnx" for g in ("block_step", "commit", "commit_step")}
-    try:
-        with quiet_exporter(), torch.no_grad():
-            soft = {"soft_ids": {0: batch}, "soft_probs": {0: batch}} if cfg.soft_k else {}  # self-conditioned: the previous top-k
-            steps = {n: d for n, d in dynamic.items() if n not in memory} | soft | memory
-            encoding = example_memory(model)
-            common = {"opset_version": opset, "dynamo": True, "external_data": False, "kwargs": encoding}
-            torch.onnx.export(BlockStep(model, k).eval(), example_inputs(model, soft=bool(soft)), str(paths["block_step"]),
-                              input_names=list(steps), output_names=["topk_logprobs", "topk_ids", "entropy", *logits],
-                              dynamic_shapes=steps, **common)
-            commit_out = ["topk_logprobs", "topk_ids", "entropy"] * cfg.shift + ["k_new", "v_new"] + logits * cfg.shift
-            torch.onnx.export(Commit(model, k).eval(), example_inputs(model), str(paths["commit"]), input_names=list(dynamic),
-                              output_names=commit_out, dynamic_shapes=dynamic, **common)
-            tokens = example_inputs(model)[0]
-            torch.onnx.export(CommitStep(model, k).eval(), (tokens, *example_inputs(model)), str(paths["commit_step"]),
-                              input_names=["prev_tokens", *dynamic], output_names=["topk_logprobs", "topk_ids", "entropy", "k_new", "v_new", *logits],
-                              dynamic_shapes={"prev_tokens": {0: batch}, **dynamic}, **common)
-    finally:
-        model.set_attention("sdpa")
+    paths = {g: Path(folder) / f"{g}.onnx" for g in BLOCK_GRAPHS}
+    for graph, path in paths.items():
+        export_graph(model, graph, k, path, opset)
     return paths
 
 
@@ -67,13 +43,13 @@ def fp16_block_graphs(folder: Path) -> dict[str, str]:
 
     from train_host.onnx_tools import check_graph, convert_fp16
 
-    entry = {}
-    for key, name in (("file", "block_step"), ("commit", "commit"), ("commit_step", "commit_step")):
+    files = {}
+    for name in BLOCK_GRAPHS:
         fp16 = convert_fp16(onnx.load(str(folder / f"{name}.fp32.onnx")))
         check_graph(fp16, f"{name}.fp16.onnx")
         onnx.save(fp16, str(folder / f"{name}.fp16.onnx"))
-        entry[key] = f"{name}.fp16.onnx"
-    return entry
+        files[name] = f"{name}.fp16.onnx"
+    return files
 
 
 def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int, overwrite: bool, say, precisions=("fp32",),
@@ -84,7 +60,7 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
     import numpy as np
     import onnx
 
-    from jetson_dllm.bundle import write_bundle
+    from jetson_dllm.bundle import entry_files, entry_of, write_bundle
     from jetson_dllm.errors import DllmError
     from train_host.canvas_export import encoder_parity, write_encoders
     from train_host.onnx_tools import OPSET, bundle_manifest, fp32_nodes
@@ -97,10 +73,10 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
         for graph, path in paths.items():
             path.rename(tmp / f"{graph}.fp32.onnx")
         tokenizer.save(tmp / "tokenizer.json")
-        entries = {"fp32": {"file": "block_step.fp32.onnx", "commit": "commit.fp32.onnx", "commit_step": "commit_step.fp32.onnx"}}
+        entries = {"fp32": entry_of(cfg, {g: f"{g}.fp32.onnx" for g in BLOCK_GRAPHS})}
         if "fp16" in precisions:
             say("converting to FP16 (RMSNorm, softmax, residuals, the head and the cache plumbing stay FP32)")
-            entries["fp16"] = fp16_block_graphs(tmp)
+            entries["fp16"] = entry_of(cfg, fp16_block_graphs(tmp))
         write_encoders(model, tmp, entries, say)  # a conditional model's encoder, once per request (before INT8 calibrates with it)
         calibration = None
         if "int8" in precisions:
@@ -108,11 +84,11 @@ def export_bd3_bundle(model: Denoiser, tokenizer, ckpt: dict, out_dir, topk: int
 
             canvases, source = calibration_canvases(int8.n_canvases + int8.eval_canvases)
             calibration = quantize_block_graphs(tmp, cfg, canvases, cfg.mask_id, tokenizer.pad_id, source, int8, progress=say)
-            entries["int8"] = {"file": "block_step.int8.onnx", "commit": "commit.int8.onnx", "target": "tensorrt (explicit Q/DQ)",
-                               **({"encoder": entries["fp32"]["encoder"]} if cfg.cond_len else {})}  # the FP32 encoder, once a request
+            int8_files = {"block_step": "block_step.int8.onnx", "commit": "commit.int8.onnx"}  # with the FP32 encoder, once a request
+            entries["int8"] = entry_of(cfg, int8_files | {g: f for g, f in entry_files(cfg, entries["fp32"]).items() if g == "encoder"},
+                                       target="tensorrt (explicit Q/DQ)")
         say("checking the graphs against PyTorch")
-        graph_files = {p: {g: tmp / e["file" if g == "block_step" else g] for g in ("block_step", "commit", "commit_step", "encoder")
-                           if ("file" if g == "block_step" else g) in e} for p, e in entries.items()}
+        graph_files = {p: {g: tmp / f for g, f in entry_files(cfg, e).items()} for p, e in entries.items()}
         parity = {p: block_parity(model, {g: f for g, f in files.items() if g != "encoder"}, topk, p) for p, files in graph_files.items()}
         if not (parity["fp32"]["max_abs_logprob_diff"] <= 1e-3 and parity["fp32"]["top1_agreement"] >= 0.999):
             raise DllmError(f"the FP32 block graphs disagree with PyTorch ({parity['fp32']}); nothing was written")

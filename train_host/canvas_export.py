@@ -13,20 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from calibration.quantize import quantize_bundle
-from jetson_dllm.bundle import Bundle, write_bundle
+from jetson_dllm.bundle import Bundle, entry_files, entry_of, write_bundle
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families import family_of
 from jetson_dllm.parity import compare_runners, probe_conditions, summarize
 from jetson_dllm.precisions import PRECISIONS
 from jetson_dllm.runners.onnx_runner import onnx_runner_from_graphs
 from jetson_dllm.runners.torch_runner import TorchRunner
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.families import ExportOptions
-from train_host.model import Denoiser, sampling_head
-from train_host.onnx_tools import OPSET, bundle_manifest, check_graph, convert_fp16, fp32_nodes, quiet_exporter, validation_canvases
+from train_host.model import Denoiser
+from train_host.onnx_tools import bundle_manifest, check_graph, convert_fp16, export_graph, fp32_nodes, validation_canvases
 
 PARITY_RATIOS = (0.15, 0.5, 0.9)
 ENCODER_FILES = {"fp32": "encoder.onnx", "fp16": "encoder.fp16.onnx"}  # INT8 entries run the FP32 encoder (once a request)
@@ -35,91 +33,21 @@ FP32_MAX_LOGIT_DIFF = 1e-2
 FP32_MIN_TOP1 = 0.999
 
 
-class ExportedDenoiser(torch.nn.Module):
-    """The exported graph: tokens, then the inputs `names` lists (a self-conditioned model's soft inputs: ids (B, T, k)
-    int32, probabilities (B, T, k) float32; a noise level t (B,); continuous diffusion's latents x (B, T, latent_dim))
-    -> (logits, top-K log-probabilities, top-K ids, each position's entropy[, the expected clean latent, the top-1's])."""
-
-    def __init__(self, model: Denoiser, k: int, names: tuple[str, ...] = ()):
-        super().__init__()
-        self.model, self.k, self.names = model, k, names
-
-    def forward(self, tokens: torch.Tensor, *extra: torch.Tensor):
-        given = dict(zip(self.names, extra))
-        soft = (given["soft_ids"], given["soft_probs"]) if "soft_ids" in given else None
-        latent = {"x": given["x"]} if "x" in given else {}
-        memory = {"memory": (given["memory"], given["memory_bias"])} if "memory" in given else {}  # a conditional model's
-        logits = self.model(tokens, soft=soft, t=given.get("t"), **latent, **memory)
-        values, ids, entropy = sampling_head(logits, self.k)
-        if latent:
-            return logits, values, ids, entropy, self.model.expected_latent(logits), self.model.top1_latent(logits)
-        return logits, values, ids, entropy
-
-
 def export_onnx(model: Denoiser, path: Path, k: int) -> None:
-    """Write the FP32 graph of `model` with dynamic batch and canvas axes."""
-    import onnx
-
-    model = model.eval()
-    model.set_attention("math")
-    cfg, family = model.cfg, family_of(model.cfg)
-    example = torch.randint(3, cfg.vocab_size, (2, min(24, cfg.canvas_len)), dtype=torch.int32)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    canvas = torch.export.Dim("canvas", min=2, max=cfg.canvas_len)
-    inputs, names, shapes = (example,), ["tokens"], {"tokens": {0: batch, 1: canvas}}
-    if cfg.soft_k:  # self-conditioning: the previous step's top-k candidates (any probabilities in the example)
-        ids = torch.randint(3, cfg.vocab_size, (*example.shape, cfg.soft_k), dtype=torch.int32)
-        probs = torch.softmax(torch.randn(*example.shape, cfg.soft_k + 1), -1)[..., : cfg.soft_k]
-        inputs, names = (example, ids, probs), ["tokens", "soft_ids", "soft_probs"]
-        shapes |= {"soft_ids": {0: batch, 1: canvas}, "soft_probs": {0: batch, 1: canvas}}
-    if "x" in family.canvas_inputs:  # continuous diffusion: the noised latents
-        inputs, names = (*inputs, torch.randn(*example.shape, cfg.latent_dim)), [*names, "x"]
-        shapes |= {"x": {0: batch, 1: canvas}}
-    if "t" in family.canvas_inputs:  # each row's noise level
-        inputs, names, shapes = (*inputs, torch.tensor([0.3, 0.9])), [*names, "t"], shapes | {"t": {0: batch}}
-    if cfg.cond_len:  # a conditional model: its condition's encoding (the encoder graph's outputs), one per row
-        memory, bias = model.encode(torch.randint(3, cfg.vocab_size, (2, cfg.cond_len)), torch.tensor([cfg.cond_len // 2, 0]))
-        inputs, names = (*inputs, memory.detach(), bias.detach()), [*names, "memory", "memory_bias"]
-        shapes |= {"memory": {0: batch}, "memory_bias": {0: batch}}
-    with quiet_exporter(), torch.no_grad():
-        torch.onnx.export(
-            ExportedDenoiser(model, k, tuple(names[1:])).eval(), inputs, str(path), input_names=names,
-            output_names=["logits", "topk_logprobs", "topk_ids", "entropy", *family.canvas_outputs],
-            dynamic_shapes={"tokens": shapes["tokens"], **({"extra": tuple(shapes[n] for n in names[1:])} if names[1:] else {})},
-            opset_version=OPSET, dynamo=True, external_data=False, optimize=True,
-        )
-    model.set_attention("sdpa")
-    proto = onnx.load(str(path))
-    check_graph(proto, str(path))
-    onnx.save(proto, str(path))
-
-
-class ExportedEncoder(torch.nn.Module):
-    """A conditional model's encoder graph: the condition's ids (B, cond_len) int32 and lengths (B,) int32 -> the
-    encoding `memory` (B, cond_len + 1, d_model) and its `memory_bias` (B, cond_len + 1)."""
-
-    def __init__(self, model: Denoiser):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor, condition_len: torch.Tensor):
-        return self.model.encode(tokens, condition_len)
+    """Write the FP32 canvas graph of `model` with dynamic batch and canvas axes (its inputs, outputs and axes from
+    the graph's signature: onnx_tools.export_graph)."""
+    _export_checked(model, "canvas", k, path)
 
 
 def export_encoder(model: Denoiser, path: Path) -> None:
     """Write a conditional model's FP32 encoder graph, batch dynamic."""
+    _export_checked(model, "encoder", 1, path)
+
+
+def _export_checked(model: Denoiser, graph: str, k: int, path: Path) -> None:
     import onnx
 
-    model = model.eval()
-    model.set_attention("math")
-    cfg = model.cfg
-    example = (torch.randint(3, cfg.vocab_size, (2, cfg.cond_len), dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32))
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    with quiet_exporter(), torch.no_grad():
-        torch.onnx.export(ExportedEncoder(model).eval(), example, str(path), input_names=["tokens", "condition_len"],
-                          output_names=["memory", "memory_bias"], dynamic_shapes={"tokens": {0: batch}, "condition_len": {0: batch}},
-                          opset_version=OPSET, dynamo=True, external_data=False, optimize=True)
-    model.set_attention("sdpa")
+    export_graph(model, graph, k, path)
     proto = onnx.load(str(path))
     check_graph(proto, str(path))
     onnx.save(proto, str(path))
@@ -140,9 +68,9 @@ def write_encoders(model: Denoiser, tmp: Path, entries: dict, say) -> None:
         entries["fp16"]["encoder"] = ENCODER_FILES["fp16"]
 
 
-def entry_graphs(folder: Path, entry: dict) -> dict[str, Path]:
+def entry_graphs(folder: Path, entry: dict, cfg) -> dict[str, Path]:
     """A precision entry's graph files (the canvas graph, and a conditional model's encoder)."""
-    return {"canvas": folder / entry["file"], **({"encoder": folder / entry["encoder"]} if "encoder" in entry else {})}
+    return {graph: folder / name for graph, name in entry_files(cfg, entry).items()}
 
 
 def encoder_parity(model: Denoiser, graphs: dict[str, dict[str, Path]], canvases: np.ndarray, pad_id: int) -> dict[str, float]:
@@ -183,11 +111,11 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
                                                    int8.n_canvases + int8.eval_canvases, data_dir)
             manifest["calibration"] = quantize_bundle(tmp, manifest, canvases, source, tokenizer.sha256, int8, progress=say)
             encoder = {"encoder": ENCODER_FILES["fp32"]} if cfg.cond_len else {}
-            manifest["precisions"]["int8"] = {"file": PRECISIONS["int8"].file, "target": "tensorrt (explicit Q/DQ)", **encoder}
-            manifest["precisions"]["int8-dynamic"] = {"file": PRECISIONS["int8-dynamic"].file, "target": "onnxruntime CPU", **encoder}
+            manifest["precisions"]["int8"] = entry_of(cfg, {"canvas": PRECISIONS["int8"].file, **encoder}, target="tensorrt (explicit Q/DQ)")
+            manifest["precisions"]["int8-dynamic"] = entry_of(cfg, {"canvas": PRECISIONS["int8-dynamic"].file, **encoder}, target="onnxruntime CPU")
         say("checking parity against PyTorch")
         canvases, source = validation_canvases(tokenizer, cfg.canvas_len, parity_canvases, data_dir)
-        runners = {p: onnx_runner_from_graphs(entry_graphs(tmp, entry), cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
+        runners = {p: onnx_runner_from_graphs(entry_graphs(tmp, entry, cfg), cfg, p, tokenizer=tokenizer) for p, entry in manifest["precisions"].items()}
         parity = parity_report(model, runners, canvases, cfg.mask_id, tokenizer.pad_id)
         for r in runners.values():
             r.close()
@@ -198,7 +126,7 @@ def export_canvas_bundle(model: Denoiser, tokenizer: TextTokenizer, ckpt: dict, 
                             f"top-1 agreement {fp32_row['top1_agreement']:.4f}); nothing was written")
         manifest["parity"] = parity
         if cfg.cond_len:  # the encoder graph against PyTorch (its output feeds every canvas call of a request)
-            files = {p: entry_graphs(tmp, entry) for p, entry in manifest["precisions"].items()}
+            files = {p: entry_graphs(tmp, entry, cfg) for p, entry in manifest["precisions"].items()}
             manifest["encoder_parity"] = encoder_parity(model, files, canvases, tokenizer.pad_id)
         return manifest
 
@@ -220,7 +148,7 @@ def write_graphs(tmp: Path, model: Denoiser, tokenizer: TextTokenizer, ckpt: dic
         fp16 = convert_fp16(fp32)
         check_graph(fp16, files["fp16"])
         onnx.save(fp16, str(tmp / files["fp16"]))
-    entries = {p: {"file": files[p]} for p in ("fp32", "fp16") if p in precisions or p == "fp32"}
+    entries = {p: entry_of(cfg, {"canvas": files[p]}) for p in ("fp32", "fp16") if p in precisions or p == "fp32"}
     write_encoders(model, tmp, entries, say)
     manifest = bundle_manifest(cfg, tokenizer, ckpt, topk, entries, fp32_nodes(fp32), cfg.canvas_buckets(), {})
     manifest["heads"]["logits"] = {"outputs": ["logits"], "shape": ["batch", "canvas", cfg.vocab_size], "dtype": "float32"}

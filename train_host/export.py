@@ -68,7 +68,7 @@ def export_bundle(
     if "int8" in precisions and int8.extra_file:  # read before minutes of export, not after
         from calibration.data import load_recorded
 
-        if family.soft_inputs == "sdd":
+        if family.mixture:
             raise DllmError(f"--calib-file holds canvases without the clean text the {family.title}'s calibration noises "
                             "into candidates; calibrate it on --data (its validation split) instead")
         load_recorded(int8.extra_file, tokenizer.sha256, cfg.vocab_size, cfg.canvas_len)

@@ -188,7 +188,7 @@ class Denoiser(nn.Module):
             self.head.weight = self.tok_emb.weight
         # Soft inputs: self-conditioning adds a projection of the candidates' weighted embedding (zero at first); a
         # sparse-distribution model's input is the mixture itself, with its noise level t as a time embedding.
-        self.mixture = family_of(cfg).soft_inputs == "sdd"
+        self.mixture = family_of(cfg).mixture
         if cfg.soft_k and not self.mixture:
             self.soft_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         if self.mixture:

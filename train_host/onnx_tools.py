@@ -14,7 +14,7 @@ import numpy as np
 from jetson_dllm.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import model_graphs
-from jetson_dllm.runners.graphs import graph_spec
+from jetson_dllm.runners.graphs import graph_signature, graph_spec
 from jetson_dllm.tokenizer import TextTokenizer
 from train_host.corpus import story
 from train_host.data import CanvasDataset, load_manifest
@@ -41,6 +41,31 @@ def quiet_exporter():
         registration.setLevel(level)
 
 
+def export_graph(model, graph: str, k: int, path, opset: int = OPSET, width: int = 0) -> None:
+    """Write one graph of a model (FP32) through its module (train_host.graph_modules.GraphModule): its input and
+    output names, their order and its dynamic axes all from the graph's signature ("B" the batch up to 1,024, "T" the
+    canvas graph's canvas and "W" the verify graph's width, each up to the model's context), traced on example
+    inputs (`width`: the example's, for a graph of dynamic width)."""
+    import torch
+
+    from train_host.graph_modules import GraphModule, example_feeds
+
+    cfg = model.cfg
+    module = GraphModule(model.eval(), graph, k).eval()
+    inputs, outputs = graph_signature(graph, cfg, k)
+    dims = {"B": torch.export.Dim("batch", min=1, max=1024), "T": torch.export.Dim("canvas", min=2, max=cfg.canvas_len),
+            "W": torch.export.Dim("width", min=1, max=cfg.canvas_len)}
+    dynamic = tuple({axis: dims[d] for axis, d in enumerate(shape) if isinstance(d, str)} for _, shape in inputs.values())
+    feeds = example_feeds(model, graph, k, width=width)
+    model.set_attention("math")
+    try:
+        with quiet_exporter(), torch.no_grad():
+            torch.onnx.export(module, tuple(feeds[n] for n in inputs), str(path), input_names=list(inputs), output_names=list(outputs),
+                              dynamic_shapes={"args": dynamic}, opset_version=opset, dynamo=True, external_data=False)
+    finally:
+        model.set_attention("sdpa")
+
+
 def check_graph(proto, name: str):
     """onnx.checker full check plus shape inference; a clear error if the graph is not valid."""
     import onnx
@@ -62,11 +87,9 @@ def _innermost_module(node) -> tuple[str, str]:
     return "", ""
 
 
-# The graphs' own modules, whose nodes (the sampling head, the cache plumbing) an FP16 graph keeps in FP32. The
-# cached graphs' modules are train_host.graph_modules' (they were bd3_export's and ar_export's before it; named
-# there, their heads went to FP16 unnoticed until a graph returned its logits too and the checker caught it).
-HEAD_MODULES = ("export.ExportedDenoiser", "graph_modules.BlockStep", "graph_modules.Commit", "graph_modules.CommitStep",
-                "graph_modules.Decode")
+# The graphs' own module, whose nodes (the sampling head, the cache plumbing) an FP16 graph keeps in FP32: every
+# graph is exported through train_host.graph_modules.GraphModule (the model's layers are submodules of their own).
+HEAD_MODULES = ("graph_modules.GraphModule",)
 
 
 def fp32_nodes(proto) -> list[str]:

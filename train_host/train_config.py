@@ -111,8 +111,8 @@ class TrainConfig:
 
     def soft_k(self) -> int:
         """The model's soft inputs: SDD's candidates, a self-conditioned model's top-k, or none."""
-        kind = get_family(self.objective).soft_inputs
-        return self.candidates if kind == "sdd" else self.self_cond if kind == "self" else 0
+        family = get_family(self.objective)
+        return self.candidates if family.mixture else self.self_cond if family.self_cond else 0
 
     def _from_parent(self) -> ModelConfig:
         from train_host.checkpoint import read_config, resolve_checkpoint
@@ -128,7 +128,7 @@ class TrainConfig:
                                 f"({getattr(parent, name)}); with --init the model's shape is its parent's")
         if self.canvas_len > parent.canvas_len:
             raise DllmError(f"--canvas-len {self.canvas_len} is longer than --init {self.init} takes ({parent.canvas_len})")
-        if parent.soft_k and parent.soft_k != self.soft_k() and get_family(parent.family).soft_inputs == "self":
+        if parent.soft_k and parent.soft_k != self.soft_k() and get_family(parent.family).self_cond:
             raise DllmError(f"--init {self.init} self-conditions on {parent.soft_k} candidates; train on with --self-cond {parent.soft_k}")
         block = self.block_size if get_family(self.objective).attention == "block" else 0
         return ModelConfig.from_dict({**parent.to_dict(), "family": self.objective, "block_size": block, "shift": self.shift,

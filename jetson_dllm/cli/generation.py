@@ -60,9 +60,7 @@ def run(
       dllm run runs/cond -p "" --condition "Tom found a red ball." --guidance 2   (a conditional model)
     """
     text = read_prompt(prompt)
-    sampler = SamplerConfig(steps=steps, strategy=strategy, threshold=threshold, span=span, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed, deadline_ms=deadline_ms, defer_twins=defer_twins,
-                            eb_bound=eb_bound, eta=eta, clamp=clamp, guidance=guidance, guidance_schedule=guidance_schedule).validate()
+    sampler = SamplerConfig.from_values(ctx.params)  # the sampler's knobs (jetson_dllm.sampler.KNOBS) by name
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers, threads=threads)
     with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:

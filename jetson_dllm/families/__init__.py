@@ -42,10 +42,11 @@ class Family:
         runtime: its runtime module (torch-free): the generation loop and bench point.
         host: its host module (torch): objective, evaluation and export.
         train_options: the `dllm train` options of its own (others' are refused when given).
-        soft_inputs: "" (none) or "self" (self-conditioning: with `soft_k` set, its denoising graph, the canvas or
-            the block step, also takes the previous step's top-k candidates, `soft_ids` and `soft_probs`, at the
-            positions still masked; zeros: none), or "sdd" (every position's input is a mixture of `soft_k` weighted
-            candidates, and the canvas graph takes the noise level `t`).
+        self_cond: a model of it may be self-conditioned (`--self-cond K`: with `soft_k` set, its denoising graph, the
+            canvas or the block step, also takes the previous step's top-k candidates, `soft_ids` and `soft_probs`, at
+            the positions still masked; zeros: none).
+        mixture: every position's input is a mixture of `soft_k` weighted candidates (SDD: `soft_k` is required, the
+            network embeds the mixture itself and takes its noise level `t` as a time embedding).
         canvas_inputs, canvas_outputs: what its canvas graph takes and returns beyond tokens, soft inputs and the
             sampling head: SDD's noise level `t`; continuous diffusion's noised latents `x` (B, T, latent_dim) and `t`
             in, the expected clean latent `x0` and the top-1's `x0_top1` out (a family taking `x` has a latent width).
@@ -69,7 +70,8 @@ class Family:
     runtime: str
     host: str
     train_options: tuple[str, ...] = ()
-    soft_inputs: str = ""
+    self_cond: bool = False
+    mixture: bool = False
     infilling: bool = False
     canvas_inputs: tuple[str, ...] = ()
     canvas_outputs: tuple[str, ...] = ()
@@ -111,21 +113,21 @@ FAMILIES: dict[str, Family] = {
                    cached=False, steps="denoising steps for the whole canvas (network calls at most)", nll="bound",
                    options=MASKED_OPTIONS, int8="qdq", runtime="jetson_dllm.families.mdlm", host="train_host.families.mdlm",
                    train_options=("self_cond", "self_cond_rate", "cond_len", "cond_layers", "cond_drop", "freeze_denoiser"),
-                   soft_inputs="self", infilling=True, conditional=True),
+                   self_cond=True, infilling=True, conditional=True),
     "bd3": Family("bd3", "block diffusion (BD3-LM)", "block", ("block_step", "commit", "commit_step"), ("block_step", "commit"),
                   left_to_right=True, cached=True, steps="denoising steps per block",
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span", "guidance", "guidance_schedule"),
-                  int8="qdq", runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", soft_inputs="self",
+                  int8="qdq", runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", self_cond=True,
                   train_options=("block_size", "t_min", "t_max", "shift", "complementary", "distill", "self_cond", "self_cond_rate", "cond_len",
                                  "cond_layers", "cond_drop", "freeze_denoiser"), conditional=True),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
-                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), soft_inputs="sdd",
+                  runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), mixture=True,
                   canvas_inputs=("t",)),
     "continuous": Family("continuous", "continuous embedding diffusion", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                          cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps", "eta", "clamp"),
                          int8="qdq", runtime="jetson_dllm.families.continuous", host="train_host.families.continuous",
-                         train_options=("latent_dim", "noise_shift", "self_cond", "self_cond_rate"), soft_inputs="self", canvas_inputs=("x", "t"),
+                         train_options=("latent_dim", "noise_shift", "self_cond", "self_cond_rate"), self_cond=True, canvas_inputs=("x", "t"),
                          canvas_outputs=("x0", "x0_top1"),
                          network="train_host.continuous_model"),
     "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",

@@ -191,28 +191,57 @@ def _denoise(steps, start: int, pending: tuple[np.ndarray, int] | None, first: _
         return done.value
 
 
-def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: SamplerConfig, block: int, max_len: int,
-                num_samples: int = 1, on_step: OnStep | None = None, fold: bool = False,
-                shift_bos: int | None = None, soft_k: int = 0, condition: list[int] | None = None, cond_len: int = 0,
-                topk: int = 0) -> Generator[Call, dict, BlockResult]:
+@dataclass(frozen=True)
+class BlockModel:
+    """What a block loop needs of its model: the special ids, the block, the context, whether its runner folds
+    commits (the commit-step graph), a shifted model's start token (read first; not part of the result), a
+    self-conditioned model's candidates per position, a conditional model's condition length, the runner's top-K."""
+
+    special: SpecialIds
+    block: int
+    max_len: int
+    fold: bool = False
+    shift_bos: int | None = None
+    soft_k: int = 0
+    cond_len: int = 0
+    topk: int = 0
+
+    @classmethod
+    def of(cls, runner) -> BlockModel:
+        cfg, tok = runner.cfg, runner.tokenizer
+        return cls(SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), cfg.block_size, cfg.canvas_len, "commit_step" in runner.graphs,
+                   tok.bos_id if cfg.shift else None, cfg.soft_k, cfg.cond_len, runner.topk)
+
+
+def _block_canvas(out: np.ndarray, s: int, e: int, prompt_len: int, block: int, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+    """Block [s, e)'s noised canvas (B, block) and its fixed positions: the prompt's tail given, positions past the
+    text's end padding (the graph's block is always whole), the rest masked."""
+    canvas = np.full((len(out), block), special.mask, dtype=np.int32)
+    fixed = np.zeros_like(canvas, dtype=bool)
+    tail = max(0, prompt_len - s)  # the prompt's part of this block
+    canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
+    fixed[:, e - s :] = True
+    canvas[:, e - s :] = special.pad
+    return canvas, fixed
+
+
+def block_calls(prompt: list[int], max_new: int, model: BlockModel, sampler: SamplerConfig, num_samples: int = 1,
+                on_step: OnStep | None = None, condition: list[int] | None = None) -> Generator[Call, dict, BlockResult]:
     """Generation block by block as graph calls: `block_step` (a noised block over the cache's first `valid_len`
-    positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `fold`,
+    positions), `commit` (a final block's keys and values into the cache at `valid_len`) and, with `model.fold`,
     `commit_step` (the previous block's commit and this block's first step in one call). `on_step(text so far,
-    Step)` sees every denoising step (the live view). `shift_bos`: a shifted model's start token, read first (not
-    part of the result's tokens or the live view, as the autoregressive baseline's is not). `soft_k`: a
-    self-conditioned model's candidates per position (its block steps are fed the previous step's top-k).
-    `condition`: a conditional model's condition ids (its encoder runs once, every call takes the encoding); with
+    Step)` sees every denoising step (the live view). A shifted model reads its start token first. `condition`: a
+    conditional model's condition ids (its encoder runs once, every call takes the encoding); with
     `sampler.guidance`, each sample's unguided twin rides along in every call and steps sample from the mix's
-    top-`topk`. The callers check guidance has a condition."""
-    first, given = _First(shift_bos is not None), prompt
-    if shift_bos is not None:
-        prompt = [shift_bos, *prompt]
-    total = min(len(prompt) + max_new, max_len)
+    top-`model.topk`. The callers check guidance has a condition."""
+    first, given, special, block = _First(model.shift_bos is not None), prompt, model.special, model.block
+    prompt = [model.shift_bos, *prompt] if model.shift_bos is not None else prompt
+    total = min(len(prompt) + max_new, model.max_len)
     if len(prompt) >= total:
-        raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {max_len}, leaving no room to generate")
+        raise DllmError(f"the prompt is {len(prompt)} tokens; this model's context is {model.max_len}, leaving no room to generate")
     t0 = time.perf_counter()
-    memory = yield from _encoding(condition, bool(sampler.guidance), num_samples, cond_len)
-    rows = _Rows(num_samples, sampler, memory, topk, shift_bos is not None)
+    memory = yield from _encoding(condition if model.cond_len else None, bool(sampler.guidance), num_samples, model.cond_len)
+    rows = _Rows(num_samples, sampler, memory, model.topk, model.shift_bos is not None)
     step_ms, commit_ms, sampler_s = [], [], 0.0
     out = np.full((num_samples, total), special.pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
@@ -222,19 +251,14 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
     evaluations, commits, e, folded, pending = 0, done, 0, 0, None
     for j in range(done, -(-total // block)):
         s, e = j * block, min((j + 1) * block, total)
-        canvas = np.full((num_samples, block), special.mask, dtype=np.int32)
-        fixed = np.zeros_like(canvas, dtype=bool)
-        tail = max(0, len(prompt) - s)  # the prompt's part of this block
-        canvas[:, :tail], fixed[:, :tail] = out[:, s : s + tail], True
-        fixed[:, e - s :] = True  # past `total`: not generated (the graph's block is always whole)
-        canvas[:, e - s :] = special.pad
+        canvas, fixed = _block_canvas(out, s, e, len(prompt), block, special)
         steps = sample_steps(canvas, fixed, special, replace(sampler, seed=sampler.seed + j), on_step=_relay(on_step, out, s, e, len(prompt) - len(given)))
-        result = yield from _denoise(steps, s, pending, first, rows, soft_k, special.mask)
-        if pending is not None and result.evaluations:
-            folded, pending = folded + 1, None
-        if pending is not None:  # no network call in this block (nothing to denoise): commit on its own
+        result = yield from _denoise(steps, s, pending, first, rows, model.soft_k, special.mask)
+        folded += int(pending is not None and result.evaluations > 0)
+        if pending is not None and not result.evaluations:  # no network call in this block (nothing to denoise): commit on its own
             yield from _commit(*pending, rows, first, commit_ms)
-            commits, pending = commits + 1, None
+            commits += 1
+        pending = None
         evaluations += result.evaluations
         step_ms += [h.network_ms for h in result.history if h.evaluated]
         sampler_s += result.sampler_s
@@ -242,7 +266,7 @@ def block_calls(prompt: list[int], max_new: int, special: SpecialIds, sampler: S
         ended = ((result.tokens == special.eot) | (result.tokens == special.pad)) & ~fixed
         if ended.any(axis=1).all() or e == total:
             break
-        if fold:
+        if model.fold:
             pending = (out[:, s:e].copy(), s)
         else:
             yield from _commit(out[:, s:e], s, rows, first, commit_ms)
@@ -259,12 +283,9 @@ def generate_blocks(runner, prompt_ids: list[int], max_new: int, num_samples: in
 
 
 def _calls(runner, ids: list[int], max_new: int, n: int, sampler: SamplerConfig, on_step, condition: list[int] | None):
-    cfg, tok = runner.cfg, runner.tokenizer
     if sampler.guidance:
         _check_guided(runner, condition)
-    return block_calls(ids, max_new, SpecialIds(tok.mask_id, tok.eot_id, tok.pad_id), sampler, cfg.block_size, cfg.canvas_len, n, on_step,
-                       fold="commit_step" in runner.graphs, shift_bos=tok.bos_id if cfg.shift else None, soft_k=cfg.soft_k,
-                       condition=condition if cfg.cond_len else None, cond_len=cfg.cond_len, topk=runner.topk)
+    return block_calls(ids, max_new, BlockModel.of(runner), sampler, n, on_step, condition)
 
 
 def _check_guided(runner, condition: list[int] | None) -> None:

@@ -14,7 +14,6 @@ clean latents in); the model was trained on prefixes, so gaps to fill are refuse
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Generator
 
 import numpy as np
@@ -23,19 +22,18 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families.common import (
     BenchRun,
     Served,
-    allowed_head,
     bench_canvas,
-    ended_rows,
     no_soft,
     refuse_gaps,
     soft_feeds,
     special_ids,
     still_masked,
 )
+from jetson_dllm.families.levels import level_calls
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import build_canvas, request_canvas
 from jetson_dllm.runners.calls import Call, drive
-from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
+from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds
 
 
 def abar(t, shift: float = 1.0):
@@ -59,6 +57,26 @@ def ddim_step(x: np.ndarray, x0: np.ndarray, t: float, t_next: float, eta: float
     return out.astype(np.float32)
 
 
+class _Latents:
+    """Continuous diffusion's walk (families.levels): the noised latents, moved one level down each step by DDIM /
+    DDPM toward the step's expected clean latent (or the top-1's: clamping); a self-conditioned model's previous
+    top-k where text is generated."""
+
+    def __init__(self, free: np.ndarray, sampler: SamplerConfig, latent_dim: int, soft_k: int, shift: float, rng: np.random.Generator):
+        self.free, self.sampler, self.soft_k, self.shift, self.rng = free, sampler, soft_k, shift, rng
+        self.x = rng.standard_normal((*free.shape, latent_dim)).astype(np.float32)
+        self.soft = no_soft(free.shape, soft_k) if soft_k else {}
+
+    def feeds(self, level: float) -> dict[str, np.ndarray]:
+        return {"x": self.x, "t": np.full(len(self.x), level, np.float32), **self.soft}
+
+    def advance(self, out: dict, head: tuple[np.ndarray, np.ndarray], level: float, below: float) -> None:
+        s = self.sampler
+        self.x = ddim_step(self.x, out["x0_top1" if s.clamp else "x0"], level, below, s.eta, self.rng, self.shift)
+        if self.soft_k:  # the model's own prediction (not the sampled or banned view of it), where text is generated
+            self.soft = still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], self.soft_k), self.free)
+
+
 def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig, latent_dim: int,
                      on_step=None, soft_k: int = 0, shift: float = 1.0) -> Generator[Call, dict, SampleResult]:
     """The loop as canvas-graph calls over `tokens` (B, T) whose `fixed` positions are the prompt; returns each
@@ -66,39 +84,8 @@ def continuous_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds,
     model (`soft_k`) gets each step the previous step's top-k at the generated positions (none at the first).
     `shift`: the model's schedule shift (`noise_shift`)."""
     rng = np.random.default_rng(sampler.seed)
-    B, T = tokens.shape
-    free = ~fixed
-    x = rng.standard_normal((B, T, latent_dim)).astype(np.float32)
-    canvas = np.where(free, special.mask, tokens).astype(np.int32)
-    top1 = canvas.copy()
-    t0, network_s, history, chosen = time.perf_counter(), 0.0, [], canvas
-    soft = no_soft((B, T), soft_k) if soft_k else {}
-    for s in range(sampler.steps):
-        level, below = 1.0 - s / sampler.steps, 1.0 - (s + 1) / sampler.steps
-        c0 = time.perf_counter()
-        feeds = {"tokens": canvas, "x": x, "t": np.full(B, level, np.float32), **soft}
-        out = yield Call("canvas", feeds)
-        net = time.perf_counter() - c0
-        network_s += net
-        all_lp, all_ids = allowed_head(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
-        if s == sampler.steps - 1:  # rounding: the last prediction's pick
-            logits = candidate_distribution(all_lp, sampler.temperature, sampler.top_k, sampler.top_p)
-            gumbel = -np.log(-np.log(rng.random(logits.shape) + 1e-20) + 1e-20)
-            pick = np.argmax(logits if sampler.temperature == 0 else logits + gumbel, -1)
-            chosen = np.take_along_axis(all_ids, pick[..., None], -1)[..., 0]
-        else:
-            chosen = all_ids[..., 0]
-            x = ddim_step(x, out["x0_top1" if sampler.clamp else "x0"], level, below, sampler.eta, rng, shift)
-            if soft_k:  # the model's own prediction (not the sampled or banned view of it), where text is generated
-                soft = still_masked(soft_feeds(out["topk_logprobs"], out["topk_ids"], soft_k), free)
-        new = np.where(free, chosen, tokens).astype(np.int32)
-        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(all_lp[..., 0]), 1.0))
-        top1 = new
-        history.append(step)
-        if on_step is not None:
-            on_step(top1, step)
-    result = ended_rows(top1, free, special)
-    return SampleResult(result, sampler.steps, sampler.steps, False, network_s, time.perf_counter() - t0 - network_s, history)
+    walk = _Latents(~fixed, sampler, latent_dim, soft_k, shift, rng)
+    return (yield from level_calls(tokens, fixed, special, sampler, rng, walk, on_step))
 
 
 def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:

@@ -13,17 +13,17 @@ clean prefix (its tokens, no candidates); SDD is trained on prefixes only, so ga
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Generator
 
 import numpy as np
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.common import BenchRun, Served, allowed_head, bench_canvas, ended_rows, refuse_gaps, special_ids
+from jetson_dllm.families.common import BenchRun, Served, bench_canvas, refuse_gaps, special_ids
+from jetson_dllm.families.levels import level_calls
 from jetson_dllm.families.mdlm import Generation, quality_length  # noqa: F401 (part of the family interface: the canvas's)
 from jetson_dllm.prompt import build_canvas, request_canvas
 from jetson_dllm.runners.calls import Call, drive
-from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds, Step, candidate_distribution
+from jetson_dllm.sampler import SamplerConfig, SampleResult, SpecialIds
 
 RENOISE = True  # the default loop: the deterministic one falls into one repeated word (docs/soft-inputs.md)
 FIRST_ID = 3  # candidate ids start past the special tokens (pad, end-of-text, mask)
@@ -34,51 +34,39 @@ def alpha(t: float) -> float:
     return math.cos(0.5 * math.pi * t)
 
 
+class _Candidates:
+    """SDD's walk (families.levels): every generated position's k weighted candidates, fed at each level; the next
+    level's are the step's top-k (reshaped by the temperature, flattened toward 1/V by `renoise`)."""
+
+    def __init__(self, free: np.ndarray, sampler: SamplerConfig, k: int, vocab: int, renoise: bool, rng: np.random.Generator):
+        B, T = free.shape
+        self.free, self.sampler, self.k, self.vocab, self.renoise = free, sampler, k, vocab, renoise
+        self.ids = rng.integers(FIRST_ID, vocab, (B, T, k)).astype(np.int32)
+        self.probs = np.broadcast_to(np.where(free[..., None], 1.0 / vocab, 0.0), (B, T, k)).astype(np.float32)
+
+    def feeds(self, level: float) -> dict[str, np.ndarray]:
+        return {"soft_ids": self.ids, "soft_probs": self.probs, "t": np.full(len(self.ids), level, np.float32)}
+
+    def advance(self, out: dict, head: tuple[np.ndarray, np.ndarray], level: float, below: float) -> None:
+        lp, got = head[0][..., : self.k].astype(np.float64), head[1][..., : self.k]
+        p, temperature = np.exp(lp), self.sampler.temperature
+        if temperature > 0 and temperature != 1.0:  # reshaped, the k candidates' mass kept
+            q = np.exp((lp - lp[..., :1]) / temperature)
+            p = q / q.sum(-1, keepdims=True) * p.sum(-1, keepdims=True)
+        if self.renoise:
+            a = alpha(below)
+            p = a * p + (1.0 - a) / self.vocab
+        self.ids = np.where(self.free[..., None], got, 0).astype(np.int32)
+        self.probs = np.where(self.free[..., None] & np.isfinite(lp), p, 0.0).astype(np.float32)
+
+
 def sdd_calls(tokens: np.ndarray, fixed: np.ndarray, special: SpecialIds, sampler: SamplerConfig, k: int, vocab: int,
               renoise: bool = RENOISE, on_step=None) -> Generator[Call, dict, SampleResult]:
     """The SDD loop as canvas-graph calls over `tokens` (B, T) whose `fixed` positions are the prompt; returns the
     result with each generated position's final top-1 (the text after the first end-of-text becomes padding)."""
     rng = np.random.default_rng(sampler.seed)
-    B, T = tokens.shape
-    free = ~fixed
-    ids = rng.integers(FIRST_ID, vocab, (B, T, k)).astype(np.int32)
-    probs = np.broadcast_to(np.where(free[..., None], 1.0 / vocab, 0.0), (B, T, k)).astype(np.float32)
-    canvas = np.where(free, special.mask, tokens).astype(np.int32)
-    top1 = canvas.copy()
-    t0, network_s, history = time.perf_counter(), 0.0, []
-    for s in range(sampler.steps):
-        level = 1.0 - s / sampler.steps
-        c0 = time.perf_counter()
-        out = yield Call("canvas", {"tokens": canvas, "soft_ids": ids, "soft_probs": probs, "t": np.full(B, level, np.float32)})
-        net = time.perf_counter() - c0
-        network_s += net
-        all_lp, all_ids = allowed_head(out["topk_logprobs"], out["topk_ids"], special, sampler.allow_end)
-        lp, got = all_lp[..., :k].astype(np.float64), all_ids[..., :k]
-        last = s == sampler.steps - 1
-        if last:
-            logits = candidate_distribution(all_lp, sampler.temperature, sampler.top_k, sampler.top_p)
-            pick = np.argmax(logits if sampler.temperature == 0 else logits - np.log(-np.log(rng.random(logits.shape) + 1e-20) + 1e-20), -1)
-            chosen = np.take_along_axis(all_ids, pick[..., None], -1)[..., 0]
-        else:
-            chosen = got[..., 0]
-            p = np.exp(lp)
-            if sampler.temperature > 0 and sampler.temperature != 1.0:  # reshaped, the k candidates' mass kept
-                q = np.exp((lp - lp[..., :1]) / sampler.temperature)
-                p = q / q.sum(-1, keepdims=True) * p.sum(-1, keepdims=True)
-            if renoise:
-                a = alpha(1.0 - (s + 1) / sampler.steps)
-                p = a * p + (1.0 - a) / vocab
-            ids = np.where(free[..., None], got, 0).astype(np.int32)
-            probs = np.where(free[..., None] & np.isfinite(lp), p, 0.0).astype(np.float32)
-        new = np.where(free, chosen, tokens).astype(np.int32)
-        step = Step(s + 1, True, (new != top1) & free, net * 1e3, 0.0, np.where(free, np.exp(all_lp[..., 0]), 1.0))
-        top1 = new
-        history.append(step)
-        if on_step is not None:
-            on_step(top1, step)
-    result = ended_rows(top1, free, special)
-    total = time.perf_counter() - t0
-    return SampleResult(result, sampler.steps, sampler.steps, False, network_s, total - network_s, history)
+    walk = _Candidates(~fixed, sampler, k, vocab, renoise, rng)
+    return (yield from level_calls(tokens, fixed, special, sampler, rng, walk, on_step))
 
 
 def _refuse_gaps(prompt: str, suffix: str | None = None) -> None:

@@ -1,6 +1,8 @@
-"""The graph contract: every graph's name, inputs, outputs and cache use (`GRAPHS`), a graph's spec and signature for
-one model (`graph_spec`, `graph_signature`): the one place the tensors' names and shapes are written, which the
-exporters, the runners' buffers and the TensorRT engines all read."""
+"""The graph contract: every graph's name, inputs, outputs and cache use (`GRAPHS`), what a model's features add to
+them (`FEATURES`, as data), and a graph's spec and signature for one model (`graph_spec`, `graph_signature`): the one
+place the tensors' names, order, dtypes and shapes are written. The exporters (names, order, dynamic axes), the
+torch graph modules (their arguments and returns), the onnxruntime buffers, the TensorRT engines' profiles and
+buffers and the bundle's check all read it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ from jetson_dllm.families import family_of
 SAMPLING_OUTPUTS = ("topk_logprobs", "topk_ids")
 ENTROPY = "entropy"  # (B, T) the whole distribution's entropy: graphs exported since it came return it, older ones not
 COMMIT_OUTPUTS = ("k_new", "v_new")  # inside a runner: the keys and values a cache-writing graph computed
+CACHE_INPUTS = ("k_cache", "v_cache")  # (n_layer, B, heads, context, head_dim): a cached graph's, owned by the runner
+TOKEN_INPUTS = ("prev_tokens", "tokens")  # a graph's token inputs come first, in this order
+SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning, SDD)
+CONDITION_INPUTS = ("memory", "memory_bias")  # (B, cond_len + 1, d) / (B, cond_len + 1) float32: the encoder's outputs
+OPTIONAL_OUTPUTS = (ENTROPY,)  # a bundle's graph may lack these (exported before they came); runners ask the session
 
 
 @dataclass(frozen=True)
@@ -19,61 +26,90 @@ class GraphSpec:
     """A graph's interface as its callers see it: what they feed, what comes back, and what it does to the cache.
 
     `cache`: "" (none), "read" (attends to the first valid_len positions), "write" (its tokens' keys and values go
-    into the cache at valid_len; it reads the positions before). `writes_prev`: the commit step writes `prev_tokens`
-    (the finished block) and steps `tokens` (the next). `entropy`: the graph also returns each position's entropy
-    (ENTROPY) beside the top-K, for the diffusion samplers (graphs exported before it came lack it)."""
+    into the cache at valid_len; it reads the positions before). `entropy`: the graph also returns each position's
+    entropy (ENTROPY) beside the top-K, for the diffusion samplers. `logits`: it can return its positions' logits
+    (B, T, vocab) when asked. `width`: its tokens' positions per call: "" the family's (the canvas "T", a block, one
+    token), "W" any number up to the context (the verify graph), "cond_len" the condition's (the encoder)."""
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     cache: str = ""
     entropy: bool = False
+    logits: bool = False
+    width: str = ""
 
 
 GRAPHS: dict[str, GraphSpec] = {
-    "canvas": GraphSpec(("tokens",), SAMPLING_OUTPUTS, entropy=True),  # a whole canvas, bidirectional; also `logits`
+    "canvas": GraphSpec(("tokens",), SAMPLING_OUTPUTS, entropy=True, logits=True),  # a whole canvas, bidirectional
     "block_step": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "read", True),  # a noised block over the cache
     "commit": GraphSpec(("tokens", "valid_len"), (), "write"),  # a finished block's keys and values into the cache
     "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write", True),  # commit + next step
     "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
-    "encoder": GraphSpec(("tokens", "condition_len"), ("memory", "memory_bias")),  # a conditional model's condition, once
+    "encoder": GraphSpec(("tokens", "condition_len"), CONDITION_INPUTS, width="cond_len"),  # a conditional model's condition
 }
 
 
-SOFT_INPUTS = ("soft_ids", "soft_probs")  # (B, T, soft_k) int32 / float32: a model with soft inputs (self-conditioning, SDD)
-CONDITION_INPUTS = ("memory", "memory_bias")  # (B, cond_len + 1, d) / (B, cond_len + 1) float32: the encoder's outputs
+@dataclass(frozen=True)
+class Feature:
+    """What a model feature adds to the graphs it touches, when the model config's `field` is set (truthy): inputs,
+    the sampling head with its entropy (`head`), the logits on request (`logits`, graphs with a head only)."""
+
+    field: str
+    graphs: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    head: bool = False
+    logits: bool = False
+
+
+FEATURES = (
+    # soft inputs (self-conditioning, SDD's candidates) go to the denoising graph; a block's first step (the commit
+    # step) has no previous prediction to take
+    Feature("soft_k", ("canvas", "block_step"), SOFT_INPUTS),
+    # a conditional model's encoding goes to every denoising graph; their heads can return logits (guidance's mix)
+    Feature("cond_len", ("canvas", "block_step", "commit", "commit_step"), CONDITION_INPUTS, logits=True),
+    # a shifted block-diffusion model's commit returns its block's top-K (position 0: the next block's first token)
+    Feature("shift", ("commit",), head=True),
+)
 
 
 def graph_spec(graph: str, cfg: ModelConfig) -> GraphSpec:
-    """A graph's spec for this model: a shifted block-diffusion model's commit also returns its block's top-K
-    (position 0 predicts the next block's first token); a model with soft inputs (`cfg.soft_k`) takes them in its
-    denoising graph, the canvas or the block step (SOFT_INPUTS; a runner fills zeros, no soft input, when a call
-    brings none; a block's first step, the commit step, has no previous prediction to take)."""
+    """A graph's spec for this model: GRAPHS' entry, what the model's features add (FEATURES) and its family's own
+    canvas inputs and outputs (`Family.canvas_inputs` / `canvas_outputs`: SDD's noise level, continuous diffusion's
+    latents). The inputs in the order the graph takes them, the outputs in the order it returns them."""
     spec, family = GRAPHS[graph], family_of(cfg)
-    if graph == "canvas" and (cfg.soft_k or family.canvas_inputs or cfg.cond_len):  # SDD: t; continuous: x and t; the condition
-        extra = (SOFT_INPUTS if cfg.soft_k else ()) + family.canvas_inputs + (CONDITION_INPUTS if cfg.cond_len else ())
-        return GraphSpec(spec.inputs + extra, spec.outputs + family.canvas_outputs, spec.cache, spec.entropy)
-    memory = CONDITION_INPUTS if cfg.cond_len and spec.cache else ()  # a conditional block-diffusion model's graphs
-    if graph == "block_step" and cfg.soft_k:
-        return GraphSpec(spec.inputs + SOFT_INPUTS + memory, spec.outputs, spec.cache, spec.entropy)
-    if graph == "commit" and cfg.shift:
-        return GraphSpec(spec.inputs + memory, SAMPLING_OUTPUTS, spec.cache, entropy=True)
-    return GraphSpec(spec.inputs + memory, spec.outputs, spec.cache, spec.entropy) if memory else spec
+    inputs, outputs, entropy, logits = list(spec.inputs), list(spec.outputs), spec.entropy, spec.logits
+    active = [f for f in FEATURES if graph in f.graphs and getattr(cfg, f.field, 0)]
+    for feature in active:
+        inputs += [n for n in feature.inputs if n not in inputs]
+        if feature.head and not outputs:
+            outputs, entropy = list(SAMPLING_OUTPUTS), True
+    logits = logits or (bool(outputs) and any(f.logits for f in active))
+    if graph == "canvas":
+        inputs[1 + len(SOFT_INPUTS) * bool(cfg.soft_k) : 1 + len(SOFT_INPUTS) * bool(cfg.soft_k)] = family.canvas_inputs
+        outputs += family.canvas_outputs
+    return GraphSpec(tuple(inputs), tuple(outputs), spec.cache, entropy, logits, spec.width)
 
 
 def returns_logits(graph: str, cfg: ModelConfig) -> bool:
     """The graph also returns its positions' logits (B, T, vocab), for a caller to ask for (guidance mixes two rows'
-    whole distributions): the canvas graph, and a conditional block-diffusion model's graphs that have a top-K head
-    (the block step, the commit step; a shifted model's commit)."""
-    return graph == "canvas" or bool(cfg.cond_len and graph in ("block_step", "commit", "commit_step") and graph_spec(graph, cfg).outputs)
+    whole distributions): the canvas graph, and a conditional block-diffusion model's graphs that have a top-K head."""
+    return graph_spec(graph, cfg).logits
+
+
+def graph_width(graph: str, cfg: ModelConfig) -> int | str:
+    """A graph's positions per call: a static number (a block, one token, the condition), or a symbolic dim ("T": the
+    canvas graph's canvas, "W": the verify graph's any number of tokens)."""
+    width = GRAPHS[graph].width
+    return family_of(cfg).positions_per_call(cfg, "T") if not width else cfg.cond_len if width == "cond_len" else width
 
 
 def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict]:
-    """(inputs, outputs) a graph of this model has: name -> (dtype, dims); "B" is the batch, "T" the canvas length
-    of the canvas graph, every other dim static. The one place the tensors' names and shapes are written: the
-    onnxruntime check of a bundle's graphs and the TensorRT buffers read it. A cache-writing graph's outputs include
-    the new keys and values (the runner writes them into its cache); the canvas graph's include the logits."""
-    spec = graph_spec(graph, cfg)
-    width = family_of(cfg).positions_per_call(cfg, "T")  # a block, one token, or the canvas
+    """(inputs, outputs) a graph of this model has, name -> (dtype, dims), in the order the graph takes and returns
+    them: its token inputs, the cache (a cached graph's), the rest of its inputs; the sampling head, the entropy, its
+    family's own outputs, the new keys and values (a cache-writing graph's: the runner writes them into its cache), the
+    logits (where it returns them). "B" is the batch, "T" the canvas graph's canvas and "W" the verify graph's width
+    (dynamic); every other dim static."""
+    spec, width = graph_spec(graph, cfg), graph_width(graph, cfg)
     cache = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, cfg.canvas_len, cfg.head_dim))
     new = ("float32", (cfg.n_layer, "B", cfg.n_kv_head, width, cfg.head_dim))
     known = {"tokens": ("int32", ("B", width)), "prev_tokens": ("int32", ("B", width)), "valid_len": ("int32", ("B",)),
@@ -84,19 +120,30 @@ def graph_signature(graph: str, cfg: ModelConfig, topk: int) -> tuple[dict, dict
              "x0": ("float32", ("B", width, cfg.latent_dim)), "x0_top1": ("float32", ("B", width, cfg.latent_dim)),
              "condition_len": ("int32", ("B",)), "memory": ("float32", ("B", cfg.cond_len + 1, cfg.d_model)),
              "memory_bias": ("float32", ("B", cfg.cond_len + 1))}
-    if graph == "encoder":  # its tokens are the condition's
-        known["tokens"] = ("int32", ("B", cfg.cond_len))
-    inputs = [*spec.inputs, *(("k_cache", "v_cache") if spec.cache else ())]
-    outputs = [*spec.outputs, *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if returns_logits(graph, cfg) else ())]
+    tokens = [n for n in TOKEN_INPUTS if n in spec.inputs]
+    inputs = [*tokens, *(CACHE_INPUTS if spec.cache else ()), *(n for n in spec.inputs if n not in tokens)]
+    head = [n for n in spec.outputs if n in SAMPLING_OUTPUTS]
+    outputs = [*head, *((ENTROPY,) if spec.entropy else ()), *(n for n in spec.outputs if n not in head),
+               *(COMMIT_OUTPUTS if spec.cache == "write" else ()), *(("logits",) if spec.logits else ())]
     return {n: known[n] for n in inputs}, {n: known[n] for n in outputs}
 
 
+def signature_at(graph: str, cfg: ModelConfig, topk: int, batch: int, width: int = 0) -> tuple[dict, dict]:
+    """`graph_signature` at a batch size and a width (the canvas graph's canvas, the verify graph's tokens):
+    (inputs, outputs), name -> (shape, dtype), in the graph's order."""
+    def concrete(part: dict) -> dict:
+        return {n: (tuple(batch if d == "B" else width if d in ("T", "W") else d for d in dims), dtype) for n, (dtype, dims) in part.items()}
+
+    inputs, outputs = graph_signature(graph, cfg, topk)
+    return concrete(inputs), concrete(outputs)
+
+
 def tensor_shapes(graphs: tuple[str, ...], cfg: ModelConfig, topk: int, batch: int, canvas: int = 0) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every input and output of `graphs` (the logits excepted: engines keep them inside) at a batch size (and the
-    canvas graph's length): name -> (shape, dtype)."""
+    """Every input and output of `graphs` at a batch size and a width (`canvas`: the canvas graph's length, or the
+    verify graph's tokens): name -> (shape, dtype). The logits and the entropy excepted: engines keep only the top-K
+    (the sampler estimates the entropy from it)."""
     out = {}
     for graph in graphs:
-        for name, (dtype, dims) in {k: v for part in graph_signature(graph, cfg, topk) for k, v in part.items()}.items():
-            if name != "logits":
-                out[name] = (tuple(batch if d == "B" else canvas if d == "T" else d for d in dims), dtype)
+        for part in signature_at(graph, cfg, topk, batch, canvas):
+            out |= {name: shape for name, shape in part.items() if name not in ("logits", ENTROPY)}
     return out

@@ -10,7 +10,7 @@ from jetson_dllm.bundle import load_bundle
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
 from jetson_dllm.runners.feeds import call_slots, canvas_inputs, encoder_inputs, valid_length
-from jetson_dllm.runners.graphs import ENTROPY, GRAPHS, graph_signature, graph_spec, tensor_shapes
+from jetson_dllm.runners.graphs import ENTROPY, GRAPHS, OPTIONAL_OUTPUTS, graph_signature, graph_width, signature_at
 from jetson_dllm.runners.onnx_cache import CacheBuffers, valid_rank
 from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.threads import resolve as resolve_threads
@@ -83,10 +83,10 @@ def check_signature(graph: str, session, cfg: ModelConfig, topk: int, where: str
     have_out = {o.name: (ORT_TYPES.get(o.type, o.type), o.shape) for o in session.get_outputs()}
     if set(have_in) != set(want_in):
         raise DllmError(f"{where}: the {graph} graph takes {sorted(have_in)}, but a {cfg.family} model's takes {sorted(want_in)}; re-export the bundle")
-    missing = sorted(set(want_out) - set(have_out))
+    missing = sorted(set(want_out) - set(have_out) - set(OPTIONAL_OUTPUTS))
     if missing:
         raise DllmError(f"{where}: the {graph} graph has no output {missing[0]}; re-export the bundle")
-    for name, (dtype, dims) in {**want_in, **want_out}.items():
+    for name, (dtype, dims) in {**want_in, **{n: d for n, d in want_out.items() if n in have_out}}.items():
         got_type, got_dims = have_in[name] if name in have_in else have_out[name]
         if name == "valid_len" and got_type == dtype and not got_dims:
             continue  # exported before per-row valid lengths: one for every row (runs, but rows must agree)
@@ -133,7 +133,6 @@ class OnnxRunner(RunnerBase):
         if "topk_ids" not in outputs or not isinstance(outputs["topk_ids"][-1], int):
             raise DllmError("the ONNX graph has no static top-K head (topk_logprobs / topk_ids); export it with dllm export")
         self.topk = int(outputs["topk_ids"][-1])
-        self.width = {s.name: s.shape for s in first.get_inputs()}["tokens"][1]  # a cached graph's tokens per call
         self.name = f"onnx-{first.get_providers()[0].replace('ExecutionProvider', '').lower()}"
         # The optional entropy output, where a graph has it (exported since it came): returned with the top-K.
         self.extra = {g: (ENTROPY,) if ENTROPY in {o.name for o in s.get_outputs()} else () for g, s in sessions.items()}
@@ -150,9 +149,10 @@ class OnnxRunner(RunnerBase):
             if len(self._bound) > 8:  # many shapes (a sweep): keep memory bounded
                 self._bound.clear()
             B, T = shape
-            spec, shapes = graph_spec("canvas", self.cfg), tensor_shapes(("canvas",), self.cfg, self.topk, B, T) | {ENTROPY: ((B, T), "float32")}
-            ins = {name: np.zeros(*shapes[name]) for name in spec.inputs}
-            outs = {name: np.zeros(*shapes[name]) for name in (*spec.outputs, *self.extra["canvas"])}
+            inputs, outputs = signature_at("canvas", self.cfg, self.topk, B, T)
+            has = {o.name for o in self.sessions["canvas"].get_outputs()}  # the entropy where the graph has it
+            ins = {name: np.zeros(*shape) for name, shape in inputs.items()}
+            outs = {name: np.zeros(*shape) for name, shape in outputs.items() if name in has and name != "logits"}
             binding = self.sessions["canvas"].io_binding()
             for name, arr in ins.items():
                 binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
@@ -179,10 +179,12 @@ class OnnxRunner(RunnerBase):
 
     def _run_cached(self, graph: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         tokens = feeds.get("tokens")
-        if tokens is None or np.ndim(tokens) != 2 or tokens.shape[1] != self.width:
-            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {self.width})")
+        width = graph_width(graph, self.cfg)
+        if tokens is None or np.ndim(tokens) != 2 or (tokens.shape[1] != width if isinstance(width, int) else not 0 < tokens.shape[1] <= self.cfg.canvas_len):
+            shape = width if isinstance(width, int) else f"1..{self.cfg.canvas_len}"
+            raise DllmError(f"the {graph} graph takes tokens shaped (batch, {shape})")
         batch = tokens.shape[0]
-        valid = valid_length(feeds, batch, self.cfg.canvas_len - self.width + 1)
+        valid = valid_length(feeds, batch, self.cfg.canvas_len - tokens.shape[1] + 1)
         slots = call_slots(feeds, batch, self.pool.batch if self.pool else 0)
         if slots is None:  # the call's rows are a cache of their own
             into = buffers = self._cache(batch)
@@ -192,15 +194,14 @@ class OnnxRunner(RunnerBase):
         else:  # some rows of the pool: their caches copied to buffers of the call's size, the new keys written back
             into, buffers = self.pool, self._scratch(batch)
             buffers.gather(self.pool, slots, int(valid.max()))
-        buffers.load(graph, feeds, valid)
-        self.sessions[graph].run_with_iobinding(buffers.bindings[graph])
+        io = buffers.load(graph, feeds, valid)
+        self.sessions[graph].run_with_iobinding(io.binding)
         if GRAPHS[graph].cache == "write":
-            buffers.write_new(into, slots, valid)
-        return {name: buffers.out[name] for name in outputs}
+            buffers.write_new(io, into, slots, valid)
+        return {name: io.out[name] for name in outputs}
 
     def _buffers(self, batch: int) -> CacheBuffers:
-        return CacheBuffers({g: s for g, s in self.sessions.items() if GRAPHS[g].cache}, self.cfg, batch, self.topk, self.width,
-                            self.legacy_positions)
+        return CacheBuffers({g: s for g, s in self.sessions.items() if GRAPHS[g].cache}, self.cfg, batch, self.topk, self.legacy_positions)
 
     def _cache(self, batch: int) -> CacheBuffers:
         if batch not in self.cache:  # one batch size at a time: a new one replaces the old cache

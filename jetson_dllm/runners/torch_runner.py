@@ -9,7 +9,7 @@ import numpy as np
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import family_of, model_graphs
 from jetson_dllm.runners.feeds import call_slots, canvas_inputs, condition_inputs, encoder_inputs, graph_soft_inputs, valid_length
-from jetson_dllm.runners.graphs import CONDITION_INPUTS, ENTROPY, SAMPLING_OUTPUTS
+from jetson_dllm.runners.graphs import ENTROPY, SAMPLING_OUTPUTS, TOKEN_INPUTS
 from jetson_dllm.runners.protocol import RunnerBase, check_graph
 from jetson_dllm.threads import resolve as resolve_threads
 
@@ -107,32 +107,34 @@ class TorchRunner(RunnerBase):
             k_all, v_all = self.pool
             rows = torch.from_numpy(slots).to(self.device)
         as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(self.device)  # noqa: E731
-        inputs = {name: as_tensor(feeds[name]) for name in ("tokens", "prev_tokens") if name in feeds}
+        named = {name: as_tensor(feeds[name]) for name in TOKEN_INPUTS if name in feeds}
         soft = graph_soft_inputs(graph, feeds, (batch, width), self.cfg)  # a self-conditioned block step: top-k or zeros
-        if soft is not None:
-            inputs["soft"] = (as_tensor(soft["soft_ids"]), torch.from_numpy(soft["soft_probs"]).to(self.device))
         memory = condition_inputs(feeds, batch, self.cfg)  # a conditional model's encoding, per row (refused for others)
-        if memory:
-            inputs["memory"] = tuple(torch.from_numpy(memory[name]).to(self.device) for name in CONDITION_INPUTS)
+        named |= {name: torch.from_numpy(value).to(self.device) for name, value in {**(soft or {}), **memory}.items()}
+        if "soft_ids" in named:
+            named["soft_ids"] = named["soft_ids"].long()
         with torch.inference_mode():
             if isinstance(rows, slice) and (valid == valid[0]).all():  # one batch at one position: the model's own cache
-                return self._run_kv(graph, k_all, v_all, int(valid[0]), inputs, outputs)
+                return self._run_kv(graph, k_all, v_all, int(valid[0]), named, outputs)
             upto = int(valid.max())
-            got = graph_outputs(self.model, graph, self.topk, k_all[:, rows, :, :upto], v_all[:, rows, :, :upto], as_tensor(valid), **inputs)
+            named |= {"k_cache": k_all[:, rows, :, :upto], "v_cache": v_all[:, rows, :, :upto], "valid_len": as_tensor(valid)}
+            got = graph_outputs(self.model, graph, self.topk, named)
             if "k_new" in got:
                 for r, (slot, at) in enumerate(zip(slots, valid)):
                     k_all[:, slot, :, at : at + width] = got["k_new"][:, r]
                     v_all[:, slot, :, at : at + width] = got["v_new"][:, r]
         return {name: got[name].cpu().numpy() for name in outputs if name in got}
 
-    def _run_kv(self, graph: str, k_all, v_all, valid: int, inputs: dict, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def _run_kv(self, graph: str, k_all, v_all, valid: int, named: dict, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """The graph through the model's KVCache over the same tensors (attending to exactly the valid positions,
         keys written in place, no mask built): the path `dllm run` took before rows had positions of their own, the
         same greedy tokens, measured at the same speed."""
         from train_host.cached_graphs import run_cached
         from train_host.model import KVCache
 
-        logits = run_cached(self.model, KVCache.over(k_all, v_all, valid), graph, valid, **inputs)
+        soft = (named["soft_ids"], named["soft_probs"]) if "soft_ids" in named else None
+        memory = (named["memory"], named["memory_bias"]) if "memory" in named else None
+        logits = run_cached(self.model, KVCache.over(k_all, v_all, valid), graph, valid, named["tokens"], named.get("prev_tokens"), soft, memory)
         return self._heads(logits, outputs) if logits is not None else {}
 
     def _tensors(self, rows: int):

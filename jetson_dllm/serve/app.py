@@ -135,10 +135,7 @@ class Server:
         for i, prompt in enumerate(prompts):
             emit = lambda kind, value, i=i: queue_put((i, kind, value))  # noqa: E731
             try:
-                cfg = SamplerConfig(steps=knobs.steps, strategy=knobs.strategy, threshold=knobs.threshold, span=knobs.span,
-                                    temperature=knobs.temperature, top_p=knobs.top_p, deadline_ms=knobs.deadline_ms, eb_bound=knobs.eb_bound, eta=knobs.eta, clamp=knobs.clamp,
-                                    guidance=knobs.guidance, guidance_schedule=knobs.guidance_schedule,
-                                    seed=seed if seed is not None else random.randrange(2**31)).validate()
+                cfg = SamplerConfig.from_values(knobs, seed=seed if seed is not None else random.randrange(2**31))
                 watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
                 served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop
             except DllmError as e:  # a setting (guidance without a prompt, the prompt's text), or what prompt and max_tokens need

@@ -7,7 +7,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.sampler import GUIDANCE_SCHEDULES, STRATEGIES
+from jetson_dllm.sampler import GUIDANCE_SCHEDULES, KNOB, STRATEGIES
+
+
+def knob_field(name: str, default, **override):
+    """A request field for one of the sampler's knobs (jetson_dllm.sampler.KNOBS): its range and description from the
+    table, `override` where the server is stricter (fewer steps than `dllm run` allows)."""
+    knob = KNOB[name]
+    bounds = {} if knob.choices or knob.low is None else {"gt" if knob.low_open else "ge": knob.low}
+    if knob.high is not None and not knob.choices:
+        bounds["le"] = knob.high
+    if isinstance(default, float):
+        bounds["allow_inf_nan"] = False
+    return Field(default, **(bounds | override), description=knob.help)
 
 
 class Knobs(BaseModel):
@@ -16,16 +28,16 @@ class Knobs(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
-    steps: int = Field(64, ge=1, le=4096, description="denoising steps (network evaluations at most)")
-    strategy: Literal[STRATEGIES] = Field("confidence", description="which masked positions to commit first")  # type: ignore[valid-type]
-    threshold: float = Field(0.9, gt=0, le=1, allow_inf_nan=False, description="confidence threshold of the threshold strategy")
-    span: int = Field(0, ge=0, le=16384, description="semi-autoregressive span length; 0 = the whole canvas")
-    eb_bound: float = Field(0.1, ge=0, le=100, allow_inf_nan=False, description="strategy eb: the entropy (nats) one step may commit")
-    deadline_ms: float = Field(0.0, ge=0, le=3_600_000, allow_inf_nan=False, description="commit the best tokens after this long")
-    eta: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="continuous diffusion: 0 = DDIM, 1 = DDPM")
-    clamp: bool = Field(False, description="continuous diffusion: step with the top-1 token's latent (clamping)")
-    guidance: float = Field(0.0, ge=0, le=100, allow_inf_nan=False, description="classifier-free guidance toward the prompt (mdlm) or a conditional model's condition (mdlm, bd3)")
-    guidance_schedule: Literal[GUIDANCE_SCHEDULES] = Field("constant", description="guidance over the steps")  # type: ignore[valid-type]
+    steps: int = knob_field("steps", 64, le=4096)
+    strategy: Literal[STRATEGIES] = knob_field("strategy", "confidence")  # type: ignore[valid-type]
+    threshold: float = knob_field("threshold", 0.9)
+    span: int = knob_field("span", 0, le=16384)
+    eb_bound: float = knob_field("eb_bound", 0.1)
+    deadline_ms: float = knob_field("deadline_ms", 0.0, le=3_600_000)
+    eta: float = knob_field("eta", 0.0)
+    clamp: bool = knob_field("clamp", False)
+    guidance: float = knob_field("guidance", 0.0)
+    guidance_schedule: Literal[GUIDANCE_SCHEDULES] = knob_field("guidance_schedule", "constant")  # type: ignore[valid-type]
     canvas: bool = Field(False, description="stream the canvas itself (masked positions, commits) in a `dllm` field of each chunk")
 
 
@@ -35,8 +47,8 @@ class _Sampling(Knobs):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    temperature: float = knob_field("temperature", 0.8)
+    top_p: float = knob_field("top_p", 1.0)
     n: int = Field(1, ge=1, le=64)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     stop: str | list[str] | None = None

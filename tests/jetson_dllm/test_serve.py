@@ -12,17 +12,13 @@ import time
 
 import httpx
 import pytest
-from conftest import Server
+from conftest import CHROMIUM, Server, browser_page, server_fixture
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'jetson-dllm[dev]')")
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 
 
-@pytest.fixture(scope="module")
-def server(bundle_dir):
-    s = Server(bundle_dir, "--max-batch", "16")
-    yield s
-    s.stop()
+server = server_fixture("bundle_dir", "--max-batch", "16")
 
 
 @pytest.fixture(scope="module")
@@ -217,17 +213,9 @@ def test_sigterm_drains_the_request_in_flight_then_exits(bundle_dir):
     assert s.proc.wait(timeout=60) == 0
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
 def test_the_page_shows_the_canvas_filling_in_a_real_browser(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page()
-        page.goto(server.url + "/")
+    with browser_page(server.url + "/") as page:
         page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
         page.fill("#prompt", "Once upon a time")
         assert int(page.input_value("#max_tokens")) <= 32  # capped by the model's canvas (64)
@@ -240,7 +228,6 @@ def test_the_page_shows_the_canvas_filling_in_a_real_browser(server, tmp_path):
         assert page.inner_text("#text").startswith("Once upon a time")
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot), full_page=True)
-        browser.close()
     assert shot.stat().st_size > 5000
     if os.environ.get("DLLM_SCREENSHOT"):
         shutil.copy(shot, os.environ["DLLM_SCREENSHOT"])

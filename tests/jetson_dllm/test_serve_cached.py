@@ -5,30 +5,21 @@ refuses."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
 import httpx
 import pytest
-from conftest import Server, concurrently
+from conftest import CHROMIUM, Server, browser_page, concurrently, server_fixture
 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'jetson-dllm[dev]')")
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 
 
-@pytest.fixture(scope="module")
-def bd3_server(bd3_bundle):
-    s = Server(bd3_bundle, "--max-batch", "8")
-    yield s
-    s.stop()
+bd3_server = server_fixture("bd3_bundle", "--max-batch", "8")
 
 
-@pytest.fixture(scope="module")
-def ar_server(ar_bundle):
-    s = Server(ar_bundle, "--max-batch", "8")
-    yield s
-    s.stop()
+ar_server = server_fixture("ar_bundle", "--max-batch", "8")
 
 
 def _client(server):
@@ -112,17 +103,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(bd3_server):
     assert httpx.get(f"{bd3_server.url}/health", timeout=5).json()["slots_in_use"] == 0
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
 def test_the_page_shows_the_blocks_filling_left_to_right_in_a_real_browser(bd3_server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page()
-        page.goto(bd3_server.url + "/")
+    with browser_page(bd3_server.url + "/") as page:
         page.wait_for_function("document.getElementById('model').textContent.includes('block diffusion')")
         assert page.inner_text("#stepsname") == "steps per block"
         # every redraw of the canvas: how many positions it shows (draw is the page script's global function; several
@@ -140,7 +123,6 @@ def test_the_page_shows_the_blocks_filling_left_to_right_in_a_real_browser(bd3_s
         assert page.inner_text("#status").startswith("done"), page.inner_text("#status")
         widths = [w for w in page.evaluate("window.widths") if w]
         assert page.locator("#canvas .mask").count() == 0 and page.inner_text("#text").startswith("Once upon a time")
-        browser.close()
     assert widths == sorted(widths) and len(set(widths)) >= 2, widths  # the text grows, block by block, never shrinks
 
 

@@ -204,7 +204,7 @@ def test_a_cached_block_step_is_exactly_the_training_forward(bd3_model, x, j):
 
 
 def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
-    from jetson_dllm.families.bd3 import block_calls
+    from jetson_dllm.families.bd3 import BlockModel, block_calls
     from jetson_dllm.runners.calls import drive
     from jetson_dllm.runners.torch_runner import TorchRunner
     from jetson_dllm.sampler import SamplerConfig, SpecialIds
@@ -213,7 +213,8 @@ def test_generation_goes_block_by_block_and_keeps_the_prompt(bd3_model):
     prompt = [5, 6, 7, 8, 9, 10]  # one whole block and half of the next
     sampler = SamplerConfig(steps=2, temperature=0.0, allow_end=False)
     with TorchRunner(bd3_model, topk=8) as runner:  # the torch runner's cached graphs over its own KV cache
-        result = drive(runner, block_calls(prompt, 10, special, sampler, 4, L, num_samples=2, fold="commit_step" in runner.graphs))
+        model = BlockModel(special, 4, L, fold="commit_step" in runner.graphs)
+        result = drive(runner, block_calls(prompt, 10, model, sampler, num_samples=2))
     assert result.tokens.shape == (2, 16) and (result.tokens[:, :6] == prompt).all()
     assert not (result.tokens == MASK).any() and result.new_tokens == 10
     assert result.evaluations <= 2 * 3 and result.commits == 1  # the prompt's block; every later full block but the last

@@ -16,7 +16,7 @@ from conftest import Server, train_small, weights
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.families.bd3 import block_calls
+from jetson_dllm.families.bd3 import BlockModel, block_calls
 from jetson_dllm.runners.calls import drive
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
 from train_host.conditioning import condition_parameters, with_condition
@@ -63,8 +63,8 @@ def _calls(model, guidance: float, shift: bool, condition=(9, 10, 11), runner=No
 
     runner.run = spy
     sampler = SamplerConfig(steps=4, guidance=guidance, temperature=0).validate()
-    loop = block_calls([5, 6, 7], 20, SpecialIds(2, 1, 0), sampler, 8, 32, n, fold=fold and "commit_step" in runner.graphs,
-                       shift_bos=3 if shift else None, condition=list(condition), cond_len=8, topk=16)
+    model = BlockModel(SpecialIds(2, 1, 0), 8, 32, fold=fold and "commit_step" in runner.graphs, shift_bos=3 if shift else None, cond_len=8, topk=16)
+    loop = block_calls([5, 6, 7], 20, model, sampler, n, condition=list(condition))
     return drive(runner, loop), seen
 
 

@@ -16,7 +16,7 @@ from jetson_dllm.errors import DllmError
 from jetson_dllm.families.sdd import sdd_calls
 from jetson_dllm.runners.loaders import open_runner
 from jetson_dllm.sampler import SamplerConfig, SpecialIds
-from tests.conftest import train_small
+from tests.conftest import all_precisions_bundle, no_nll_evaluation, train_small
 from train_host.families.sdd import noised
 from train_host.model import Denoiser
 
@@ -96,25 +96,13 @@ def sdd_run(data_dir, tmp_path_factory):
 
 
 def test_training_reports_no_nll(sdd_run, data_dir):
-    metrics = [json.loads(line) for line in (sdd_run / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in metrics if "val_loss" in m]
-    assert evals and not any("val_nll" in m for m in metrics)
-    assert {"val_acc", "val_acc_hidden", "val_acc_t1"} <= set(evals[-1])
-    run = subprocess.run([sys.executable, "-m", "jetson_dllm", "eval", str(sdd_run), "--data", str(data_dir), "--canvases", "8"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "not an NLL" in run.stdout and "NLL bound" not in run.stdout and "truth left out" in run.stdout
+    last, said = no_nll_evaluation(sdd_run, data_dir)
+    assert {"val_acc", "val_acc_hidden", "val_acc_t1"} <= set(last) and "truth left out" in said
 
 
 @pytest.fixture(scope="module")
 def sdd_bundle(sdd_run, data_dir, tmp_path_factory):
-    from calibration.quantize import Int8Options
-    from train_host.export import export_bundle
-
-    out = tmp_path_factory.mktemp("sdd-bundle") / "bundle"
-    export_bundle(sdd_run, out, precisions=("fp32", "fp16", "int8"), data_dir=str(data_dir), parity_canvases=8,
-                  int8=Int8Options(n_canvases=16, eval_canvases=16, budget=100.0))
-    return out
+    return all_precisions_bundle(sdd_run, data_dir, tmp_path_factory.mktemp("sdd-bundle"))
 
 
 def test_the_bundle_takes_the_level_and_matches_torch(sdd_run, sdd_bundle):

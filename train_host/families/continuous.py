@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train_host.diffusion import T_EPS
 from train_host.families import EvalContext, ExportOptions
 from train_host.families.sdd import clean_prefix, model_core
+from train_host.levels import level_tallies
 from train_host.self_cond import conditioned
 
 FIXED_RATIO_ACCURACY = False
@@ -59,23 +59,11 @@ def train_loss(model, x, run, t, noise, generator):
 def nll_batch(model, x, ev: EvalContext) -> dict:
     """No NLL. At stratified noise levels: the denoising loss (`loss`, summed) and the top-1 accuracy over the scored
     positions; and at t = 1 (`val_acc_t1`: pure noise, where sampling starts). Self-conditioned: both passes."""
-    B = x.shape[0]
-    offsets = torch.rand(B, generator=ev.generator)
-    loss, tally = 0.0, {"plain": [0, 0], "t1": [0, 0]}
-    for j in range(ev.n_t):
-        t = T_EPS + (1.0 - T_EPS) * (j + offsets) / ev.n_t
-        for kind, level in (("plain", t), ("t1", torch.ones(B))):
-            if kind == "t1" and j:
-                continue
-            tokens, xt, scored = noised(model, x, level, ev.generator, ev.pad_id)
-            logits = conditioned(model, model.cfg.soft_k)(tokens, scored, x=xt, t=level.to(x.device))
-            targets = x[scored]
-            tally[kind][0] += int((logits.argmax(-1) == targets).sum())
-            tally[kind][1] += int(scored.sum())
-            if kind == "plain":
-                loss += float(F.cross_entropy(logits.float(), targets, reduction="sum")) / ev.n_t
-    return {"loss": loss, "tokens": tally["plain"][1] // ev.n_t, "masked": tally["plain"][1], "correct": tally["plain"][0],
-            "extra": {"val_acc_t1": tuple(tally["t1"])}}
+    def logits_at(kind: str, level: torch.Tensor):
+        tokens, xt, scored = noised(model, x, level, ev.generator, ev.pad_id)
+        return conditioned(model, model.cfg.soft_k)(tokens, scored, x=xt, t=level.to(x.device)), scored
+
+    return level_tallies(x, ev, (("plain", False), ("t1", True)), logits_at)
 
 
 def eval_extra(run) -> dict:

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train_host.diffusion import T_EPS
 from train_host.families import EvalContext, ExportOptions
+from train_host.levels import level_tallies
 
 FIXED_RATIO_ACCURACY = False
 PREFIX_SHARE = 0.5  # rows trained with a clean prefix (a prompt)
@@ -101,23 +101,11 @@ def nll_batch(model, x, ev: EvalContext) -> dict:
     (inflated: below t = 1 the input ranks the truth first, so copying it scores); the same levels with the truth left
     out of the candidates (`val_acc_hidden`: the input does not hold the answer); and at t = 1 (`val_acc_t1`: every
     candidate at 1/V, as sampling starts)."""
-    B = x.shape[0]
-    offsets = torch.rand(B, generator=ev.generator)
-    loss, tally = 0.0, {"plain": [0, 0], "hidden": [0, 0], "t1": [0, 0]}
-    for j in range(ev.n_t):
-        t = T_EPS + (1.0 - T_EPS) * (j + offsets) / ev.n_t
-        for kind, level, truth in (("plain", t, True), ("hidden", t, False), ("t1", torch.ones(B), True)):
-            if kind == "t1" and j:
-                continue
-            tokens, soft, _, scored = _inputs(model, x, level, ev.generator, ev.pad_id, train=False, truth=truth)
-            logits = model(tokens, scored, soft=soft, t=level.to(x.device))
-            targets = x[scored]
-            tally[kind][0] += int((logits.argmax(-1) == targets).sum())
-            tally[kind][1] += int(scored.sum())
-            if kind == "plain":
-                loss += float(F.cross_entropy(logits.float(), targets, reduction="sum")) / ev.n_t
-    return {"loss": loss, "tokens": tally["plain"][1] // ev.n_t, "masked": tally["plain"][1], "correct": tally["plain"][0],
-            "extra": {"val_acc_hidden": tuple(tally["hidden"]), "val_acc_t1": tuple(tally["t1"])}}
+    def logits_at(kind: str, level: torch.Tensor):
+        tokens, soft, _, scored = _inputs(model, x, level, ev.generator, ev.pad_id, train=False, truth=kind != "hidden")
+        return model(tokens, scored, soft=soft, t=level.to(x.device)), scored
+
+    return level_tallies(x, ev, (("plain", False), ("hidden", False), ("t1", True)), logits_at)
 
 
 def eval_extra(run) -> dict:
