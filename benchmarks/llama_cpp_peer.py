@@ -6,7 +6,8 @@ held-out NLL) and CPU speed (prompt processing, 256 greedy tokens), in one run w
 
 `--run` is the checkpoint `dllm import` made of that GGUF (its logits are torch FP32 over the dequantized weights;
 llama.cpp computes with the quantized blocks themselves, so they differ by the quantization's arithmetic); `--bundle`
-its `dllm export` (our decode graph on onnxruntime, the runtime a user runs on a CPU). Prints markdown tables.
+its `dllm export` (our decode and verify graphs on onnxruntime, the runtime a user runs on a CPU: the prompt read by
+the verify graph, 64 tokens a call, where the bundle has it). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def our_speed(bundle: str, precision: str, threads: int, prompt_ids: list[int], 
         decode_tokens(runner, prompt_ids[:4], 4, 1, SamplerConfig(temperature=0.0))  # warm-up
         r = decode_tokens(runner, prompt_ids, tokens, 1, SamplerConfig(temperature=0.0), stop_at_end=False)
     calls = np.array(r.step_ms) / 1e3
-    prompt_s = calls[: len(prompt_ids) + 1].sum()  # the start token and the prompt, one decode call each
-    return {"prompt_tokens_per_s": (len(prompt_ids) + 1) / prompt_s, "tokens_per_s": r.new_tokens / (r.seconds - prompt_s)}
+    prompt_s = calls[: len(calls) - (r.new_tokens - 1)].sum()  # the start token and the prompt: verify calls (prefill), or one decode call each
+    return {"prompt_tokens_per_s": (len(prompt_ids) + 1) / prompt_s, "tokens_per_s": r.new_tokens / (r.seconds - prompt_s),
+            "prompt_calls": int(len(calls) - (r.new_tokens - 1))}
 
 
 def main() -> None:
@@ -115,7 +117,7 @@ def main() -> None:
         prompt = TextTokenizer.from_file(os.path.join(args.bundle, "tokenizer.json")).encode(" ".join(PROMPTS))[:64]
         rows = [("llama.cpp (its GGUF blocks)", their_speed(llm, prompt, args.tokens))]
         for precision in args.precisions.split(","):
-            rows.append((f"ours, onnxruntime {precision} decode graph", our_speed(args.bundle, precision, args.threads, prompt, args.tokens)))
+            rows.append((f"ours, onnxruntime {precision} (prompt: verify graph)", our_speed(args.bundle, precision, args.threads, prompt, args.tokens)))
         print(f"\n{len(prompt)}-token prompt, then {args.tokens} greedy tokens (end-of-text not stopping them):\n")
         print("| runtime | prompt tokens/s | generated tokens/s |\n|---|---|---|")
         for name, r in rows:

@@ -11,6 +11,7 @@ import numpy as np
 from jetson_dllm.condition import condition_ids
 from jetson_dllm.errors import DllmError
 from jetson_dllm.families import check_options, family_of
+from jetson_dllm.runners.graphs import GRAPHS
 from jetson_dllm.runners.loaders import is_bundle, open_runner
 from jetson_dllm.runners.protocol import Runner
 from jetson_dllm.sampler import SamplerConfig
@@ -53,8 +54,9 @@ class CallRecorder:
     """A runner wrapper that keeps a copy of every network call's feeds, whatever the family, for INT8 calibration
     and inspection.
 
-    Saved as `.npz`: per graph, `GRAPH.INPUT` arrays stacked over the calls' rows (`valid_len` repeated per row),
-    `tokens` for the canvas graph's canvases (what `dllm export --calib-file` reads), `calls` (graph, count) and
+    Saved as `.npz`: per graph, `GRAPH.INPUT` arrays stacked over the calls' rows (`valid_len` repeated per row; a
+    graph of any width, verify, padded with -1 to its widest call and each row's width in `GRAPH.width`), `tokens`
+    for the canvas graph's canvases (what `dllm export --calib-file` reads), `calls` (graph, count) and
     `tokenizer_sha256`."""
 
     runner: Runner
@@ -97,13 +99,24 @@ class CallRecorder:
 
     def save(self, path: str | Path) -> dict[str, int]:
         """Write the recorded calls; returns the number of calls per graph."""
-        arrays = {f"{graph}.{name}": np.concatenate(values) for graph, inputs in self.seen.items() for name, values in inputs.items()}
+        arrays = {f"{graph}.{name}": ragged(values) for graph, inputs in self.seen.items() for name, values in inputs.items()}
+        for graph, inputs in self.seen.items():
+            if GRAPHS.get(graph) and GRAPHS[graph].width == "W":  # a graph of any width: each row's own
+                arrays[f"{graph}.width"] = np.concatenate([np.full(len(t), t.shape[1]) for t in inputs["tokens"]])
         if "canvas.tokens" in arrays:
             arrays["tokens"] = arrays["canvas.tokens"]
         counts = self.calls()
         np.savez_compressed(path, **arrays, calls=np.array(sorted(counts.items()), dtype=object).astype(str),
                             tokenizer_sha256=self.runner.tokenizer.sha256)
         return counts
+
+
+def ragged(values: list[np.ndarray]) -> np.ndarray:
+    """Calls' arrays stacked over their rows; arrays of a graph of any width (verify) padded with -1 to the widest."""
+    widest = max((v.shape[1] for v in values if v.ndim > 1), default=0)
+    if all(v.ndim < 2 or v.shape[1] == widest for v in values):
+        return np.concatenate(values)
+    return np.concatenate([np.pad(v, [(0, 0), (0, widest - v.shape[1]), *[(0, 0)] * (v.ndim - 2)], constant_values=-1) for v in values])
 
 
 UNDERTRAINED = 0.9  # within 10% of the word-frequency baseline: little learned beyond it

@@ -219,9 +219,12 @@ def orin_nano_verdict(plan: dict[str, int], usable: int = ORIN_NANO_VISIBLE - OR
 
 
 def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None, precisions: str = "fp32,fp16,int8",
-                canvas: int = 256, batch: int = 1, measure: bool = False) -> list[dict]:
+                canvas: int = 256, batch: int = 1, measure: bool = False, draft: str | None = None) -> list[dict]:
     """`dllm profile`: per config (or the bundle's model) and precision, the memory plan and the Orin Nano
-    verdict; with `measure`, the peak RSS of the onnx runner on this host too (bundle only)."""
+    verdict; with `measure`, the peak RSS of the onnx runner on this host too (bundle only); with `draft` (a
+    speculative drafter's bundle), the drafter's rows and both models together in one process."""
+    if draft is not None:
+        return speculative_rows(bundle_dir, draft, precisions, canvas, batch, measure)
     if canvas < 1 or batch < 1:
         raise DllmError(f"--canvas and --batch must be positive, got {canvas} and {batch}")
     if measure and bundle_dir is None:
@@ -249,6 +252,26 @@ def memory_rows(bundle_dir: str | None = None, configs: list[str] | None = None,
     if measure and bundle_dir is not None:
         for row in rows:
             row["host_rss_measured"] = measure_rss(bundle_dir, row["precision"], batch, canvas)
+    return rows
+
+
+def speculative_rows(parent: str | None, draft: str, precisions: str, canvas: int, batch: int, measure: bool) -> list[dict]:
+    """The parent's rows, the drafter's, and per precision both together: one process holds both models' weights and
+    caches and one runtime (one CUDA context); their calls take turns, so the larger activations count once. Built
+    separately: the larger build peak."""
+    if parent is None or measure:
+        raise DllmError("--draft profiles a parent bundle with its drafter's: give the parent's bundle, and leave --measure out")
+    mine, theirs = memory_rows(parent, None, precisions, canvas, batch), memory_rows(draft, None, precisions, canvas, batch)
+    rows = [{**r, "config": f"parent {r['config']}"} for r in mine] + [{**r, "config": f"drafter {r['config']}"} for r in theirs]
+    for a in mine:
+        b = next((r for r in theirs if r["precision"] == a["precision"]), None)
+        if b is None:
+            continue
+        both = {k: a[k] + b[k] for k in ("weights", "kv_cache", "io")} | {"activations": max(a["activations"], b["activations"]),
+                                                                          "runtime": a["runtime"], "build_total": max(a["build_total"], b["build_total"])}
+        both["run_total"] = both["weights"] + both["activations"] + both["kv_cache"] + both["io"] + both["runtime"]
+        rows.append({"config": "both (speculative)", "precision": a["precision"], **both, **orin_nano_verdict(both),
+                     **({"builds": None} if a["builds"] is None or b["builds"] is None else {})})
     return rows
 
 

@@ -63,13 +63,17 @@ def eval_table(metrics: dict) -> Table:
 def parity_table(manifest: dict) -> Table:
     """The export's parity with PyTorch, per precision and mask ratio (for block diffusion: its block graphs)."""
     for key, title in (("block_parity", "block graphs against the torch runner (a canvas of random blocks, half masked)"),
-                       ("decode_parity", "decode graph against the torch runner (random text, token by token over each one's cache)")):
+                       ("decode_parity", "AR graphs against the torch runner (random text over each one's cache; verify against decode: "
+                                         "the same text in one pass and in passes of one)")):
         if "parity" not in manifest and key in manifest:  # the cached families' graphs: top-K heads only
             table = _table(title, ("graph (precision)", "calls", "max |log-prob diff| (top-K)", "top-1 agreement"))
             for precision, row in manifest[key].items():
                 for graph, g in row.get("by_graph", {"all": row}).items():
                     calls = g.get("calls", g.get("blocks", g.get("tokens", 0)))  # older bundles counted blocks or tokens
                     table.add_row(f"{graph} ({precision})", str(calls), f"{g['max_abs_logprob_diff']:.2e}", f"{g['top1_agreement']:.4f}")
+                if "verify_vs_decode" in row:
+                    g = row["verify_vs_decode"]
+                    table.add_row(f"verify vs decode ({precision})", str(g["positions"]), f"{g['max_abs_logprob_diff']:.2e}", f"{g['top1_agreement']:.4f}")
             return table
     parity = manifest["parity"]
     table = _table(f"parity with PyTorch on {parity['source']} (masked positions; CE: their cross-entropy, nats)",

@@ -107,6 +107,16 @@ def ar_run(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def adapted_run(ar_run, data_dir, tmp_path_factory) -> Path:
+    """BD3 (block 4) adapted from the AR parent with the shift and complementary masks, briefly: the parent's
+    tokenizer, so it can draft for it."""
+    out = tmp_path_factory.mktemp("adapted") / "run"
+    train_small(data_dir, out, steps=4, eval_every=2, objective="bd3", block_size=4, t_min=0.3, t_max=0.8, shift=True,
+                complementary=True, init=str(ar_run))
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     """`jetson` tests run only on a Jetson (L4T release file present); elsewhere they skip with the reason."""
     if Path("/etc/nv_tegra_release").is_file():

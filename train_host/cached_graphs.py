@@ -5,6 +5,7 @@ the same computation the exported graphs do (bd3_export, ar_export), through the
     commit       a final (clean) block's keys and values appended at the cache's length
     commit_step  the finished block committed and the next noised block stepped in one pass (training's mask)
     decode       one token read (its keys and values written), the next token's logits out
+    verify       any number of tokens read causally (their keys and values written), each one's next logits out
 
 These run on the model's own KVCache (one valid length for the batch, attending to exactly the filled positions):
 the torch runner's path for a batch at one position (`dllm run`, bench), benchmarks and tests. The graphs as
@@ -66,6 +67,16 @@ def decode(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tenso
     return model.logits_from_hidden(model.hidden(tokens, cache=cache))
 
 
+def verify(model: Denoiser, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits after each of `tokens` (B, W) read causally at the cache's length, their keys and values written:
+    an explicit mask (the cache, then a causal triangle), since SDPA's own causal flag aligns its triangle top-left,
+    which is wrong once the keys hold a cache before the queries."""
+    start, w = cache.len, tokens.shape[1]
+    own = torch.ones(w, w, dtype=torch.bool, device=tokens.device).tril()
+    mask = torch.cat([torch.ones(w, start, dtype=torch.bool, device=tokens.device), own], dim=1)
+    return model.logits_from_hidden(model.hidden(tokens, cache=cache, attn_mask=mask))
+
+
 def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: torch.Tensor,
                prev_tokens: torch.Tensor | None = None, soft: tuple | None = None, memory: tuple | None = None) -> torch.Tensor | None:
     """One cached graph (jetson_dllm.runners.graphs.GRAPHS) on the model with a torch cache at `valid` positions: the
@@ -80,4 +91,6 @@ def run_cached(model: Denoiser, cache: KVCache, graph: str, valid: int, tokens: 
         return commit_step_logits(model, cache, prev_tokens, tokens, memory)
     if graph == "decode":
         return decode(model, cache, tokens)
+    if graph == "verify":
+        return verify(model, cache, tokens)
     raise DllmError(f"no cached graph {graph!r}")

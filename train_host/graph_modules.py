@@ -13,6 +13,8 @@ masked out, so what it holds there never matters) and to the call's own position
     commit      a final block's keys and values (a shifted model's also its block's top-K)
     commit_step the finished block committed and the next noised block stepped in one pass (training's mask)
     decode      one token read (its keys and values) and the next one's top-K
+    verify      any number of tokens read causally (their keys and values) and each one's next top-K and entropy: a
+                prompt's prefill, a speculative draft checked in one call
     encoder     a conditional model's condition, once per request
 """
 
@@ -118,13 +120,21 @@ def decode(model: Denoiser, k: int, f: dict) -> dict[str, torch.Tensor]:
     return {"topk_logprobs": lp, "topk_ids": ids} | cache.new()
 
 
+def verify(model: Denoiser, k: int, f: dict) -> dict[str, torch.Tensor]:
+    """W tokens read causally over the cache: each sees the cache and the tokens up to itself (an arange comparison,
+    not a triangle op, so the width stays dynamic for every exporter and parser)."""
+    w = torch.arange(f["tokens"].shape[1], device=f["tokens"].device)
+    h, cache = _hidden(model, f, f["tokens"], w.unsqueeze(0) <= w.unsqueeze(1))
+    return _head(model.logits_from_hidden(h), k) | cache.new()
+
+
 def encoder(model: Denoiser, k: int, f: dict) -> dict[str, torch.Tensor]:
     memory, bias = model.encode(f["tokens"], f["condition_len"])
     return {"memory": memory, "memory_bias": bias}
 
 
 GRAPH_FUNCTIONS = {"canvas": canvas, "block_step": block_step, "commit": commit, "commit_step": commit_step, "decode": decode,
-                   "encoder": encoder}
+                   "verify": verify, "encoder": encoder}
 
 
 class GraphModule(torch.nn.Module):

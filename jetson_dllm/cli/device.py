@@ -10,12 +10,13 @@ from typing import Annotated, Optional
 import typer
 
 from jetson_dllm.bench import run_sweep
-from jetson_dllm.cli.common import Bar, app, err, int_list, names, out, working
+from jetson_dllm.cli.common import Bar, app, err, given_options, int_list, names, out, working
 from jetson_dllm.config import SIZES
 from jetson_dllm.engine import bundle_report
 from jetson_dllm.engine_build import build_engines
 from jetson_dllm.errors import DllmError
 from jetson_dllm.profiler import memory_rows
+from jetson_dllm.speculative_bench import points_table, run_bench
 from jetson_dllm.tables import bench_summary, bench_tables, bundle_tables, configs_table, profile_table
 
 
@@ -85,6 +86,7 @@ def configs_of(text: str) -> list[str]:
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     models: Annotated[Optional[list[Path]], typer.Argument(help="bundles (onnx, trt) or checkpoints (torch) to measure", show_default=False)] = None,
     config: Annotated[str, typer.Option(help="configs with random weights: tiny,small,... or all (latency does not depend on weights)")] = "",
     backend: Annotated[str, typer.Option(help="torch,onnx,trt")] = "onnx",
@@ -101,6 +103,8 @@ def bench(
     quality: Annotated[bool, typer.Option("--quality", help="add quality columns: generative perplexity (--judge), repetition, distinct-2")] = False,
     judge: Annotated[Optional[Path], typer.Option(help="--quality: autoregressive checkpoint that scores the samples")] = None,
     quality_samples: Annotated[int, typer.Option(help="--quality: samples per point", min=1)] = 8,
+    draft: Annotated[Optional[Path], typer.Option(help="speculative decoding: bench the one AR parent given alone and with this drafter (docs/speculative.md)")] = None,
+    draft_steps: Annotated[str, typer.Option(help="--draft: the drafter's calls a round to sweep")] = "1,2",
 ) -> None:
     """Latency vs steps, memory and power across configs, backends and precisions.
 
@@ -109,6 +113,9 @@ def bench(
       dllm bench runs/bundle --backend trt --precision fp16,int8 --canvas 128,256      (on the Jetson)
     """
     t0 = time.time()
+    if draft is not None or "draft_steps" in given_options(ctx):  # speculative decoding: the parent alone and with its drafter
+        return out.print(points_table(*run_bench(models, draft, int_list(draft_steps, "--draft-steps"), int_list(canvas, "--canvas"),
+                                                 given_options(ctx), backend, precision, threads, repeats, warmup, out_dir)))
     with working("measuring") as status:
         results, env, paths = run_sweep(
             [str(m) for m in (models or [])] + (configs_of(config) if config else []), backends=names(backend), precisions=names(precision),
@@ -143,6 +150,7 @@ def profile(
     batch: Annotated[int, typer.Option(help="batch size", min=1, max=4096)] = 1,
     measure: Annotated[bool, typer.Option(help="also measure host RSS of the onnx backend here (bundle only)")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the table as JSON")] = False,
+    draft: Annotated[Optional[Path], typer.Option(help="a speculative drafter's bundle: its rows and both models together beside the parent's")] = None,
 ) -> None:
     """Where memory goes, per config and precision, and whether it fits an Orin Nano 8GB (with headroom).
 
@@ -151,7 +159,7 @@ def profile(
       dllm profile runs/bundle --measure
     """
     rows = memory_rows(str(bundle_dir) if bundle_dir else None, configs_of(config or "all") if bundle_dir is None or config else None,
-                       precisions=precision, canvas=canvas, batch=batch, measure=measure)
+                       precisions=precision, canvas=canvas, batch=batch, measure=measure, draft=str(draft) if draft else None)
     if json_out:
         out.print_json(json.dumps(rows))
     else:

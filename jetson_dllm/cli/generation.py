@@ -14,6 +14,7 @@ from jetson_dllm.cli.common import app, err, given_options, out
 from jetson_dllm.generate import CallRecorder, complete, open_model, read_prompt, undertrained_note
 from jetson_dllm.live import live_view
 from jetson_dllm.sampler import SamplerConfig
+from jetson_dllm.speculative import run_speculative as speculative
 
 
 @app.command()
@@ -48,6 +49,8 @@ def run(
     json_out: Annotated[bool, typer.Option("--json", help="print text, tokens, steps, evaluations and timings as JSON")] = False,
     live: Annotated[Optional[bool], typer.Option("--live/--no-live", help="show the denoising (default: when stdout is a terminal)")] = None,
     save_canvases: Annotated[Optional[Path], typer.Option(help="save the inputs of every network call (.npz), any model family; a masked-diffusion model's canvases feed INT8 calibration (dllm export --calib-file)")] = None,
+    draft: Annotated[Optional[Path], typer.Option(help="speculative decoding: a block-diffusion model with this AR parent's tokenizer (run or bundle) proposes the next tokens, the parent checks them in one call; the text is the parent's (docs/speculative.md)")] = None,
+    draft_steps: Annotated[int, typer.Option(help="--draft: the drafter's denoising calls a round (1..its block)", min=1, max=16384)] = 1,
 ) -> None:
     """Generate text with the diffusion sampler, showing the canvas denoise step by step.
 
@@ -58,9 +61,14 @@ def run(
       dllm run bundle/ --backend onnx --precision int8 -n 4 --temperature 0
       echo "Tom had a dog" | dllm run runs/tiny -p - --json
       dllm run runs/cond -p "" --condition "Tom found a red ball." --guidance 2   (a conditional model)
+      dllm run runs/parent --draft runs/child --temperature 0   (speculative: the parent's text, fewer calls)
     """
     text = read_prompt(prompt)
     sampler = SamplerConfig.from_values(ctx.params)  # the sampler's knobs (jetson_dllm.sampler.KNOBS) by name
+    if draft is not None or "draft_steps" in given_options(ctx):
+        gen = speculative(model, draft, text, length, sampler, draft_steps, given_options(ctx), backend=backend, precision=precision,
+                          device=device, providers=providers, threads=threads)
+        return print_generation(gen, json_out)
     runner = open_model(model, backend=backend, precision=precision, device=device, providers=providers, threads=threads)
     with (CallRecorder(runner, save_canvases) if save_canvases is not None else runner) as runner, \
             live_view(out, err, runner.tokenizer, steps, (out.is_terminal and not json_out) if live is None else live) as view:

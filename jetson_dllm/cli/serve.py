@@ -7,11 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from jetson_dllm.cli.common import app, err
+from jetson_dllm.cli.common import app, err, given_options
 
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="bundle (onnx, trt) or training run / checkpoint (torch)")],
     backend: Annotated[str, typer.Option(help="auto | onnx | trt | torch (auto: onnx for a bundle, torch for a checkpoint)")] = "auto",
     precision: Annotated[str, typer.Option(help="bundle precision: fp32 | fp16 | int8 | int8-dynamic")] = "fp32",
@@ -25,6 +26,8 @@ def serve(
     timeout: Annotated[float, typer.Option(help="per-request limit, seconds", min=1)] = 120.0,
     model_name: Annotated[Optional[str], typer.Option(help="the model's name in the API (default: the folder's name)")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads; 0 = the physical cores this process may use (docs/running.md#threads)", min=0, max=1024)] = 0,
+    draft: Annotated[Optional[Path], typer.Option(help="speculative decoding: a block-diffusion drafter with this AR parent's tokenizer proposes, the parent verifies (one sample per request)")] = None,
+    draft_steps: Annotated[int, typer.Option(help="--draft: the drafter's denoising calls a round (1..its block)", min=1, max=16384)] = 1,
 ) -> None:
     """Serve any model (MDLM, block diffusion, AR) over an OpenAI-compatible API (completions, chat, streaming, suffix
     infilling where the family can) with continuous batching and a live page at /.
@@ -37,5 +40,6 @@ def serve(
     from jetson_dllm.serve import serve as run_server
 
     run_server(model, backend=backend, precision=precision, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-               batching=batching, max_body=max_body, timeout_s=timeout, model_name=model_name, threads=threads,
+               batching=batching, max_body=max_body, timeout_s=timeout, model_name=model_name, threads=threads, draft=draft,
+               draft_steps=draft_steps if "draft_steps" in given_options(ctx) else None,
                announce=lambda: err.print(f"serving {model} at http://{host}:{port} (page at /, API at /v1); Ctrl-C or SIGTERM drains and stops"))

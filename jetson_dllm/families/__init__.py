@@ -54,6 +54,9 @@ class Family:
             diffusion's, over latents); "" for the Denoiser.
         conditional: a model of it may take a condition (a text the encoder reads once per request, cross-attended
             by every denoiser layer: `cond_len`); its generation loop takes `condition`.
+        drafter: the runtime module whose `drafter_for(runner, steps)` makes a model of it the drafter of speculative
+            decoding (jetson_dllm.speculative: it proposes the next tokens, a parent with the verify graph checks them
+            in one call); "" when it cannot draft.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Family:
     canvas_outputs: tuple[str, ...] = ()
     network: str = ""
     conditional: bool = False
+    drafter: str = ""
 
     def runtime_module(self) -> ModuleType:
         return importlib.import_module(self.runtime)
@@ -119,7 +123,8 @@ FAMILIES: dict[str, Family] = {
                   nll="bound", options=("steps", "strategy", "threshold", "eb_bound", "defer_twins", "span", "guidance", "guidance_schedule"),
                   int8="qdq", runtime="jetson_dllm.families.bd3", host="train_host.families.bd3", self_cond=True,
                   train_options=("block_size", "t_min", "t_max", "shift", "complementary", "distill", "self_cond", "self_cond_rate", "cond_len",
-                                 "cond_layers", "cond_drop", "freeze_denoiser"), conditional=True),
+                                 "cond_layers", "cond_drop", "freeze_denoiser"), conditional=True,
+                  drafter="jetson_dllm.families.bd3_draft"),
     "sdd": Family("sdd", "sparse distribution diffusion (SDD)", "bidirectional", ("canvas",), ("canvas",), left_to_right=False,
                   cached=False, steps="denoising steps from noise level 1 to 0 (network calls)", nll="", options=("steps",), int8="qdq",
                   runtime="jetson_dllm.families.sdd", host="train_host.families.sdd", train_options=("candidates", "swap_ids"), mixture=True,
@@ -130,7 +135,7 @@ FAMILIES: dict[str, Family] = {
                          train_options=("latent_dim", "noise_shift", "self_cond", "self_cond_rate"), self_cond=True, canvas_inputs=("x", "t"),
                          canvas_outputs=("x0", "x0_top1"),
                          network="train_host.continuous_model"),
-    "ar": Family("ar", "autoregressive baseline", "causal", ("decode",), (), left_to_right=True, cached=True, steps="",
+    "ar": Family("ar", "autoregressive baseline", "causal", ("decode", "verify"), (), left_to_right=True, cached=True, steps="",
                  nll="exact", options=(), int8="dynamic", runtime="jetson_dllm.families.ar", host="train_host.families.ar"),
 }
 

@@ -2,8 +2,9 @@
 numpy only, the same loop for every runner.
 
 A `decode` call reads one token (its keys and values go into the cache at `valid_len`) and returns the next token's
-top-K, sorted. The start token and the prompt are read one per call; each new token is read by the call that
-predicts the one after it. `--steps` does not apply: one network call per token.
+top-K, sorted; each new token is read by the call that predicts the one after it. The start token and the prompt are
+read first: by the verify graph where the runner has it (up to PREFILL tokens a call: a prompt in one call), else
+one decode call per token. `--steps` does not apply: one network call per generated token.
 """
 
 from __future__ import annotations
@@ -64,11 +65,32 @@ def _pick(lp: np.ndarray, ids: np.ndarray, banned: tuple[int, ...], temperature:
     return ids[np.arange(len(ids)), np.argmax(scores + gumbel, -1)]
 
 
+PREFILL = 64  # the most prompt tokens one verify call reads
+
+
+def prefill_calls(tokens: list[int], rows: int, prefill: int, times: list[float] | None = None) -> Generator[Call, dict, dict]:
+    """`tokens` read into the cache from position 0 (their keys and values written): verify calls of up to `prefill`
+    tokens, or one decode call per token when `prefill` is 0; the last call's outputs at its last token (the next
+    token's top-K, shaped (rows, 1, K)). Each call's time goes into `times`."""
+    got, at = {}, 0
+    while at < len(tokens):
+        w = min(prefill, len(tokens) - at) if prefill else 1
+        s = time.perf_counter()
+        feeds = {"tokens": np.tile(np.asarray(tokens[at : at + w], np.int32), (rows, 1)), "valid_len": np.int32(at)}
+        got = yield Call("verify" if prefill else "decode", feeds)
+        if times is not None:
+            times.append((time.perf_counter() - s) * 1e3)
+        at += w
+    return {k: v[:, -1:] for k, v in got.items()}
+
+
 def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, max_len: int, num_samples: int = 1,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_end: bool = True, on_token: Callable[[np.ndarray], None] | None = None) -> Generator[Call, dict, DecodeResult]:
+                 stop_at_end: bool = True, on_token: Callable[[np.ndarray], None] | None = None,
+                 prefill: int = 0) -> Generator[Call, dict, DecodeResult]:
     """Continuations of `prompt` as decode calls; rows stop at end-of-text (`stop_at_end=False`: exactly `max_new`
-    tokens). `on_token(text so far)` sees each new token (the server streams it)."""
+    tokens). `on_token(text so far)` sees each new token (the server streams it). `prefill`: the start token and the
+    prompt read by verify calls of up to that many tokens (0: one decode call each)."""
     max_new = min(max_new, max_len - len(prompt))  # the cache holds the start token, the prompt and max_new - 1 more
     if max_new <= 0:
         raise DllmError(f"the prompt is {len(prompt)} tokens; the model takes {max_len}")
@@ -78,10 +100,7 @@ def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, 
     def call(token: np.ndarray, valid: int):
         return Call("decode", {"tokens": np.asarray(token, np.int32).reshape(B, 1), "valid_len": np.int32(valid)})
 
-    for i, t in enumerate([bos] + prompt):
-        s = time.perf_counter()
-        got = yield call(np.full(B, t), i)
-        times.append((time.perf_counter() - s) * 1e3)
+    got = yield from prefill_calls([bos, *prompt], B, prefill, times)
     out = np.full((B, len(prompt) + max_new), pad, dtype=np.int32)
     out[:, : len(prompt)] = prompt
     done = np.zeros(B, dtype=bool)
@@ -101,12 +120,20 @@ def decode_calls(prompt: list[int], max_new: int, bos: int, eot: int, pad: int, 
         i += 1
 
 
+def prefill_of(runner) -> int:
+    """The most prompt tokens a call of this runner reads: PREFILL with the verify graph, 0 (one a call) without it (a
+    bundle exported before it came)."""
+    return min(PREFILL, runner.cfg.canvas_len) if "verify" in runner.graphs else 0
+
+
 def decode_tokens(runner, prompt_ids: list[int], max_new: int, num_samples: int, sampler: SamplerConfig,
                   stop_at_end: bool = True) -> DecodeResult:
-    """`decode_calls` on a runner, from the tokenizer's start token (end-of-text for our own tokenizers)."""
+    """`decode_calls` on a runner, from the tokenizer's start token (end-of-text for our own tokenizers), the prompt
+    read by verify calls where the runner has the graph."""
     tok = runner.tokenizer
     return drive(runner, decode_calls(prompt_ids, max_new, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len,
-                                      num_samples, sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed, stop_at_end))
+                                      num_samples, sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed, stop_at_end,
+                                      prefill=prefill_of(runner)))
 
 
 def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
@@ -116,7 +143,8 @@ def serve_calls(runner, prompt: str, suffix: str | None, max_tokens: int, n: int
     fixed = left_to_right_request(runner, ids, max_tokens, n)  # the start token, and the last token is never read
     tok = runner.tokenizer
     calls = decode_calls(ids, max_tokens, tok.bos_id, tok.eot_id, tok.pad_id, runner.cfg.canvas_len, n, sampler.temperature,
-                         sampler.top_k, sampler.top_p, sampler.seed, on_token=None if on_step is None else (lambda view: on_step(view, None)))
+                         sampler.top_k, sampler.top_p, sampler.seed, on_token=None if on_step is None else (lambda view: on_step(view, None)),
+                         prefill=prefill_of(runner))
     return Served(calls, fixed)
 
 

@@ -8,7 +8,7 @@ of model names to runners; the server's batcher, `--save-canvases` and parity go
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -54,5 +54,15 @@ def drive(runners: Runner | Mapping[str, Runner], loop: Generator[Call, dict[str
         call = next(loop)
         while True:
             call = loop.send(runner_of(runners, call).run(call.graph, call.feeds, call.outputs))
+    except StopIteration as done:
+        return done.value
+
+
+def on_model(loop: Generator[Call, dict[str, np.ndarray], R], model: str) -> Generator[Call, dict[str, np.ndarray], R]:
+    """A loop's calls, each named for `model` (a speculative loop runs its drafter's loop as DRAFT's calls)."""
+    try:
+        call = next(loop)
+        while True:
+            call = loop.send((yield replace(call, model=model)))
     except StopIteration as done:
         return done.value

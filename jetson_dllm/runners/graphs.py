@@ -45,6 +45,8 @@ GRAPHS: dict[str, GraphSpec] = {
     "commit": GraphSpec(("tokens", "valid_len"), (), "write"),  # a finished block's keys and values into the cache
     "commit_step": GraphSpec(("prev_tokens", "tokens", "valid_len"), SAMPLING_OUTPUTS, "write", True),  # commit + next step
     "decode": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write"),  # one token in, the next one's top-K out
+    # any number of tokens in, causally (a prompt's prefill, a speculative draft checked): each one's next top-K out
+    "verify": GraphSpec(("tokens", "valid_len"), SAMPLING_OUTPUTS, "write", entropy=True, width="W"),
     "encoder": GraphSpec(("tokens", "condition_len"), CONDITION_INPUTS, width="cond_len"),  # a conditional model's condition
 }
 

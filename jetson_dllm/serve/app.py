@@ -30,6 +30,8 @@ from jetson_dllm.serve.batcher import Batcher, Job, QueueFull
 from jetson_dllm.serve.metrics import Metrics
 from jetson_dllm.serve.schemas import ChatRequest, CompletionRequest, chat_prompt, error_body
 from jetson_dllm.serve.text import canvas_view, cut_at_stop, generated, safe_to_send
+from jetson_dllm.speculative import open_drafter
+from jetson_dllm.speculative import serve_calls as speculative_calls
 
 STATIC = Path(__file__).parent / "static"
 
@@ -42,9 +44,10 @@ class ApiError(Exception):
 
 
 def create_app(runner, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64, batching: bool = True,
-               max_body: int = 1 << 20, timeout_s: float = 120.0) -> FastAPI:
-    """The app over an open runner; the batcher starts and drains with the app's lifespan."""
-    server = Server(runner, model_name, api_key, max_batch, max_queue, batching, timeout_s)
+               max_body: int = 1 << 20, timeout_s: float = 120.0, drafter=None, draft_steps: int = 1) -> FastAPI:
+    """The app over an open runner (and a drafter's, for speculative decoding: every request is then written by the
+    parent with the drafter proposing); the batcher starts and drains with the app's lifespan."""
+    server = Server(runner, model_name, api_key, max_batch, max_queue, batching, timeout_s, drafter, draft_steps)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -70,12 +73,16 @@ def create_app(runner, model_name: str, api_key: str | None = None, max_batch: i
 class Server:
     """The routes' state and logic: the runner's tokenizer, the batcher, the metrics, the limits."""
 
-    def __init__(self, runner, model_name: str, api_key: str | None, max_batch: int, max_queue: int, batching: bool, timeout_s: float):
+    def __init__(self, runner, model_name: str, api_key: str | None, max_batch: int, max_queue: int, batching: bool, timeout_s: float,
+                 drafter=None, draft_steps: int = 1):
         self.runner, self.model_name, self.api_key, self.max_batch, self.timeout_s = runner, model_name, api_key, max_batch, timeout_s
         self.family = family_of(runner.cfg)
         self.module = self.family.runtime_module()  # its serve_calls: a request as graph calls
+        self.drafter, self.draft_steps = drafter, draft_steps
+        if drafter is not None:
+            open_drafter(runner, drafter, draft_steps)  # the pair checked before serving
         self.metrics = Metrics()
-        self.batcher = Batcher(runner, max_batch=max_batch, max_queue=max_queue, batching=batching, observe=self.metrics.observe)
+        self.batcher = Batcher(runner, max_batch=max_batch, max_queue=max_queue, batching=batching, observe=self.metrics.observe, drafter=drafter)
         self.metrics.slots_total.set(max_batch if self.batcher.cached else 0)
         self.tok = runner.tokenizer
 
@@ -137,7 +144,8 @@ class Server:
             try:
                 cfg = SamplerConfig.from_values(knobs, seed=seed if seed is not None else random.randrange(2**31))
                 watch = (lambda view, step, emit=emit: emit("step", (view.copy(), step))) if knobs.stream or stop else None  # (the loop goes on changing the view)
-                served = self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch)  # steps only for a stream or a stop
+                served = (self.module.serve_calls(self.runner, prompt, suffix, max_tokens, n, cfg, on_step=watch) if self.drafter is None  # steps only for a stream or a stop
+                          else speculative_calls(self.runner, self.drafter, self.draft_steps, prompt, max_tokens, n, cfg, on_step=watch))
             except DllmError as e:  # a setting (guidance without a prompt, the prompt's text), or what prompt and max_tokens need
                 if e.option:  # the request's field, as the API spells it ("--guidance-schedule" -> guidance_schedule)
                     raise ApiError(400, str(e).replace("--", ""), param=e.option.lstrip("-").replace("-", "_")) from None
@@ -325,7 +333,8 @@ class Server:
     async def info(self):
         """What the page needs: the model, its canvas lengths and the sampler's defaults."""
         return {"model": self.model_name, "backend": self.runner.name, "canvas_lengths": self.runner.canvas_lengths, "max_batch": self.max_batch,
-                "api_key": bool(self.api_key), **self.limits()}
+                "api_key": bool(self.api_key), "drafter": self.drafter.name if self.drafter is not None else None,
+                "draft_steps": self.draft_steps if self.drafter is not None else None, **self.limits()}
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none)$|\[")  # a union member pydantic names in the location

@@ -8,8 +8,12 @@ length), stacks their rows, runs the network once and hands each request its row
 cache pool (`slots`, allocated once at start with `open_slots(max_batch)`) from admission to its end; rows at
 different positions share a call (each row's own `valid_len`). Requests join at any step (admitted before every
 call) and leave when done, cancelled (a client gone, a stop sequence met) or timed out; their slots are free at once.
-A long prompt is read block by block (or token by token), one call each, interleaved with the others' steps.
-The queue is bounded (a full queue is the caller's 429).
+A long prompt is read block by block (or in verify calls of many tokens), one call each, interleaved with the others'
+steps. The queue is bounded (a full queue is the caller's 429).
+
+With a drafter (speculative decoding, jetson_dllm.speculative), a request's loop calls two models: each call names
+its model (`Call.model`), calls share a network call only with calls of the same model, and a job's slots are the
+same rows of both models' pools.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 
 from jetson_dllm.families import family_of
 from jetson_dllm.families.common import Served
-from jetson_dllm.runners.calls import Call
+from jetson_dllm.runners.calls import DRAFT, MAIN, Call, runner_of
 from jetson_dllm.runners.graphs import GRAPHS
 from jetson_dllm.sampler import SampleResult, Step
 
@@ -53,11 +57,13 @@ class Batcher:
     """The worker: admits jobs up to `max_batch` rows, and runs one network call per step for each group of pending
     calls that can share one."""
 
-    def __init__(self, runner, max_batch: int = 16, max_queue: int = 64, batching: bool = True, observe=None):
+    def __init__(self, runner, max_batch: int = 16, max_queue: int = 64, batching: bool = True, observe=None, drafter=None):
         self.runner, self.max_batch, self.batching = runner, max_batch, batching
+        self.runners = {MAIN: runner, **({DRAFT: drafter} if drafter is not None else {})}
         self.cached = family_of(runner.cfg).cached
         if self.cached:
-            runner.open_slots(max_batch)  # the cache pool, allocated once
+            for each in self.runners.values():
+                each.open_slots(max_batch)  # the cache pools, allocated once (a drafter's rows are the verifier's)
         self.free = list(range(max_batch))  # slots not owned by a job
         self.calls = 0
         self.legacy = getattr(runner, "legacy_positions", False)  # graphs with one valid length for all rows
@@ -142,7 +148,7 @@ class Batcher:
     def _key(self, call: Call) -> tuple:
         """Calls that can share one network call: the same graph on the same width (a canvas length, a block);
         graphs with one valid length for every row also need the same valid length."""
-        return (call.graph, call.feeds["tokens"].shape[1], int(np.max(call.feeds["valid_len"])) if self.legacy and "valid_len" in call.feeds else 0,
+        return (call.model, call.graph, call.feeds["tokens"].shape[1], int(np.max(call.feeds["valid_len"])) if self.legacy and "valid_len" in call.feeds else 0,
                 call.outputs)
 
     def _step(self) -> None:
@@ -154,12 +160,12 @@ class Batcher:
         group = [j for j in self.active if self._key(j.pending) == key] if self.batching else [first]
         self.calls += 1
         sizes = [len(j.pending.feeds["tokens"]) for j in group]  # a guided call has two rows per sample
-        call = self._stack(key[0], group)
+        call = self._stack(first.pending.graph, group)
         rows = len(call.feeds["tokens"])
         t0 = time.perf_counter()
-        out = self.runner.run(call.graph, call.feeds, call.outputs)
+        out = runner_of(self.runners, call).run(call.graph, call.feeds, call.outputs)
         now = time.perf_counter()
-        self.observe(batch_rows=rows, step_seconds=now - t0, evaluations=1, graph=call.graph,
+        self.observe(batch_rows=rows, step_seconds=now - t0, evaluations=1, graph=call.graph if call.model == MAIN else f"{call.model}.{call.graph}",
                      waits=[time.monotonic() - j.submitted for j in group if j.started is None])
         start = 0
         for job, size in zip(group, sizes):
@@ -181,7 +187,7 @@ class Batcher:
         if GRAPHS[graph].cache:
             feeds["valid_len"] = np.concatenate([np.broadcast_to(np.asarray(j.pending.feeds["valid_len"], np.int32), (j.rows,)) for j in group])
             feeds["slots"] = np.concatenate([j.slots for j in group])
-        return Call(graph, feeds, group[0].pending.outputs)
+        return Call(graph, feeds, group[0].pending.outputs, group[0].pending.model)
 
     def _finish(self, job: Job, kind: str, value) -> None:
         if job in self.active:

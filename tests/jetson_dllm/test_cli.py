@@ -156,12 +156,14 @@ def test_save_canvases_records_every_network_call_of_a_cached_family(family, bd3
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     data = np.load(out)
-    graphs = {"bd3": ("block_step", "commit_step", "commit"), "ar": ("decode",)}[family]
+    graphs = {"bd3": ("block_step", "commit_step", "commit"), "ar": ("verify", "decode")}[family]
     counts = {g: len(data[f"{g}.tokens"]) // 2 for g in graphs if f"{g}.tokens" in data}  # two rows a call
     assert f"saved {sum(counts.values())} network calls" in done.stderr
-    if family == "ar":
-        assert counts["decode"] == report["evaluations"] > report["new_tokens"]  # the prompt is read one call a token
-        assert data["decode.tokens"].shape[1] == 1 and data["decode.valid_len"].tolist()[:4] == [0, 0, 1, 1]
+    if family == "ar":  # the start token and the prompt in one verify call, then a decode call per token but the first
+        assert counts["verify"] == 1 and counts["verify"] + counts["decode"] == report["evaluations"] == report["new_tokens"]
+        prompt = data["verify.tokens"].shape[1]
+        assert data["verify.valid_len"].tolist() == [0, 0] and data["verify.width"].tolist() == [prompt, prompt]
+        assert data["decode.tokens"].shape[1] == 1 and data["decode.valid_len"].tolist()[:4] == [prompt, prompt, prompt + 1, prompt + 1]
     else:
         assert counts["block_step"] + counts.get("commit_step", 0) == report["evaluations"]
         assert counts.get("commit", 0) == report["cache_passes"] and counts.get("commit_step", 0) == report["folded_commits"]

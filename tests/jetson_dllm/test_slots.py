@@ -95,7 +95,7 @@ def test_block_diffusion_requests_at_different_positions_share_calls_and_match_a
 def test_autoregressive_requests_share_decode_calls_and_match_alone(backend, ar_run, ar_bundle):
     path = ar_run if backend == "torch" else ar_bundle
     sampler = SamplerConfig(temperature=0.0, seed=1)
-    requests = [(PROMPTS[0], 12, 1), (PROMPTS[2], 6, 1), (PROMPTS[1], 20, 2)]
+    requests = [(PROMPTS[0], 24, 1), (PROMPTS[2], 12, 1), (PROMPTS[1], 20, 2)]  # long enough that all three overlap after their prefills
     with open_runner(backend, path, threads=1) as runner:
         got, calls, in_use, joined = _batched(runner, requests, sampler)
     counts = []
@@ -105,9 +105,11 @@ def test_autoregressive_requests_share_decode_calls_and_match_alone(backend, ar_
             np.testing.assert_array_equal(tokens, alone)
             counts.append(count)
     assert max(rows for _, rows in calls) == 4 and in_use == 0
-    # every call after the others joined shared by whoever was still generating: no more than the longest alone
-    # (plus the call that may have been running as they joined)
-    assert len(calls) <= joined + 1 + max(counts) < sum(counts)
+    # every decode call after the others joined shared by whoever was still generating: no more than the longest
+    # alone (plus the call that may have been running as they joined), and a joining request's prompt read in one
+    # verify call of its own width (a prefill stacks only with prefills of the same width)
+    assert sum(1 for graph, _ in calls if graph == "verify") == len(requests)
+    assert len(calls) <= joined + 1 + max(counts) + len(requests) - 1 < sum(counts)
 
 
 def test_a_pool_call_writes_only_its_own_rows(bd3_bundle):

@@ -143,17 +143,6 @@ def test_train_refuses_a_shift_its_parent_cannot_give(data_dir, trained_run, tmp
     assert not (tmp_path / "b").exists()
 
 
-@pytest.fixture(scope="module")
-def adapted_run(ar_run, data_dir, tmp_path_factory):
-    """BD3 (block 4) adapted from the AR parent with the shift and complementary masks, briefly."""
-    from tests.conftest import train_small
-
-    out = tmp_path_factory.mktemp("adapted") / "run"
-    train_small(data_dir, out, steps=4, eval_every=2, objective="bd3", block_size=4, t_min=0.3, t_max=0.8, shift=True,
-                complementary=True, init=str(ar_run))
-    return out
-
-
 def test_adapted_model_records_the_shift_and_refuses_to_lose_it(adapted_run, data_dir, tmp_path):
     from jetson_dllm.errors import DllmError
     from tests.conftest import train_small
