@@ -96,6 +96,16 @@ def _terminate_as_exception():
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
+def check_makeable(folder: Path) -> None:
+    """An output folder can be made where it is named: no file stands where a folder of its path must be (`-o
+    notes.txt/out`). One line naming the file otherwise, before anything is written."""
+    for above in [folder, *folder.parents]:
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise DllmError(f"{folder}: {above} is a file, not a folder; choose an output folder that is not under a file")
+            return
+
+
 @contextlib.contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on an output folder for the whole write: a second writer is refused at once, with a
@@ -103,6 +113,7 @@ def output_lock(folder: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     folder = Path(folder)
+    check_makeable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(folder.parent / f".{folder.name}.lock"), timeout=0)
     try:

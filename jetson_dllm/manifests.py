@@ -17,7 +17,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write
+from jetson_dllm.files import atomic_write, check_makeable
 
 SEAL = "sealed_sha256"
 _ZERO = "0" * 64
@@ -105,6 +105,7 @@ def check_replaceable(folder: Path, marker: str, fmt: str, what: str) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DllmError(f"{folder} is a file, not a folder; choose another output folder")
+    check_makeable(folder)
     if not folder.exists() or not any(folder.iterdir()):
         return
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from jetson_dllm.errors import DllmError
-from train_host.hf_import import Imported, check_memory, layer_tensors, sha256_of
+from train_host.hf_import import Imported, check_memory, check_shape, layer_tensors, sha256_of, used_all
 
 DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
@@ -33,6 +33,14 @@ def _field(reader, name: str, default=None):
             raise DllmError(f"the GGUF file has no {name}; is it a complete llama-architecture model?")
         return default
     return f.contents()
+
+
+def _number(reader, name: str, kind: type, default=None):
+    """A metadata number of the file, of its type (an integer field that is a string or an array is refused)."""
+    value = _field(reader, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise DllmError(f"the GGUF file's {name} is {str(value)[:30]!r}, not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
 
 
 def gguf_tokenizer(reader):
@@ -65,8 +73,16 @@ def read_gguf(path: Path, say=lambda msg: None) -> Imported:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise DllmError(f"{path} is a GGUF of the {arch!r} architecture; dllm import takes llama-architecture models")
-    n_head, n_layer = int(_field(reader, "llama.attention.head_count")), int(_field(reader, "llama.block_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    n_head, n_layer = _number(reader, "llama.attention.head_count", int), _number(reader, "llama.block_count", int)
+    n_kv = _number(reader, "llama.attention.head_count_kv", int, n_head)
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    d_model = _number(reader, "llama.embedding_length", int)
+    cfg = check_shape({"d_model": d_model, "n_head": n_head, "n_kv_head": n_kv, "n_layer": n_layer,
+                       "d_ff": _number(reader, "llama.feed_forward_length", int),
+                       "vocab_size": int(emb.shape[-1]) if emb is not None and len(emb.shape) == 2 else 0,
+                       "rope_theta": _number(reader, "llama.rope.freq_base", float, 10000.0),
+                       "norm_eps": _number(reader, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+                       "max_context": _number(reader, "llama.context_length", int, 2048)}, str(path))  # before the un-permutation cuts heads
     check_memory(sum(int(t.n_elements) for t in reader.tensors))
     say(f"dequantizing {len(reader.tensors)} tensors of a llama-architecture GGUF")
     raw, qtypes = {}, set()
@@ -77,7 +93,10 @@ def read_gguf(path: Path, say=lambda msg: None) -> Imported:
         qtypes.add(kind)
         raw[t.name] = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
 
+    taken: set[str] = set()
+
     def get(name: str) -> torch.Tensor:
+        taken.add(name)
         if name not in raw:
             raise DllmError(f"{path} has no tensor {name}; is it a complete llama-architecture model?")
         return torch.from_numpy(raw[name].copy())
@@ -88,21 +107,18 @@ def read_gguf(path: Path, say=lambda msg: None) -> Imported:
         tensors["head.weight"] = get("output.weight")
     for i in range(n_layer):
         b = f"blk.{i}."
-        q = torch.from_numpy(unpermute(raw[b + "attn_q.weight"], n_head).copy()) if b + "attn_q.weight" in raw else get(b + "attn_q.weight")
-        k = torch.from_numpy(unpermute(raw[b + "attn_k.weight"], n_kv).copy()) if b + "attn_k.weight" in raw else get(b + "attn_k.weight")
+        q = torch.from_numpy(unpermute(get(b + "attn_q.weight").numpy(), n_head).copy())
+        k = torch.from_numpy(unpermute(get(b + "attn_k.weight").numpy(), n_kv).copy())
         tensors.update(layer_tensors(i, q, k, get(b + "attn_v.weight"), get(b + "attn_output.weight"), get(b + "ffn_gate.weight"),
                                      get(b + "ffn_up.weight"), get(b + "ffn_down.weight"), get(b + "attn_norm.weight"), get(b + "ffn_norm.weight")))
+    used_all(raw, taken, path)
     tokenizer, pre = gguf_tokenizer(reader)
-    d_model = int(_field(reader, "llama.embedding_length"))
-    cfg = {"d_model": d_model, "n_head": n_head, "n_kv_head": n_kv, "n_layer": n_layer, "d_ff": int(_field(reader, "llama.feed_forward_length")),
-           "vocab_size": int(tensors["tok_emb.weight"].shape[0]), "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-           "norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)), "tie_embeddings": tied,
-           "max_context": int(_field(reader, "llama.context_length", 2048))}
+    cfg = {**cfg, "vocab_size": int(tensors["tok_emb.weight"].shape[0]), "tie_embeddings": tied}
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     provenance = {"source": str(path), "format": "gguf", "architecture": arch, "files": {path.name: sha256_of(path)},
                   "quantization": sorted(qtypes), "tokenizer_pre": pre,
                   "converted": "dequantized to float32; Q and K rows un-permuted from llama.cpp's rotary layout; q/k/v stacked "
                                "into wqkv; <|pad|> and <|mask|> added"}
     template = _field(reader, "tokenizer.chat_template", "")  # "" when the file has none
-    return Imported(cfg, tensors, tokenizer, int(_field(reader, "tokenizer.ggml.eos_token_id")),
-                    int(bos.contents()) if bos is not None else None, provenance, template if isinstance(template, str) and template.strip() else None)
+    return Imported(cfg, tensors, tokenizer, _number(reader, "tokenizer.ggml.eos_token_id", int),
+                    _number(reader, "tokenizer.ggml.bos_token_id", int) if bos is not None else None, provenance, template if isinstance(template, str) and template.strip() else None)

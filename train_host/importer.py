@@ -17,7 +17,7 @@ import torch
 
 from jetson_dllm.config import ModelConfig
 from jetson_dllm.errors import DllmError
-from jetson_dllm.files import atomic_write, output_lock
+from jetson_dllm.files import atomic_write, check_makeable, output_lock
 from jetson_dllm.tokenizer import MASK, PAD, TextTokenizer
 from train_host.hf_import import DEFAULT_CONTEXT, Imported, read_hf_folder
 
@@ -66,6 +66,7 @@ def import_model(source: str | Path, out_dir: str | Path, context: int = DEFAULT
         raise DllmError(f"{source} not found")
     if not 8 <= context <= 16384:
         raise DllmError(f"--context must be in 8..16384, got {context}")
+    check_makeable(out_dir)  # not under a file: refused before the source is read
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite or not (out_dir / MARKER).is_file():
             made = (out_dir / MARKER).is_file()

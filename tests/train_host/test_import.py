@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bad_input"))
-from refusal import assert_clean_failure, run, snapshot  # noqa: E402
+from refusal import assert_clean_failure, call, run, snapshot  # noqa: E402
 
 TEXT = ["Once upon a time there was a little fox.", "Tom and Lily went to the park to play.", "The sun was warm and the sky was blue."] * 20
 
@@ -82,8 +82,10 @@ def test_the_imported_model_computes_what_transformers_computes(hf_folder, impor
     assert config["provenance"]["format"] == "huggingface" and "model.safetensors" in config["provenance"]["files"]
 
 
-def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "llama", chat_template: str = "") -> None:
-    """The tiny model as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout."""
+def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "llama", chat_template: str = "", heads=4, blocks: int = 2,
+               extra: dict | None = None) -> None:
+    """The tiny model as llama.cpp's converter writes it: Q and K rows permuted for its rotary layout. `heads`, `blocks`
+    and `extra` tensors (name -> array) make files that lie about the model (a bad-input test's)."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
@@ -96,11 +98,14 @@ def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "lla
         return a.reshape(n, 2, a.shape[0] // n // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
 
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(2)
+    writer.add_block_count(blocks)
     writer.add_context_length(128)
     writer.add_embedding_length(64)
     writer.add_feed_forward_length(96)
-    writer.add_head_count(4)
+    if isinstance(heads, int):
+        writer.add_head_count(heads)
+    else:
+        writer.add_string("llama.attention.head_count", str(heads))  # metadata of the wrong type
     writer.add_head_count_kv(2)
     writer.add_rope_freq_base(100000.0)
     writer.add_layer_norm_rms_eps(1e-5)
@@ -134,6 +139,8 @@ def write_gguf(hf_folder: Path, path: Path, qtype: str = "F32", arch: str = "lla
             add(f"blk.{i}.{ours}.weight", w[p + theirs + ".weight"])
         add(f"blk.{i}.attn_norm.weight", w[p + "input_layernorm.weight"])
         add(f"blk.{i}.ffn_norm.weight", w[p + "post_attention_layernorm.weight"])
+    for name, a in (extra or {}).items():
+        add(name, a)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -275,3 +282,73 @@ def test_an_instruct_models_chat_template_comes_in_and_shapes_its_chat_prompt(hf
     assert load_model(tmp_path / "hf-run")[1].chat_template == TEMPLATE
     import_model(hf_folder, tmp_path / "plain", context=64)
     assert chat_prompt(messages, load_model(tmp_path / "plain")[1]) == "Be brief.\nA fox?"  # no template: the story so far
+
+
+def _variant(hf_folder: Path, where: Path, config: dict | None = None, files: dict | None = None, tensors=None) -> Path:
+    """A copy of the tiny folder with config.json keys replaced (None deletes one), files replaced by bytes, or the
+    weights rewritten by `tensors(dict) -> dict`."""
+    from safetensors.torch import load_file, save_file
+
+    where.mkdir()
+    for f in hf_folder.iterdir():
+        (where / f.name).write_bytes(f.read_bytes())
+    if config is not None:
+        cfg = json.loads((hf_folder / "config.json").read_text())
+        cfg = {k: v for k, v in {**cfg, **config}.items() if v is not None}
+        (where / "config.json").write_text(json.dumps(cfg))
+    for name, data in (files or {}).items():
+        (where / name).write_bytes(data)
+    if tensors is not None:
+        save_file(tensors(load_file(str(hf_folder / "model.safetensors"))), str(where / "model.safetensors"))
+    return where
+
+
+def refused(code: int, err: str, match: str) -> None:
+    """A clean refusal after the import's progress lines: non-zero, no traceback, the last line the one error."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0 and "Traceback" not in err and lines and lines[-1].startswith("error: ") and match in lines[-1], (match, err)
+    assert sum(ln.startswith("error: ") for ln in lines) == 1, err
+
+
+def test_every_source_value_is_checked_before_it_is_used_and_every_tensor_used(hf_folder, tmp_path):
+    """A source whose config, tokenizer or weights are not what the import needs, or that holds a tensor the model
+    would not contain (a layer past the count, a bias): one line naming it, nothing written."""
+    weights = (hf_folder / "model.safetensors").read_bytes()
+    cases = [
+        ({"files": {"config.json": b"{not json"}}, "config.json is not JSON"),
+        ({"files": {"config.json": b"[1, 2]"}}, "is not a JSON object"),
+        ({"config": {"hidden_size": None}}, "hidden_size: field required"),
+        ({"config": {"hidden_size": "64"}}, "hidden_size: input should be a valid integer"),
+        ({"config": {"eos_token_id": []}}, "eos_token_id"),
+        ({"config": {"rms_norm_eps": "x"}}, "rms_norm_eps"),
+        ({"config": {"num_attention_heads": 0}}, "num_attention_heads: input should be greater than 0"),
+        ({"config": {"num_attention_heads": 3, "num_key_value_heads": 3}}, "3 attention heads do not divide the width 64"),
+        ({"config": {"num_key_value_heads": 3}}, "3 key/value heads do not divide the 4 attention heads"),
+        ({"files": {"tokenizer.json": b'{"version": "1.0"}'}}, "is not a tokenizers file"),
+        ({"files": {"model.safetensors": b""}}, "is not a readable safetensors file"),
+        ({"files": {"model.safetensors": weights[: len(weights) // 2]}}, "model.safetensors"),
+        ({"config": {"num_hidden_layers": 1}}, "does not use: model.layers.1."),
+        ({"tensors": lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}}, "does not use: model.layers.0.self_attn.q_proj.bias"),
+    ]
+    for i, (change, match) in enumerate(cases):
+        source = _variant(hf_folder, tmp_path / f"v{i}", **change)
+        code, _, err = call("import", source, "-o", tmp_path / "out")
+        refused(code, err, match)
+        assert not (tmp_path / "out").exists(), match
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = call("import", hf_folder, "-o", tmp_path / "notes.txt" / "out")
+    assert_clean_failure(code, err, "is a file, not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_gguf_that_lies_about_its_model_is_refused_before_its_tensors_are_cut(hf_folder, tmp_path):
+    """GGUF head counts of 0, that do not divide the width, or of the wrong type; a block count below the tensors
+    present; a tensor the converter does not know: one line each, nothing written."""
+    cases = [({"heads": 0}, "n_head must be a positive integer"), ({"heads": 3}, "3 attention heads do not divide the width 64"),
+             ({"heads": "4"}, "head_count is '4', not an integer"), ({"blocks": 1}, "does not use: blk.1."),
+             ({"extra": {"blk.0.attn_q.bias": np.zeros(64, np.float32)}}, "does not use: blk.0.attn_q.bias")]
+    for i, (kwargs, match) in enumerate(cases):
+        write_gguf(hf_folder, tmp_path / f"bad{i}.gguf", **kwargs)
+        code, _, err = call("import", tmp_path / f"bad{i}.gguf", "-o", tmp_path / "out")
+        refused(code, err, match)
+        assert not (tmp_path / "out").exists(), match
