@@ -62,6 +62,8 @@ def create_app(runner, model_name: str, api_key: str | None = None, max_batch: i
     app.add_exception_handler(StarletteHTTPException, server.http_error)  # the framework's own 404, 405, 400...
     app.post("/v1/completions")(server.completions)
     app.post("/v1/chat/completions")(server.chat_completions)
+    for path in ("/v1/completions", "/v1/chat/completions"):  # another method: 405 (not the page's 404)
+        app.api_route(path, methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)(server.post_only)
     app.get("/v1/models")(server.models)
     app.get("/v1/info")(server.info)
     app.get("/health")(server.health)
@@ -87,6 +89,9 @@ class Server:
         self.tok = runner.tokenizer
 
     # --- errors and checks ------------------------------------------------------------------------------------
+
+    async def post_only(self, request: Request):
+        raise StarletteHTTPException(405, headers={"Allow": "POST"})
 
     async def api_error(self, request, exc: ApiError):
         self.metrics.requests.labels(request.url.path, str(exc.status)).inc()

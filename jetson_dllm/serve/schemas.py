@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jetson_dllm.errors import DllmError
 from jetson_dllm.sampler import GUIDANCE_SCHEDULES, KNOB, STRATEGIES
@@ -58,6 +58,18 @@ class _Sampling(Knobs):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: 0 only")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: 0 only")
 
+    @field_validator("stop")
+    @classmethod
+    def _valid_text(cls, stop):
+        """A stop sequence is text the generation could contain: valid Unicode (a lone surrogate is refused, as in a
+        prompt)."""
+        for s in [stop] if isinstance(stop, str) else stop or []:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"holds a character that is not valid Unicode ({s[e.start]!r} at offset {e.start}); send UTF-8 text") from None
+        return stop
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(..., description="text to continue; a list generates for each")
@@ -103,6 +115,8 @@ def chat_prompt(messages: list[ChatMessage], tokenizer=None) -> str:
                                                 bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eot_id))
     except TemplateError as e:
         raise DllmError(f"the model's chat template failed: {str(e)[:160]}") from None
+    except Exception as e:  # what rendering can raise beyond Jinja's own errors: the sandbox's range limit, a type error
+        raise DllmError(f"the model's chat template could not render this conversation ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:

@@ -91,6 +91,7 @@ BAD = [
     ("guidance with no prompt to guide toward", {"json": {"prompt": "", "guidance": 2}}, 400, "needs a prompt"),
     ("guidance doubles the rows past the cap", {"json": {"prompt": "hi", "guidance": 2, "n": 9}}, 400, "guidance doubles the rows"),
     ("an unknown guidance schedule", {"json": {"prompt": "hi", "guidance": 2, "guidance_schedule": "early"}}, 400, "guidance_schedule"),
+    ("a lone surrogate in stop", {"content": b'{"prompt": "hi", "stop": ["ok", "\\udcff"]}'}, 400, "not valid Unicode"),
     ("a path that does not exist", {"json": {"prompt": "hi"}, "path": "/v1/engines"}, 405, "not allowed"),
     ("a method a route does not take", {"json": {}, "path": "/v1/models"}, 405, "not allowed"),
 ]
@@ -119,6 +120,27 @@ def test_bad_requests_get_openai_error_objects_and_the_server_keeps_serving(serv
     assert match in error["message"] or match == error.get("param"), error
     assert set(error) >= {"message", "type", "param", "code"}
     assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_another_method_on_a_generation_route_is_405_naming_post(server):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = httpx.get(f"{server.url}{path}", timeout=30)
+        assert r.status_code == 405 and r.headers["allow"] == "POST" and "GET is not allowed" in r.json()["error"]["message"], r.text
+
+
+def test_a_chat_template_that_cannot_render_is_a_refusal_not_a_crash():
+    """Rendering can raise more than Jinja's own errors (the sandbox's range limit, a type error in the template):
+    each is one DllmError (the server's 400), never a 500."""
+    from types import SimpleNamespace
+
+    from jetson_dllm.errors import DllmError
+    from jetson_dllm.serve.schemas import ChatMessage, chat_prompt
+
+    tok = SimpleNamespace(tok=SimpleNamespace(id_to_token=lambda i: "<s>"), bos_id=1, eot_id=2)
+    for template, match in (("{% for i in range(10**9) %}x{% endfor %}", "OverflowError"), ("{{ messages[0].content + 1 }}", "TypeError")):
+        tok.chat_template = template
+        with pytest.raises(DllmError, match=match):
+            chat_prompt([ChatMessage(role="user", content="hi")], tok)
 
 
 @pytest.mark.parametrize("content, param", [(b'{"prompt": "hi \\udcff there"}', "prompt"), (b'{"prompt": "", "guidance": 2}', "guidance")])
