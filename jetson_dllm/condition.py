@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from jetson_dllm.errors import DllmError
+from jetson_dllm.prompt import PLACEHOLDER
 from jetson_dllm.runners.calls import Call
 
 
@@ -21,6 +22,9 @@ def condition_ids(runner, text: str | None) -> list[int] | None:
         return None
     if not text:
         return []
+    if PLACEHOLDER.search(text):
+        raise DllmError("the condition is plain text the encoder reads: a [MASK] or ____ gap means nothing there (gaps go in the "
+                        "prompt, for a model that infills); leave it out", option="--condition")
     tok = runner.tokenizer
     if tok.fewest_tokens(text) > cfg.cond_len:  # refused from its length before it is tokenized
         raise DllmError(f"the condition is at least {tok.fewest_tokens(text)} tokens; this model's encoder reads at most {cfg.cond_len}")

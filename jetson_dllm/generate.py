@@ -43,6 +43,8 @@ def complete(runner: Runner, prompt: str, length: int = 0, num_samples: int = 1,
     sampler = (sampler or SamplerConfig()).validate()
     family = family_of(runner.cfg)
     check_options(family, set(given))
+    if "guidance_schedule" in given and not sampler.guidance:
+        raise DllmError("--guidance-schedule shapes --guidance over the steps; give --guidance W too, or leave it out", option="--guidance-schedule")
     if not runner.cfg.cond_len:
         condition_ids(runner, condition)  # a condition for a model without one: refused
         return family.runtime_module().complete(runner, prompt, length, num_samples, sampler, gap, on_step)

@@ -16,6 +16,7 @@ from jetson_dllm.tables import calibration_table, eval_table, export_summary, pa
 
 @app.command()
 def data(
+    ctx: typer.Context,
     sources: Annotated[Optional[list[str]], typer.Argument(help="text files (.txt, .jsonl, .parquet), hf:NAME, or nothing for the built-in corpus", show_default=False)] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder to write the tokenizer and token shards to")] = Path("runs/data"),
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size, special tokens included", min=16, max=65536)] = 8192,
@@ -40,6 +41,8 @@ def data(
     from train_host.data import prepare_data
     from train_host.sources import Source
 
+    if tokenizer is not None and (trains := sorted(given_options(ctx) & {"vocab_size", "tokenizer_docs"})):
+        raise DllmError(f"--{trains[0].replace('_', '-')} shapes a tokenizer this run would train, but --tokenizer reuses one; leave it out")
     srcs = [Source(s, fmt=fmt, text_field=text_field, builtin_stories=builtin_stories, seed=seed) for s in sources or ["builtin"]]
     with Bar() as progress:
         manifest = prepare_data(srcs, out_dir, vocab_size=vocab_size, val_fraction=val_fraction,
@@ -139,7 +142,7 @@ def _check_given(tc, given: set[str]) -> None:
         raise DllmError("--self-cond-rate applies with --self-cond K (self-conditioning); give both or neither")
     if (lone := sorted(given & {"cond_layers", "cond_drop", "freeze_denoiser"})) and not tc.cond_len:
         raise DllmError(f"--{lone[0].replace('_', '-')} applies to a conditional model: give --cond-len N too")
-    shaped = sorted(given & {"config", "d_model", "n_layer", "n_head", "n_kv_head"})
+    shaped = sorted(given & {"config", "d_model", "n_layer", "n_head", "n_kv_head", "latent_dim"})
     if tc.init and shaped:
         raise DllmError(f"--{shaped[0].replace('_', '-')} sets a shape, but with --init the model's shape is its parent's; leave it out")
 

@@ -136,6 +136,8 @@ class Server:
         if unused:
             uses = f"it uses {', '.join(self.family.options)}" if self.family.options else "one network call per token: it takes no diffusion knobs"
             raise ApiError(400, f"{unused[0]} does not apply to the {self.family.title} ({uses}); leave it out", param=unused[0])
+        if "guidance_schedule" in body.model_fields_set and not getattr(body, "guidance", 0):
+            raise ApiError(400, "guidance_schedule shapes guidance over the steps; give guidance too, or leave it out", param="guidance_schedule")
 
     def jobs_for(self, prompts: list[str], suffix, max_tokens: int, knobs, n: int, seed, stop, queue_put) -> list[dict]:
         rows = n * (2 if knobs.guidance else 1)  # guidance runs an unguided twin of each row (prompt masked, or condition dropped)

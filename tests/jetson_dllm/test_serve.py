@@ -91,6 +91,7 @@ BAD = [
     ("guidance with no prompt to guide toward", {"json": {"prompt": "", "guidance": 2}}, 400, "needs a prompt"),
     ("guidance doubles the rows past the cap", {"json": {"prompt": "hi", "guidance": 2, "n": 9}}, 400, "guidance doubles the rows"),
     ("an unknown guidance schedule", {"json": {"prompt": "hi", "guidance": 2, "guidance_schedule": "early"}}, 400, "guidance_schedule"),
+    ("a guidance schedule without guidance", {"json": {"prompt": "hi", "guidance_schedule": "late"}}, 400, "give guidance too"),
     ("a lone surrogate in stop", {"content": b'{"prompt": "hi", "stop": ["ok", "\\udcff"]}'}, 400, "not valid Unicode"),
     ("a path that does not exist", {"json": {"prompt": "hi"}, "path": "/v1/engines"}, 405, "not allowed"),
     ("a method a route does not take", {"json": {}, "path": "/v1/models"}, 405, "not allowed"),

@@ -115,7 +115,9 @@ def test_run_with_a_condition_and_the_refusals(stages, pairs_data, tmp_path):
     assert code == 0 and out.strip(), err
     for args, match in [((s1, "-p", "Once", "--condition", "Lily saw a cat."), "trained without a condition"),
                         ((s2, "-p", "", "--guidance", "2"), "needs a condition to guide toward"),
-                        ((s2, "-p", "", "--condition", "Lily saw a cat and a dog and a bird and a cow and a pig " * 3), "encoder reads at most 32")]:
+                        ((s2, "-p", "", "--condition", "Lily saw a cat and a dog and a bird and a cow and a pig " * 3), "encoder reads at most 32"),
+                        ((s2, "-p", "", "--condition", "Lily saw a [MASK]."), "a [MASK] or ____ gap means nothing there"),
+                        ((s2, "-p", "", "--condition", "Lily saw ____ cat."), "a [MASK] or ____ gap means nothing there")]:
         code, _, err = run("run", *args, "--steps", "2", "--no-live")
         assert_clean_failure(code, err, match)
     for args, match in [(("--data", pairs_data, "--cond-drop", "0.2"), "--cond-drop applies to a conditional model"),
