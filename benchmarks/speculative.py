@@ -70,12 +70,12 @@ def by_block_position(points_runs, block: int, shifted: bool) -> list[float]:
 def quality(verifier, drafter, prompts, tokens: int, judge, tok) -> dict:
     """Judge perplexity and distinct-2 of the parent's sampled texts alone and with the drafter (one draft step)."""
     from jetson_dllm.sampler import SamplerConfig
-    from jetson_dllm.speculative_bench import _parent, _speculate
+    from jetson_dllm.speculative_bench import parent_alone, speculate
     from jetson_dllm.textstats import distinct
 
     out = {}
-    for label, make in (("parent alone", lambda p, s: _parent(verifier, p, tokens, s, False)),
-                        ("with the drafter", lambda p, s: _speculate(verifier, drafter, 1, p, tokens, s, False))):
+    for label, make in (("parent alone", lambda p, s: parent_alone(verifier, p, tokens, s, False)),
+                        ("with the drafter", lambda p, s: speculate(verifier, drafter, 1, p, tokens, s, False))):
         texts = [tok.decode([int(t) for t in make(p, SamplerConfig(temperature=0.8, seed=i)).tokens[0]]) for i, p in enumerate(prompts)]
         out[label] = {"judge_ppl": judge.perplexity(texts) if judge else None, "distinct2": distinct(texts, 2)}
     return out
@@ -105,9 +105,7 @@ def main() -> None:
         models = {"parent": bundle(out / "ar", out), **{n: bundle(out / n, out) for n in names}}
 
     from jetson_dllm.generate import open_model
-    from jetson_dllm.runners.calls import DRAFT, MAIN, drive  # noqa: F401
     from jetson_dllm.sampler import SamplerConfig
-    from jetson_dllm.speculative import open_drafter, speculative_calls
     from jetson_dllm.speculative_bench import bench_speculative, points_json
 
     prompts = openings(args.data, args.openings, args.prompt_tokens)
@@ -128,10 +126,8 @@ def main() -> None:
                     sampler = SamplerConfig(temperature=temperature, seed=0)
                     points = bench_speculative(verifier, drafter, steps, args.tokens, prompts, sampler, repeats=1, warmup=1)
                     row[f"t={temperature:g}"] = points_json(points)
-                    traces = [drive({MAIN: verifier, DRAFT: drafter},
-                                    speculative_calls(p, args.tokens, tok.bos_id, tok.eot_id, verifier.cfg.canvas_len, open_drafter(verifier, drafter, 1),
-                                                      sampler, 64, False, tok.pad_id)) for p in prompts]
-                    row[f"t={temperature:g}"][1]["accepted_by_block_position"] = by_block_position(traces, block, drafter.cfg.shift)
+                    # the one-step point's own runs (steps sort 1 first)
+                    row[f"t={temperature:g}"][1]["accepted_by_block_position"] = by_block_position(points[1].results, block, drafter.cfg.shift)
                     print(f"{name} t={temperature:g}: " + ", ".join(f"steps {p['draft_steps']}: {p['calls_per_token']:.2f} calls/token, "
                                                                   f"{p['tokens_per_s']:.0f} tok/s" for p in row[f"t={temperature:g}"]), file=sys.stderr, flush=True)
                 row["quality"] = quality(verifier, drafter, prompts, args.tokens, judge, tok)

@@ -120,8 +120,8 @@ def speculative_calls(prompt: list[int], max_new: int, bos: int, eot: int, max_l
     t0, rng, banned = time.perf_counter(), np.random.default_rng(sampler.seed), () if stop_at_end else (eot, pad)
     text = [bos, *prompt]
     before, times = (drafter.tally.calls + drafter.tally.commits, drafter.tally.seconds), []
-    yield from prefill_calls(text[:-1], 1, max(prefill, 1))
-    prefilled = -(-(len(text) - 1) // max(prefill, 1))
+    read: list[float] = []  # the prefill's calls
+    yield from prefill_calls(text[:-1], 1, max(prefill, 1), read)
     new: list[int] = []
     rounds = drafted = accepted = 0
     accepted_at, drafted_at, starts = [], [], []
@@ -153,7 +153,7 @@ def speculative_calls(prompt: list[int], max_new: int, bos: int, eot: int, max_l
         if on_token is not None:
             on_token(np.asarray([prompt + new], np.int32))
     tally = drafter.tally
-    return SpeculativeResult(np.asarray([prompt + new], np.int32), len(new), rounds, drafted, accepted, prefilled,
+    return SpeculativeResult(np.asarray([prompt + new], np.int32), len(new), rounds, drafted, accepted, len(read),
                              tally.calls + tally.commits - before[0], time.perf_counter() - t0, sum(times),
                              tally.seconds - before[1], accepted_at, drafted_at, starts)
 
@@ -182,19 +182,26 @@ def open_drafter(verifier, drafter, steps: int):
     return importlib.import_module(family_of(drafter.cfg).drafter).drafter_for(drafter, steps)
 
 
+def speculative_loop(verifier, drafter, draft_steps: int, ids: list[int], max_new: int, sampler: SamplerConfig, stop_at_end: bool = True,
+                     on_token=None):
+    """`speculative_calls` for a parent runner and a drafter runner (checked as a pair; the drafter object made by its
+    family): the parent's special ids, context and prefill. `drive({MAIN: verifier, DRAFT: drafter}, ...)` runs it."""
+    tok = verifier.tokenizer
+    return speculative_calls(ids, max_new, tok.bos_id, tok.eot_id, verifier.cfg.canvas_len, open_drafter(verifier, drafter, draft_steps),
+                             sampler, prefill_of(verifier), stop_at_end, tok.pad_id, on_token)
+
+
 def complete(verifier, drafter, prompt: str, length: int = 0, sampler: SamplerConfig | None = None, draft_steps: int = DRAFT_STEPS,
              stop_at_end: bool = True, on_token=None) -> SpeculativeGeneration:
     """`prompt` continued by the parent `verifier` (a runner with the verify graph) with `drafter` (a runner of a
     family that drafts, the parent's tokenizer) proposing: up to `length` tokens (0: the context), one sample."""
     sampler = (sampler or SamplerConfig()).validate()
-    proposer = open_drafter(verifier, drafter, draft_steps)
+    check_pair(verifier, drafter)
     ids = left_to_right_ids(verifier, prompt, "speculative decoding")
     check_context(verifier, [verifier.tokenizer.bos_id, *ids], length and length - 1)
-    tok = verifier.tokenizer
-    loop = speculative_calls(ids, length or verifier.cfg.canvas_len - len(ids), tok.bos_id, tok.eot_id, verifier.cfg.canvas_len,
-                             proposer, sampler, prefill_of(verifier), stop_at_end, tok.pad_id, on_token)
+    loop = speculative_loop(verifier, drafter, draft_steps, ids, length or verifier.cfg.canvas_len - len(ids), sampler, stop_at_end, on_token)
     r = drive({MAIN: verifier, DRAFT: drafter}, loop)
-    return SpeculativeGeneration([tok.decode(row) for row in r.tokens], r, verifier.name, drafter.name)
+    return SpeculativeGeneration([verifier.tokenizer.decode(row) for row in r.tokens], r, verifier.name, drafter.name)
 
 
 def serve_calls(verifier, drafter, draft_steps: int, prompt: str, max_tokens: int, n: int, sampler: SamplerConfig, on_step=None) -> Served:
@@ -203,13 +210,11 @@ def serve_calls(verifier, drafter, draft_steps: int, prompt: str, max_tokens: in
     sees the text after every round. One sample per request."""
     if n != 1:
         raise DllmError("n: speculative decoding writes one sample per request (send n requests)", option="n")
-    proposer = open_drafter(verifier, drafter, draft_steps)
+    check_pair(verifier, drafter)
     ids = left_to_right_ids(verifier, prompt, "speculative decoding")
     fixed = left_to_right_request(verifier, ids, max_tokens, 1)
-    tok = verifier.tokenizer
-    calls = speculative_calls(ids, max_tokens, tok.bos_id, tok.eot_id, verifier.cfg.canvas_len, proposer, sampler, prefill_of(verifier),
-                              pad=tok.pad_id, on_token=None if on_step is None else (lambda view: on_step(view, None)))
-    return Served(calls, fixed)
+    return Served(speculative_loop(verifier, drafter, draft_steps, ids, max_tokens, sampler,
+                                   on_token=None if on_step is None else (lambda view: on_step(view, None))), fixed)
 
 
 SPECULATIVE_REFUSES = {"num_samples": "--num-samples (one sample at a time)", "save_canvases": "--save-canvases",

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
-from jetson_dllm.families.ar import decode_calls, prefill_of
+from jetson_dllm.families.ar import decode_tokens
 from jetson_dllm.runners.calls import DRAFT, MAIN, drive
 from jetson_dllm.sampler import SamplerConfig
-from jetson_dllm.speculative import open_drafter, speculative_calls
+from jetson_dllm.speculative import open_drafter, speculative_loop
 
 
 @dataclass
@@ -33,23 +33,21 @@ class SpeculativePoint:
     drafter_ms: float = 0.0  # per drafter call
     identical: bool = True  # the text is the parent's own (always so under greedy; sampled: not compared)
     accepted_by_offset: list[float] = field(default_factory=list)  # P(the i-th drafted token accepted | drafted)
+    results: list = field(default_factory=list, repr=False)  # the last timed run's SpeculativeResult per prompt (not in the JSON)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def _parent(verifier, prompt: list[int], tokens: int, sampler: SamplerConfig, stop_at_end: bool):
-    tok = verifier.tokenizer
-    return drive(verifier, decode_calls(prompt, tokens, tok.bos_id, tok.eot_id, tok.pad_id, verifier.cfg.canvas_len, 1, sampler.temperature,
-                                        sampler.top_k, sampler.top_p, sampler.seed, stop_at_end, prefill=prefill_of(verifier)))
+def parent_alone(verifier, prompt: list[int], tokens: int, sampler: SamplerConfig, stop_at_end: bool):
+    """The parent's own decoding of one prompt (its prefill included): a DecodeResult."""
+    return decode_tokens(verifier, prompt, tokens, 1, sampler, stop_at_end)
 
 
-def _speculate(verifier, drafter, steps: int, prompt: list[int], tokens: int, sampler: SamplerConfig, stop_at_end: bool):
-    tok = verifier.tokenizer
-    proposer = open_drafter(verifier, drafter, steps)
-    return drive({MAIN: verifier, DRAFT: drafter}, speculative_calls(prompt, tokens, tok.bos_id, tok.eot_id, verifier.cfg.canvas_len, proposer,
-                                                                     sampler, prefill_of(verifier), stop_at_end, tok.pad_id))
+def speculate(verifier, drafter, steps: int, prompt: list[int], tokens: int, sampler: SamplerConfig, stop_at_end: bool):
+    """One prompt written speculatively: a SpeculativeResult."""
+    return drive({MAIN: verifier, DRAFT: drafter}, speculative_loop(verifier, drafter, steps, prompt, tokens, sampler, stop_at_end))
 
 
 def same_text(alone, spec) -> bool:
@@ -78,13 +76,13 @@ def bench_speculative(verifier, drafter, draft_steps: list[int], tokens: int, pr
     prompts = prompts if prompts is not None else [[]]
     for steps in draft_steps:
         open_drafter(verifier, drafter, steps)  # every setting checked before anything is timed
-    alone, seconds = _timed(lambda: [_parent(verifier, p, tokens, sampler, stop_at_end) for p in prompts], repeats, warmup)
+    alone, seconds = _timed(lambda: [parent_alone(verifier, p, tokens, sampler, stop_at_end) for p in prompts], repeats, warmup)
     made = sum(r.new_tokens for r in alone)
-    prefill = sum(-(-(len(p) + 1) // max(prefill_of(verifier), 1)) for p in prompts)
     decode_ms = [ms for r in alone for ms in r.step_ms[len(r.step_ms) - r.new_tokens + 1 :]] or [0.0]  # after the prefill
-    points = [SpeculativePoint(0, made, seconds, (sum(len(r.step_ms) for r in alone) - prefill) / max(made, 1), verify_ms=statistics.mean(decode_ms))]
+    # after the prefill, one decode call per token but the first (the prefill's last position gives it)
+    points = [SpeculativePoint(0, made, seconds, sum(r.new_tokens - 1 for r in alone) / max(made, 1), verify_ms=statistics.mean(decode_ms))]
     for steps in draft_steps:
-        runs, seconds = _timed(lambda s=steps: [_speculate(verifier, drafter, s, p, tokens, sampler, stop_at_end) for p in prompts], repeats, warmup)
+        runs, seconds = _timed(lambda s=steps: [speculate(verifier, drafter, s, p, tokens, sampler, stop_at_end) for p in prompts], repeats, warmup)
         rounds, drafter_calls = sum(r.rounds for r in runs), sum(r.drafter_calls for r in runs)
         offsets = max((d for r in runs for d in r.drafted_at), default=0)
         by_offset = [sum(a > i for r in runs for a, d in zip(r.accepted_at, r.drafted_at) if d > i)
@@ -93,13 +91,13 @@ def bench_speculative(verifier, drafter, draft_steps: list[int], tokens: int, pr
             steps, sum(r.new_tokens for r in runs), seconds, sum(r.rounds + r.drafter_calls for r in runs) / max(1, sum(r.new_tokens for r in runs)),
             sum(r.accepted for r in runs) / max(rounds, 1), rounds, 1e3 * sum(r.verify_s for r in runs) / max(rounds, 1),
             1e3 * sum(r.drafter_s for r in runs) / max(drafter_calls, 1),
-            sampler.temperature > 0 or all(same_text(a, r) for a, r in zip(alone, runs)), by_offset))
+            sampler.temperature > 0 or all(same_text(a, r) for a, r in zip(alone, runs)), by_offset, runs))
     return points
 
 
 def points_json(points: list[SpeculativePoint]) -> list[dict]:
     parent = points[0]
-    return [{**asdict(p), "tokens_per_s": p.tokens_per_s, "speedup": p.tokens_per_s / max(parent.tokens_per_s, 1e-9),
+    return [{**{f.name: getattr(p, f.name) for f in fields(p) if f.name != "results"}, "tokens_per_s": p.tokens_per_s, "speedup": p.tokens_per_s / max(parent.tokens_per_s, 1e-9),
              "launch_bound_speedup": parent.calls_per_token / max(p.calls_per_token, 1e-9)} for p in points]
 
 
